@@ -1,0 +1,18 @@
+"""Communication: the Communicator interface, collective algorithms, transports.
+
+    from mpipar.comm import make_communicator
+    comm = make_communicator(algorithm="native")
+    total = comm.allreduce(x, op="sum")
+
+See ``communicator.py`` for the contract, ``algorithms/`` for the from-scratch algorithms and
+``transport/`` for the point-to-point layer beneath them. Importing this package does not
+initialise MPI; ``make_communicator`` does.
+"""
+
+from mpipar.comm.algorithms import algorithm_names, get_algorithm
+from mpipar.comm.communicator import (CollectiveMismatchError, Communicator, make_communicator,
+                                      split_counts)
+from mpipar.comm.ops import OP_NAMES, OPS, ReduceOp, get_op
+
+__all__ = ["Communicator", "make_communicator", "split_counts", "CollectiveMismatchError",
+           "algorithm_names", "get_algorithm", "OPS", "OP_NAMES", "ReduceOp", "get_op"]

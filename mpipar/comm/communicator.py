@@ -1,0 +1,358 @@
+"""The Communicator: the one interface every layer above ``comm`` uses to talk to other ranks.
+
+    comm = make_communicator()                   # COMM_WORLD, MPI's native collectives
+    y = comm.allreduce(x, op="avg")              # x: numpy or cupy array of any shape
+    y = comm.allreduce(x, algorithm="ring")      # one call with another algorithm
+    tp = comm.split(color=rank // 2, key=rank)   # a sub-group, same algorithm choice
+
+Contract of every collective:
+* inputs are numpy or cupy arrays of any shape, dtype float16/32/64 or int32/64;
+* outputs come back in the input's array module and dtype, as new arrays: the caller's input
+  is never modified (the algorithm works on a contiguous flat copy);
+* every rank gets bit-identical results (``avg`` divides the identical sums at the end);
+* with ``MPIPAR_DEBUG=1`` each collective first checks that all ranks called the same
+  operation with the same count, dtype, root and sequence number, and raises a clear error
+  naming the ranks that differ instead of hanging or mixing up data.
+
+Collectives on axis 0: ``reduce_scatter`` splits rows into ``size`` blocks as
+``numpy.array_split`` does (rank r gets block r; the first ``n % size`` blocks have one more
+row), and ``allgather`` concatenates rows, the inverse when given those ``counts``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from mpipar import backend
+from mpipar.comm.algorithms import COLLECTIVES, Algorithm, get_algorithm
+from mpipar.comm.ops import AVG, OPS, ReduceOp, finalize_avg, get_op
+from mpipar.comm.transport.base import CompletedRequest, Request
+
+
+def split_counts(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` nearly equal blocks of ``n`` (larger blocks first, as array_split)."""
+    q, r = divmod(n, parts)
+    return [q + 1 if i < r else q for i in range(parts)]
+
+
+_DTYPE_CODES = {name: i for i, name in enumerate(backend.SUPPORTED_DTYPES)}
+_OP_CODES = {"allreduce": 1, "reduce": 2, "broadcast": 3, "reduce_scatter": 4, "allgather": 5,
+             "alltoall": 6, "barrier": 7}
+
+
+_OP_INDEX = {name: i for i, name in enumerate(OPS)}  # stable across processes, unlike hash()
+
+
+class CollectiveMismatchError(RuntimeError):
+    """Ranks called different collectives, or the same one with different arguments."""
+
+
+@functools.lru_cache(maxsize=None)
+def _keywords(fn: Any) -> frozenset[str] | None:
+    """Keyword parameters ``fn`` declares (None: it takes **kwargs), looked up once per fn."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)
+
+
+def _accepts(fn: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that ``fn`` declares as keyword parameters: communicator-wide
+    options (``servers=``, ``ranks_per_node=``) reach only the algorithms that use them."""
+    if not options:
+        return options
+    names = _keywords(fn)
+    return dict(options) if names is None else {k: v for k, v in options.items() if k in names}
+
+
+class Communicator:
+    """Collectives and point-to-point messages among the ranks of one group.
+
+    ``transport`` carries algorithm traffic (a private duplicate of the group, so that user
+    messages and collective messages never match each other); ``p2p`` carries user
+    ``send``/``recv``. ``algorithm`` is the default for every collective that it implements;
+    the others use ``native``.
+    """
+
+    def __init__(self, p2p: Any, transport: Any, algorithm: str = "native",
+                 options: dict[str, Any] | None = None, debug: bool | None = None,
+                 auto_table: Any = None) -> None:
+        self.p2p = p2p
+        self.transport = transport
+        self.rank: int = transport.rank
+        self.size: int = transport.size
+        self.algorithm = algorithm
+        self.options = dict(options or {})
+        self.debug = os.environ.get("MPIPAR_DEBUG", "0") not in ("", "0") if debug is None else debug
+        self.auto_table = auto_table
+        self._seq = 0
+        if algorithm != "auto":
+            get_algorithm(algorithm)  # unknown name -> clear error now, not at first use
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, size={self.size}, algorithm={self.algorithm!r})"
+
+    # -- algorithm choice ------------------------------------------------------------------
+    def _resolve(self, collective: str, algorithm: str | None, nbytes: int) -> Algorithm:
+        name = algorithm or self.algorithm
+        if name == "auto":
+            from mpipar.comm.auto import choose  # cost model / tuned table
+
+            name = choose(collective, nbytes, self.size, table=self.auto_table)
+        alg = get_algorithm(name)
+        if not alg.supports(collective):
+            if algorithm is not None:  # asked for explicitly: say it cannot
+                raise ValueError(f"algorithm {name!r} has no {collective}; it implements "
+                                 f"{', '.join(alg.collectives())}")
+            alg = get_algorithm("native")
+        return alg
+
+    @staticmethod
+    def _check_algorithm(algorithm: str | None) -> None:
+        """Unknown names fail on every group size, even where no message would be sent."""
+        if algorithm is not None and algorithm != "auto":
+            get_algorithm(algorithm)
+
+    def _run(self, collective: str, algorithm: str | None, nbytes: int, *args: Any,
+             **call_options: Any) -> Any:
+        alg = self._resolve(collective, algorithm, nbytes)
+        fn = getattr(alg, collective)
+        options = {**self.options, **call_options}
+        return fn(self.transport, *args, **_accepts(fn, options))
+
+    # -- argument checks -------------------------------------------------------------------
+    @staticmethod
+    def _check_array(x: Any, what: str = "input") -> None:
+        if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+            raise TypeError(f"{what} must be a numpy or cupy array, got {type(x).__name__}")
+        backend.resolve_dtype(x.dtype)
+
+    def _check_root(self, root: int) -> None:
+        if not 0 <= root < self.size:
+            raise ValueError(f"root {root} is not a rank of this group of size {self.size}")
+
+    def _agree(self, collective: str, count: int, dtype: Any, root: int = -1, extra: int = -1) -> None:
+        """MPIPAR_DEBUG: all ranks compare (sequence, op, count, dtype, root) before the call."""
+        self._seq += 1
+        if not self.debug or self.size == 1:
+            return
+        mine = np.array([self._seq, _OP_CODES[collective], count,
+                         _DTYPE_CODES.get(np.dtype(dtype).name, -1) if dtype is not None else -1,
+                         root, extra], dtype=np.int64)
+        table = np.empty((self.size, mine.size), dtype=np.int64)
+        self.transport.comm.Allgather(mine, table)
+        bad = [r for r in range(self.size) if not np.array_equal(table[r], table[0])]
+        if bad:
+            def describe(row: np.ndarray) -> str:
+                op = {v: k for k, v in _OP_CODES.items()}.get(int(row[1]), "?")
+                dt = backend.SUPPORTED_DTYPES[row[3]] if 0 <= row[3] < len(backend.SUPPORTED_DTYPES) else "-"
+                return f"call #{row[0]} {op}(count={row[2]}, dtype={dt}, root={row[4]}, extra={row[5]})"
+
+            lines = [f"  rank 0: {describe(table[0])}"] + [f"  rank {r}: {describe(table[r])}" for r in bad]
+            raise CollectiveMismatchError(
+                f"collective mismatch detected on rank {self.rank}: ranks {bad} differ from rank 0\n"
+                + "\n".join(lines))
+
+    # -- collectives -----------------------------------------------------------------------
+    @staticmethod
+    def _work_copy(x: Any) -> Any:
+        """A contiguous flat copy of x that algorithms may overwrite."""
+        xp = backend.array_module(x)
+        return xp.array(x, copy=True).reshape(-1)
+
+    def allreduce(self, x: Any, op: str | ReduceOp = "sum", algorithm: str | None = None,
+                  **options: Any) -> Any:
+        """Elementwise reduction of ``x`` over all ranks; every rank gets the result."""
+        self._check_array(x)
+        self._check_algorithm(algorithm)
+        rop = get_op(op)
+        self._agree("allreduce", x.size, x.dtype, extra=_OP_INDEX[rop.name])
+        buf = self._work_copy(x)
+        if self.size > 1 and buf.size > 0:
+            buf = self._run("allreduce", algorithm, buf.nbytes, buf, rop, **options)
+        if rop is AVG:
+            finalize_avg(buf, self.size)
+        return buf.reshape(x.shape)
+
+    def reduce(self, x: Any, root: int = 0, op: str | ReduceOp = "sum", algorithm: str | None = None,
+               **options: Any) -> Any | None:
+        """Elementwise reduction onto ``root``; other ranks get None."""
+        self._check_array(x)
+        self._check_root(root)
+        self._check_algorithm(algorithm)
+        rop = get_op(op)
+        self._agree("reduce", x.size, x.dtype, root, extra=_OP_INDEX[rop.name])
+        buf = self._work_copy(x)
+        if self.size > 1 and buf.size > 0:
+            buf = self._run("reduce", algorithm, buf.nbytes, buf, rop, root, **options)
+        if self.rank != root:
+            return None
+        if rop is AVG:
+            finalize_avg(buf, self.size)
+        return buf.reshape(x.shape)
+
+    def broadcast(self, x: Any, root: int = 0, algorithm: str | None = None, **options: Any) -> Any:
+        """Root's ``x`` on every rank. Non-root ranks pass an array of the same shape and dtype
+        (its values are ignored), as with MPI_Bcast."""
+        self._check_array(x)
+        self._check_root(root)
+        self._check_algorithm(algorithm)
+        self._agree("broadcast", x.size, x.dtype, root)
+        buf = self._work_copy(x)
+        if self.size > 1 and buf.size > 0:
+            buf = self._run("broadcast", algorithm, buf.nbytes, buf, root, **options)
+        return buf.reshape(x.shape)
+
+    def reduce_scatter(self, x: Any, op: str | ReduceOp = "sum", algorithm: str | None = None,
+                       **options: Any) -> Any:
+        """Reduce ``x`` over ranks and give rank r block r of its rows (axis 0), blocks as
+        ``split_counts(x.shape[0], size)``."""
+        self._check_array(x)
+        if x.ndim == 0:
+            raise ValueError("reduce_scatter needs at least one axis to split")
+        self._check_algorithm(algorithm)
+        rop = get_op(op)
+        self._agree("reduce_scatter", x.size, x.dtype, extra=_OP_INDEX[rop.name])
+        rows = split_counts(x.shape[0], self.size)
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        counts = [r * row for r in rows]
+        buf = self._work_copy(x)
+        if self.size == 1 or buf.size == 0:
+            out = buf
+        else:
+            out = self._run("reduce_scatter", algorithm, buf.nbytes, buf, rop, counts, **options)
+        if rop is AVG:
+            finalize_avg(out, self.size)
+        return out.reshape((rows[self.rank],) + tuple(x.shape[1:]))
+
+    def allgather(self, x: Any, counts: Sequence[int] | None = None, algorithm: str | None = None,
+                  **options: Any) -> Any:
+        """Concatenate every rank's ``x`` along axis 0, in rank order.
+
+        All ranks pass the same shape, unless ``counts`` (rows per rank, the same list on
+        every rank) says otherwise; ``allgather(block, counts=split_counts(n, size))`` undoes
+        ``reduce_scatter``."""
+        self._check_array(x)
+        if x.ndim == 0:
+            x = x.reshape(1)
+        self._check_algorithm(algorithm)
+        rows = [x.shape[0]] * self.size if counts is None else [int(c) for c in counts]
+        if len(rows) != self.size or rows[self.rank] != x.shape[0]:
+            raise ValueError(f"allgather counts {rows} do not fit a group of {self.size} "
+                             f"where rank {self.rank} has {x.shape[0]} rows")
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        elem_counts = [r * row for r in rows]
+        self._agree("allgather", sum(elem_counts), x.dtype, extra=row)
+        buf = self._work_copy(x)
+        if self.size == 1:
+            out = buf
+        elif sum(elem_counts) == 0:
+            out = buf[:0]
+        else:
+            out = self._run("allgather", algorithm, sum(elem_counts) * x.itemsize, buf, elem_counts,
+                            **options)
+        return out.reshape((sum(rows),) + tuple(x.shape[1:]))
+
+    def alltoall(self, x: Any, algorithm: str | None = None, **options: Any) -> Any:
+        """Split rows of ``x`` into ``size`` equal blocks; block j goes to rank j. The result
+        holds the blocks received, in rank order (same shape as ``x``)."""
+        self._check_array(x)
+        if x.ndim == 0 or x.shape[0] % self.size:
+            raise ValueError(f"alltoall needs axis 0 divisible by the group size {self.size}, "
+                             f"got shape {tuple(x.shape)}")
+        self._check_algorithm(algorithm)
+        self._agree("alltoall", x.size, x.dtype)
+        buf = self._work_copy(x)
+        if self.size > 1 and buf.size > 0:
+            buf = self._run("alltoall", algorithm, buf.nbytes, buf, **options)
+        return buf.reshape(x.shape)
+
+    def barrier(self) -> None:
+        self._agree("barrier", 0, None)
+        if self.size > 1:
+            self.transport.barrier()
+
+    # -- point to point --------------------------------------------------------------------
+    def _check_peer(self, peer: int) -> None:
+        if not 0 <= peer < self.size:
+            raise ValueError(f"rank {peer} is not in this group of size {self.size}")
+
+    def isend(self, x: Any, dest: int, tag: int = 0) -> Request:
+        """Start sending ``x`` (any shape) to ``dest``; keep ``x`` unchanged until wait()."""
+        self._check_array(x)
+        self._check_peer(dest)
+        xp = backend.array_module(x)
+        return self.p2p.isend(xp.ascontiguousarray(x).reshape(-1), dest, tag)
+
+    def irecv(self, out: Any, source: int, tag: int = 0) -> Request:
+        """Start receiving into ``out`` (contiguous, the sender's size and dtype); wait()
+        returns ``out``."""
+        self._check_array(out, "out")
+        self._check_peer(source)
+        if not out.flags.c_contiguous:
+            raise ValueError("irecv needs a contiguous output array")
+        req = self.p2p.irecv(out.reshape(-1), source, tag)
+        return _ResultRequest(req, out)
+
+    def send(self, x: Any, dest: int, tag: int = 0) -> None:
+        self.isend(x, dest, tag).wait()
+
+    def recv(self, source: int, tag: int = 0, *, out: Any = None, shape: Any = None,
+             dtype: Any = None, xp: Any = None) -> Any:
+        """Receive from ``source`` into ``out``, or into a new array of ``shape``/``dtype``
+        (numpy unless ``xp`` says otherwise)."""
+        if out is None:
+            if shape is None or dtype is None:
+                raise ValueError("recv needs out=, or shape= and dtype=")
+            out = (xp or np).empty(shape, dtype=backend.resolve_dtype(dtype))
+        return self.irecv(out, source, tag).wait()
+
+    def split(self, color: int | None, key: int = 0) -> "Communicator | None":
+        """A Communicator over the ranks that passed the same ``color``, ordered by ``key``
+        (``color=None``: this rank joins none, and gets None). Keeps the algorithm choice."""
+        p2p = self.p2p.split(color, key)
+        if p2p is None:
+            return None
+        return Communicator(p2p, p2p.dup(), algorithm=self.algorithm, options=self.options,
+                            debug=self.debug, auto_table=self.auto_table)
+
+
+class _ResultRequest:
+    __slots__ = ("_req", "_out")
+
+    def __init__(self, req: Request, out: Any) -> None:
+        self._req, self._out = req, out
+
+    def wait(self) -> Any:
+        self._req.wait()
+        return self._out
+
+    def test(self) -> bool:
+        return self._req.test()
+
+
+def make_communicator(mpi_comm: Any = None, algorithm: str = "native", *,
+                      options: dict[str, Any] | None = None, debug: bool | None = None,
+                      abort_on_exception: bool = True, **algorithm_options: Any) -> Communicator:
+    """A Communicator over ``mpi_comm`` (default COMM_WORLD) using ``algorithm`` by default.
+
+    Extra keyword arguments are options of the algorithms (``servers=2`` for ``ps``,
+    ``ranks_per_node=4`` for ``hier`` ...). Unless ``abort_on_exception=False``, an uncaught
+    exception on any rank then aborts the whole job, naming the rank.
+    """
+    from mpipar.comm.mpi_env import import_mpi
+    from mpipar.comm.transport.mpi import MPITransport
+    from mpipar.runtime import install_abort_handler
+
+    MPI = import_mpi()
+    comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+    p2p = MPITransport(comm)
+    if abort_on_exception:
+        install_abort_handler()
+    return Communicator(p2p, p2p.dup(), algorithm=algorithm,
+                        options={**(options or {}), **algorithm_options}, debug=debug)

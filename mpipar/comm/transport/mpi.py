@@ -1,0 +1,156 @@
+"""Point-to-point over MPI: the one place where collective algorithms' bytes meet mpi4py.
+
+* Host (NumPy) buffers go to MPI directly, as bytes.
+* CuPy buffers go to MPI directly only when the library is CUDA-aware (checked once at
+  start-up); otherwise they are staged through pinned host buffers that are reused. A
+  non-CUDA-aware MPI handed a device pointer reads it as a host address and crashes.
+* Before MPI touches device memory, or a host copy of it, the CUDA stream is synchronised:
+  MPI does not know about CUDA streams, so queued kernels might still be writing the buffer.
+* A message longer than ``MAX_MESSAGE_BYTES`` is sent as several pieces with the same tag
+  (MPI delivers same-tag messages between a pair in order), so counts beyond 2**31 work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from mpipar import backend
+from mpipar.comm.mpi_env import import_mpi, is_cuda_aware
+from mpipar.comm.ops import ReduceOp
+from mpipar.comm.transport.base import CompletedRequest
+from mpipar.comm.transport.staging import PinnedPool
+
+# Largest piece handed to one MPI call, in bytes. MPI counts are C ints; tests patch this small.
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+def _pieces(nbytes: int, itemsize: int) -> list[tuple[int, int]]:
+    """[lo, hi) byte ranges no longer than MAX_MESSAGE_BYTES, cut on element boundaries."""
+    step = max(itemsize, (MAX_MESSAGE_BYTES // itemsize) * itemsize)
+    if nbytes == 0:
+        return [(0, 0)]
+    return [(lo, min(lo + step, nbytes)) for lo in range(0, nbytes, step)]
+
+
+class MPIRequest:
+    """One logical send or receive: possibly several MPI requests, plus an unstaging step."""
+
+    __slots__ = ("_reqs", "_keep", "_on_complete", "result", "_done")
+
+    def __init__(self, reqs: list, keep: Any, on_complete: Callable[[], None] | None, result: Any) -> None:
+        self._reqs = reqs
+        self._keep = keep  # buffers MPI is reading or writing must outlive the request
+        self._on_complete = on_complete
+        self.result = result
+        self._done = False
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._on_complete is not None:
+            self._on_complete()
+        self._keep = None
+
+    def wait(self) -> Any:
+        if not self._done:
+            MPI = import_mpi()
+            MPI.Request.Waitall(self._reqs)
+            self._finish()
+        return self.result
+
+    def test(self) -> bool:
+        if not self._done:
+            MPI = import_mpi()
+            if MPI.Request.Testall(self._reqs):
+                self._finish()
+        return self._done
+
+
+class MPITransport:
+    """Point-to-point messages between the ranks of one MPI communicator."""
+
+    def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None) -> None:
+        self.MPI = import_mpi()
+        self.comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+        self.cuda_aware = is_cuda_aware() if cuda_aware is None else cuda_aware
+        self.pool = PinnedPool()
+        self.cache: dict[str, Any] = {}  # per-transport state of algorithms (sub-groups, tables)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _needs_staging(self, buf: Any) -> bool:
+        return backend.is_device_array(buf) and not self.cuda_aware
+
+    def _as_bytes(self, buf: Any) -> Any:
+        if not buf.flags.c_contiguous:
+            raise ValueError("transport buffers must be contiguous")
+        return buf.reshape(-1).view(backend.array_module(buf).uint8)
+
+    # -- point to point ------------------------------------------------------------------
+    def isend(self, buf: Any, dest: int, tag: int = 0) -> MPIRequest:
+        MPI = self.MPI
+        if self._needs_staging(buf):
+            backend.synchronize(buf)
+            host = self.pool.take(buf.nbytes)
+            if buf.nbytes:
+                host[:] = backend.to_host(self._as_bytes(buf))
+            data, release = host, (lambda: self.pool.give(host))
+        else:
+            if backend.is_device_array(buf):
+                backend.synchronize(buf)
+            data, release = self._as_bytes(buf), None
+        reqs = [self.comm.Isend([data[lo:hi], MPI.BYTE], dest, tag)
+                for lo, hi in _pieces(data.nbytes, buf.itemsize)]
+        return MPIRequest(reqs, data, release, None)
+
+    def irecv(self, buf: Any, source: int, tag: int = 0) -> MPIRequest:
+        MPI = self.MPI
+        if self._needs_staging(buf):
+            host = self.pool.take(buf.nbytes)
+            target = self._as_bytes(buf)
+
+            def unstage() -> None:
+                if buf.nbytes:
+                    target.set(host)
+                    backend.synchronize(buf)  # the copy must finish before the pool reuses host
+                self.pool.give(host)
+
+            data, on_complete = host, unstage
+        else:
+            if backend.is_device_array(buf):
+                backend.synchronize(buf)
+            data, on_complete = self._as_bytes(buf), None
+        reqs = [self.comm.Irecv([data[lo:hi], MPI.BYTE], source, tag)
+                for lo, hi in _pieces(data.nbytes, buf.itemsize)]
+        return MPIRequest(reqs, data, on_complete, buf)
+
+    def sendrecv(self, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0) -> Any:
+        """Exchange in one MPI call where possible: for small messages the per-call Python
+        overhead is most of the cost, and MPI_Sendrecv is one call instead of four."""
+        if (backend.is_device_array(sendbuf) or backend.is_device_array(recvbuf)
+                or max(sendbuf.nbytes, recvbuf.nbytes) > MAX_MESSAGE_BYTES):
+            r = self.irecv(recvbuf, source, tag)
+            self.isend(sendbuf, dest, tag).wait()
+            return r.wait()
+        MPI = self.MPI
+        self.comm.Sendrecv([self._as_bytes(sendbuf), MPI.BYTE], dest, tag,
+                           [self._as_bytes(recvbuf), MPI.BYTE], source, tag)
+        return recvbuf
+
+    def reduce_local(self, op: ReduceOp, dst: Any, src: Any) -> None:
+        op.combine(dst, src)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def split(self, color: int | None, key: int = 0) -> "MPITransport | None":
+        MPI = self.MPI
+        sub = self.comm.Split(MPI.UNDEFINED if color is None else color, key)
+        if sub == MPI.COMM_NULL:
+            return None
+        return MPITransport(sub, cuda_aware=self.cuda_aware)
+
+    def dup(self) -> "MPITransport":
+        return MPITransport(self.comm.Dup(), cuda_aware=self.cuda_aware)
