@@ -45,6 +45,12 @@ class Algorithm:
 # name -> module defining ALGORITHM (an Algorithm); "auto" is resolved by the Communicator.
 _MODULES: dict[str, str] = {
     "native": "mpipar.comm.native",
+    "ps": "mpipar.comm.algorithms.ps",
+    "tree": "mpipar.comm.algorithms.tree",
+    "dbtree": "mpipar.comm.algorithms.dbtree",
+    "ring": "mpipar.comm.algorithms.ring",
+    "rhd": "mpipar.comm.algorithms.rhd",
+    "hier": "mpipar.comm.algorithms.hier",
 }
 
 _loaded: dict[str, Algorithm] = {}

@@ -1,0 +1,66 @@
+"""Small helpers shared by the from-scratch algorithms: block sizes, offsets, segments.
+
+Nothing here talks to other ranks; everything is a pure function of its arguments, so the
+same code runs under MPI and inside the simulator (thousands of virtual ranks in one process).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from mpipar.backend import array_module
+
+__all__ = ["array_module", "split_counts", "offsets", "segments", "seg_elems", "accepted"]
+
+
+def split_counts(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` nearly equal blocks of ``n`` (larger first, as numpy.array_split)."""
+    q, r = divmod(n, parts)
+    return [q + 1 if i < r else q for i in range(parts)]
+
+
+def offsets(counts: list[int]) -> list[int]:
+    """Start of each block, plus the total at the end (``len(counts) + 1`` entries)."""
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
+
+
+def seg_elems(nbytes: int, itemsize: int) -> int:
+    """Elements per segment for a segment size in bytes (at least one element)."""
+    return max(1, int(nbytes) // itemsize)
+
+
+def segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:
+    """[lo, hi) cut into pieces of at most ``seg`` elements, as evenly as possible (an empty
+    range gives no pieces). Sender and receiver compute the same cuts from the same range."""
+    n = hi - lo
+    if n <= 0:
+        return []
+    k = -(-n // seg)
+    q, r = divmod(n, k)
+    out, a = [], lo
+    for i in range(k):
+        b = a + q + (1 if i < r else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _keywords(fn: Callable) -> frozenset[str] | None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)
+
+
+def accepted(fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that ``fn`` declares (all of them if it takes **kwargs)."""
+    if not options:
+        return {}
+    names = _keywords(fn)
+    return dict(options) if names is None else {k: v for k, v in options.items() if k in names}

@@ -1,0 +1,86 @@
+"""Hierarchical all-reduce: reduce within each node, all-reduce across node leaders, broadcast
+within each node. Intra-node links are fast and inter-node links slow, so only one rank per
+node puts bytes on the network.
+
+Nodes come from, in order of preference: option ``ranks_per_node=N`` (consecutive ranks, so
+the algorithm can be tested on one machine), a ``ranks_per_node`` attribute of the transport
+(a simulated topology may provide one), or MPI's shared-memory split (``COMM_TYPE_SHARED``) when
+the transport is an MPI one; otherwise all ranks form one node. The node leader is the lowest
+rank of each node. The sub-groups are built once (``t.split``) and kept in ``t.cache``::
+
+      node 0: r0 r1 r2 r3      node 1: r4 r5 r6 r7
+      1. intra reduce   r1,r2,r3 -> r0          r5,r6,r7 -> r4     (``intra``, default tree)
+      2. inter allreduce            r0 <----> r4                    (``inter``, default ring)
+      3. intra broadcast r0 -> r1,r2,r3          r4 -> r5,r6,r7
+
+The leaders' all-reduce gives them identical bits and the broadcast copies them, so every rank
+agrees bit for bit; reduction order is fixed by the chosen algorithms.
+
+Cost (N nodes of m ranks, n bytes; intra costs alpha_l, beta_l, inter alpha, beta), with the
+default tree intra and ring inter::
+
+    2 log m alpha_l + 2 log m n beta_l + log m n gamma            (unsegmented trees)
+    + 2(N-1) alpha + 2((N-1)/N) n beta + ((N-1)/N) n gamma        (ring across leaders)
+
+As in Horovod's hierarchical all-reduce and NCCL's intra/inter-node split; the two-level idea
+for SMP clusters: Sistare, vandeVaart and Loh, "Optimization of MPI collectives on clusters of
+large-scale SMPs", SC 1999.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpipar.comm.algorithms import Algorithm, get_algorithm
+from mpipar.comm.algorithms._util import accepted
+
+
+def _node_of(t: Any, ranks_per_node: int | None) -> int:
+    rpn = ranks_per_node or getattr(t, "ranks_per_node", None)
+    if rpn:
+        return t.rank // int(rpn)
+    comm, MPI = getattr(t, "comm", None), getattr(t, "MPI", None)
+    if comm is not None and MPI is not None:
+        # one collective at set-up time; the node is named after its lowest rank
+        shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=t.rank)
+        node = shared.bcast(t.rank, root=0)
+        shared.Free()
+        return node
+    return 0
+
+
+def groups(t: Any, ranks_per_node: int | None = None) -> tuple[Any, Any]:
+    """(this rank's node group, the leaders' group or None), built once per transport."""
+    key = ("hier", ranks_per_node)
+    found = t.cache.get(key)
+    if found is None:
+        node = _node_of(t, ranks_per_node)
+        local = t.split(node, t.rank)
+        leaders = t.split(0 if local.rank == 0 else None, t.rank)
+        found = t.cache[key] = (local, leaders)
+    return found
+
+
+def allreduce(t: Any, buf: Any, op: Any, inter: str = "ring", intra: str = "tree",
+              ranks_per_node: int | None = None, **options: Any) -> Any:
+    """``options`` are passed on to the ``inter`` and ``intra`` algorithms that take them."""
+    if t.size == 1 or buf.size == 0:
+        return buf
+    if inter == "hier" or intra == "hier":
+        raise ValueError("hier cannot nest itself; choose inter/intra from the flat algorithms")
+    local, leaders = groups(t, ranks_per_node)
+    inner, outer = get_algorithm(intra), get_algorithm(inter)
+    if not (inner.supports("reduce") and inner.supports("broadcast")):
+        raise ValueError(f"hier: intra={intra!r} needs reduce and broadcast")
+    if not outer.supports("allreduce"):
+        raise ValueError(f"hier: inter={inter!r} has no allreduce")
+    if local.size > 1:
+        buf = inner.reduce(local, buf, op, 0, **accepted(inner.reduce, options))
+    if leaders is not None and leaders.size > 1:
+        buf = outer.allreduce(leaders, buf, op, **accepted(outer.allreduce, options))
+    if local.size > 1:
+        buf = inner.broadcast(local, buf, 0, **accepted(inner.broadcast, options))
+    return buf
+
+
+ALGORITHM = Algorithm("hier", allreduce=allreduce)
