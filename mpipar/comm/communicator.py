@@ -122,7 +122,7 @@ class Communicator:
              **call_options: Any) -> Any:
         alg = self._resolve(collective, algorithm, nbytes)
         fn = getattr(alg, collective)
-        options = {**self.options, **call_options}
+        options = {**self.options, **call_options} if call_options else self.options
         return fn(self.transport, *args, **_accepts(fn, options))
 
     # -- argument checks -------------------------------------------------------------------
@@ -145,7 +145,9 @@ class Communicator:
                          _DTYPE_CODES.get(np.dtype(dtype).name, -1) if dtype is not None else -1,
                          root, extra], dtype=np.int64)
         table = np.empty((self.size, mine.size), dtype=np.int64)
-        self.transport.comm.Allgather(mine, table)
+        from mpipar.comm.mpi_env import collective
+
+        collective(self.transport.comm, "Allgather", mine, table)
         bad = [r for r in range(self.size) if not np.array_equal(table[r], table[0])]
         if bad:
             def describe(row: np.ndarray) -> str:
@@ -170,14 +172,16 @@ class Communicator:
         """Elementwise reduction of ``x`` over all ranks; every rank gets the result."""
         self._check_array(x)
         self._check_algorithm(algorithm)
-        rop = get_op(op)
-        self._agree("allreduce", x.size, x.dtype, extra=_OP_INDEX[rop.name])
-        buf = self._work_copy(x)
+        return self._allreduce_owned(self._work_copy(x), x.shape, get_op(op), algorithm, options)
+
+    def _allreduce_owned(self, buf: Any, shape: tuple, rop: ReduceOp, algorithm: str | None,
+                         options: dict[str, Any]) -> Any:
+        self._agree("allreduce", buf.size, buf.dtype, extra=_OP_INDEX[rop.name])
         if self.size > 1 and buf.size > 0:
             buf = self._run("allreduce", algorithm, buf.nbytes, buf, rop, **options)
         if rop is AVG:
             finalize_avg(buf, self.size)
-        return buf.reshape(x.shape)
+        return buf.reshape(shape)
 
     def reduce(self, x: Any, root: int = 0, op: str | ReduceOp = "sum", algorithm: str | None = None,
                **options: Any) -> Any | None:
@@ -271,6 +275,39 @@ class Communicator:
         if self.size > 1 and buf.size > 0:
             buf = self._run("alltoall", algorithm, buf.nbytes, buf, **options)
         return buf.reshape(x.shape)
+
+    # -- non-blocking collectives (a background thread; see background.py) -------------------
+    def iallreduce(self, x: Any, op: str | ReduceOp = "sum", algorithm: str | None = None,
+                   **options: Any) -> Any:
+        """Start ``allreduce``; returns a handle whose ``wait()`` gives the result.
+
+        ``x`` is copied now, so the caller may overwrite it at once. Background collectives
+        run one at a time in call order; do not call blocking collectives on this same
+        communicator until they are waited for."""
+        from mpipar.comm.background import worker
+
+        self._check_array(x)
+        self._check_algorithm(algorithm)
+        return worker().submit(self._allreduce_owned, self._work_copy(x), x.shape, get_op(op),
+                               algorithm, options)
+
+    def ireduce_scatter(self, x: Any, op: str | ReduceOp = "sum", algorithm: str | None = None,
+                        **options: Any) -> Any:
+        """Start ``reduce_scatter`` on a copy of ``x``; ``wait()`` gives this rank's block."""
+        from mpipar.comm.background import worker
+
+        self._check_array(x)
+        return worker().submit(self.reduce_scatter, self._work_copy(x).reshape(x.shape), op, algorithm,
+                               **options)
+
+    def iallgather(self, x: Any, counts: Sequence[int] | None = None, algorithm: str | None = None,
+                   **options: Any) -> Any:
+        """Start ``allgather`` on a copy of ``x``; ``wait()`` gives the concatenation."""
+        from mpipar.comm.background import worker
+
+        self._check_array(x)
+        return worker().submit(self.allgather, self._work_copy(x).reshape(x.shape), counts, algorithm,
+                               **options)
 
     def barrier(self) -> None:
         self._agree("barrier", 0, None)

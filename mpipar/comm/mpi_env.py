@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from types import ModuleType
 
 DEFAULT_THREAD_LEVEL = "serialized"
@@ -68,3 +70,47 @@ def is_cuda_aware() -> bool:
     except Exception:
         pass
     return False
+
+
+# -- several threads, one MPI_THREAD_SERIALIZED library --------------------------------------
+# Once a background communication thread exists (comm/background.py), every MPI call takes
+# MPI_LOCK, and waiting is done by polling with the lock released between polls: a thread
+# blocked inside MPI while holding the lock would stop the other thread of this rank from
+# making progress that a peer rank may be waiting for.
+MPI_LOCK = threading.Lock()
+_concurrent = False
+
+
+def enter_concurrent_mode() -> None:
+    global _concurrent
+    _concurrent = True
+
+
+def concurrent_mode() -> bool:
+    return _concurrent
+
+
+def wait_all(requests: list) -> None:
+    """MPI_Waitall, or, in concurrent mode, Testall polls that never block holding the lock."""
+    MPI = import_mpi()
+    if not _concurrent:
+        MPI.Request.Waitall(requests)
+        return
+    polls = 0
+    while True:
+        with MPI_LOCK:
+            if MPI.Request.Testall(requests):
+                return
+        polls += 1
+        time.sleep(0 if polls < 200 else 20e-6)  # yield the GIL; back off when it takes long
+
+
+def collective(comm: object, name: str, *args: object, **kwargs: object) -> None:
+    """``comm.<name>(...)`` (e.g. "Allreduce"); in concurrent mode its non-blocking form
+    (``Iallreduce``) started under the lock and completed by polling."""
+    if not _concurrent:
+        getattr(comm, name)(*args, **kwargs)
+        return
+    with MPI_LOCK:
+        req = getattr(comm, "I" + name.lower())(*args, **kwargs)
+    wait_all([req])

@@ -17,6 +17,7 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.comm.algorithms import Algorithm
+from mpipar.comm.mpi_env import collective
 from mpipar.comm.ops import ReduceOp
 
 
@@ -62,29 +63,29 @@ class _Host:
 
 def allreduce(t: Any, buf: Any, op: ReduceOp) -> Any:
     h = _Host(t, buf, upcast_half=True)
-    t.comm.Allreduce(t.MPI.IN_PLACE, h.data, op=_mpi_op(t, op))
+    collective(t.comm, "Allreduce", t.MPI.IN_PLACE, h.data, op=_mpi_op(t, op))
     return h.back(h.data)
 
 
 def reduce(t: Any, buf: Any, op: ReduceOp, root: int) -> Any:
     h = _Host(t, buf, upcast_half=True)
     if t.rank == root:
-        t.comm.Reduce(t.MPI.IN_PLACE, h.data, op=_mpi_op(t, op), root=root)
+        collective(t.comm, "Reduce", t.MPI.IN_PLACE, h.data, op=_mpi_op(t, op), root=root)
     else:
-        t.comm.Reduce(h.data, None, op=_mpi_op(t, op), root=root)
+        collective(t.comm, "Reduce", h.data, None, op=_mpi_op(t, op), root=root)
     return h.back(h.data)
 
 
 def broadcast(t: Any, buf: Any, root: int) -> Any:
     h = _Host(t, buf)
-    t.comm.Bcast(h.data, root=root)
+    collective(t.comm, "Bcast", h.data, root=root)
     return h.back(h.data)
 
 
 def reduce_scatter(t: Any, buf: Any, op: ReduceOp, counts: list[int]) -> Any:
     h = _Host(t, buf, upcast_half=True)
     out = h.new(counts[t.rank])
-    t.comm.Reduce_scatter(h.data, out, recvcounts=list(counts), op=_mpi_op(t, op))
+    collective(t.comm, "Reduce_scatter", h.data, out, recvcounts=list(counts), op=_mpi_op(t, op))
     return h.back(out)
 
 
@@ -92,14 +93,14 @@ def allgather(t: Any, block: Any, counts: list[int]) -> Any:
     h = _Host(t, block)
     out = h.new(sum(counts))
     displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-    t.comm.Allgatherv(h.data, [out, (list(counts), displs)])
+    collective(t.comm, "Allgatherv", h.data, [out, (list(counts), displs)])
     return h.back(out)
 
 
 def alltoall(t: Any, buf: Any) -> Any:
     h = _Host(t, buf)
     out = h.new(buf.size)
-    t.comm.Alltoall(h.data, out)
+    collective(t.comm, "Alltoall", h.data, out)
     return h.back(out)
 
 

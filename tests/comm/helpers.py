@@ -32,10 +32,17 @@ def reference(op: str, inputs: list[np.ndarray]) -> np.ndarray:
 
 
 def assert_same_on_all_ranks(comm, result) -> None:
-    """Every rank holds the same bytes (checked through MPI's own allgather)."""
+    """Every rank holds the same bytes (checked through MPI's own allgather, on the user
+    communicator and through mpi_env.collective, so it is safe while background collectives
+    are still running on the algorithm communicator)."""
+    from mpipar.comm.mpi_env import collective
+
     host = np.ascontiguousarray(backend.to_host(result)).reshape(-1).view(np.uint8)
     n = comm.size
     gathered = np.empty((n, host.size), dtype=np.uint8)
-    comm.transport.comm.Allgather(host, gathered)
+    collective(comm.p2p.comm, "Allgather", host, gathered)
     for r in range(n):
         assert np.array_equal(gathered[r], gathered[0]), f"rank {r} differs from rank 0"
+
+# every algorithm that implements allreduce, for tests that run each one
+ALGORITHMS_FOR_BACKGROUND = ["native", "ring", "rhd", "tree", "dbtree", "ps", "hier"]

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from mpipar import backend
-from mpipar.comm.mpi_env import import_mpi, is_cuda_aware
+from mpipar.comm import mpi_env
+from mpipar.comm.mpi_env import MPI_LOCK, import_mpi, is_cuda_aware
 from mpipar.comm.ops import ReduceOp
 from mpipar.comm.transport.base import CompletedRequest
 from mpipar.comm.transport.staging import PinnedPool
@@ -54,15 +55,16 @@ class MPIRequest:
 
     def wait(self) -> Any:
         if not self._done:
-            MPI = import_mpi()
-            MPI.Request.Waitall(self._reqs)
+            mpi_env.wait_all(self._reqs)
             self._finish()
         return self.result
 
     def test(self) -> bool:
         if not self._done:
             MPI = import_mpi()
-            if MPI.Request.Testall(self._reqs):
+            with MPI_LOCK:
+                done = MPI.Request.Testall(self._reqs)
+            if done:
                 self._finish()
         return self._done
 
@@ -101,8 +103,9 @@ class MPITransport:
             if backend.is_device_array(buf):
                 backend.synchronize(buf)
             data, release = self._as_bytes(buf), None
-        reqs = [self.comm.Isend([data[lo:hi], MPI.BYTE], dest, tag)
-                for lo, hi in _pieces(data.nbytes, buf.itemsize)]
+        with MPI_LOCK:
+            reqs = [self.comm.Isend([data[lo:hi], MPI.BYTE], dest, tag)
+                    for lo, hi in _pieces(data.nbytes, buf.itemsize)]
         return MPIRequest(reqs, data, release, None)
 
     def irecv(self, buf: Any, source: int, tag: int = 0) -> MPIRequest:
@@ -122,15 +125,16 @@ class MPITransport:
             if backend.is_device_array(buf):
                 backend.synchronize(buf)
             data, on_complete = self._as_bytes(buf), None
-        reqs = [self.comm.Irecv([data[lo:hi], MPI.BYTE], source, tag)
-                for lo, hi in _pieces(data.nbytes, buf.itemsize)]
+        with MPI_LOCK:
+            reqs = [self.comm.Irecv([data[lo:hi], MPI.BYTE], source, tag)
+                    for lo, hi in _pieces(data.nbytes, buf.itemsize)]
         return MPIRequest(reqs, data, on_complete, buf)
 
     def sendrecv(self, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0) -> Any:
         """Exchange in one MPI call where possible: for small messages the per-call Python
         overhead is most of the cost, and MPI_Sendrecv is one call instead of four."""
-        if (backend.is_device_array(sendbuf) or backend.is_device_array(recvbuf)
-                or max(sendbuf.nbytes, recvbuf.nbytes) > MAX_MESSAGE_BYTES):
+        if (mpi_env.concurrent_mode() or backend.is_device_array(sendbuf)
+                or backend.is_device_array(recvbuf) or max(sendbuf.nbytes, recvbuf.nbytes) > MAX_MESSAGE_BYTES):
             r = self.irecv(recvbuf, source, tag)
             self.isend(sendbuf, dest, tag).wait()
             return r.wait()
@@ -143,7 +147,7 @@ class MPITransport:
         op.combine(dst, src)
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        mpi_env.collective(self.comm, "Barrier")
 
     def split(self, color: int | None, key: int = 0) -> "MPITransport | None":
         MPI = self.MPI
