@@ -1,0 +1,142 @@
+"""Causal multi-head self-attention (Vaswani et al. 2017; GPT-2 layout), maths only.
+
+Math, for x: (B, T, C), NH heads of size hs (the heads given, not necessarily all)::
+
+    qkv  = x Wa^T + ba                           (B, T, 3 NH hs)  laid out [q | k | v]
+    att  = softmax(q k^T / sqrt(hs) + mask)      (B, NH, T, T)    mask: -inf above diagonal
+    y    = att v                                 (B, NH, T, hs) -> (B, T, NH hs)
+    out  = y Wp^T (+ bp)                         (B, T, OC)
+
+Backward (softmax: d pre = att * (d att - sum_j d att * att))::
+
+    dv   = att^T dy          d att = dy v^T
+    dpre = att * (d att - rowsum(d att * att))
+    dq   = dpre k / sqrt(hs) dk = dpre^T q / sqrt(hs)
+
+Tensor parallelism (Megatron-LM, Shoeybi et al. 2019): a rank holding heads h0..h1 passes
+the rows of ``c_attn`` for those heads (``qkv_rows``), the matching columns of ``c_proj``
+and ``c_proj_b=None``; its ``out`` is a partial sum that the caller all-reduces before
+adding the bias, and its ``dx`` is a partial gradient that the caller all-reduces. No
+communication happens here.
+
+The cache keeps the input x, qkv, the attention probabilities (B, NH, T, T) and y; the
+pre-softmax scores are not kept (softmax backward needs only its output).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+
+from mpipar.backend import array_module
+from mpipar.nn import dropout as dropout_op
+from mpipar.nn import linear
+from mpipar.nn.blocking import row_blocks
+
+
+@functools.lru_cache(maxsize=32)
+def _mask_cached(T: int, dtype: str, xp: Any) -> Any:
+    m = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)  # (T, T)
+    return xp.asarray(m)
+
+
+def causal_mask(T: int, dtype: Any, xp: Any = np) -> Any:
+    """Additive causal mask (T, T): 0 on and below the diagonal, -inf above (built once per T)."""
+    return _mask_cached(int(T), np.dtype(dtype).name, xp)
+
+
+def qkv_rows(C: int, NH: int, h0: int, h1: int) -> np.ndarray:
+    """Row indices of the full c_attn weight (3C, C) / bias (3C,) for heads h0..h1-1.
+
+    The full layout is [q heads 0..NH-1 | k heads | v heads]; a shard of heads takes the
+    same head range from each third, so its own layout is again [q | k | v].
+    """
+    hs = C // NH
+    idx = [np.arange(part * C + h0 * hs, part * C + h1 * hs) for part in range(3)]
+    return np.concatenate(idx)
+
+
+def _softmax_(att: Any, mask: Any, xp: Any) -> None:
+    """In place: att = softmax(att + mask) over the last axis, (T, T) slab blocks at a time."""
+    B, NH, T, _ = att.shape
+    a3 = att.reshape(B * NH, T, T)              # (B*NH, T, T) view
+    for s in row_blocks(xp, B * NH, T * T):
+        a = a3[s]
+        a += mask
+        a -= a.max(axis=-1, keepdims=True)      # stable: the row max is on the diagonal or left
+        xp.exp(a, out=a)
+        a *= 1.0 / a.sum(axis=-1, keepdims=True)
+
+
+def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
+    """In place: datt = att * (datt - rowsum(datt * att)); masked entries have att = 0."""
+    B, NH, T, _ = att.shape
+    d3, a3 = datt.reshape(B * NH, T, T), att.reshape(B * NH, T, T)
+    for s in row_blocks(xp, B * NH, T * T):
+        d, a = d3[s], a3[s]
+        d -= (d * a).sum(axis=-1, keepdims=True)  # (n, T, 1) broadcast
+        d *= a
+
+
+def forward(x: Any, c_attn_w: Any, c_attn_b: Any, c_proj_w: Any, c_proj_b: Any, NH: int,
+            attn_dropout: float = 0.0, rng: Any = None) -> tuple[Any, tuple]:
+    """Attention over the NH heads whose weights are given; returns ``(out, cache)``.
+
+    ``c_attn_w`` (3 NH hs, C), ``c_attn_b`` (3 NH hs,) or None, ``c_proj_w`` (OC, NH hs),
+    ``c_proj_b`` (OC,) or None. ``attn_dropout`` > 0 drops attention probabilities (needs ``rng``).
+    """
+    xp = array_module(x)
+    B, T, C = x.shape
+    H = c_attn_w.shape[0] // 3                  # NH * hs of this shard
+    hs = H // NH
+    qkv, lin1 = linear.forward(x, c_attn_w, c_attn_b)  # (B, T, 3H)
+    qkv5 = qkv.reshape(B, T, 3, NH, hs)
+    q = qkv5[:, :, 0].transpose(0, 2, 1, 3)     # (B, NH, T, hs) strided view
+    k = qkv5[:, :, 1].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
+    v = qkv5[:, :, 2].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
+    scale = 1.0 / math.sqrt(hs)                 # a Python float: keeps float32 float32
+    att = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T) scores
+    _softmax_(att, causal_mask(T, att.dtype, xp), xp)  # (B, NH, T, T) probabilities
+    drop = None
+    if attn_dropout > 0.0:
+        att_used, drop = dropout_op.forward(att, attn_dropout, rng)
+    else:
+        att_used = att
+    y = xp.empty((B, T, NH, hs), dtype=x.dtype)  # (B, T, NH, hs): heads side by side
+    xp.matmul(att_used, v, out=y.transpose(0, 2, 1, 3))  # (B, NH, T, hs) view of y
+    y = y.reshape(B, T, H)                      # (B, T, H)
+    out, lin2 = linear.forward(y, c_proj_w, c_proj_b)  # (B, T, OC)
+    return out, (lin1, qkv, att, drop, lin2, NH)
+
+
+def backward(dout: Any, cache: tuple, dc_attn_w: Any, dc_attn_b: Any, dc_proj_w: Any,
+             dc_proj_b: Any) -> Any:
+    """Accumulate the four weight gradients (None for absent biases); return dx (B, T, C)."""
+    lin1, qkv, att, drop, lin2, NH = cache
+    xp = array_module(qkv)
+    B, T, H3 = qkv.shape
+    H = H3 // 3
+    hs = H // NH
+    scale = 1.0 / math.sqrt(hs)                 # a Python float: keeps float32 float32
+    dy = linear.backward(dout, lin2, dc_proj_w, dc_proj_b)  # (B, T, H)
+    dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+    qkv5 = qkv.reshape(B, T, 3, NH, hs)
+    q = qkv5[:, :, 0].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
+    k = qkv5[:, :, 1].transpose(0, 2, 1, 3)
+    v = qkv5[:, :, 2].transpose(0, 2, 1, 3)
+    # dropped probabilities are recomputed from att and the mask rather than cached
+    att_used = att if drop is None else dropout_op.forward_with(att, drop)
+    # the products are written straight into their slots of dqkv (no transpose copies)
+    dqkv = xp.empty((B, T, 3, NH, hs), dtype=qkv.dtype)  # (B, T, 3, NH, hs)
+    slot = lambda i: dqkv[:, :, i].transpose(0, 2, 1, 3)  # noqa: E731  (B, NH, T, hs)
+    xp.matmul(att_used.transpose(0, 1, 3, 2), dy, out=slot(2))  # dv
+    datt = dy @ v.transpose(0, 1, 3, 2)         # (B, NH, T, T)
+    if drop is not None:
+        datt = dropout_op.backward(datt, drop)
+    _softmax_backward_(datt, att, xp)           # (B, NH, T, T) d scores / scale
+    xp.matmul(datt, k * scale, out=slot(0))     # dq; scaling k costs less than scaling datt
+    xp.matmul(datt.transpose(0, 1, 3, 2), q * scale, out=slot(1))  # dk
+    return linear.backward(dqkv.reshape(B, T, H3), lin1, dc_attn_w, dc_attn_b)  # (B, T, C)

@@ -1,0 +1,96 @@
+"""The GPT as a list of stages, each a forward/backward pair over named parameter views.
+
+    EmbeddingStage   idx (B, T)       -> x (B, T, C)          wte, wpe (+ dropout)
+    BlockStage(i)    x (B, T, C)      -> x (B, T, C)          transformer.h.i.*
+    HeadStage        x (B, T, C), targets -> logits, loss     ln_f, lm_head (tied to wte), loss
+
+``GPT`` runs them in order; a pipeline stage runs a contiguous slice of the same list. Every
+stage works on the model's dicts of parameter and gradient views (full nanoGPT names), so a
+slice needs no copies. Caches are returned to the caller, which keys them by micro-batch
+when several are in flight. Backward accumulates into the gradient views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mpipar.nn import block, crossentropy, dropout, embedding, layernorm, linear
+
+
+@dataclass
+class RunState:
+    """Shared by a model's stages: dropout on or off, and the dropout generator."""
+
+    training: bool = True
+    dropout: float = 0.0
+    rng: Any = None
+
+    @property
+    def p(self) -> float:
+        return self.dropout if self.training else 0.0
+
+
+class EmbeddingStage:
+    """Token + position embedding, then dropout (``transformer.drop`` in nanoGPT)."""
+
+    names = ("transformer.wte.weight", "transformer.wpe.weight")
+
+    def __init__(self, params: dict, grads: dict, state: RunState):
+        self.params, self.grads, self.state = params, grads, state
+
+    def forward(self, idx: Any) -> tuple[Any, tuple]:
+        x, emb = embedding.forward(idx, self.params["transformer.wte.weight"],
+                                   self.params["transformer.wpe.weight"])  # (B, T, C)
+        x, drop = dropout.forward(x, self.state.p, self.state.rng)
+        return x, (emb, drop)
+
+    def backward(self, dx: Any, cache: tuple) -> None:
+        emb, drop = cache
+        embedding.backward(dropout.backward(dx, drop), emb, self.grads["transformer.wte.weight"],
+                           self.grads["transformer.wpe.weight"])
+
+
+class BlockStage:
+    """Transformer block ``i`` (parameters ``transformer.h.{i}.*``)."""
+
+    def __init__(self, i: int, params: dict, grads: dict, NH: int, state: RunState):
+        prefix = f"transformer.h.{i}."
+        self.i, self.NH, self.state = i, NH, state
+        self.names = tuple(k for k in params if k.startswith(prefix))
+        self.p = {k[len(prefix):]: params[k] for k in self.names}
+        self.d = {k[len(prefix):]: grads[k] for k in self.names}
+
+    def forward(self, x: Any) -> tuple[Any, tuple]:
+        return block.forward(x, self.p, self.NH, self.state.p, self.state.rng)
+
+    def backward(self, dx: Any, cache: tuple) -> Any:
+        return block.backward(dx, cache, self.d)
+
+
+class HeadStage:
+    """Final layer norm, tied language-model head (``x wte^T``) and mean cross-entropy."""
+
+    def __init__(self, params: dict, grads: dict):
+        self.names = tuple(k for k in params if k.startswith("transformer.ln_f."))
+        self.params, self.grads = params, grads
+
+    def forward(self, x: Any, targets: Any = None) -> tuple[Any, Any, tuple | None]:
+        """``(None, loss, cache)`` with targets (the logits become the cached softmax);
+        ``(logits (B, T, V), None, None)`` without."""
+        P = self.params
+        h, ln = layernorm.forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
+        logits, lin = linear.forward(h, P["transformer.wte.weight"])  # (B, T, V)
+        if targets is None:
+            return logits, None, None
+        loss, ce = crossentropy.forward(logits, targets)  # logits overwritten by softmax
+        return None, loss, (ln, lin, ce)
+
+    def backward(self, cache: tuple, dloss: float = 1.0) -> Any:
+        """dx (B, T, C) of ``dloss * loss``; accumulates into ln_f and wte gradients."""
+        ln, lin, ce = cache
+        G = self.grads
+        dlogits = crossentropy.backward(dloss, ce)          # (B*T, V)
+        dh = linear.backward(dlogits, lin, G["transformer.wte.weight"])  # (B, T, C)
+        return layernorm.backward(dh, ln, G["transformer.ln_f.weight"],
+                                  G.get("transformer.ln_f.bias"))
