@@ -1,0 +1,228 @@
+"""python -m mpipar.bench train: one-process training throughput, beside PyTorch eager.
+
+Examples::
+
+    python -m mpipar.bench train --model shakespeare            # B=8, T=256, all cores
+    python -m mpipar.bench train --model small --batch-size 16 --steps 10 --threads 1
+    python -m mpipar.bench train --model shakespeare --torch-attention manual
+
+Both sides train the same GPT (same config, same initial weights copied from mpipar, float32,
+the same batches from the default corpus) with AdamW, and a step is forward + backward +
+optimiser update. Steps alternate mpipar / torch after the warm-up, so both see the same
+machine load, and each side reports the MEDIAN step time. Achieved FLOP/s count
+``model.flops_per_token()`` (6 N plus the attention matmuls, no recomputation) per token.
+
+The torch model is a minimal nanoGPT-style GPT written here (not imported from anywhere), with
+``--torch-attention sdpa`` (torch's fused scaled_dot_product_attention, the default and the
+stronger baseline) or ``manual`` (the same four ops as mpipar: matmul, mask, softmax, matmul).
+Without torch installed the torch column is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from mpipar import backend
+from mpipar.data import VOCAB_SIZE, BatchSampler, load_tokens, split_train_val
+from mpipar.optim import AdamW
+from mpipar.train import blas_threads, set_blas_threads
+
+BETAS, EPS, WD, LR = (0.9, 0.95), 1e-8, 0.1, 1e-3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="shakespeare", help="GPT preset (tiny, small, shakespeare)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (B)")
+    p.add_argument("--block-size", type=int, default=None, help="T (default: the preset's)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="BLAS / torch intra-op threads for both sides")
+    p.add_argument("--torch-attention", choices=("sdpa", "manual"), default="sdpa")
+    p.add_argument("--no-torch", action="store_true", help="time mpipar only")
+    p.add_argument("--seed", type=int, default=0)
+
+
+# ---------------------------------------------------------------------------- torch GPT
+def build_torch_gpt(config: Any, attention: str) -> Any:
+    """A minimal GPT-2 in torch with nanoGPT's parameter names (so state dicts map 1:1)."""
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+    from torch.nn import functional as F  # noqa: PLC0415
+
+    C, NH = config.n_embd, config.n_head
+    bias = config.bias
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = nn.Linear(C, 3 * C, bias=bias)
+            self.c_proj = nn.Linear(C, C, bias=bias)
+
+        def forward(self, x: Any) -> Any:
+            B, T, _ = x.shape
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))  # (B,NH,T,hs)
+            if attention == "sdpa":
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))      # (B,NH,T,T)
+                mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+                y = att.masked_fill(mask, float("-inf")).softmax(dim=-1) @ v
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc = nn.Linear(C, 4 * C, bias=bias)
+            self.c_proj = nn.Linear(4 * C, C, bias=bias)
+
+        def forward(self, x: Any) -> Any:
+            return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln_1, self.attn = nn.LayerNorm(C, bias=bias), Attention()
+            self.ln_2, self.mlp = nn.LayerNorm(C, bias=bias), MLP()
+
+        def forward(self, x: Any) -> Any:
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(config.vocab_size, C), wpe=nn.Embedding(config.block_size, C),
+                h=nn.ModuleList(Block() for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(C, bias=bias)))
+            self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+            self.lm_head.weight = self.transformer.wte.weight          # tied, as in GPT-2
+
+        def forward(self, idx: Any, targets: Any) -> Any:
+            T = idx.shape[1]
+            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T))
+            for blk in self.transformer.h:
+                x = blk(x)
+            logits = self.lm_head(self.transformer.ln_f(x))
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    return GPT()
+
+
+def torch_side(model: Any, config: Any, attention: str) -> tuple[Any, Any]:
+    """The torch model with mpipar's initial weights, and its AdamW (same decay groups)."""
+    import torch  # noqa: PLC0415
+
+    tm = build_torch_gpt(config, attention)
+    sd = {k: torch.from_numpy(np.array(backend.to_host(v), dtype=np.float32))
+          for k, v in model.state_dict().items()}
+    missing, unexpected = tm.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]        # tied to wte
+    if missing or unexpected:
+        raise RuntimeError(f"torch GPT names differ from mpipar's: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    params = [p for p in tm.parameters()]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WD},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return tm, torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+
+
+# ---------------------------------------------------------------------------- timing
+def _median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def main(args: argparse.Namespace) -> int:
+    from mpipar.nn.gpt import GPT, PRESETS  # noqa: PLC0415
+    import dataclasses  # noqa: PLC0415
+
+    if args.model not in PRESETS:
+        raise SystemExit(f"bench train: --model {args.model!r} is not one of "
+                         f"{', '.join(sorted(PRESETS))}")
+    if min(args.batch_size, args.steps, args.threads) < 1 or args.warmup < 0:
+        raise SystemExit("bench train: --batch-size, --steps, --threads must be >= 1")
+    set_blas_threads(args.threads)
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch  # noqa: PLC0415
+
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            print("torch is not installed: timing mpipar only (pip install torch for the baseline)")
+    config = PRESETS[args.model]
+    changes = {"vocab_size": VOCAB_SIZE}
+    if args.block_size:
+        changes["block_size"] = args.block_size
+    config = dataclasses.replace(config, **changes)
+    B, T = args.batch_size, config.block_size
+
+    model = GPT(config, seed=args.seed, dtype="float32", xp=np)
+    params = model.state_dict()
+    opt = AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    if torch is not None:
+        tmodel, topt = torch_side(model, config, args.torch_attention)
+    train, _ = split_train_val(load_tokens(None))
+    sampler = BatchSampler(train, B, T, seed=args.seed)
+    batches = [sampler.batch(s) for s in range(args.warmup + args.steps)]
+
+    def mp_step(x: np.ndarray, y: np.ndarray) -> float:
+        loss, grads = model.loss_and_grads(x, y)
+        opt.step(grads)
+        return float(loss)
+
+    def torch_step(x: np.ndarray, y: np.ndarray) -> float:
+        topt.zero_grad(set_to_none=True)
+        loss = tmodel(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+        topt.step()
+        return float(loss.detach())
+
+    sides = [("mpipar", mp_step)] + ([(f"torch eager ({args.torch_attention})", torch_step)]
+                                     if torch is not None else [])
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    first_loss: dict[str, float] = {}
+    for s, (x, y) in enumerate(batches):           # alternate sides: same load for both
+        for name, fn in sides:
+            t0 = time.perf_counter()
+            loss = fn(x, y)
+            dt = time.perf_counter() - t0
+            first_loss.setdefault(name, loss)
+            if s >= args.warmup:
+                times[name].append(dt)
+
+    flops_tok = model.flops_per_token()
+    print(f"bench train | model {args.model}: {config.n_layer}L {config.n_head}H "
+          f"C={config.n_embd} T={T} V={config.vocab_size}, {model.num_parameters():,} params | "
+          f"B={B} T={T} ({B * T:,} tokens/step) | float32 | threads {args.threads} "
+          f"(numpy BLAS reports {blas_threads()}"
+          f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}) | "
+          f"median of {args.steps} steps after {args.warmup} warm-up | "
+          f"{flops_tok / 1e6:.1f} MFLOP/token")
+    print(f"{'implementation':<24} {'ms/step':>9} {'min':>9} {'tokens/s':>10} "
+          f"{'GFLOP/s':>9} {'loss@0':>8}")
+    med = {}
+    for name, _ in sides:
+        med[name] = _median_ms(times[name])
+        tps = B * T / (med[name] / 1e3)
+        print(f"{name:<24} {med[name]:>9.1f} {1e3 * min(times[name]):>9.1f} {tps:>10,.0f} "
+              f"{tps * flops_tok / 1e9:>9.2f} {first_loss[name]:>8.4f}")
+    if len(sides) == 2:
+        tname = sides[1][0]
+        ratio = med[tname] / med["mpipar"]
+        # steps alternate, so each (mpipar, torch) pair saw about the same machine load: the
+        # median of per-pair ratios is the figure least disturbed by other jobs
+        paired = statistics.median(t / m for m, t in zip(times["mpipar"], times[tname]))
+        best = min(times[tname]) / min(times["mpipar"])
+        print(f"ratio mpipar/torch (tokens/s): {ratio:.2f}x of medians | {paired:.2f}x median "
+              f"of paired steps | {best:.2f}x of fastest steps")
+    return 0

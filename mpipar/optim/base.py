@@ -1,0 +1,92 @@
+"""What SGD and AdamW share: the parameter dict, which tensors decay, state save/restore."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from mpipar import backend
+
+
+def decays_by_default(name: str, p: Any) -> bool:
+    """Weight decay for matrices (linear and embedding weights) only.
+
+    Biases and LayerNorm gains/shifts are 1-D: decaying them towards zero only hurts (the
+    rule nanoGPT uses; see Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019).
+    """
+    return p.ndim >= 2
+
+
+class Optimizer:
+    """Base: keeps ``params`` (name -> array, updated in place) and per-tensor state.
+
+    Subclasses name their per-tensor state buffers in ``_state_names`` and implement
+    ``_update(name, p, g, lr, decay, buf)``; ``buf`` is scratch space of ``p``'s shape, shared
+    across tensors so that an update allocates nothing.
+    """
+
+    _state_names: tuple[str, ...] = ()
+
+    def __init__(self, params: Mapping[str, Any], lr: float, weight_decay: float = 0.0,
+                 decay: Callable[[str, Any], bool] = decays_by_default) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not params:
+            raise ValueError("optimiser got no parameters")
+        self.params = dict(params)
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.decay = {name: bool(decay(name, p)) for name, p in self.params.items()}
+        self.step_count = 0
+        first = next(iter(self.params.values()))
+        self.xp = backend.array_module(first)
+        self.state: dict[str, dict[str, Any]] = {
+            s: {name: self.xp.zeros_like(p) for name, p in self.params.items()}
+            for s in self._state_names}
+        largest = max(p.size for p in self.params.values())
+        self._scratch = self.xp.empty(largest, dtype=first.dtype)
+
+    def step(self, grads: Mapping[str, Any], lr: float | None = None) -> None:
+        """One update of every parameter from ``grads`` (not modified); ``lr`` overrides."""
+        lr = self.lr if lr is None else float(lr)
+        missing = self.params.keys() - grads.keys()
+        if missing:
+            raise KeyError(f"no gradient for {sorted(missing)[:3]}")
+        self.step_count += 1
+        for name, p in self.params.items():
+            g = grads[name]
+            if g.shape != p.shape:
+                raise ValueError(f"gradient of {name} has shape {g.shape}, parameter {p.shape}")
+            buf = self._scratch[:p.size].reshape(p.shape)
+            self._update(name, p, g, lr, self.decay[name], buf)
+
+    def _update(self, name: str, p: Any, g: Any, lr: float, decay: bool, buf: Any) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"step": int, "<state>.<param name>": host array, ...}``: plain arrays and ints."""
+        out: dict[str, Any] = {"step": self.step_count}
+        for s, bufs in self.state.items():
+            for name, a in bufs.items():
+                out[f"{s}.{name}"] = backend.to_host(a).copy()
+        return out
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restore from ``state_dict()`` output (arrays copied into the existing buffers)."""
+        if "step" not in sd:
+            raise KeyError("optimiser state has no 'step'")
+        for s, bufs in self.state.items():
+            for name, a in bufs.items():
+                key = f"{s}.{name}"
+                if key not in sd:
+                    raise KeyError(f"optimiser state has no {key!r}")
+                src = np.asarray(backend.to_host(sd[key]))
+                if src.shape != a.shape:
+                    raise ValueError(f"optimiser state {key!r} has shape {src.shape}, "
+                                     f"expected {a.shape}")
+                a[...] = backend.to_device(src.astype(a.dtype, copy=False), self.xp)
+        self.step_count = int(np.asarray(sd["step"]))

@@ -1,0 +1,163 @@
+"""python -m mpipar.train, run in-process through ``train.main(argv)`` (the CLI's own path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpipar import train
+
+# tiny preset, short context, small batch: a step takes tens of milliseconds
+FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads", "1",
+        "--eval-batches", "1", "--eval-interval", "0", "--warmup", "2", "--lr", "3e-3"]
+
+
+def read_log(path) -> tuple[list[dict], list[dict]]:
+    entries = [json.loads(line) for line in open(path)]
+    return [e for e in entries if "loss" in e], [e for e in entries if "val_loss" in e]
+
+
+def test_loss_falls_and_log_format(tmp_path, capsys):
+    log = tmp_path / "run.jsonl"
+    assert train.main(FAST + ["--steps", "20", "--dtype", "float64", "--log", str(log),
+                              "--eval-interval", "10"]) == 0
+    steps, evals = read_log(log)
+    assert [e["step"] for e in steps] == list(range(20))
+    for e in steps:
+        assert set(e) >= {"step", "loss", "lr", "tokens_per_s", "time"}
+        assert e["tokens_per_s"] > 0 and np.isfinite(e["loss"])
+    assert [e["step"] for e in evals] == [0, 10, 20]
+    first, last = np.mean([e["loss"] for e in steps[:3]]), np.mean([e["loss"] for e in steps[-3:]])
+    assert last < first - 0.3, (first, last)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    out = capsys.readouterr().out
+    assert "parameters" in out and "tokens/step" in out and "bits/byte" in out
+
+
+def test_micro_batches_give_the_same_training(tmp_path):
+    logs = []
+    for m in ("1", "2"):
+        logs.append(tmp_path / f"m{m}.jsonl")
+        assert train.main(FAST + ["--steps", "3", "--dtype", "float64", "--micro-batches", m,
+                                  "--log", str(logs[-1])]) == 0
+    a, b = (np.array([e["loss"] for e in read_log(p)[0]]) for p in logs)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_checkpoint_resume_continues_identically(tmp_path):
+    ck = tmp_path / "ck.safetensors"
+    full, part, resumed = (tmp_path / n for n in ("full.jsonl", "part.jsonl", "res.jsonl"))
+    common = FAST + ["--lr-decay-steps", "8"]
+    assert train.main(common + ["--steps", "8", "--log", str(full)]) == 0
+    assert train.main(common + ["--steps", "5", "--save", str(ck), "--log", str(part)]) == 0
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]        # temp file renamed
+    assert train.main(common + ["--steps", "8", "--resume", str(ck), "--log", str(resumed)]) == 0
+    want = [e["loss"] for e in read_log(full)[0]]
+    got = [e["loss"] for e in read_log(resumed)[0]]
+    assert [e["step"] for e in read_log(resumed)[0]] == [5, 6, 7]
+    assert got == want[5:]                                             # bitwise identical
+    assert [e["loss"] for e in read_log(part)[0]] == want[:5]
+
+
+def test_npz_checkpoint_round_trip(tmp_path):
+    ck = tmp_path / "ck.npz"
+    assert train.main(FAST + ["--steps", "2", "--optimizer", "sgd", "--save", str(ck)]) == 0
+    assert ck.read_bytes()[:2] == b"PK"
+    assert train.main(FAST + ["--steps", "3", "--optimizer", "sgd", "--resume", str(ck)]) == 0
+
+
+def test_missing_and_corrupt_checkpoint_fail_before_training(tmp_path, capsys):
+    log = tmp_path / "never.jsonl"
+    assert train.main(FAST + ["--resume", str(tmp_path / "nope.safetensors"),
+                              "--log", str(log)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert train.main(FAST + ["--resume", str(bad), "--log", str(log)]) == 2
+    assert "not a readable mpipar checkpoint" in capsys.readouterr().err
+    assert not log.exists()                                            # no step was run
+
+
+def test_resume_rejects_a_different_model(tmp_path, capsys):
+    ck = tmp_path / "ck.npz"
+    assert train.main(FAST + ["--steps", "1", "--save", str(ck)]) == 0
+    assert train.main(FAST + ["--steps", "2", "--block-size", "8", "--resume", str(ck)]) == 2
+    assert "config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "huge"], "not a preset"),
+    (["--batch-size", "4", "--micro-batches", "3"], "not divisible"),
+    (["--steps", "0"], "--steps"),
+    (["--data", "/nonexistent/file.txt"], "not found"),
+    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr"),
+])
+def test_bad_arguments_are_clear_errors(argv, message, capsys):
+    assert train.main(FAST + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_choice_is_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--device", "tpu"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_custom_text_data_and_sample(tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text("to be or not to be, that is the question. " * 40, encoding="utf-8")
+    assert train.main(FAST + ["--steps", "2", "--data", str(data), "--sample", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "--- sample ---" in out
+
+
+def test_token_file_with_larger_vocabulary(tmp_path, capsys):
+    data = tmp_path / "tokens.npy"
+    np.save(data, (np.arange(2000) * 7 % 300).astype(np.uint16))        # ids up to 299
+    assert train.main(FAST + ["--steps", "2", "--data", str(data), "--sample", "3"]) == 0
+    assert "vocab 300" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("mpiexec", path=os.path.dirname(sys.executable)) is None,
+                    reason="no mpiexec beside the interpreter")
+def test_two_ranks_train_like_one(tmp_path):
+    """Data parallel over 2 ranks trains on the same global batches as 1 process."""
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    args = FAST + ["--steps", "3", "--dtype", "float64"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert train.main(args + ["--log", str(one)]) == 0
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "mpipar.train", *args,
+                          "--log", str(two)], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = (np.array([e["loss"] for e in read_log(p)[0]]) for p in (one, two))
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+    res = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "mpipar.train", *args],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and "not divisible" in res.stderr
+
+
+def test_bench_train_runs_beside_torch(capsys):
+    """``python -m mpipar.bench train``: a table with both sides starting from the same loss."""
+    from mpipar.bench.__main__ import main as bench_main
+
+    argv = ["train", "--model", "tiny", "--batch-size", "2", "--block-size", "16", "--steps", "1",
+            "--warmup", "0", "--threads", "1"]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        argv.append("--no-torch")
+    assert bench_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mpipar" in out and "tokens/s" in out and "threads 1" in out
+    if "--no-torch" not in argv:
+        rows = [line.split() for line in out.splitlines() if line.startswith(("mpipar ", "torch"))]
+        losses = [float(r[-1]) for r in rows]
+        assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-4    # same model, same batch
+        assert "ratio mpipar/torch" in out
