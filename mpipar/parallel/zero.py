@@ -1,0 +1,274 @@
+"""ZeRO stages 1 and 2: the optimiser state (and gradients) sharded over the dp group.
+
+Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models",
+SC 2020. Plain data parallelism keeps on every rank what only needs to exist once: with
+AdamW the two moments are 2x the parameters. ZeRO gives each of the D ranks 1/D of the
+flat buffer to own:
+
+    stage 1  gradients reduce-scattered (mean), each rank updates only its shard of the
+             parameters with optimiser state for that shard only, then the parameters are
+             all-gathered so that every rank again holds the whole model.
+    stage 2  as stage 1, and gradients persist only as the shard: every micro-step's buckets
+             are reduce-scattered as backward produces them and summed into the shard.
+
+Shards. The buckets of ``GradBuckets`` (reverse layout order, whole tensors, ~bucket_mb MiB)
+are each split into D nearly equal contiguous blocks exactly as ``Communicator.reduce_scatter``
+splits axis 0 (``split_counts``: the first ``n % D`` blocks have one element more), and rank
+r owns block r of EVERY bucket (as PyTorch FSDP shards each flat parameter). So a bucket's
+reduce-scatter lands directly in its owner's shard and can start as soon as the bucket is
+ready, overlapping backward, and its parameter all-gather is the same split undone
+(``allgather(counts=split_counts(...))``). With one bucket (``bucket_mb=None``) the shards
+are D contiguous ranges of the whole flat buffer. Instead of padding the flat buffer to a
+multiple of D, the uneven split is used: shards differ by at most one element per bucket,
+and no padding is allocated or sent.
+
+The optimiser (SGD or AdamW from ``mpipar.optim``, elementwise) runs on 1-D slices: for each
+owned block, the pieces of the tensors that intersect it, named ``"name[a:b]"`` (element
+range within the tensor). Parameter pieces are views of the model's ``param_buffer``, so the
+update lands in place; gradient pieces are views of the shard. Weight decay is decided by
+the FULL tensor (``decay(name, full_tensor)``), since every piece is 1-D.
+
+Algorithms: a bucket uses ``algorithm`` (None: the group's default) for its reduce-scatter
+and all-gather when that algorithm implements them (ring, rhd, native); otherwise MPI's
+native collective is used (what the Communicator does for a default algorithm lacking them).
+
+Memory, honestly: ZeRO-1 and -2 keep full parameters on every rank. The model in ``mpipar.nn``
+allocates one full gradient buffer and its backward accumulates into it, so under stage 2 that
+buffer still exists; what stage 2 removes is the need for it to outlive one micro-step's
+backward (gradient accumulation happens in the shard). Freeing it between micro-steps needs
+the model to let backward write into per-bucket storage; ``memory_report`` lists both the
+bytes ZeRO needs (``grads``) and the bytes allocated now (``grads_allocated``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from mpipar.comm.algorithms import get_algorithm
+from mpipar.comm.background import worker
+from mpipar.comm.communicator import split_counts
+from mpipar.optim import OPTIMIZERS, decays_by_default
+from mpipar.parallel.data_parallel import Bucket, CommStats, GradBuckets
+
+
+def _algorithm_for(group: Any, algorithm: str | None, collective: str) -> str | None:
+    """``algorithm`` if it implements ``collective``, else native (None: the group decides)."""
+    name = algorithm or group.algorithm
+    if algorithm is None or name == "auto" or get_algorithm(name).supports(collective):
+        return algorithm
+    return "native"
+
+
+class ShardedGradBuckets(GradBuckets):
+    """GradBuckets whose buckets are reduce-scattered (mean) into this rank's gradient shard."""
+
+    def __init__(self, grad_buffer: Any, layout: Any, dp_group: Any, bucket_mb: float | None = 1.0,
+                 algorithm: str | None = None, reduce_every_micro_step: bool = False,
+                 **options: Any) -> None:
+        super().__init__(grad_buffer, layout, dp_group, bucket_mb, algorithm, **options)
+        self.reduce_every_micro_step = reduce_every_micro_step
+        self.rs_algorithm = _algorithm_for(dp_group, algorithm, "reduce_scatter")
+        D, r = dp_group.size, dp_group.rank
+        self.counts: list[list[int]] = []
+        self.blocks: list[tuple[int, int]] = []       # owned [lo, hi) of each bucket, flat index
+        self.shard_offsets: list[int] = []             # where that block sits in the shard
+        pos = 0
+        for b in self.buckets:
+            c = split_counts(b.numel, D)
+            lo = b.start + sum(c[:r])
+            self.counts.append(c)
+            self.blocks.append((lo, lo + c[r]))
+            self.shard_offsets.append(pos)
+            pos += c[r]
+        self.shard_numel = pos
+        xp = _xp(grad_buffer)
+        self.shard_grad = xp.zeros(pos, dtype=grad_buffer.dtype)
+
+    def _shard_view(self, b: Bucket) -> Any:
+        so = self.shard_offsets[b.index]
+        return self.shard_grad[so:so + self.counts[b.index][self.group.rank]]
+
+    def _start(self, b: Bucket) -> Any:
+        return self.group.ireduce_scatter(self.grad_buffer[b.start:b.end], op="avg",
+                                          algorithm=self.rs_algorithm, **self.options)
+
+    def _store(self, b: Bucket, result: Any) -> None:
+        self._shard_view(b)[...] += result            # the shard was zeroed at step start
+
+    def _store_single(self, b: Bucket) -> None:
+        self._shard_view(b)[...] += self.grad_buffer[b.start:b.end]
+
+
+def _xp(a: Any) -> Any:
+    from mpipar import backend
+
+    return backend.array_module(a)
+
+
+class ZeroOptimizer:
+    """ZeRO-1/2 over flat ``param_buffer`` / ``grad_buffer`` laid out by ``layout``.
+
+        zero = ZeroOptimizer(model.param_buffer, model.grad_buffer, model.layout, dp_group,
+                             "adamw", stage=2, bucket_mb=1.0, lr=1e-3, weight_decay=0.1)
+        zero.zero_grad()                                   # the gradient shard
+        ... forward; backward_stages(model, cache, on_ready=zero.buckets.mark_ready)
+        zero.buckets.finish()                              # shard = mean gradient block
+        norm = zero.clip_grad_norm(1.0)                    # global norm over all shards
+        zero.step(lr=lr)                                   # shard update + param all-gather
+
+    (``data_parallel.dp_train_step(model, zero.buckets, zero, micro_batches)`` does all of
+    it, gradient accumulation included.) ``optimizer``: "sgd", "adamw" or an Optimizer class;
+    ``hyper``: its keyword arguments (lr, weight_decay, betas, momentum ...).
+    """
+
+    def __init__(self, param_buffer: Any, grad_buffer: Any, layout: Any, dp_group: Any,
+                 optimizer: str | type = "adamw", stage: int = 1, bucket_mb: float | None = 1.0,
+                 algorithm: str | None = None,
+                 decay: Callable[[str, Any], bool] = decays_by_default,
+                 options: dict[str, Any] | None = None, **hyper: Any) -> None:
+        if stage not in (1, 2):
+            raise ValueError(f"ZeRO stage must be 1 or 2, got {stage}")
+        if param_buffer.shape != grad_buffer.shape or param_buffer.shape[0] != layout.numel:
+            raise ValueError("param_buffer and grad_buffer must both be 1-D of layout.numel")
+        self.stage = stage
+        self.param_buffer, self.grad_buffer, self.layout = param_buffer, grad_buffer, layout
+        self.group = dp_group
+        self.options = dict(options or {})
+        self.buckets = ShardedGradBuckets(grad_buffer, layout, dp_group, bucket_mb, algorithm,
+                                          reduce_every_micro_step=stage == 2, **self.options)
+        self.ag_algorithm = _algorithm_for(dp_group, algorithm, "allgather")
+        self.last_param_comm = CommStats()
+        self.param_comm_totals = CommStats()
+
+        # the optimiser over 1-D pieces: key "name[a:b]" -> views of params and grad shard
+        full = layout.views(param_buffer)
+        params: dict[str, Any] = {}
+        self.grads: dict[str, Any] = {}
+        self._name_of: dict[str, str] = {}
+        for b, (lo, hi), so in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.shard_offsets):
+            for name in reversed(b.names):                        # ascending flat order
+                s, e = layout.offsets[name]
+                x0, x1 = max(lo, s), min(hi, e)
+                if x0 >= x1:
+                    continue
+                key = f"{name}[{x0 - s}:{x1 - s}]"
+                params[key] = param_buffer[x0:x1]
+                self.grads[key] = self.buckets.shard_grad[so + x0 - lo:so + x1 - lo]
+                self._name_of[key] = name
+        cls = OPTIMIZERS[optimizer] if isinstance(optimizer, str) else optimizer
+
+        def piece_decay(key: str, p: Any) -> bool:
+            name = self._name_of[key]
+            return decay(name, full[name])                       # the full tensor's ndim
+
+        # a rank owning nothing (fewer elements than ranks) has no optimiser
+        self.optimizer = cls(params, decay=piece_decay, **hyper) if params else None
+        self._steps = 0
+        self._state_names = getattr(cls, "_state_names", ())
+
+    # -- the step ----------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Zero the gradient shard (the model's own buffer is zeroed by the model)."""
+        self.buckets.shard_grad.fill(0)
+
+    def mark_ready(self, names: Any) -> None:
+        self.buckets.mark_ready(names)
+
+    def finish(self) -> CommStats:
+        return self.buckets.finish()
+
+    def global_norm(self) -> float:
+        """sqrt of the dp-sum of every shard's sum of squares: the full gradient's norm,
+        identical on every rank (the all-reduce gives every rank the same bits)."""
+        g = self.buckets.shard_grad
+        local = float(g @ g) if g.size else 0.0
+        if self.group.size > 1:
+            local = float(self.group.allreduce(np.array([local], dtype=np.float64), op="sum")[0])
+        return math.sqrt(local)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """As ``mpipar.optim.clip_grad_norm`` on the full gradient; returns the norm."""
+        norm = self.global_norm()
+        if max_norm > 0 and norm > max_norm:
+            self.buckets.shard_grad *= max_norm / (norm + 1e-6)
+        return norm
+
+    def step(self, lr: float | None = None) -> CommStats:
+        """Update this rank's shard, then all-gather the parameters bucket by bucket."""
+        self._steps += 1
+        if self.optimizer is not None:
+            self.optimizer.step(self.grads, lr=lr)
+        stats = CommStats()
+        if self.group.size > 1:
+            w = worker()
+            pending = []
+            for b, (lo, hi), c in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.counts):
+                t0 = w.submit(time.perf_counter)
+                h = self.group.iallgather(self.param_buffer[lo:hi], counts=c,
+                                          algorithm=self.ag_algorithm, **self.options)
+                pending.append((b, h, t0, w.submit(time.perf_counter)))
+            for b, h, t0, t1 in pending:
+                tw = time.perf_counter()
+                full = h.wait()
+                t_end = t1.wait()
+                stats.exposed_s += time.perf_counter() - tw
+                stats.total_s += t_end - t0.wait()
+                stats.collectives += 1
+                stats.bytes += b.numel * self.param_buffer.itemsize
+                self.param_buffer[b.start:b.end] = full
+        self.last_param_comm = stats
+        self.param_comm_totals += stats
+        return stats
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the optimiser state (keys ``"<state>.<name>[a:b]"``), with
+        ``zero.*`` integers saying which shard it is. Save one per dp rank."""
+        sd = self.optimizer.state_dict() if self.optimizer is not None else {"step": self._steps}
+        sd.update({"zero.stage": self.stage, "zero.dp_size": self.group.size,
+                   "zero.dp_rank": self.group.rank, "zero.shard_numel": self.buckets.shard_numel})
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for k, mine in (("zero.dp_size", self.group.size), ("zero.dp_rank", self.group.rank),
+                        ("zero.shard_numel", self.buckets.shard_numel)):
+            if int(np.asarray(sd.get(k, -1))) != mine:
+                raise ValueError(f"ZeRO state: {k} is {sd.get(k)}, this rank has {mine} (the "
+                                 f"shards are cut by dp size and bucket_mb: restore with the same)")
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict({k: v for k, v in sd.items() if not k.startswith("zero.")})
+        self._steps = int(np.asarray(sd["step"]))
+
+    # -- memory ------------------------------------------------------------------------------
+    def optimizer_state_bytes(self) -> int:
+        if self.optimizer is None:
+            return 0
+        return sum(int(a.nbytes) for bufs in self.optimizer.state.values() for a in bufs.values())
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes on this rank. ``grads``: the gradient storage ZeRO needs across a step
+        (stage 1: the full buffer + the shard; stage 2: the shard); ``grads_allocated``: what
+        is allocated now (the model's full buffer is still there, see the module docstring);
+        ``grads_inflight_peak``: the largest bucket, copied by a reduce-scatter in flight;
+        ``*_unsharded``: what plain data parallelism holds, for comparison."""
+        item = self.grad_buffer.itemsize
+        shard = int(self.buckets.shard_grad.nbytes)
+        full = int(self.grad_buffer.nbytes)
+        return {
+            "params": int(self.param_buffer.nbytes),
+            "grads": shard if self.stage == 2 else full + shard,
+            "grads_allocated": full + shard,
+            "grads_inflight_peak": max(b.numel for b in self.buckets.buckets) * item,
+            "grads_unsharded": full,
+            "optimizer_state": self.optimizer_state_bytes(),
+            "optimizer_state_unsharded": len(self._state_names) * self.layout.numel * item,
+        }
+
+    def __repr__(self) -> str:
+        return (f"ZeroOptimizer(stage={self.stage}, dp={self.group.size}, "
+                f"shard={self.buckets.shard_numel} of {self.layout.numel} elements, "
+                f"{len(self.buckets.buckets)} buckets)")
