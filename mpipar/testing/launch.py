@@ -56,6 +56,10 @@ def mpi_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("MPI4PY_RC_THREAD_LEVEL", "serialized")
     env.setdefault("OMP_NUM_THREADS", "1")  # 8 ranks on 2 cores: no BLAS thread storms
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # Oversubscribed (8 ranks on 2 cores), MPICH's shared-memory device collectives, which it
+    # switches to after a few calls, stall: a 3.4 MB all-reduce took 4-12 s instead of 0.05 s.
+    # Tests test correctness, so they use MPICH's generic algorithms; benchmarks do not set this.
+    env.setdefault("MPIR_CVAR_DEVICE_COLLECTIVES", "none")
     if is_open_mpi():
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")

@@ -1,0 +1,330 @@
+"""This rank's part of the GPT under any dp x tp x pp layout: stages, flat buffers, shards.
+
+    from mpipar.parallel.mesh import make_mesh
+    from mpipar.parallel.model import build_local_model, gather_full_state_dict
+    mesh = make_mesh(comm, dp=2, tp=2, pp=2)
+    local = build_local_model(PRESETS["tiny"], mesh, seed=0, dtype="float64")
+    local.stages            # [TPEmbeddingStage?, TPBlockStage..., TPHeadStage?] of this rank
+    local.param_buffer      # flat: only this rank's tensors (its layers, its tp shards)
+    local.params["transformer.h.0.attn.c_attn.weight"].shape   # (3C/tp, C)
+    sd = gather_full_state_dict(local, mesh)                   # full nanoGPT dict, every rank
+
+What a rank holds: pipeline stage s owns the layers ``stage_layers[s]`` (default: a balanced
+contiguous split, ``partition.balanced_layers``); stage 0 also owns the embeddings (wte, wpe), the last stage ln_f and the
+head. The head is tied to wte (Press & Wolf 2017), so with pp > 1 **wte lives on both the
+first and the last stage** (Megatron's "embedding group"): both start from the same slice
+of the same init, and the executor must all-reduce the gradient of every name in
+``local.tied_names`` between the two (``tied_embedding_group`` + ``allreduce_tied_grads``)
+before the optimiser step, so that both copies stay equal. With tp > 1 each tensor is this
+rank's shard (see ``tensor_parallel.py`` for the split; ``shard_spec`` says where it sits).
+
+Flat layout (``local.layout``, a ``FlatLayout``): the single-process order (nanoGPT's:
+wte, wpe, h.0 ..., ln_f) restricted to this rank's tensors, at shard shapes. With tp = pp = 1
+the buffers are laid out exactly as ``GPT``'s. Backward produces gradients roughly from the
+end of the buffer towards its start (ln_f and the last block first; wte, at the start, is
+complete last), so data-parallel buckets are best cut from the end backwards using
+``layout.offsets``.
+
+Gradient reductions a trainer owes (nothing here communicates after construction):
+* over ``mesh.dp_group``: every gradient (the data-parallel sum or mean);
+* over the tied group (pp > 1): the names in ``tied_names``;
+* over ``mesh.tp_group``: nothing. Replicated tensors (``shard_spec[name] is None``) get
+  identical gradients on every tp rank; sharded ones are distinct pieces. For a global
+  gradient norm, sum squares of sharded tensors over tp and count replicated ones once.
+
+Initialisation slices ``mpipar.nn.gpt.init_host`` (the single process's float64 init) so
+every layout starts from exactly the bits of ``GPT(config, seed, dtype)``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from mpipar.backend import resolve_dtype, to_device, to_host
+from mpipar.nn.attention import qkv_rows
+from mpipar.nn.flat import FlatLayout
+from mpipar.nn.gpt import GPTConfig, init_host, param_shapes
+from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage, RunState
+from mpipar.parallel.mesh import LayoutError
+from mpipar.parallel.partition import balanced_layers  # noqa: F401 - re-exported
+from mpipar.parallel.tensor_parallel import (TPBlockStage, TPEmbeddingStage, TPHeadStage,
+                                             ffn_range, head_range, vocab_range)
+
+WTE = "transformer.wte.weight"
+WPE = "transformer.wpe.weight"
+
+
+class Shard(NamedTuple):
+    """A local tensor is ``full.take(index, axis=axis)``: ``index`` (int array) lists the
+    positions along ``axis`` of the full tensor, in local order (c_attn's head shard is three
+    ranges: its q, k and v rows)."""
+
+    axis: int
+    index: np.ndarray
+
+    def take(self, full: Any) -> Any:
+        return np.take(full, self.index, axis=self.axis)
+
+    def put(self, full: np.ndarray, local: Any) -> None:
+        """Write ``local`` into its place in ``full`` (in place)."""
+        sl: list[Any] = [slice(None)] * full.ndim
+        sl[self.axis] = self.index
+        full[tuple(sl)] = local
+
+
+# ---- layout checks and the layer split ------------------------------------------------------
+
+def check_model_layout(config: GPTConfig, tp: int, pp: int) -> None:
+    """LayoutError unless tp divides n_head (hence the MLP width 4C) and pp <= n_layer. The
+    vocabulary need not divide: its rows are split unevenly (``vocab_counts``), no padding."""
+    if config.n_head % tp:
+        raise LayoutError(f"tp={tp} does not divide n_head={config.n_head}: attention is split "
+                          f"by heads; choose tp among {_divisors(config.n_head)}")
+    if (4 * config.n_embd) % tp:
+        raise LayoutError(f"tp={tp} does not divide the MLP width 4*n_embd={4 * config.n_embd}")
+    if tp > config.vocab_size:
+        raise LayoutError(f"tp={tp} exceeds vocab_size={config.vocab_size}")
+    if pp > config.n_layer:
+        raise LayoutError(f"pp={pp} pipeline stages but only n_layer={config.n_layer} layers; "
+                          f"each stage needs at least one block")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_stage_layers(stage_layers: Sequence[Any], n_layer: int, pp: int) -> list[range]:
+    given = [[int(i) for i in r] for r in stage_layers]
+    flat = [i for r in given for i in r]
+    if len(given) != pp or flat != list(range(n_layer)) or any(not r for r in given):
+        raise LayoutError(f"stage_layers {given} must be {pp} non-empty contiguous ranges "
+                          f"covering layers 0..{n_layer - 1} in order")
+    return [range(r[0], r[-1] + 1) for r in given]
+
+
+# ---- which tensors, and which slice of each, this rank holds --------------------------------
+
+def local_shards(config: GPTConfig, tp: int, tp_rank: int, first: bool, last: bool,
+                 layers: range) -> dict[str, Shard | None]:
+    """name -> Shard (or None: the full tensor) for every tensor of this rank, in the
+    single-process order. Pure: no communication, usable without MPI."""
+    C, NH, V = config.n_embd, config.n_head, config.vocab_size
+    hs = C // NH
+    h0, h1 = head_range(NH, tp, tp_rank)
+    f0, f1 = ffn_range(4 * C, tp, tp_rank)
+    v0, v1 = vocab_range(V, tp, tp_rank)
+    split = tp > 1
+
+    def rows(idx: np.ndarray) -> Shard | None:
+        return Shard(0, idx) if split else None
+
+    def cols(idx: np.ndarray) -> Shard | None:
+        return Shard(1, idx) if split else None
+
+    per_block = {
+        "attn.c_attn.weight": rows(qkv_rows(C, NH, h0, h1)),
+        "attn.c_attn.bias": rows(qkv_rows(C, NH, h0, h1)),
+        "attn.c_proj.weight": cols(np.arange(h0 * hs, h1 * hs)),
+        "mlp.c_fc.weight": rows(np.arange(f0, f1)),
+        "mlp.c_fc.bias": rows(np.arange(f0, f1)),
+        "mlp.c_proj.weight": cols(np.arange(f0, f1)),
+    }
+    out: dict[str, Shard | None] = {}
+    for name in param_shapes(config):
+        if name == WTE:
+            keep = first or last
+            spec = rows(np.arange(v0, v1))
+        elif name == WPE:
+            keep, spec = first, None
+        elif name.startswith("transformer.ln_f."):
+            keep, spec = last, None
+        else:
+            i, rest = name[len("transformer.h."):].split(".", 1)
+            keep, spec = int(i) in layers, per_block.get(rest)
+        if keep:
+            out[name] = spec
+    return out
+
+
+def _local_shape(full: tuple[int, ...], spec: Shard | None) -> tuple[int, ...]:
+    if spec is None:
+        return full
+    shape = list(full)
+    shape[spec.axis] = len(spec.index)
+    return tuple(shape)
+
+
+# ---- the local model --------------------------------------------------------------------------
+
+class LocalModel:
+    """This rank's stages and flat parameter/gradient buffers (see the module docstring)."""
+
+    def __init__(self, config: GPTConfig, mesh: Any, seed: int, dtype: Any, xp: ModuleType,
+                 stage_layers: Sequence[Any] | None):
+        tp = 1 if mesh is None else mesh.tp
+        pp = 1 if mesh is None else mesh.pp
+        tp_rank = 0 if mesh is None else mesh.tp_rank
+        pp_rank = 0 if mesh is None else mesh.pp_rank
+        dp_rank = 0 if mesh is None else mesh.dp_rank
+        check_model_layout(config, tp, pp)
+        self.stage_layers = (balanced_layers(config.n_layer, pp) if stage_layers is None
+                             else _check_stage_layers(stage_layers, config.n_layer, pp))
+        self.config, self.mesh, self.xp, self.seed = config, mesh, xp, seed
+        self.dtype = resolve_dtype(dtype)
+        self.tp, self.pp, self.tp_rank, self.pp_rank = tp, pp, tp_rank, pp_rank
+        self.first_stage, self.last_stage = pp_rank == 0, pp_rank == pp - 1
+        self.layers: range = self.stage_layers[pp_rank]
+        self.vocab = vocab_range(config.vocab_size, tp, tp_rank)
+        self.tp_group = None if mesh is None else mesh.tp_group
+
+        # ---- tensors: full layout (single process) -> this rank's slices
+        self.full_layout = FlatLayout(param_shapes(config).items())
+        self.shard_spec = local_shards(config, tp, tp_rank, self.first_stage, self.last_stage,
+                                       self.layers)
+        self.layout = FlatLayout((n, _local_shape(self.full_layout.shapes[n], s))
+                                 for n, s in self.shard_spec.items())
+        full = self.full_layout.views(init_host(config, self.full_layout, seed))  # float64 host
+        host = np.empty(self.layout.numel, dtype=np.float64)
+        for name, v in self.layout.views(host).items():
+            spec = self.shard_spec[name]
+            v[...] = full[name] if spec is None else spec.take(full[name])
+        self.param_buffer = to_device(host.astype(self.dtype), xp)
+        self.grad_buffer = xp.zeros(self.layout.numel, dtype=self.dtype)
+        self.params = self.layout.views(self.param_buffer)
+        self.grads = self.layout.views(self.grad_buffer)
+        self.tied_names: list[str] = [WTE] if pp > 1 and WTE in self.params else []
+
+        # ---- stages
+        rng = None
+        if config.dropout > 0.0:
+            # identical across the tp group (replicated activations must drop the same
+            # entries), distinct across dp and pp; masks differ from the single process's
+            rng = xp.random.default_rng([seed + 1, dp_rank, pp_rank])
+        self.state = RunState(training=True, dropout=config.dropout, rng=rng)
+        P, G, st = self.params, self.grads, self.state
+        self.stages: list[Any] = []
+        if tp == 1:
+            if self.first_stage:
+                self.stages.append(EmbeddingStage(P, G, st))
+            self.stages += [BlockStage(i, P, G, config.n_head, st) for i in self.layers]
+            if self.last_stage:
+                self.stages.append(HeadStage(P, G))
+        else:
+            grp = self.tp_group
+            if self.first_stage:
+                self.stages.append(TPEmbeddingStage(P, G, st, grp, self.vocab))
+            self.stages += [TPBlockStage(i, P, G, config.n_head // tp, st, grp)
+                            for i in self.layers]
+            if self.last_stage:
+                self.stages.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size))
+
+    def zero_grad(self) -> None:
+        self.grad_buffer.fill(0)
+
+    def train(self, mode: bool = True) -> "LocalModel":
+        self.state.training = mode
+        return self
+
+    def eval(self) -> "LocalModel":
+        return self.train(False)
+
+    def num_parameters(self) -> int:
+        """Elements held by this rank (tied wte counted on each stage that holds it)."""
+        return self.layout.numel
+
+    def __repr__(self) -> str:
+        return (f"LocalModel(tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, "
+                f"layers {self.layers.start}..{self.layers.stop - 1}, "
+                f"{self.layout.numel:,} params, {self.dtype.name})")
+
+
+def build_local_model(config: GPTConfig, mesh: Any, seed: int = 0, dtype: Any = "float64",
+                      xp: ModuleType = np, stage_layers: Sequence[Any] | None = None) -> LocalModel:
+    """This rank's part of ``GPT(config, seed, dtype)`` under ``mesh`` (None: one process).
+
+    ``stage_layers[s]``: the layers of pipeline stage s (ranges; default
+    ``balanced_layers``). Raises LayoutError, identically on every rank and before any
+    communication, when tp does not divide n_head or 4*n_embd, or pp > n_layer. Collective
+    only in that every rank should call it (it communicates nothing itself).
+    """
+    return LocalModel(config, mesh, seed, dtype, xp, stage_layers)
+
+
+# ---- tied embedding (pp > 1) --------------------------------------------------------------
+
+def tied_embedding_group(mesh: Any) -> Any:
+    """A Communicator joining the first and last pipeline stage of this rank's (dp, tp)
+    line, or None for the other ranks and when pp == 1. Collective over ``mesh.pp_group``:
+    every rank calls it."""
+    if mesh is None or mesh.pp == 1:
+        return None
+    member = mesh.pp_rank in (0, mesh.pp - 1)
+    return mesh.pp_group.split(color=0 if member else None, key=mesh.pp_rank)
+
+
+def allreduce_tied_grads(local: LocalModel, group: Any) -> None:
+    """Sum the gradients of ``local.tied_names`` over ``group`` (from
+    ``tied_embedding_group``), in place; a no-op where there is none."""
+    if group is None:
+        return
+    for name in local.tied_names:
+        local.grads[name][...] = group.allreduce(local.grads[name])
+
+
+# ---- full state dict <-> local buffers ----------------------------------------------------------
+
+def _owns(local: LocalModel, name: str) -> bool:
+    """One canonical holder per element: dp rank 0, tp rank 0 for replicated tensors, and
+    the first stage for the tied wte."""
+    mesh = local.mesh
+    if mesh is None:
+        return True
+    if mesh.dp_rank != 0:
+        return False
+    if local.shard_spec[name] is None and mesh.tp_rank != 0:
+        return False
+    return not (name == WTE and not local.first_stage)
+
+
+def gather_full_state_dict(local: LocalModel, mesh: Any, grads: bool = False,
+                           algorithm: str | None = None) -> dict[str, np.ndarray]:
+    """The full nanoGPT state dict (host numpy, the local dtype) on EVERY rank.
+
+    Each element is written by exactly one rank (``_owns``) into a zero buffer of the full
+    layout and the buffers are summed over the world: x + 0 is exact, so the result is the
+    bits the owners hold. ``grads=True`` gathers gradients instead; tied gradients must
+    already have been summed (wte's is taken from the first stage). Collective over
+    ``mesh.world`` (with its default algorithm unless ``algorithm`` names one).
+    """
+    fl = local.full_layout
+    buf = np.zeros(fl.numel, dtype=local.dtype)
+    views = fl.views(buf)
+    src = local.grads if grads else local.params
+    for name, spec in local.shard_spec.items():
+        if _owns(local, name):
+            val = to_host(src[name])
+            if spec is None:
+                views[name][...] = val
+            else:
+                spec.put(views[name], val)
+    if mesh is not None and mesh.world.size > 1:
+        buf = mesh.world.allreduce(buf, algorithm=algorithm)
+    return fl.views(buf)
+
+
+def load_full_state_dict(local: LocalModel, sd: dict[str, Any]) -> None:
+    """Copy this rank's slices of a full state dict ``sd`` (nanoGPT names and shapes; host or
+    device arrays) into ``local.params``. ``lm_head.weight`` and other unknown keys are
+    ignored; a missing or misshapen tensor of this rank is an error."""
+    for name, spec in local.shard_spec.items():
+        if name not in sd:
+            raise KeyError(f"load_full_state_dict: {name} missing from the state dict")
+        full = to_host(sd[name])
+        if tuple(full.shape) != local.full_layout.shapes[name]:
+            raise ValueError(f"{name}: shape {tuple(full.shape)} in state dict, expected "
+                             f"{local.full_layout.shapes[name]}")
+        piece = full if spec is None else spec.take(full)
+        local.params[name][...] = to_device(np.asarray(piece).astype(local.dtype), local.xp)

@@ -1,0 +1,240 @@
+"""Megatron-LM tensor parallelism (Shoeybi et al. 2019): the GPT's stages on one tp shard.
+
+Same interface as ``mpipar.nn.stages``, so a pipeline executor runs both alike::
+
+    TPEmbeddingStage   forward(idx) -> (x, cache)             backward(dx, cache) -> None
+    TPBlockStage(i)    forward(x) -> (x, cache)               backward(dx, cache) -> dx
+    TPHeadStage        forward(x, targets) -> (None, loss, cache) | (logits, None, None)
+                       backward(cache, dloss) -> dx
+
+What each of T tp ranks holds (rank r; C = n_embd, NH heads of size hs, F = 4C, V vocab)::
+
+    wte                rows [v0, v1) of (V, C)       vocabulary parallel, v1 - v0 ~ V / T
+    c_attn  w, b       rows qkv_rows(C, NH, h0, h1)  heads h0..h1-1 (NH / T of them), column parallel
+    attn.c_proj w      columns [h0 hs, h1 hs)        row parallel; its bias is replicated
+    mlp.c_fc w, b      rows [f0, f1) of F            column parallel
+    mlp.c_proj w       columns [f0, f1)              row parallel; its bias is replicated
+    wpe, ln_1, ln_2, ln_f, biases of row-parallel layers: replicated
+
+Communication per block (``tp_comm``): attention = g(row(column(f(ln_1(x))))) and likewise
+the MLP, so one all-reduce in forward (g) and one in backward (f) per branch. The
+embedding all-reduces the looked-up rows (each token's row lives on one rank, the others
+contribute zeros); the head all-reduces the logit max, then the sum of exponentials with
+the target logit in one message, and in backward the partial dh (f). Full logits are
+gathered only without targets (sampling).
+
+Every activation between branches is replicated and bit-identical across the tp group (an
+all-reduce gives every rank the same bits), so the replicated parameters' gradients are
+identical on every tp rank and need no tp reduction.
+
+Relation to the single process (float64): the embedding, max and target-logit reductions
+are exact (one non-zero term, or a max). Row-parallel products, the sum of exponentials
+and dh in the head add partial sums in another order than one GEMM does, so results differ
+in the last bits (relative ~1e-15 per op), not bitwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpipar.backend import array_module
+from mpipar.comm.communicator import split_counts
+from mpipar.nn import attention, dropout, layernorm, linear, mlp
+from mpipar.nn.stages import RunState
+from mpipar.parallel import tp_comm
+
+
+# ---- which slice of each tensor a tp rank holds ---------------------------------------------
+
+def head_range(NH: int, tp: int, r: int) -> tuple[int, int]:
+    """Heads [h0, h1) of tp rank r (NH divisible by tp)."""
+    n = NH // tp
+    return r * n, (r + 1) * n
+
+
+def ffn_range(F: int, tp: int, r: int) -> tuple[int, int]:
+    """Hidden units [f0, f1) of the MLP on tp rank r (F divisible by tp)."""
+    n = F // tp
+    return r * n, (r + 1) * n
+
+
+def vocab_counts(V: int, tp: int) -> list[int]:
+    """Rows of wte per tp rank. V need not divide by tp: the first V % tp ranks hold one row
+    more (as ``numpy.array_split``), so no padding of the vocabulary is needed."""
+    return split_counts(V, tp)
+
+
+def vocab_range(V: int, tp: int, r: int) -> tuple[int, int]:
+    """Vocabulary rows [v0, v1) of tp rank r."""
+    counts = vocab_counts(V, tp)
+    v0 = sum(counts[:r])
+    return v0, v0 + counts[r]
+
+
+# ---- stages ---------------------------------------------------------------------------------
+
+class TPEmbeddingStage:
+    """Vocabulary-parallel token embedding plus replicated position embedding, then dropout.
+
+    A token outside [v0, v1) looks up 0 here; the all-reduce then gives every rank the full
+    row (exactly: one non-zero term per element)."""
+
+    names = ("transformer.wte.weight", "transformer.wpe.weight")
+
+    def __init__(self, params: dict, grads: dict, state: RunState, group: Any,
+                 vocab: tuple[int, int]):
+        self.params, self.grads, self.state, self.group = params, grads, state, group
+        self.v0, self.v1 = vocab
+
+    def forward(self, idx: Any) -> tuple[Any, tuple]:
+        xp = array_module(idx)
+        wte, wpe = self.params["transformer.wte.weight"], self.params["transformer.wpe.weight"]
+        B, T = idx.shape
+        if T > wpe.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds block_size {wpe.shape[0]}")
+        mine = (idx >= self.v0) & (idx < self.v1)            # (B, T) tokens of this shard
+        local = xp.where(mine, idx - self.v0, 0)             # (B, T) row in the shard
+        x = wte[local]                                       # (B, T, C) gather
+        x *= mine[..., None]                                 # zero rows of other shards
+        x = tp_comm.allreduce_sum(x, self.group)             # (B, T, C) full token rows
+        x += wpe[:T]
+        x, drop = dropout.forward(x, self.state.p, self.state.rng)
+        return x, (local, mine, drop)
+
+    def backward(self, dx: Any, cache: tuple) -> None:
+        local, mine, drop = cache
+        xp = array_module(dx)
+        dx = dropout.backward(dx, drop)                      # (B, T, C), replicated
+        C = dx.shape[-1]
+        sel = mine.reshape(-1)                               # (B*T,)
+        # scatter-add in the single process's order (a masked subsequence keeps it)
+        xp.add.at(self.grads["transformer.wte.weight"], local.reshape(-1)[sel],
+                  dx.reshape(-1, C)[sel])                    # (v1 - v0, C)
+        T = dx.shape[1]
+        self.grads["transformer.wpe.weight"][:T] += dx.sum(axis=0)  # (T, C)
+
+
+class TPBlockStage:
+    """Transformer block ``i`` with attention split by heads and the MLP column-then-row.
+
+    ``params``/``grads`` hold this rank's shards under the full names ``transformer.h.{i}.*``;
+    ``NH`` is the number of heads on this rank (n_head / tp)."""
+
+    def __init__(self, i: int, params: dict, grads: dict, NH: int, state: RunState, group: Any):
+        prefix = f"transformer.h.{i}."
+        self.i, self.NH, self.state, self.group = i, NH, state, group
+        self.names = tuple(k for k in params if k.startswith(prefix))
+        self.p = {k[len(prefix):]: params[k] for k in self.names}
+        self.d = {k[len(prefix):]: grads[k] for k in self.names}
+
+    def forward(self, x: Any) -> tuple[Any, tuple]:
+        p, g, G, st = self.p, self.p.get, self.group, self.state
+        h, ln1 = layernorm.forward(x, p["ln_1.weight"], g("ln_1.bias"))  # (B, T, C)
+        h = tp_comm.f_forward(h, G)
+        a, att = attention.forward(h, p["attn.c_attn.weight"], g("attn.c_attn.bias"),
+                                   p["attn.c_proj.weight"], None, self.NH,
+                                   st.p, st.rng)             # (B, T, C) partial sum
+        a = tp_comm.g_forward(a, G)                          # (B, T, C) full
+        if g("attn.c_proj.bias") is not None:
+            a += p["attn.c_proj.bias"]                       # bias once, after the reduce
+        a, drop1 = dropout.forward(a, st.p, st.rng)
+        x1 = x + a                                           # (B, T, C)
+        h, ln2 = layernorm.forward(x1, p["ln_2.weight"], g("ln_2.bias"))
+        h = tp_comm.f_forward(h, G)
+        m, mlpc = mlp.forward(h, p["mlp.c_fc.weight"], g("mlp.c_fc.bias"),
+                              p["mlp.c_proj.weight"], None)  # (B, T, C) partial sum
+        m = tp_comm.g_forward(m, G)
+        if g("mlp.c_proj.bias") is not None:
+            m += p["mlp.c_proj.bias"]
+        m, drop2 = dropout.forward(m, st.p, st.rng)
+        m += x1                                              # (B, T, C) out
+        return m, (ln1, att, drop1, ln2, mlpc, drop2)
+
+    def backward(self, dout: Any, cache: tuple) -> Any:
+        ln1, att, drop1, ln2, mlpc, drop2 = cache
+        d, g, G = self.d, self.d.get, self.group
+        dm = tp_comm.g_backward(dropout.backward(dout, drop2), G)  # (B, T, C)
+        _bias_grad(dm, g("mlp.c_proj.bias"))
+        dh = mlp.backward(dm, mlpc, d["mlp.c_fc.weight"], g("mlp.c_fc.bias"),
+                          d["mlp.c_proj.weight"], None)      # (B, T, C) partial
+        dh = tp_comm.f_backward(dh, G)                       # (B, T, C) full
+        dx1 = layernorm.backward(dh, ln2, d["ln_2.weight"], g("ln_2.bias"))
+        dx1 += dout                                          # residual
+        da = tp_comm.g_backward(dropout.backward(dx1, drop1), G)
+        _bias_grad(da, g("attn.c_proj.bias"))
+        dh = attention.backward(da, att, d["attn.c_attn.weight"], g("attn.c_attn.bias"),
+                                d["attn.c_proj.weight"], None)  # (B, T, C) partial
+        dh = tp_comm.f_backward(dh, G)
+        dx = layernorm.backward(dh, ln1, d["ln_1.weight"], g("ln_1.bias"))
+        dx += dx1                                            # (B, T, C)
+        return dx
+
+
+def _bias_grad(dout: Any, db: Any) -> None:
+    """db += sum of dout over positions: the bias part of ``linear.backward``, for a
+    row-parallel layer whose bias is added after the all-reduce (same arithmetic as the
+    single process's, on the same replicated dout)."""
+    if db is not None:
+        db += dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # (OC,)
+
+
+class TPHeadStage:
+    """Final layer norm (replicated), logits against this rank's wte rows (tied), and the
+    vocabulary-parallel cross-entropy, mean over all positions.
+
+    Per position n with target t (Megatron's parallel cross-entropy)::
+
+        m  = max over ranks of max_j z[n, j]                 all-reduce max
+        s  = sum over ranks of sum_j exp(z[n, j] - m)        } one all-reduce (2, N)
+        zt = z[n, t] - m on the rank holding t, 0 elsewhere  }
+        loss = mean_n (log s - zt)      p = exp(z - m) / s   (this rank's columns)
+        dz = dloss (p - onehot(t)) / N                       no communication
+    """
+
+    def __init__(self, params: dict, grads: dict, group: Any, vocab: tuple[int, int], V: int):
+        self.names = tuple(k for k in params if k.startswith("transformer.ln_f."))
+        self.params, self.grads, self.group = params, grads, group
+        self.v0, self.v1 = vocab
+        self.counts = vocab_counts(V, 1 if group is None else group.size)
+
+    def forward(self, x: Any, targets: Any = None) -> tuple[Any, Any, tuple | None]:
+        """``(None, loss, cache)`` with targets; ``(logits (B, T, V), None, None)`` without
+        (the full logits gathered from every tp rank, for sampling)."""
+        P, G = self.params, self.group
+        xp = array_module(x)
+        h, ln = layernorm.forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
+        h = tp_comm.f_forward(h, G)
+        logits, lin = linear.forward(h, P["transformer.wte.weight"])  # (B, T, Vr)
+        if targets is None:
+            return tp_comm.gather_last_axis(logits, G, self.counts), None, None  # (B, T, V)
+        Vr = logits.shape[-1]
+        z = logits.reshape(-1, Vr)                           # (N, Vr), becomes p in place
+        t = targets.reshape(-1)                              # (N,)
+        N = z.shape[0]
+        m = tp_comm.allreduce_max(z.max(axis=-1), G)         # (N,) global max
+        z -= m[:, None]
+        mine = (t >= self.v0) & (t < self.v1)                # (N,) targets on this rank
+        tl = xp.where(mine, t - self.v0, 0)                  # (N,) local column
+        st = xp.empty((2, N), dtype=z.dtype)                 # (2, N): [sum exp, target logit]
+        st[1] = xp.where(mine, z[xp.arange(N), tl], 0.0)
+        xp.exp(z, out=z)
+        z.sum(axis=-1, out=st[0])
+        st = tp_comm.allreduce_sum(st, G)                    # (2, N) over the vocabulary
+        s, zt = st[0], st[1]
+        loss = (xp.log(s) - zt).mean()                       # ()
+        z *= (1.0 / s)[:, None]                              # (N, Vr) probabilities
+        return None, loss, (ln, lin, z, tl, mine)
+
+    def backward(self, cache: tuple, dloss: float = 1.0) -> Any:
+        """dx (B, T, C) of ``dloss * loss``; accumulates into ln_f and this rank's wte rows."""
+        ln, lin, p, tl, mine = cache
+        G = self.grads
+        xp = array_module(p)
+        N = p.shape[0]
+        dlogits = p * (float(dloss) / N)                     # (N, Vr)
+        rows = xp.nonzero(mine)[0]
+        dlogits[rows, tl[rows]] -= float(dloss) / N
+        dh = linear.backward(dlogits, lin, G["transformer.wte.weight"])  # (B, T, C) partial
+        dh = tp_comm.f_backward(dh, self.group)             # (B, T, C) full
+        return layernorm.backward(dh, ln, G["transformer.ln_f.weight"],
+                                  G.get("transformer.ln_f.bias"))
