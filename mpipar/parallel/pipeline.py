@@ -185,8 +185,13 @@ class PipelineExecutor:
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self, instructions: Sequence[Instruction], micro_batches: Sequence[tuple[Any, Any]],
-             dloss_scale: float = 1.0, zero_grad: bool = True) -> float:
-        """Run one step; returns the mean loss over the micro-batches on every pp rank."""
+             dloss_scale: float = 1.0, zero_grad: bool = True, reduce_tied: bool = True) -> float:
+        """Run one step; returns the mean loss over the micro-batches on every pp rank.
+
+        ``reduce_tied=False`` skips summing the tied embedding gradient between first and
+        last stage: with gradient accumulation over several calls it must be summed once,
+        on the last call, or the earlier calls' share would be counted twice."""
+        self._reduce_tied = reduce_tied
         ins_list = list(instructions)
         M = len(micro_batches)
         if M < 1:
@@ -310,7 +315,7 @@ class PipelineExecutor:
             req.wait()
         t1 = time.perf_counter()
         times.send_wait += t1 - t0
-        if self.tied_group is not None:
+        if self.tied_group is not None and self._reduce_tied:
             self._sync()
             for name in self.tied_names:
                 g = self.local.grads[name]
