@@ -1,0 +1,142 @@
+"""``algorithm="auto"``: pick an algorithm per collective and message size.
+
+    from mpipar.comm.auto import choose
+    choose("allreduce", nbytes=4 << 20, p=8)          # e.g. "ring"
+
+Where the choice comes from, first found wins:
+1. a tuned table measured on this machine by ``python -m mpipar.bench tune``: the ``table``
+   argument (a dict or a path), else ``$MPIPAR_TUNE_TABLE``, else
+   ``~/.cache/mpipar/tune-<host>-<p>.json`` (``default_table_path``); it is used only when
+   its ``ranks`` equals p (a sub-group of another size falls through to 2);
+2. the cost model (``cost_model.py``) with the default profile (``mpipar/sim/profiles/local.json``,
+   measured on the development machine): the algorithm with the least predicted time.
+
+Table format (JSON), one file per host and world size::
+
+    {"format": "mpipar-tune/1", "host": "vm", "ranks": 8, "date": "2026-11-23T03:00:00Z",
+     "dtype": "float32", "source": "python -m mpipar.bench tune ...",
+     "collectives": {
+        "allreduce": [
+           {"bytes": 4096,    "best": "rhd",  "time_us": {"native": 41.0, "ring": 80.2, "rhd": 30.1}},
+           {"bytes": 4194304, "best": "ring", "time_us": {"native": 900.0, "ring": 850.3, ...}}],
+        "allgather": [...]}}
+
+An entry's ``best`` is used when present, else the least ``time_us``. Lookup takes the
+entry whose size is nearest in log2 (a tie goes to the larger size). An algorithm the
+running code does not have falls back to ``native``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+TABLE_FORMAT = "mpipar-tune/1"
+ENV_TABLE = "MPIPAR_TUNE_TABLE"
+
+
+def default_table_path(p: int, host: str | None = None) -> Path:
+    """Where ``bench tune`` saves, and ``auto`` looks for, the table of ``p`` ranks."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "mpipar" / f"tune-{host or platform.node()}-{p}.json"
+
+
+def load_table(path: str | Path) -> dict[str, Any]:
+    """Read and check a tuned table."""
+    table = json.loads(Path(path).read_text())
+    if table.get("format") != TABLE_FORMAT:
+        raise ValueError(f"{path}: not a {TABLE_FORMAT} table (format={table.get('format')!r})")
+    for coll, entries in table.get("collectives", {}).items():
+        for e in entries:
+            if "bytes" not in e or not ("best" in e or e.get("time_us")):
+                raise ValueError(f"{path}: {coll} entry {e} needs 'bytes' and 'best' or 'time_us'")
+    return table
+
+
+def save_table(table: dict[str, Any], path: str | Path) -> None:
+    """Write a tuned table (``bench tune`` calls this); entries are sorted by size."""
+    table = dict(table)
+    table["format"] = TABLE_FORMAT
+    for entries in table.get("collectives", {}).values():
+        entries.sort(key=lambda e: e["bytes"])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(table, indent=1) + "\n")
+
+
+def lookup(table: dict[str, Any], collective: str, nbytes: int) -> str | None:
+    """The table's algorithm for the size nearest ``nbytes`` (log scale), or None."""
+    entries = table.get("collectives", {}).get(collective)
+    if not entries:
+        return None
+    x = math.log2(max(nbytes, 1))
+    entry = min(entries, key=lambda e: (abs(math.log2(max(e["bytes"], 1)) - x), -e["bytes"]))
+    if entry.get("best"):
+        return str(entry["best"])
+    times = entry["time_us"]
+    return min(times, key=times.get)
+
+
+@functools.lru_cache(maxsize=64)
+def _table_for(p: int) -> dict[str, Any] | None:
+    path = os.environ.get(ENV_TABLE) or default_table_path(p)
+    if not Path(path).exists():
+        return None
+    return load_table(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_profile() -> Any:
+    from mpipar.sim.network import load_profile  # noqa: PLC0415
+
+    return load_profile(None)
+
+
+def model_choice(collective: str, nbytes: int, p: int, profile: Any = None) -> str:
+    """The algorithm the cost model predicts fastest (``native`` where nothing is costed);
+    ``profile``: a Profile, a name or a path (None: the default profile)."""
+    if profile is None:
+        return _model_choice_default(collective, int(nbytes), p)
+    if isinstance(profile, (str, Path)):
+        from mpipar.sim.network import load_profile  # noqa: PLC0415
+
+        profile = load_profile(profile)
+    return _model_choice(collective, nbytes, p, profile)
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_choice_default(collective: str, nbytes: int, p: int) -> str:
+    return _model_choice(collective, nbytes, p, _default_profile())
+
+
+def _model_choice(collective: str, nbytes: int, p: int, prof: Any) -> str:
+    from mpipar.comm import cost_model  # noqa: PLC0415
+
+    candidates = [a for a in cost_model.algorithms_for(collective)
+                  if a != "hier" or (prof.ranks_per_node or 1) > 1]
+    if not candidates:
+        return "native"
+    net = cost_model.Net.from_profile(prof)
+    return min(candidates, key=lambda a: cost_model.predict(a, collective, p, nbytes, net=net))
+
+
+def choose(collective: str, nbytes: int, p: int, table: Any = None) -> str:
+    """Algorithm name for ``collective`` of ``nbytes`` over ``p`` ranks (see the module doc)."""
+    from mpipar.comm.algorithms import algorithm_names  # noqa: PLC0415
+
+    if p <= 1:
+        return "native"
+    if isinstance(table, (str, Path)):
+        table = load_table(table)
+    if table is None:
+        table = _table_for(p)
+    name = None
+    if table is not None and int(table.get("ranks", p)) == p:
+        name = lookup(table, collective, nbytes)
+    if name is None:
+        name = model_choice(collective, int(nbytes), p)
+    return name if name in algorithm_names() else "native"

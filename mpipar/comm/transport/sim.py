@@ -1,0 +1,558 @@
+"""A simulated network: N virtual ranks in one process run the very algorithm code MPI runs.
+
+    engine = Engine(Network(profile, size=64), size=64, data=True)
+    result = engine.run(ring_allreduce, args=lambda r: (buf[r], SUM))
+    result.time        # predicted seconds (the slowest rank), result.finish per rank
+
+Each virtual rank runs in a greenlet (a coroutine with its own stack, switched explicitly) and
+owns a virtual clock. Nothing here is concurrent: a rank runs until it waits on a message that
+has not been sent yet, then switches straight to the next runnable rank.
+
+Timing (Hockney's alpha-beta model, with size classes and two levels):
+* a message of n bytes from a to b arrives at ``start + alpha + n * beta``, with (alpha, beta)
+  from the network by size class and by level (inside a node or between nodes);
+* eager messages (``n <= eager_limit``) start when posted and the send completes at once;
+  rendezvous messages start when both the send and the receive are posted (``max`` of the
+  two clocks) and the send completes when the data has arrived;
+* with port serialisation (default: the single-port, full-duplex model of the textbook
+  formulas) each rank sends one message at a time and receives one at a time per level, each
+  occupying the port for ``alpha + n * beta``: a send starts when the out-port is free, and a
+  message arrives no earlier than ``in-port free + alpha + n * beta``. So p-1 ranks sending to
+  one root cost (p-1)(alpha + n beta), as in Thakur et al.'s linear gather. The out-port is
+  exact (a rank posts its sends in its own clock order). The simulator runs ranks out of
+  virtual-time order, so the in-port is booked into the earliest free gap at or after the
+  message's start (among its last 16 busy intervals; older gaps are given up) rather than
+  first come, first served; messages competing for the same gap are still served in the
+  order the simulator meets them (an approximation where many converge on one rank).
+  ``nic_serialization=False`` turns both ports off: a message costs alpha + n beta from its
+  start whatever else is in flight;
+* ``reduce_local`` costs ``gamma * nbytes`` on the calling rank; a receive moves the clock to
+  ``max(clock, arrival)``. Posting, matching and copying cost no virtual time.
+
+Data: with ``data=True`` buffers are real arrays and bytes are copied, so a test can check
+the simulated collective's result against NumPy. With ``data=False`` nothing is copied or
+combined, so buffers can be ``placeholder(count, dtype)``: zero-stride views of one element
+that slice like arrays of ``count`` elements and cost no memory.
+
+A deadlock (every unfinished rank waiting, nothing that could wake one) raises
+``DeadlockError`` naming the waiting ranks and what each waits for, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import time as _time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from greenlet import GreenletExit, getcurrent, greenlet
+
+from mpipar.comm.ops import ReduceOp
+
+
+# Busy intervals remembered per receive port. Messages are booked into the earliest gap at or
+# after their start, so the booking does not depend on the order in which the simulator
+# happens to process senders (it runs ranks out of virtual-time order). Beyond this many
+# intervals the two oldest are merged (the gap between them is given up), which keeps the
+# list short and never lets a message slip into time that is already taken.
+_IN_PORT_MEMORY = 16
+
+
+def _book(busy: list, start: float, cost: float) -> float:
+    """Book ``cost`` seconds on a receive port at the earliest gap from ``start``; returns the
+    end (the message's arrival). ``busy``: sorted, disjoint (begin, end) intervals."""
+    t = start
+    i = 0
+    n = len(busy)
+    while i < n:
+        b, e = busy[i]
+        if e <= t:
+            i += 1
+            continue
+        if b >= t + cost:
+            break
+        t = e
+        i += 1
+    busy.insert(i, (t, t + cost))
+    if len(busy) > _IN_PORT_MEMORY:
+        busy[0:2] = [(busy[0][0], busy[1][1])]
+    return t + cost
+
+
+class DeadlockError(RuntimeError):
+    """Every unfinished virtual rank is blocked and no message in flight can wake one."""
+
+
+class RankError(RuntimeError):
+    """An exception raised inside one virtual rank (the original is the ``__cause__``)."""
+
+
+def placeholder(count: int, dtype: Any = np.float32) -> np.ndarray:
+    """An array of ``count`` elements backed by one element (stride 0): a size-only buffer
+    for ``data=False`` runs. Slicing and ``nbytes`` behave; reading gives meaningless values."""
+    one = np.zeros(1, dtype=dtype)
+    return np.lib.stride_tricks.as_strided(one, shape=(count,), strides=(0,), writeable=True)
+
+
+class _Done:
+    """The completed request of an eager send (shared: it holds nothing)."""
+
+    __slots__ = ()
+
+    def wait(self) -> None:
+        return None
+
+    def test(self) -> bool:
+        return True
+
+
+_DONE = _Done()
+
+
+class SimRequest:
+    """A pending receive, or a rendezvous send. ``t`` is the post time until the transfer is
+    scheduled, then the completion time."""
+
+    __slots__ = ("engine", "grank", "done", "t", "buf", "waiting", "peer", "tag", "is_send", "send")
+
+    def __init__(self, engine: "Engine", grank: int, t: float, buf: Any, peer: int, tag: int,
+                 is_send: bool) -> None:
+        self.engine = engine
+        self.grank = grank
+        self.done = False
+        self.t = t
+        self.buf = buf
+        self.waiting = False
+        self.peer = peer
+        self.tag = tag
+        self.is_send = is_send
+        self.send: SimRequest | None = None
+
+    def wait(self) -> Any:
+        if not self.done:
+            self.waiting = True
+            self.engine._block(self.grank, self)
+        clock = self.engine.clock
+        if self.t > clock[self.grank]:
+            clock[self.grank] = self.t
+        return None if self.is_send else self.buf
+
+    def test(self) -> bool:
+        if not self.done:  # let the others run, so that a polling loop makes progress
+            self.engine._yield(self.grank, self)
+        if self.done:  # completing here means it has arrived: the clock says so too
+            self.wait()
+        return self.done
+
+    def describe(self) -> str:
+        what = "send to" if self.is_send else "receive from"
+        return f"{what} global rank {self.peer} (tag {self.tag})"
+
+
+# A send whose receive is not posted yet is a tuple (t, buf, nbytes, rndv): eager sends have
+# their arrival time ``t`` fixed already and ``rndv`` None; rendezvous sends have their post
+# time ``t`` and their request ``rndv``, completed when the transfer is scheduled at match.
+# (A tuple, not an object: one is made per unmatched message, millions per large run.)
+
+
+@dataclass
+class SimResult:
+    time: float                 # predicted seconds: the latest finish over ranks
+    finish: list[float]         # each rank's clock when its function returned
+    results: list[Any]          # each rank's return value
+    messages: int               # point-to-point messages simulated
+    wall: float                 # seconds the simulation took on this machine
+    cpu: float = 0.0            # CPU seconds of this process (what a quiet core would take)
+
+
+class Engine:
+    """The discrete-event core shared by every SimTransport of one run (sub-groups too)."""
+
+    def __init__(self, network: Any, size: int, data: bool = True) -> None:
+        self.net = network
+        self.size = size
+        self.data = data
+        self.clock = [0.0] * size
+        self.sends: dict[tuple, deque] = {}     # (ctx, src, dst, tag) -> unmatched sends
+        self.recvs: dict[tuple, deque] = {}     # (ctx, src, dst, tag) -> unmatched receives
+        self.runnable: deque = deque()
+        self.greenlets: list[Any] = []
+        self.blocked: dict[int, Any] = {}       # global rank -> what it waits for
+        self.gathers: dict[tuple, list] = {}    # (ctx, seq) -> [values, waiting ranks, result]
+        self.next_ctx = 1
+        self.messages = 0
+        self.main: Any = None
+        self.error: tuple[int, BaseException] | None = None
+        rpn = getattr(network, "ranks_per_node", 1)
+        self.node = [r // rpn for r in range(size)]
+        self.nic_out = ([0.0] * size, [0.0] * size)
+        self.nic_in: tuple[list[list], ...] = ([[] for _ in range(size)], [[] for _ in range(size)])
+        self.serialize = bool(getattr(network, "nic_serialization", True))
+        self.eager_limit = network.eager_limit
+        self.gamma = network.gamma
+        self._cost = network.cost
+        self._cost_cache = network._cache  # (level -> {nbytes: (alpha, n * beta)}), filled by cost()
+
+    # -- timing ----------------------------------------------------------------------------
+    def _arrival(self, src: int, dst: int, nbytes: int, start: float) -> float:
+        """When ``nbytes`` leaving ``src`` no earlier than ``start`` are all at ``dst``."""
+        self.messages += 1
+        if src == dst:
+            return start
+        node = self.node
+        level = 0 if node[src] == node[dst] else 1
+        c = self._cost_cache[level].get(nbytes)
+        if c is None:
+            c = self._cost(level, nbytes)
+        alpha, nbeta = c
+        if not self.serialize:
+            return start + alpha + nbeta
+        cost = alpha + nbeta
+        out = self.nic_out[level]
+        if out[src] > start:
+            start = out[src]
+        out[src] = start + cost
+        busy = self.nic_in[level][dst]
+        if not busy or start >= busy[-1][1]:  # the usual case: after everything booked
+            busy.append((start, start + cost))
+            if len(busy) > _IN_PORT_MEMORY:
+                busy[0:2] = [(busy[0][0], busy[1][1])]
+            return start + cost
+        return _book(busy, start, cost)
+
+    # -- scheduling ------------------------------------------------------------------------
+    def _block(self, grank: int, what: Any) -> None:
+        """Switch away from rank ``grank`` until something wakes it."""
+        self.blocked[grank] = what
+        rq = self.runnable
+        if rq and rq[0]:  # a started rank: switch straight to it (one switch, not two)
+            rq.popleft().switch()
+        else:
+            # Nothing can run (the scheduler reports the deadlock), or the next rank has not
+            # started: start it from the scheduler, since a greenlet started from here would
+            # inherit this rank's recursion depth and thousands of them would overflow it.
+            self.main.switch()
+        del self.blocked[grank]
+
+    def _wake(self, grank: int) -> None:
+        self.runnable.append(self.greenlets[grank])
+
+    def _yield(self, grank: int, req: Any) -> None:
+        """Let every other runnable rank run once (a polling ``test()``)."""
+        if not self.runnable:  # nobody else can run: this request can never complete
+            raise DeadlockError(f"deadlock: virtual rank {grank} polls with test() for "
+                                f"{req.describe()}, and no other rank can run to complete it")
+        self.runnable.append(self.greenlets[grank])
+        self.main.switch()
+
+    def _gather(self, t: "SimTransport", value: Any, finish: Callable[[dict], Any]) -> Any:
+        """Collective rendezvous of ``t``'s group: every rank deposits ``value``; the last to
+        arrive computes ``finish(values)`` once and wakes the others; all get that result."""
+        key = (t.ctx, t._gathers)
+        t._gathers += 1
+        st = self.gathers.get(key)
+        if st is None:
+            st = self.gathers[key] = [{}, [], None]
+        st[0][t.rank] = value
+        if len(st[0]) == t.size:
+            del self.gathers[key]
+            st[2] = finish(st[0])
+            for g in st[1]:
+                self._wake(g)
+        else:
+            st[1].append(t.grank)
+            self._block(t.grank, f"split/barrier of group ctx {t.ctx}")
+        return st[2]
+
+    def run(self, fn: Callable[..., Any], args: Callable[[int], tuple] | Sequence[tuple] = (),
+            kwargs: dict[str, Any] | None = None) -> SimResult:
+        """Run ``fn(transport, *args(rank), **kwargs)`` on every virtual rank."""
+        kwargs = kwargs or {}
+        t0, c0 = _time.perf_counter(), _time.process_time()
+        self.main = getcurrent()
+        ranks = list(range(self.size))
+        results: list[Any] = [None] * self.size
+        finish = [0.0] * self.size
+        get_args = args if callable(args) else (lambda r: args[r] if args else ())
+
+        def body(r: int) -> None:
+            t = SimTransport(self, 0, r, ranks)
+            try:
+                results[r] = fn(t, *get_args(r), **kwargs)
+            except BaseException as exc:  # noqa: BLE001  (reported by the scheduler below)
+                if isinstance(exc, GreenletExit):
+                    raise
+                self.error = (r, exc)
+                return
+            finish[r] = self.clock[r]
+
+        self.greenlets = [greenlet(lambda r=r: body(r), parent=self.main) for r in ranks]
+        self.runnable.extend(self.greenlets)
+        try:
+            while self.runnable:
+                self.runnable.popleft().switch()
+                if self.error is not None:
+                    rank, exc = self.error
+                    raise RankError(f"virtual rank {rank} of {self.size} raised "
+                                    f"{type(exc).__name__}: {exc}") from exc
+            stuck = [r for r in ranks if not self.greenlets[r].dead]
+            if stuck:
+                lines = [f"  rank {r}: waits for " + (w.describe() if isinstance(w, SimRequest) else str(w))
+                         for r, w in sorted(self.blocked.items())[:16]]
+                more = f"\n  ... and {len(stuck) - 16} more" if len(stuck) > 16 else ""
+                raise DeadlockError(f"deadlock: {len(stuck)} of {self.size} virtual ranks are blocked "
+                                    f"and no message in flight can wake them: ranks "
+                                    f"{_ranges(stuck)}\n" + "\n".join(lines) + more)
+        finally:
+            self.runnable.clear()
+            self.greenlets = []  # blocked greenlets are unwound (GreenletExit) when collected
+        return SimResult(max(finish) if finish else 0.0, finish, results, self.messages,
+                         _time.perf_counter() - t0, _time.process_time() - c0)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, i = [], 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        out.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+class SimTransport:
+    """One virtual rank's view of one group: the Transport interface over the Engine."""
+
+    def __init__(self, engine: Engine, ctx: int, rank: int, ranks: list[int]) -> None:
+        self.engine = engine
+        self.ctx = ctx
+        self.rank = rank
+        self.size = len(ranks)
+        self.ranks = ranks            # group rank -> global rank
+        self.grank = ranks[rank]
+        self.cache: dict[str, Any] = {}
+        self._gathers = 0
+        # The node layout, for topology-aware algorithms (hier): only the world group of a
+        # two-level network has one (a sub-group's ranks need not be consecutive).
+        rpn = getattr(engine.net, "ranks_per_node", 1)
+        self.ranks_per_node = rpn if ctx == 0 and rpn > 1 else None
+
+    def __repr__(self) -> str:
+        return f"SimTransport(rank={self.rank}, size={self.size}, global={self.grank}, ctx={self.ctx})"
+
+    @property
+    def now(self) -> float:
+        """This rank's virtual clock (seconds)."""
+        return self.engine.clock[self.grank]
+
+    def isend(self, buf: Any, dest: int, tag: int = 0) -> Any:
+        e = self.engine
+        src = self.grank
+        dst = self.ranks[dest]
+        now = e.clock[src]
+        nbytes = buf.nbytes
+        key = (self.ctx, src, dst, tag)
+        q = e.recvs.get(key)
+        if q:  # the receive is posted: transfer now
+            r = q.popleft()
+            if nbytes > r.buf.nbytes:
+                raise ValueError(f"message truncated: rank {src} sends {nbytes} bytes to rank {dst}, "
+                                 f"which posted a {r.buf.nbytes}-byte receive (tag {tag})")
+            if e.data and nbytes:
+                _copy(r.buf, buf)
+            if nbytes <= e.eager_limit:
+                r.t = e._arrival(src, dst, nbytes, now)
+                r.done = True
+                if r.waiting:
+                    e._wake(r.grank)
+                return _DONE
+            start = r.t if r.t > now else now
+            r.t = arrival = e._arrival(src, dst, nbytes, start)
+            r.done = True
+            if r.waiting:
+                e._wake(r.grank)
+            s = SimRequest(e, src, arrival, None, dst, tag, True)
+            s.done = True
+            return s
+        if nbytes <= e.eager_limit:  # buffered: the arrival time is fixed now
+            snap = buf.copy() if e.data and nbytes else buf
+            pend = (e._arrival(src, dst, nbytes, now), snap, nbytes, None)
+            ret: Any = _DONE
+        else:
+            ret = SimRequest(e, src, now, None, dst, tag, True)
+            pend = (now, buf, nbytes, ret)
+        q = e.sends.get(key)
+        if q is None:
+            q = e.sends[key] = deque()
+        q.append(pend)
+        return ret
+
+    def irecv(self, buf: Any, source: int, tag: int = 0) -> SimRequest:
+        e = self.engine
+        dst = self.grank
+        src = self.ranks[source]
+        key = (self.ctx, src, dst, tag)
+        q = e.sends.get(key)
+        now = e.clock[dst]
+        r = SimRequest(e, dst, now, buf, src, tag, False)
+        if q:
+            p_t, p_buf, p_nbytes, s = q.popleft()
+            if p_nbytes > buf.nbytes:
+                raise ValueError(f"message truncated: rank {src} sends {p_nbytes} bytes to rank {dst}, "
+                                 f"which posted a {buf.nbytes}-byte receive (tag {tag})")
+            if e.data and p_nbytes:
+                _copy(buf, p_buf)
+            if s is None:
+                r.t = p_t
+            else:
+                start = p_t if p_t > now else now
+                r.t = s.t = e._arrival(src, dst, p_nbytes, start)
+                s.done = True
+                if s.waiting:
+                    e._wake(s.grank)
+            r.done = True
+            return r
+        q = e.recvs.get(key)
+        if q is None:
+            q = e.recvs[key] = deque()
+        q.append(r)
+        return r
+
+    def sendrecv(self, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0) -> Any:
+        """irecv + isend + wait both, written out in one function: ring-like algorithms send
+        nearly all their messages through here, and at thousands of ranks the simulator's
+        speed is this function's speed. Same semantics as the three calls."""
+        e = self.engine
+        me = self.grank
+        clock = e.clock
+        nbytes = sendbuf.nbytes
+        if e.data or nbytes > e.eager_limit or recvbuf.nbytes > e.eager_limit:
+            r = self.irecv(recvbuf, source, tag)
+            s = self.isend(sendbuf, dest, tag)
+            if s is not _DONE:
+                s.wait()
+            return r.wait()
+        # -- eager, no data: post the receive ------------------------------------------------
+        ctx = self.ctx
+        ranks = self.ranks
+        src = ranks[source]
+        now = clock[me]
+        rkey = (ctx, src, me, tag)
+        q = e.sends.get(rkey)
+        req = None
+        if q:
+            arrival, _, p_nbytes, _ = q.popleft()
+            if p_nbytes > recvbuf.nbytes:
+                raise ValueError(f"message truncated: rank {src} sends {p_nbytes} bytes to rank {me}, "
+                                 f"which posted a {recvbuf.nbytes}-byte receive (tag {tag})")
+        else:
+            arrival = -1.0
+            req = SimRequest(e, me, now, recvbuf, src, tag, False)
+            q = e.recvs.get(rkey)
+            if q is None:
+                q = e.recvs[rkey] = deque()
+            q.append(req)
+        # -- send: eager, so its arrival is fixed now (Engine._arrival, written out) ------------
+        dst = ranks[dest]
+        e.messages += 1
+        node = e.node
+        level = 0 if node[me] == node[dst] else 1
+        c = e._cost_cache[level].get(nbytes)
+        if c is None:
+            c = e._cost(level, nbytes)
+        if dst == me:
+            t_arr = now
+        elif e.serialize:
+            cost = c[0] + c[1]
+            out = e.nic_out[level]
+            start = out[me] if out[me] > now else now
+            t_arr = out[me] = start + cost
+            busy = e.nic_in[level][dst]
+            if not busy or start >= busy[-1][1]:
+                busy.append((start, t_arr))
+                if len(busy) > _IN_PORT_MEMORY:
+                    busy[0:2] = [(busy[0][0], busy[1][1])]
+            else:
+                t_arr = _book(busy, start, cost)
+        else:
+            t_arr = now + c[0] + c[1]
+        skey = (ctx, me, dst, tag)
+        q = e.recvs.get(skey)
+        if q:
+            r = q.popleft()
+            if nbytes > r.buf.nbytes:
+                raise ValueError(f"message truncated: rank {me} sends {nbytes} bytes to rank {dst}, "
+                                 f"which posted a {r.buf.nbytes}-byte receive (tag {tag})")
+            r.t = t_arr
+            r.done = True
+            if r.waiting:
+                e.runnable.append(e.greenlets[r.grank])
+        else:
+            q = e.sends.get(skey)
+            if q is None:
+                q = e.sends[skey] = deque()
+            q.append((t_arr, sendbuf, nbytes, None))
+        # -- wait for the receive ---------------------------------------------------------------
+        if req is not None:
+            if not req.done:
+                req.waiting = True
+                e._block(me, req)
+            arrival = req.t
+        if arrival > clock[me]:
+            clock[me] = arrival
+        return recvbuf
+
+    def reduce_local(self, op: ReduceOp, dst: Any, src: Any) -> None:
+        e = self.engine
+        e.clock[self.grank] += e.gamma * dst.nbytes
+        if e.data:
+            op.combine(dst, src)
+
+    def split(self, color: int | None, key: int = 0) -> "SimTransport | None":
+        """Collective over this group, as MPI_Comm_split (costs no virtual time)."""
+        e = self.engine
+
+        def groups(values: dict[int, tuple]) -> dict[int, tuple]:
+            by_color: dict[Any, list] = {}
+            for r, (c, k) in values.items():
+                if c is not None:
+                    by_color.setdefault(c, []).append((k, r))
+            out: dict[int, tuple] = {}
+            for c in sorted(by_color, key=repr):
+                members = sorted(by_color[c])
+                ctx = e.next_ctx
+                e.next_ctx += 1
+                granks = [self.ranks[r] for _, r in members]
+                for i, (_, r) in enumerate(members):
+                    out[r] = (ctx, i, granks)
+            return out
+
+        mine = e._gather(self, (color, key), groups).get(self.rank)
+        if mine is None:
+            return None
+        return SimTransport(e, mine[0], mine[1], mine[2])
+
+    def dup(self) -> "SimTransport":
+        sub = self.split(0, self.rank)
+        assert sub is not None
+        return sub
+
+    def barrier(self) -> None:
+        """Every rank leaves at the latest arrival time (no network cost charged)."""
+        e = self.engine
+        latest = e._gather(self, e.clock[self.grank], lambda v: max(v.values()))
+        if latest > e.clock[self.grank]:
+            e.clock[self.grank] = latest
+
+
+def _copy(dst: Any, src: Any) -> None:
+    """Receive ``src``'s bytes into the front of ``dst`` (both contiguous)."""
+    if dst.dtype == src.dtype and dst.shape == src.shape:
+        dst[...] = src
+        return
+    if not dst.flags.c_contiguous:
+        raise ValueError("receive buffers must be contiguous")
+    dst.reshape(-1).view(np.uint8)[:src.nbytes] = np.ascontiguousarray(src).reshape(-1).view(np.uint8)

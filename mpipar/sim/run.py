@@ -1,0 +1,106 @@
+"""Run one collective of one algorithm on the simulated network.
+
+    from mpipar.sim import simulate_collective
+    res = simulate_collective("allreduce", "ring", size=1024, count=2**20, profile="dgx-h100")
+    res.time                     # predicted seconds (the slowest rank)
+
+``count`` is the element count of the whole collective buffer, as nccl-tests counts it: the
+allreduce/reduce/broadcast/alltoall buffer, reduce_scatter's input, allgather's output (so a
+rank's block is ``split_counts(count, size)[rank]``, as the Communicator cuts it).
+
+With ``data=True`` (default when ``size * count`` is small) every rank gets real inputs
+(``inputs``, or small random integers) and ``res.results`` holds what each rank's algorithm
+returned, to compare with NumPy. With ``data=False`` buffers are zero-stride placeholders and
+only time is simulated.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from mpipar import backend
+from mpipar.comm.algorithms import Algorithm, get_algorithm
+from mpipar.comm.communicator import _accepts, split_counts
+from mpipar.comm.ops import get_op
+from mpipar.comm.transport.sim import Engine, SimResult, placeholder
+from mpipar.sim.network import Network, Profile, load_profile
+
+# Above this many elements in total over all ranks, runs default to size-only buffers.
+DATA_LIMIT = 1 << 24
+
+
+def resolve_profile(profile: Profile | str | None, ranks_per_node: int | None = None) -> Profile:
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    if ranks_per_node is not None:
+        prof = prof.with_topology(ranks_per_node)
+    return prof
+
+
+def load_algorithm(name: str) -> Algorithm:
+    """The registered algorithm ``name``, or else ``mpipar.comm.algorithms.<name>`` if such a
+    module defines ALGORITHM (so a new algorithm can be simulated before it is registered)."""
+    try:
+        return get_algorithm(name)
+    except ValueError:
+        try:
+            mod = importlib.import_module(f"mpipar.comm.algorithms.{name}")
+        except ImportError:
+            raise ValueError(f"unknown collective algorithm {name!r}") from None
+        return mod.ALGORITHM
+
+
+def rank_inputs(collective: str, size: int, count: int, dtype: Any, seed: int = 0) -> list[np.ndarray]:
+    """Small random integers per rank (exact in every dtype), the shape each rank passes."""
+    counts = split_counts(count, size)
+    out = []
+    for r in range(size):
+        n = counts[r] if collective == "allgather" else count
+        rng = np.random.default_rng([seed, r])
+        out.append(rng.integers(-8, 9, size=n).astype(dtype))
+    return out
+
+
+def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, count: int,
+                        dtype: Any = "float32", op: str = "sum", profile: Profile | str | None = None,
+                        *, root: int = 0, data: bool | None = None,
+                        inputs: Sequence[np.ndarray] | None = None,
+                        ranks_per_node: int | None = None, nic_serialization: bool = True,
+                        options: dict[str, Any] | None = None) -> SimResult:
+    alg = load_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
+    fn = getattr(alg, collective, None)
+    if fn is None:
+        raise ValueError(f"algorithm {alg.name!r} has no {collective}")
+    dt = backend.resolve_dtype(dtype)
+    prof = resolve_profile(profile, ranks_per_node)
+    if data is None:
+        data = inputs is not None or size * count <= DATA_LIMIT
+    if data and inputs is None:
+        inputs = rank_inputs(collective, size, count, dt)
+    counts = split_counts(count, size)
+    rop = get_op(op)
+
+    def work(r: int) -> np.ndarray:
+        if data:
+            return np.array(inputs[r], dtype=dt, copy=True).reshape(-1)
+        return placeholder(counts[r] if collective == "allgather" else count, dt)
+
+    def args(r: int) -> tuple:
+        buf = work(r)
+        return {"allreduce": (buf, rop), "reduce": (buf, rop, root), "broadcast": (buf, root),
+                "reduce_scatter": (buf, rop, counts), "allgather": (buf, counts),
+                "alltoall": (buf,)}[collective]
+
+    engine = Engine(Network(prof, size, nic_serialization=nic_serialization), size, data=data)
+    return engine.run(fn, args, _accepts(fn, dict(options or {})))
+
+
+def simulate(fn: Any, size: int, profile: Profile | str | None = None, *, args: Any = (),
+             kwargs: dict[str, Any] | None = None, data: bool = True,
+             ranks_per_node: int | None = None, nic_serialization: bool = True) -> SimResult:
+    """Run any ``fn(transport, *args(rank), **kwargs)`` on ``size`` virtual ranks."""
+    prof = resolve_profile(profile, ranks_per_node)
+    engine = Engine(Network(prof, size, nic_serialization=nic_serialization), size, data=data)
+    return engine.run(fn, args, kwargs)

@@ -1,0 +1,69 @@
+"""Profiles (JSON round trip, shipped ones), the report helpers shared with the benchmark,
+and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpipar.bench import report
+from mpipar.sim import Link, Profile, SizeClass, load_profile, profile_names
+from mpipar.sim.__main__ import main as sim_main
+
+
+def test_profile_round_trip(tmp_path):
+    prof = Profile("x", Link((SizeClass(1024, 1e-6, 1e-9), SizeClass(None, 2e-6, 5e-10))), gamma=1e-10,
+                   eager_limit=1024, ranks_per_node=4, intra=Link.simple(1e-7, 1e-11),
+                   inter=Link.simple(3e-6, 2e-11), metadata={"source": "test"})
+    path = tmp_path / "x.json"
+    prof.save(path)
+    back = load_profile(str(path))
+    assert back == prof
+    assert back.link.time(1024) == pytest.approx(1e-6 + 1024e-9)
+    assert back.link.time(1025) == pytest.approx(2e-6 + 1025 * 5e-10)
+    assert json.loads(path.read_text())["topology"]["ranks_per_node"] == 4
+
+
+def test_shipped_profiles_load_by_name():
+    names = profile_names()
+    assert {"local", "dgx-h100"} <= set(names)
+    dgx = load_profile("dgx-h100")
+    assert dgx.ranks_per_node == 8 and "datasheet" in dgx.metadata["source"]
+    assert 1 / dgx.intra.params(1 << 20)[1] == pytest.approx(450e9)  # NVLink 4, each way
+    assert 1 / dgx.inter.params(1 << 20)[1] == pytest.approx(50e9)  # 400 Gb/s NDR
+    local = load_profile(None)
+    assert local.name == "local" and "measured" in local.metadata["source"]
+    with pytest.raises(FileNotFoundError, match="dgx-h100"):
+        load_profile("no-such-profile")
+
+
+def test_size_classes_must_be_ordered():
+    with pytest.raises(ValueError):
+        Link((SizeClass(None, 1e-6, 1e-9), SizeClass(10, 1e-6, 1e-9)))
+
+
+def test_report_helpers():
+    assert report.parse_sizes("4K:64K") == [4096, 8192, 16384, 32768, 65536]
+    assert report.parse_sizes("1000:5000") == [1000, 1024, 2048, 4096, 5000]
+    assert report.parse_sizes("8,1M") == [8, 1 << 20]
+    assert report.busbw_factor("allreduce", 4) == 1.5
+    assert report.busbw_factor("allgather", 4) == 0.75
+    assert report.busbw_factor("broadcast", 4) == 1.0
+    r = report.row("allreduce", 4, 1 << 20, 1 << 18, "float32", 1e-3)
+    assert r["algbw"] == pytest.approx((1 << 20) / 1e-3 / 1e9) and r["busbw"] == pytest.approx(1.5 * r["algbw"])
+    table = report.format_table([r], title="ring")
+    lines = table.splitlines()
+    assert lines[0] == "# ring" and "busbw(GB/s)" in lines[1]
+    assert lines[2].split() == ["1048576", "262144", "float32", "1000.00", "1.05", "1.57"]
+
+
+def test_cli_prints_the_benchmark_table(capsys):
+    assert sim_main(["collectives", "--ranks", "8", "--profile", "dgx-h100", "--sizes", "4K:16K",
+                     "--algorithms", "rhd", "--model"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln and not ln.startswith("#")]
+    assert [r[0] for r in rows] == ["4096", "8192", "16384"]
+    assert all(r[2] == "float32" and float(r[3]) > 0 for r in rows)
+    assert float(rows[0][3]) == pytest.approx(float(rows[0][6]), rel=1e-3)  # model == simulated
+    assert sim_main(["profiles"]) == 0
