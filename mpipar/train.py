@@ -7,14 +7,18 @@ Examples::
     python -m mpipar.train --model shakespeare --data input.txt --device auto --sample 500
     python -m mpipar.train --steps 400 --save ck.safetensors
     python -m mpipar.train --steps 800 --resume ck.safetensors   # continues at step 400
-    mpirun -n 8 python -m mpipar.train                     # data parallel, same global batch
+    mpirun -n 8 python -m mpipar.train                     # chooses a layout itself, says which
+    mpirun -n 8 python -m mpipar.train --dp 2 --tp 2 --pp 2 --micro-batches 4 --schedule 1f1b
+    mpirun -n 4 python -m mpipar.train --dp 4 --zero 1 --bucket-mb 0.5 --allreduce ring
 
-``--batch-size`` is the GLOBAL batch (sequences per optimiser step). With W ranks, rank r
-takes rows [r B/W, (r+1) B/W) of every global batch (see mpipar.data.sampler) and gradients
-are averaged with an all-reduce, so a W-rank run trains on exactly the batches of the
-single-process run; only floating-point summation order differs. ``--micro-batches M``
-splits each rank's rows further and accumulates gradients (less activation memory, same
-result).
+``--batch-size`` is the GLOBAL batch (sequences per optimiser step, as Megatron's global
+batch size). Data-parallel rank r takes rows [r B/D, (r+1) B/D) of every global batch (see
+mpipar.data.sampler), ``--grad-accum K`` cuts them into K accumulation steps and
+``--micro-batches M`` each of those into M pipeline micro-batches, so every layout trains on
+exactly the batches of the single-process run; only floating-point summation order
+differs. A batch that does not divide is an error before any collective. With
+``--dp/--tp/--pp`` (product = world size) the run uses mpipar.parallel; with several ranks
+and no layout flags it picks one itself (data parallel first) and prints it.
 
 Losses are nats per byte token; the final validation loss is also given in bits per byte
 (loss / ln 2). Data: the pydoc help topics every CPython ships (``--data`` for a UTF-8 text
@@ -100,7 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
                    help="GLOBAL batch: sequences per optimiser step, over all ranks")
     p.add_argument("--micro-batches", type=int, default=1,
-                   help="gradient-accumulation steps per rank and optimiser step")
+                   help="pipeline micro-batches per accumulation step (one stage: a plain split)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="gradient-accumulation steps per optimiser step (one reduction per step)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel degree")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (adjacent ranks)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages")
+    p.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"), help="pipeline schedule")
+    p.add_argument("--stage-layers", default=None,
+                   help="layers per pipeline stage, e.g. 3,3,2 (default: balanced by FLOPs)")
+    p.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB")
+    p.add_argument("--allreduce", default=None,
+                   help="collective algorithm of the data-parallel group (native, ring, rhd, "
+                        "tree, dbtree, ps, hier, auto)")
+    p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
+                   help="ZeRO stage: 1 shards optimiser state, 2 also gradients")
     p.add_argument("--block-size", type=int, default=None, help="context length (preset's)")
     p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=d["min_lr"], help="learning rate at the end")
@@ -135,7 +153,7 @@ def validate(args: argparse.Namespace, presets: dict) -> None:
     if args.model not in presets:
         raise UsageError(f"--model {args.model!r} is not a preset; choose from "
                          f"{', '.join(sorted(presets))}")
-    for name in ("steps", "batch_size", "micro_batches", "eval_batches"):
+    for name in ("steps", "batch_size", "micro_batches", "grad_accum", "eval_batches"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("warmup", "eval_interval", "save_interval", "sample"):
@@ -187,19 +205,6 @@ class Communication:
         if self.comm is None:
             return value
         return float(self.average(xp.asarray([value], dtype=xp.float64))[0])
-
-
-def evaluate(model: Any, sampler: BatchSampler, n_batches: int, comm: Communication,
-             xp: Any) -> float:
-    """Mean loss over ``n_batches`` fixed validation batches (the same ones every time)."""
-    total = 0.0
-    model.eval()                                  # dropout off
-    for k in range(n_batches):
-        x, y = sampler.batch(k, comm.rank, comm.size)
-        _, loss, _ = model.forward(xp.asarray(x), xp.asarray(y))   # forward only
-        total += float(loss)
-    model.train()
-    return comm.mean_scalar(total / n_batches, xp)
 
 
 def checkpoint_meta(args: argparse.Namespace, config: Any, step: int) -> dict:
@@ -270,18 +275,182 @@ class Progress:
             self.bar.close()
 
 
+# ---------------------------------------------------------------------------- runners
+class SingleRunner:
+    """One process: the reference every parallel layout must reproduce."""
+
+    def __init__(self, args: argparse.Namespace, config: Any, xp: Any, resume: Any) -> None:
+        from mpipar.nn.gpt import GPT  # noqa: PLC0415
+
+        self.args, self.xp = args, xp
+        self.model = GPT(config, seed=args.seed, dtype=args.dtype, xp=xp)
+        self.opt = OPTIMIZERS[args.optimizer](self.model.state_dict(), **optimizer_kwargs(args))
+        self.start = 0
+        if resume is not None:
+            model_sd, optim_sd, meta = resume
+            self.model.load_state_dict(model_sd)
+            self.opt.load_state_dict(optim_sd)
+            self.start = int(meta["step"])
+        self.n_params = self.model.num_parameters()
+        self.flops_per_token = self.model.flops_per_token()
+
+    def describe(self) -> str:
+        return "1 process"
+
+    def step(self, sampler: BatchSampler, step: int, lr: float) -> float:
+        xp, M = self.xp, self.args.micro_batches * self.args.grad_accum
+        loss = 0.0
+        for m in range(M):
+            x, y = sampler.batch(step, 0, 1, m, M)
+            # dloss = 1/M: the accumulated gradient is the mean over micro-batches
+            loss_m, grads = self.model.loss_and_grads(xp.asarray(x), xp.asarray(y),
+                                                      accumulate=m > 0, dloss=1.0 / M)
+            loss += loss_m / M
+        clip_grad_norm(self.model.grads, self.args.grad_clip)
+        self.opt.step(self.model.grads, lr=lr)
+        backend.synchronize(xp)
+        return loss
+
+    def evaluate(self, sampler: BatchSampler, n_batches: int) -> float:
+        total = 0.0
+        self.model.eval()                                  # dropout off
+        for k in range(n_batches):
+            x, y = sampler.batch(k, 0, 1)
+            _, loss, _ = self.model.forward(self.xp.asarray(x), self.xp.asarray(y))
+            total += float(loss)
+        self.model.train()
+        return total / n_batches
+
+    def generator(self) -> Any:
+        return self.model
+
+    def save(self, path: str, meta: dict) -> None:
+        save(path, self.model, self.opt, meta)
+
+
+class ParallelRunner:
+    """Any dp x tp x pp layout through mpipar.parallel.trainer.ParallelTrainer."""
+
+    def __init__(self, args: argparse.Namespace, config: Any, xp: Any, resume: Any, comm: Any,
+                 layout: tuple[int, int, int], why: str) -> None:
+        from mpipar.parallel.model import load_full_state_dict  # noqa: PLC0415
+        from mpipar.parallel.trainer import ParallelTrainer  # noqa: PLC0415
+
+        self.args, self.xp, self.comm, self.why = args, xp, comm, why
+        dp, tp, pp = layout
+        self.trainer = ParallelTrainer(
+            comm, config, dp=dp, tp=tp, pp=pp, seed=args.seed, dtype=args.dtype, xp=xp,
+            micro_batches=args.micro_batches, schedule=args.schedule, grad_accum=args.grad_accum,
+            bucket_mb=args.bucket_mb, allreduce=args.allreduce, zero=args.zero,
+            optimizer=args.optimizer, grad_clip=args.grad_clip, stage_layers=args.stage_layers,
+            **optimizer_kwargs(args))
+        self.mesh = self.trainer.mesh
+        self.config = config
+        self.start = 0
+        if resume is not None:
+            model_sd, optim_sd, meta = resume
+            load_full_state_dict(self.trainer.local, model_sd)
+            self.trainer.optimizer.load_state_dict(optim_sd)
+            self.start = int(meta["step"])
+        from mpipar.nn.gpt import GPT  # noqa: PLC0415
+
+        probe = GPT.__new__(GPT)          # sizes only: no second copy of the weights
+        probe.config, probe.layout = config, self.trainer.local.full_layout
+        self.n_params = GPT.num_parameters(probe)
+        self.flops_per_token = GPT.flops_per_token(probe)
+
+    def describe(self) -> str:
+        m = self.mesh
+        return (f"{m.dp * m.tp * m.pp} ranks as dp={m.dp} x tp={m.tp} x pp={m.pp} ({self.why}); "
+                f"schedule {self.args.schedule}, {self.args.micro_batches} micro-batches, "
+                f"grad-accum {self.args.grad_accum}, buckets {self.args.bucket_mb:g} MiB, "
+                f"all-reduce {self.args.allreduce or 'native'}, ZeRO {self.args.zero}\n"
+                f"{m}")
+
+    def step(self, sampler: BatchSampler, step: int, lr: float) -> float:
+        m = self.mesh
+        x, y = sampler.batch(step, m.dp_rank, m.dp)
+        return self.trainer.step(x, y, lr=lr).loss
+
+    def evaluate(self, sampler: BatchSampler, n_batches: int) -> float:
+        m = self.mesh
+        total = 0.0
+        for k in range(n_batches):
+            x, y = sampler.batch(k, m.dp_rank, m.dp)
+            total += self.trainer.evaluate(x, y)
+        return total / n_batches
+
+    def generator(self) -> Any:
+        """A single-process GPT with the trained weights, on world rank 0 (None elsewhere)."""
+        from mpipar.nn.gpt import GPT  # noqa: PLC0415
+
+        sd = self.trainer.full_state_dict()       # collective: every rank calls it
+        if self.comm.rank != 0:
+            return None
+        model = GPT(self.config, seed=self.args.seed, dtype=self.args.dtype, xp=self.xp)
+        model.load_state_dict(sd)
+        return model
+
+    def save(self, path: str, meta: dict) -> None:
+        sd = self.trainer.full_state_dict()       # collective
+        if self.comm.rank == 0:
+            arrays = {f"model.{k}": v for k, v in sd.items()}
+            osd = self.trainer.optimizer.state_dict()
+            arrays.update({f"optim.{k}": backend.to_host(v) for k, v in osd.items() if k != "step"})
+            save_checkpoint(path, arrays, {**meta, "optim_step": int(osd["step"])})
+
+
+def optimizer_kwargs(args: argparse.Namespace) -> dict:
+    kw: dict[str, Any] = dict(lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        kw["betas"] = (0.9, 0.95)
+    return kw
+
+
+def choose_runner_layout(args: argparse.Namespace, W: int, config: Any) -> tuple[tuple, str] | None:
+    """None for the single-process path; else ((dp, tp, pp), why). Raises UsageError for a
+    layout that does not fit the world, the model or the batch, on every rank alike."""
+    from mpipar.parallel.mesh import LayoutError, check_layout  # noqa: PLC0415
+    from mpipar.parallel.trainer import check_batch, choose_layout  # noqa: PLC0415
+
+    given = [args.dp, args.tp, args.pp]
+    if W == 1 and all(v is None for v in given) and not args.zero:
+        return None
+    try:
+        if all(v is None for v in given):
+            dp, tp, pp, why = choose_layout(W, config, args.batch_size, args.micro_batches,
+                                            args.grad_accum)
+            why = "chosen automatically: " + why
+        else:
+            # as Megatron: --tp and --pp default to 1, --dp to what the world leaves
+            tp, pp = args.tp or 1, args.pp or 1
+            dp = args.dp if args.dp is not None else max(W // (tp * pp), 1)
+            why = "as given"
+        check_layout(W, dp, tp, pp)
+        check_batch(args.batch_size, dp, args.grad_accum, args.micro_batches)
+        if tp > 1 or pp > 1:
+            from mpipar.parallel.model import check_model_layout  # noqa: PLC0415
+
+            check_model_layout(config, tp, pp)
+    except LayoutError as e:
+        raise UsageError(str(e)) from e
+    if args.resume and (args.zero or tp > 1 or pp > 1):
+        raise UsageError("--resume restores full optimiser state, which is kept only for "
+                         "plain data parallelism (no --zero, --tp 1, --pp 1) in this version")
+    if args.save and (args.zero or tp > 1 or pp > 1):
+        raise UsageError("--save writes optimiser state only for plain data parallelism "
+                         "(no --zero, --tp 1, --pp 1) in this version")
+    return (dp, tp, pp), why
+
+
 # ---------------------------------------------------------------------------- training
 def train(args: argparse.Namespace) -> dict:
     """Run training as ``args`` say; returns {"val_loss_before", "val_loss", "steps", ...}."""
-    from mpipar.nn.gpt import GPT, PRESETS  # noqa: PLC0415  (keeps --help fast)
+    from mpipar.nn.gpt import PRESETS  # noqa: PLC0415  (keeps --help fast)
 
     validate(args, PRESETS)
     comm = Communication()
     W, rank = comm.size, comm.rank
-    if args.batch_size % (W * args.micro_batches):
-        # every rank reaches this before any collective, so all of them stop cleanly
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by world size {W} "
-                         f"x --micro-batches {args.micro_batches}")
     try:
         xp = backend.get_xp(args.device)
     except RuntimeError as e:
@@ -295,6 +464,10 @@ def train(args: argparse.Namespace) -> dict:
     if int(tokens.min()) < 0:
         raise UsageError("--data holds negative token ids")
     config = model_config(args, PRESETS, max(VOCAB_SIZE, int(tokens.max()) + 1))
+    chosen = choose_runner_layout(args, W, config)   # every check before any collective
+    if chosen is None and args.batch_size % (args.micro_batches * args.grad_accum):
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by --grad-accum "
+                         f"{args.grad_accum} x --micro-batches {args.micro_batches}")
     train_tokens, val_tokens = split_train_val(tokens)
     T, B = config.block_size, args.batch_size
     try:
@@ -304,32 +477,25 @@ def train(args: argparse.Namespace) -> dict:
         raise UsageError(str(e)) from e
     resume = read_resume(args.resume, args, config) if args.resume else None
 
-    model = GPT(config, seed=args.seed, dtype=args.dtype, xp=xp)
-    opt_kw = dict(lr=args.lr, weight_decay=args.weight_decay)
-    if args.optimizer == "adamw":
-        opt_kw["betas"] = (0.9, 0.95)
-    opt = OPTIMIZERS[args.optimizer](model.state_dict(), **opt_kw)
-    start = 0
-    if resume is not None:
-        model_sd, optim_sd, meta = resume
-        model.load_state_dict(model_sd)
-        opt.load_state_dict(optim_sd)
-        start = int(meta["step"])
+    if chosen is None:
+        runner: Any = SingleRunner(args, config, xp, resume)
+    else:
+        runner = ParallelRunner(args, config, xp, resume, comm.comm, *chosen)
+    start = runner.start
     decay_steps = args.lr_decay_steps or args.steps
     meta = checkpoint_meta(args, config, start)
 
-    n_params = model.num_parameters()
     runtime.print0(
         f"mpipar.train | model {args.model}: {config.n_layer} layers, {config.n_head} heads, "
-        f"width {config.n_embd}, block {T}, vocab {config.vocab_size} | {n_params:,} parameters\n"
-        f"  ranks {W} (data parallel) | global batch {B} x {T} = {B * T:,} tokens/step | "
-        f"{B // W // args.micro_batches} sequences per rank and micro-batch x "
-        f"{args.micro_batches}\n"
+        f"width {config.n_embd}, block {T}, vocab {config.vocab_size} | {runner.n_params:,} parameters\n"
+        f"  layout: {runner.describe()}\n"
+        f"  global batch {B} x {T} = {B * T:,} tokens/step | grad-accum {args.grad_accum} x "
+        f"micro-batches {args.micro_batches}\n"
         f"  device {backend.device_name(xp)} | dtype {args.dtype} | BLAS threads per rank "
         f"{blas_threads() or threads} | {args.optimizer} lr {args.lr:g} -> {args.min_lr:g} "
         f"(warm-up {args.warmup}, cosine to step {decay_steps}) | steps {start} -> {args.steps}\n"
         f"  data {args.data or 'pydoc topics'}: {len(train_tokens):,} train / "
-        f"{len(val_tokens):,} val tokens | {model.flops_per_token() * B * T / 1e9:.2f} "
+        f"{len(val_tokens):,} val tokens | {runner.flops_per_token * B * T / 1e9:.2f} "
         f"GFLOP/step")
 
     log = open(args.log, "a" if args.resume else "w") if (args.log and rank == 0) else None
@@ -339,29 +505,17 @@ def train(args: argparse.Namespace) -> dict:
             log.write(json.dumps(entry) + "\n")
             log.flush()
 
-    val_before = evaluate(model, val_s, args.eval_batches, comm, xp)
+    val_before = runner.evaluate(val_s, args.eval_batches)
     record({"step": start, "val_loss": val_before})
     runtime.print0(f"step {start}: val loss {val_before:.4f} ({val_before / math.log(2):.3f} "
                    f"bits/byte)")
     progress = Progress(start, args.steps, rank == 0)
-    M = args.micro_batches
     t_start = time.perf_counter()
     val_loss, loss = val_before, float("nan")
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.min_lr, args.warmup, decay_steps)
-        loss = 0.0
-        for m in range(M):
-            x, y = train_s.batch(step, rank, W, m, M)
-            # dloss = 1/M: the accumulated gradient is the mean over micro-batches
-            loss_m, grads = model.loss_and_grads(xp.asarray(x), xp.asarray(y),
-                                                 accumulate=m > 0, dloss=1.0 / M)
-            loss += loss_m / M
-        comm.average(model.grad_buffer)           # data parallel: mean over ranks, one buffer
-        loss = comm.mean_scalar(loss, xp)
-        clip_grad_norm(grads, args.grad_clip)
-        opt.step(grads, lr=lr)
-        backend.synchronize(xp)
+        loss = runner.step(train_s, step, lr)
         dt = time.perf_counter() - t0
         tps = B * T / dt
         record({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps,
@@ -369,19 +523,19 @@ def train(args: argparse.Namespace) -> dict:
         progress.update(step, args.steps, loss, lr, tps, dt)
         done = step + 1
         if args.eval_interval and done % args.eval_interval == 0 and done < args.steps:
-            val_loss = evaluate(model, val_s, args.eval_batches, comm, xp)
+            val_loss = runner.evaluate(val_s, args.eval_batches)
             record({"step": done, "val_loss": val_loss})
             progress.write(f"step {done}: val loss {val_loss:.4f}")
-        if args.save and args.save_interval and done % args.save_interval == 0 and rank == 0:
-            save(args.save, model, opt, {**meta, "step": done})
+        if args.save and args.save_interval and done % args.save_interval == 0:
+            runner.save(args.save, {**meta, "step": done})
     progress.close()
     elapsed = time.perf_counter() - t_start
 
     if args.steps > start:
-        val_loss = evaluate(model, val_s, args.eval_batches, comm, xp)
+        val_loss = runner.evaluate(val_s, args.eval_batches)
         record({"step": args.steps, "val_loss": val_loss})
-    if args.save and rank == 0:
-        save(args.save, model, opt, {**meta, "step": max(start, args.steps)})
+    if args.save:
+        runner.save(args.save, {**meta, "step": max(start, args.steps)})
         runtime.print0(f"saved {args.save}")
     if log is not None:
         log.close()
@@ -389,12 +543,14 @@ def train(args: argparse.Namespace) -> dict:
     runtime.print0(f"done: {args.steps - start} steps in {elapsed:.1f} s | val loss "
                    f"{val_before:.4f} -> {val_loss:.4f} nats = {val_before * bpb:.3f} -> "
                    f"{val_loss * bpb:.3f} bits/byte")
-    if args.sample and rank == 0:
-        prompt = xp.asarray(np.array([[10]], dtype=np.int64))   # a newline
-        out = model.generate(prompt, args.sample, temperature=0.8, top_k=None, seed=args.seed)
-        new = backend.to_host(out)[0, 1:]
-        text = decode(new) if config.vocab_size == VOCAB_SIZE else " ".join(map(str, new))
-        runtime.print0("--- sample ---\n" + text)
+    if args.sample:
+        model = runner.generator()                 # collective for parallel layouts
+        if model is not None:
+            prompt = xp.asarray(np.array([[10]], dtype=np.int64))   # a newline
+            out = model.generate(prompt, args.sample, temperature=0.8, top_k=None, seed=args.seed)
+            new = backend.to_host(out)[0, 1:]
+            text = decode(new) if config.vocab_size == VOCAB_SIZE else " ".join(map(str, new))
+            runtime.print0("--- sample ---\n" + text)
     return {"val_loss_before": val_before, "val_loss": val_loss, "last_loss": loss,
             "steps": args.steps - start, "seconds": elapsed}
 

@@ -138,9 +138,10 @@ def test_two_ranks_train_like_one(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = (np.array([e["loss"] for e in read_log(p)[0]]) for p in (one, two))
     np.testing.assert_allclose(a, b, rtol=1e-10)
-    res = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "mpipar.train", *args],
+    # the layout given explicitly: a batch of 4 cannot split over 3 data-parallel ranks
+    res = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "mpipar.train", *args, "--dp", "3"],
                          capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 2 and "not divisible" in res.stderr
+    assert res.returncode == 2 and "does not divide" in res.stderr, res.stderr[-2000:]
 
 
 def test_bench_train_runs_beside_torch(capsys):
