@@ -56,3 +56,7 @@ def comm():  # type: ignore[no-untyped-def]
     from mpipar.comm import make_communicator
 
     return make_communicator(abort_on_exception=False)
+
+
+# child scripts launched by tests/test_harness.py: they fail on purpose and are never collected
+collect_ignore = ["mpi_scripts"]

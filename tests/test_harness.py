@@ -19,7 +19,7 @@ def test_exception_on_rank_3_of_4_aborts_job_naming_rank():
 
 def test_failing_mpi_test_on_rank_3_aborts_pytest_job_naming_rank_and_test():
     args = [sys.executable, "-m", "pytest", "-q", "--with-mpi", "-p", "no:cacheprovider",
-            str(HERE / "mpi_scripts" / "failing_mpi_test.py")]
+            str(HERE / "mpi_scripts" / "rank3_fails_child.py")]
     job = run_mpi(4, args, timeout=90)
     assert not job.timed_out, job.output
     assert job.seconds < 60, f"took {job.seconds:.1f} s\n{job.output}"

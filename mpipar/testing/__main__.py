@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             # -p no:cacheprovider: ranks must not race on .pytest_cache
             cmd = [sys.executable, "-m", "mpipar.testing.rank0_output", "-q", "--with-mpi", "-m", "mpi",
                    "-p", "no:cacheprovider", *flags, *paths]
-            print(f"== MPI tests at world size {n}: mpiexec -n {n} {' '.join(cmd[1:])}", flush=True)
+            print(f"== MPI tests at world size {n}: mpiexec -n {n} {' '.join(cmd)}", flush=True)
             job = run_mpi(n, cmd, timeout=args.timeout, stream=True)
             rc = job.returncode if job.returncode != 5 else 0
             results.append((f"mpi n={n}", rc, _counts(job.output), job.seconds))
