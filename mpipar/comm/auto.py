@@ -126,6 +126,19 @@ def _model_choice(collective: str, nbytes: int, p: int, prof: Any) -> str:
 
 def choose(collective: str, nbytes: int, p: int, table: Any = None) -> str:
     """Algorithm name for ``collective`` of ``nbytes`` over ``p`` ranks (see the module doc)."""
+    if table is None:
+        return _choose_default(collective, int(nbytes), p)
+    return _choose(collective, nbytes, p, table)
+
+
+@functools.lru_cache(maxsize=8192)
+def _choose_default(collective: str, nbytes: int, p: int) -> str:
+    # auto sits on every collective's path: the answer for the default table (read once per
+    # process) depends only on these three, so it is computed once (a lookup costs ~50 us)
+    return _choose(collective, nbytes, p, None)
+
+
+def _choose(collective: str, nbytes: int, p: int, table: Any) -> str:
     from mpipar.comm.algorithms import algorithm_names  # noqa: PLC0415
 
     if p <= 1:
