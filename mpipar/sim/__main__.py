@@ -148,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     add_collectives_arguments(c)
     c.set_defaults(_main=collectives)
     sub.add_parser("profiles", help="list the shipped network profiles").set_defaults(_main=profiles)
+    cmp_ = sub.add_parser("compare", help="predicted beside measured, from a bench collectives --json file")
+    cmp_.add_argument("bench", help="JSON written by python -m mpipar.bench collectives --json")
+    cmp_.add_argument("--profile", default=None, help="profile name or path (default: local)")
+    cmp_.add_argument("--min-bytes", default="64K", help="leave out smaller messages (default 64K)")
+    cmp_.add_argument("--tolerance", type=float, default=0.25)
+    cmp_.add_argument("--json", default=None, help="save the comparison")
+
+    def _compare(a: argparse.Namespace) -> int:
+        from mpipar.sim.compare import main as compare_main
+
+        return compare_main(a)
+
+    cmp_.set_defaults(_main=_compare)
     args = parser.parse_args(argv)
     return int(args._main(args) or 0)
 
