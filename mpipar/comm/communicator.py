@@ -21,8 +21,6 @@ row), and ``allgather`` concatenates rows, the inverse when given those ``counts
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 from typing import Any, Sequence
 
@@ -30,6 +28,7 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.comm.algorithms import COLLECTIVES, Algorithm, get_algorithm
+from mpipar.comm.algorithms._util import accepted
 from mpipar.comm.ops import AVG, OPS, ReduceOp, finalize_avg, get_op
 from mpipar.comm.transport.base import CompletedRequest, Request
 
@@ -50,24 +49,6 @@ _OP_INDEX = {name: i for i, name in enumerate(OPS)}  # stable across processes, 
 
 class CollectiveMismatchError(RuntimeError):
     """Ranks called different collectives, or the same one with different arguments."""
-
-
-@functools.lru_cache(maxsize=None)
-def _keywords(fn: Any) -> frozenset[str] | None:
-    """Keyword parameters ``fn`` declares (None: it takes **kwargs), looked up once per fn."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return frozenset(params)
-
-
-def _accepts(fn: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``options`` that ``fn`` declares as keyword parameters: communicator-wide
-    options (``servers=``, ``ranks_per_node=``) reach only the algorithms that use them."""
-    if not options:
-        return options
-    names = _keywords(fn)
-    return dict(options) if names is None else {k: v for k, v in options.items() if k in names}
 
 
 class Communicator:
@@ -123,7 +104,9 @@ class Communicator:
         alg = self._resolve(collective, algorithm, nbytes)
         fn = getattr(alg, collective)
         options = {**self.options, **call_options} if call_options else self.options
-        return fn(self.transport, *args, **_accepts(fn, options))
+        # communicator-wide options (servers=, ranks_per_node=) reach only the algorithms
+        # that declare them
+        return fn(self.transport, *args, **accepted(fn, options))
 
     # -- argument checks -------------------------------------------------------------------
     @staticmethod

@@ -23,7 +23,8 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.comm.algorithms import Algorithm, get_algorithm
-from mpipar.comm.communicator import _accepts, split_counts
+from mpipar.comm.algorithms._util import accepted
+from mpipar.comm.communicator import split_counts
 from mpipar.comm.ops import get_op
 from mpipar.comm.transport.sim import Engine, SimResult, placeholder
 from mpipar.sim.network import Network, Profile, load_profile
@@ -94,7 +95,7 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
                 "alltoall": (buf,)}[collective]
 
     engine = Engine(Network(prof, size, nic_serialization=nic_serialization), size, data=data)
-    return engine.run(fn, args, _accepts(fn, dict(options or {})))
+    return engine.run(fn, args, accepted(fn, dict(options or {})))
 
 
 def simulate(fn: Any, size: int, profile: Profile | str | None = None, *, args: Any = (),
