@@ -17,10 +17,8 @@ p ranks, n bytes, k = log2 p, b = n / p.
             p not 2^k       + 2 m(n) + n gamma                    fold and unfold
     tree    reduce          k (m(n) + n gamma)                    binomial, one segment
             broadcast       k m(n)                                largest subtree first
-            allreduce       k (m(n) + n gamma) + k(k+1)/2 m(n)    its broadcast sends to the
-                                                                  smallest subtree first, so the
-                                                                  child heading 2^j ranks waits
-                                                                  for j+1 sends of its parent
+            allreduce       k (m(n) + n gamma) + k m(n)           reduce, then a broadcast sent
+                                                                  to the largest subtree first
             s segments      estimates: fill + (s-1) x the root's period (see tree_allreduce)
     ps      allreduce       max(m + (p-1) n gamma, (p-1) m + n gamma) + (p-1) m,  m = m(n)
                             (one server: p-1 pushes queue at its port, folds overlap them)
@@ -212,8 +210,7 @@ def tree_allreduce(p: int, n: float, net: Net, segment_bytes: int | None = None)
     segment_bytes = _seg("tree", segment_bytes)
     s = _segments(n, segment_bytes)
     if s == 1:
-        return tree_reduce(p, n, net, segment_bytes) + tree_broadcast(p, n, net, segment_bytes,
-                                                                       largest_first=False)
+        return tree_reduce(p, n, net, segment_bytes) + tree_broadcast(p, n, net, segment_bytes)
     # pipelined (estimate): each loop iteration of _treepipe waits for its reduce step and
     # then for its broadcast step, in program order, so the root's period is its k receives
     # plus its k sends (not the max of the two ports), after a fill of 2k levels

@@ -279,3 +279,25 @@ def test_tree_shapes(p):
             assert d <= (p - 1).bit_length() + 1
     both_interior = sum(1 for v in range(p) if a[v][1] and b[v][1])
     assert both_interior <= 1
+
+
+# -- shared per-p tables (serial) -------------------------------------------------------------
+def test_cached_tables():
+    """The tables every rank shares (cached by their arguments, built once in the simulator)
+    are what the per-rank computations gave, and are shared, not rebuilt."""
+    from mpipar.comm.algorithms._util import offsets, segment_table, segments, split_offsets
+    from mpipar.comm.algorithms.dbtree import _tables
+    from mpipar.comm.algorithms.ring import _below
+
+    for parts in (1, 2, 3, 7, 8, 100):
+        for n in (0, 1, parts - 1, parts, 10007):
+            assert list(split_offsets(n, parts)) == offsets(split_counts(n, parts))
+            assert split_offsets(n, parts) is split_offsets(n, parts)
+        for b in range(parts):
+            assert sorted(_below(parts, b)) == [x for x in range(parts) if x != b]
+    for lo, hi, seg in ((0, 0, 4), (3, 10, 4), (5, 1005, 64), (0, 7, 100)):
+        assert list(segment_table(lo, hi, seg)) == segments(lo, hi, seg)
+    assert _tables(100) is _tables(100)
+    # the binomial broadcast goes to the largest subtree first; the fold stays smallest first
+    spec = binomial(16, 0, 0, 0, 1)
+    assert list(spec.children) == [1, 2, 4, 8] and list(spec.bcast_order) == [8, 4, 2, 1]

@@ -1,7 +1,8 @@
 """The pipelined tree engine behind ``tree`` (binomial) and ``dbtree`` (double binary tree).
 
 A tree, as seen by one rank, is its parent (None at the root), its children (in the fixed
-order their contributions are folded in) and the range [lo, hi) of the buffer it carries.
+order their contributions are folded in), the order it sends the broadcast to them (by
+default the same) and the range [lo, hi) of the buffer it carries.
 The range is cut into segments. Reduce: a rank waits for segment s from each child in order,
 folds it into its own (``buf op child_1 op child_2 ...``) and sends the result to its parent.
 Broadcast: a rank receives segment s from its parent and passes it to each child.
@@ -16,20 +17,24 @@ schedule cannot deadlock. Children's segments land in ``window`` reused scratch 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from mpipar.comm.algorithms._util import array_module, segments
+from mpipar.comm.algorithms._util import array_module, segment_table
 
 WINDOW = 2
 
 
 class TreeSpec:
-    """One tree as seen by this rank: parent, children, and the buffer range it carries."""
+    """One tree as seen by this rank: parent, children (in reduction order), and the buffer
+    range it carries; ``bcast_order`` is the order the broadcast is sent to the children (default:
+    ``children``). Children sequences may be shared between ranks: they are only read."""
 
-    __slots__ = ("parent", "children", "lo", "hi", "depth")
+    __slots__ = ("parent", "children", "lo", "hi", "depth", "bcast_order")
 
-    def __init__(self, parent: Optional[int], children: list[int], lo: int, hi: int, depth: int) -> None:
+    def __init__(self, parent: Optional[int], children: Sequence[int], lo: int, hi: int, depth: int,
+                 bcast_order: Optional[Sequence[int]] = None) -> None:
         self.parent, self.children, self.lo, self.hi, self.depth = parent, children, lo, hi, depth
+        self.bcast_order = children if bcast_order is None else bcast_order
 
 
 class _State:
@@ -38,7 +43,7 @@ class _State:
     def __init__(self, t: Any, spec: TreeSpec, buf: Any, seg: int, tag: int, reduce: bool,
                  window: int) -> None:
         self.spec = spec
-        self.segs = segments(spec.lo, spec.hi, seg)
+        self.segs = segment_table(spec.lo, spec.hi, seg)  # shared by all ranks (cached)
         self.tag = tag
         self.window = window
         self.kids: list[list[Any]] = []  # per child: pending (request, view) per segment
@@ -93,7 +98,7 @@ class _State:
                 self._post_down(t, buf, nxt)
             self.down[s].wait()
             self.down[s] = None
-        for child in self.spec.children:
+        for child in self.spec.bcast_order:
             self.sends.append(t.isend(buf[a:b], child, self.tag + 1))
 
     def finish(self) -> None:

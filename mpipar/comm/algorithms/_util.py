@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+from itertools import accumulate
 from typing import Any, Callable
 
 from mpipar.backend import array_module
 
-__all__ = ["array_module", "split_counts", "offsets", "segments", "seg_elems", "accepted"]
+__all__ = ["array_module", "split_counts", "offsets", "split_offsets", "segments",
+           "segment_table", "seg_elems", "accepted"]
 
 
 def split_counts(n: int, parts: int) -> list[int]:
@@ -23,10 +25,19 @@ def split_counts(n: int, parts: int) -> list[int]:
 
 def offsets(counts: list[int]) -> list[int]:
     """Start of each block, plus the total at the end (``len(counts) + 1`` entries)."""
-    out = [0]
-    for c in counts:
-        out.append(out[-1] + c)
-    return out
+    return list(accumulate(counts, initial=0))
+
+
+@functools.lru_cache(maxsize=256)
+def split_offsets(n: int, parts: int) -> tuple[int, ...]:
+    """``offsets(split_counts(n, parts))`` as a tuple, built once per (n, parts) and shared.
+
+    Every rank of a collective needs the same table; the simulator runs thousands of ranks in
+    one process, where rebuilding it per rank would cost O(p^2). Block i starts at
+    ``i * q + min(i, r)`` (q, r = divmod(n, parts)).
+    """
+    q, r = divmod(n, parts)
+    return tuple(i * q + (i if i < r else r) for i in range(parts + 1))
 
 
 def seg_elems(nbytes: int, itemsize: int) -> int:
@@ -48,6 +59,13 @@ def segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:
         out.append((a, b))
         a = b
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def segment_table(lo: int, hi: int, seg: int) -> tuple[tuple[int, int], ...]:
+    """``segments(lo, hi, seg)`` as a tuple, built once per range and shared (read-only): every
+    rank of a tree cuts the same range, thousands of times over in the simulator."""
+    return tuple(segments(lo, hi, seg))
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,6 +30,7 @@ training with NCCL 2.4", NVIDIA developer blog, Jeaugey 2019).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from mpipar.comm.algorithms import Algorithm
@@ -56,32 +57,44 @@ def _children_a(p: int, v: int) -> list[int]:
     return kids
 
 
-def trees(p: int) -> list[list[tuple[int | None, list[int]]]]:
-    """For every rank, (parent, children) in tree A and in tree B; real ranks throughout."""
-    kids_a = [_children_a(p, v) for v in range(p)]
+@functools.lru_cache(maxsize=32)
+def _tables(p: int) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """Both trees for a world of p, built once per p and shared by every rank (the simulator
+    runs all p ranks in one process): ((parent, children) of tree A, the same of tree B), each
+    a tuple indexed by real rank (parent None at the root; children tuples, read-only)."""
+    kids_a = tuple(tuple(_children_a(p, v)) for v in range(p))
     parent_a: list[int | None] = [None] * p
     for v, kids in enumerate(kids_a):
         for k in kids:
             parent_a[k] = v
-    relabel = (lambda v: p - 1 - v) if p % 2 == 0 else (lambda v: (v + 1) % p)
-    a = [(parent_a[v], kids_a[v]) for v in range(p)]
-    b: list[Any] = [None] * p
+    if p % 2 == 0:  # tree B: tree A mirrored (rank = p-1-v) ...
+        def relabel(v: int) -> int:
+            return p - 1 - v
+    else:  # ... or shifted (rank = v+1 mod p)
+        def relabel(v: int) -> int:
+            return (v + 1) % p
+    parent_b: list[int | None] = [None] * p
+    kids_b: list[Any] = [()] * p
     for v in range(p):
         par = parent_a[v]
-        b[relabel(v)] = (None if par is None else relabel(par), [relabel(k) for k in kids_a[v]])
-    return [a, b]
+        w = relabel(v)
+        parent_b[w] = None if par is None else relabel(par)
+        kids_b[w] = tuple(relabel(k) for k in kids_a[v])
+    return (tuple(parent_a), kids_a), (tuple(parent_b), tuple(kids_b))
+
+
+def trees(p: int) -> list[list[tuple[int | None, list[int]]]]:
+    """For every rank, (parent, children) in tree A and in tree B; real ranks throughout."""
+    return [[(par[v], list(kids[v])) for v in range(p)] for par, kids in _tables(p)]
 
 
 def _specs(t: Any, n: int) -> list[_treepipe.TreeSpec]:
-    key = ("dbtree", t.size)
-    if key not in t.cache:
-        t.cache[key] = trees(t.size)
-    ta, tb = t.cache[key]
+    (par_a, kids_a), (par_b, kids_b) = _tables(t.size)
+    r = t.rank
     half = (n + 1) // 2
     depth = (t.size - 1).bit_length() + 1
-    pa, ka = ta[t.rank]
-    pb, kb = tb[t.rank]
-    return [_treepipe.TreeSpec(pa, ka, 0, half, depth), _treepipe.TreeSpec(pb, kb, half, n, depth)]
+    return [_treepipe.TreeSpec(par_a[r], kids_a[r], 0, half, depth),
+            _treepipe.TreeSpec(par_b[r], kids_b[r], half, n, depth)]
 
 
 def allreduce(t: Any, buf: Any, op: Any, segment_bytes: int = SEGMENT_BYTES) -> Any:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpipar.comm.algorithms import Algorithm
-from mpipar.comm.algorithms._util import array_module, offsets, split_counts
+from mpipar.comm.algorithms._util import array_module, split_offsets
 
 TAG = 0x50  # 'P'
 WINDOW = 4
@@ -38,7 +38,7 @@ def allreduce(t: Any, buf: Any, op: Any, servers: int = 1, window: int = WINDOW)
     if p == 1 or buf.size == 0:
         return buf
     k_servers = max(1, min(int(servers), p, buf.size))
-    off = offsets(split_counts(buf.size, k_servers))
+    off = split_offsets(buf.size, k_servers)  # shared by all ranks (cached)
     shards = [(off[k], off[k + 1]) for k in range(k_servers)]
     # push my shard k to every server k other than me
     pushes = {k: t.isend(buf[a:b], k, TAG) for k, (a, b) in enumerate(shards) if k != r}

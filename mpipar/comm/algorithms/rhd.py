@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpipar.comm.algorithms import Algorithm
-from mpipar.comm.algorithms._util import array_module, offsets, split_counts
+from mpipar.comm.algorithms._util import array_module, offsets, split_offsets
 from mpipar.comm.transport.base import sendrecv
 
 TAG = 0x48  # 'H'
@@ -67,7 +67,7 @@ def _exchange(t: Any, send: Any, peer: int, recv: Any) -> None:
         sendrecv(t, send, peer, recv, peer, TAG)
 
 
-def _halving(t: Any, L: _Layout, buf: Any, op: Any, soff: list[int], scratch: Any) -> None:
+def _halving(t: Any, L: _Layout, buf: Any, op: Any, soff: Any, scratch: Any) -> None:
     """Recursive halving over the pof2 super-blocks ``soff``: place nr ends with block nr."""
     blo, bhi, mask = 0, L.pof2, L.pof2 >> 1
     while mask:
@@ -84,7 +84,7 @@ def _halving(t: Any, L: _Layout, buf: Any, op: Any, soff: list[int], scratch: An
         mask >>= 1
 
 
-def _doubling_gather(t: Any, L: _Layout, buf: Any, soff: list[int]) -> None:
+def _doubling_gather(t: Any, L: _Layout, buf: Any, soff: Any) -> None:
     """Recursive doubling all-gather over the pof2 super-blocks: place nr starts with block nr."""
     mask = 1
     while mask < L.pof2:
@@ -129,7 +129,7 @@ def allreduce(t: Any, buf: Any, op: Any, small_bytes: int = SMALL_BYTES) -> Any:
     if buf.nbytes < small_bytes or buf.size < L.pof2:
         buf = _doubling_reduce(t, L, buf, op, other if other is not None else xp.empty_like(buf))
     else:
-        soff = offsets(split_counts(buf.size, L.pof2))
+        soff = split_offsets(buf.size, L.pof2)  # shared by all ranks (cached)
         half = soff[L.pof2 >> 1]
         scratch = other if other is not None else xp.empty(max(half, buf.size - half), dtype=buf.dtype)
         _halving(t, L, buf, op, soff, scratch)
@@ -139,9 +139,21 @@ def allreduce(t: Any, buf: Any, op: Any, small_bytes: int = SMALL_BYTES) -> Any:
     return buf
 
 
-def _super_offsets(L: _Layout, off: list[int]) -> list[int]:
-    """Offsets of the pof2 super-blocks: place i < rem covers blocks 2i and 2i+1."""
-    return [off[2 * i] if i <= L.rem else off[i + L.rem] for i in range(L.pof2 + 1)]
+class _SuperOffsets:
+    """Offsets of the pof2 super-blocks: place i < rem covers blocks 2i and 2i+1. Computed on
+    demand (a rank reads O(log p) of them, so no per-rank O(p) table)."""
+
+    __slots__ = ("off", "rem")
+
+    def __init__(self, off: list[int], rem: int) -> None:
+        self.off, self.rem = off, rem
+
+    def __getitem__(self, i: int) -> int:
+        return self.off[2 * i] if i <= self.rem else self.off[i + self.rem]
+
+
+def _super_offsets(L: _Layout, off: list[int]) -> _SuperOffsets:
+    return _SuperOffsets(off, L.rem)
 
 
 def reduce_scatter(t: Any, buf: Any, op: Any, counts: list[int], small_bytes: int = SMALL_BYTES) -> Any:

@@ -34,10 +34,13 @@ algorithms for clusters of workstations", JPDC 2009); latency grows linearly in 
 
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
+from itertools import chain
+from typing import Any, Callable, Iterator, Sequence
 
 from mpipar.comm.algorithms import Algorithm
-from mpipar.comm.algorithms._util import array_module, offsets, seg_elems, segments, split_counts
+from mpipar.comm.algorithms._util import (array_module, offsets, seg_elems, segment_table, segments,
+                                          split_offsets)
 from mpipar.comm.transport.base import sendrecv
 
 TAG = 0x52  # 'R'
@@ -45,73 +48,121 @@ CHUNK_BYTES = 1 << 20  # default chunk for p > 2; p = 2 has one hop per phase: n
 WINDOW = 2  # receives in flight per ring (scratch slots)
 
 
-def _ring(t: Any, buf: Any, op: Any, counts: list[int], rs: bool, ag: bool,
+def _sendrecv_of(t: Any) -> Callable[..., Any]:
+    """The transport's own ``sendrecv`` bound once (the hop loop calls it 2(p-1) times), or the
+    generic irecv/isend/wait form."""
+    own = getattr(t, "sendrecv", None)
+    if own is not None:
+        return own
+    return lambda sbuf, dest, rbuf, source, tag: sendrecv(t, sbuf, dest, rbuf, source, tag)
+
+
+def _below(p: int, b: int) -> Iterator[int]:
+    """The p-1 other blocks, going down from b-1 around the ring: b-1, b-2 ... 0, p-1 ... b+1."""
+    return chain(range(b - 1, -1, -1), range(p - 1, b, -1))
+
+
+def _recv_chunks(p: int, r: int, off: Sequence[int], rs: bool, ag: bool,
+                 seg: int) -> Iterator[tuple[int, int, bool, bool]]:
+    """Every chunk this rank receives, in hop order: (lo, hi, reduce?, forward?). Generated as
+    the pipeline goes, so a rank holds O(window) of them, not 2(p-1) hops' worth."""
+    hops = (p - 1) * (int(rs) + int(ag))
+    h = 0
+    for red, first in ((True, (r - 1) % p), (False, r)):
+        if not (rs if red else ag):
+            continue
+        # reduce-scatter hop k receives block r-k-2, all-gather hop k block r-k-1
+        for rb in _below(p, first):
+            h += 1
+            fwd = h < hops
+            for a, b in segments(off[rb], off[rb + 1], seg):
+                yield a, b, red, fwd
+
+
+def _ring(t: Any, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, ag: bool,
           chunk_bytes: int | None, window: int = WINDOW) -> None:
-    """Reduce-scatter (``rs``) and/or all-gather (``ag``) of ``buf`` in place over blocks of
-    ``counts``: after ``rs`` rank r's block r is reduced; after ``ag`` every block is."""
+    """Reduce-scatter (``rs``) and/or all-gather (``ag``) of ``buf`` in place over the blocks
+    starting at ``off`` (p + 1 offsets; ``widest`` the largest block): after ``rs`` rank r's
+    block r is reduced; after ``ag`` every block is.
+
+    Hops, in the order both neighbours agree on: reduce-scatter hop k sends block r-k-1 and
+    receives (and reduces) block r-k-2; all-gather hop k sends block r-k and receives r-k-1
+    (mod p). The block received at one hop is the one sent at the next, across the two phases
+    too, so each hop's blocks are found in O(1) with no per-rank hop table."""
     p, r = t.size, t.rank
     right, left = (r + 1) % p, (r - 1) % p
-    off = offsets(counts)
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES if p > 2 else 1 << 62
     seg = seg_elems(chunk_bytes, buf.itemsize)
-    # hop list: (block sent, block received, reduce?) in the order both neighbours agree on
-    hops = []
-    if rs:
-        hops += [((r - k - 1) % p, (r - k - 2) % p, True) for k in range(p - 1)]
-    if ag:
-        hops += [((r - k) % p, (r - k - 1) % p, False) for k in range(p - 1)]
     xp = array_module(buf)
+    first = (r - 1) % p if rs else r  # the block sent at the first hop
 
-    if max(counts) <= seg:  # one chunk per block: one sendrecv per hop, no pipelining needed
-        scratch = xp.empty(max(counts), dtype=buf.dtype) if rs else None
-        for sb, rb, red in hops:
-            s = buf[off[sb]:off[sb + 1]]
-            if red:
+    if widest <= seg:  # one chunk per block: one sendrecv per hop, no pipelining needed
+        # The hot loop of the simulator at thousands of ranks (2(p-1) hops per rank, run p
+        # times over in one process): everything it touches is a local.
+        sr = _sendrecv_of(t)
+        tag = TAG
+        s = buf[off[first]:off[first + 1]]
+        if rs:
+            reduce_local = t.reduce_local
+            scratch = xp.empty(widest, dtype=buf.dtype)
+            tmp, tn = scratch, widest  # scratch[:tn], re-cut only when the block size changes
+            for rb in _below(p, first):  # receive r-2, r-3 ... r (mod p)
+                lo = off[rb]
+                hi = off[rb + 1]
+                dst = buf[lo:hi]
+                if hi - lo != tn:
+                    tn = hi - lo
+                    tmp = scratch[:tn]
+                sr(s, right, tmp, left, tag)
+                reduce_local(op, dst, tmp)
+                s = dst  # the block just reduced goes on at the next hop
+        if ag:  # s is block r now
+            for rb in _below(p, r):  # receive r-1, r-2 ... r+1 (mod p)
                 dst = buf[off[rb]:off[rb + 1]]
-                tmp = scratch[:dst.size]
-                sendrecv(t, s, right, tmp, left, TAG)
-                t.reduce_local(op, dst, tmp)
-            else:
-                sendrecv(t, s, right, buf[off[rb]:off[rb + 1]], left, TAG)
+                sr(s, right, dst, left, tag)
+                s = dst
         return
 
-    # Chunked pipeline. items: every chunk this rank receives, in hop order.
-    items = []  # (lo, hi, reduce?, forward?)
-    last = len(hops) - 1
-    for h, (_, rb, red) in enumerate(hops):
-        for a, b in segments(off[rb], off[rb + 1], seg):
-            items.append((a, b, red, h < last))
+    # Chunked pipeline over the chunks this rank receives, in hop order (generated lazily).
+    items = _recv_chunks(p, r, off, rs, ag, seg)
     pending: dict[int, Any] = {}  # chunk start -> send still reading buf[a:b]
-    for a, b in segments(off[hops[0][0]], off[hops[0][0] + 1], seg):
-        pending[a] = t.isend(buf[a:b], right, TAG)
+    isend, irecv = t.isend, t.irecv
+    for a, b in segments(off[first], off[first + 1], seg):
+        pending[a] = isend(buf[a:b], right, TAG)
     scratch = xp.empty(window * seg, dtype=buf.dtype) if rs else None
-    reqs: list[Any] = [None] * len(items)
+    posted: deque = deque()  # (lo, hi, reduce?, forward?, request, scratch view), in order
 
-    def post(i: int) -> None:
-        a, b, red, _ = items[i]
+    def post(i: int, item: tuple[int, int, bool, bool]) -> None:
+        a, b, red, fwd = item
         if red:
             slot = (i % window) * seg
             view = scratch[slot:slot + b - a]
-            reqs[i] = (t.irecv(view, left, TAG), view)
+            posted.append((a, b, red, fwd, irecv(view, left, TAG), view))
         else:
             old = pending.pop(a, None)  # that region may still be on its way out: let it go
             if old is not None:
                 old.wait()
-            reqs[i] = (t.irecv(buf[a:b], left, TAG), None)
+            posted.append((a, b, red, fwd, irecv(buf[a:b], left, TAG), None))
 
-    for i in range(min(window, len(items))):
-        post(i)
-    for i, (a, b, red, fwd) in enumerate(items):
-        req, got = reqs[i]
+    i = 0
+    for item in items:
+        post(i, item)
+        i += 1
+        if i == window:
+            break
+    i = 0
+    while posted:
+        a, b, red, fwd, req, got = posted.popleft()
         req.wait()
-        reqs[i] = None
         if red:
             t.reduce_local(op, buf[a:b], got)
-        if i + window < len(items):
-            post(i + window)  # slot i % window is free again
+        nxt = next(items, None)
+        if nxt is not None:
+            post(i + window, nxt)  # slot i % window is free again
         if fwd:
-            pending[a] = t.isend(buf[a:b], right, TAG)
+            pending[a] = isend(buf[a:b], right, TAG)
+        i += 1
     for req in pending.values():
         req.wait()
 
@@ -119,14 +170,15 @@ def _ring(t: Any, buf: Any, op: Any, counts: list[int], rs: bool, ag: bool,
 def allreduce(t: Any, buf: Any, op: Any, chunk_bytes: int | None = None) -> Any:
     if t.size == 1 or buf.size == 0:
         return buf
-    _ring(t, buf, op, split_counts(buf.size, t.size), True, True, chunk_bytes)
+    off = split_offsets(buf.size, t.size)  # shared by all ranks (cached); block 0 is widest
+    _ring(t, buf, op, off, off[1], True, True, chunk_bytes)
     return buf
 
 
 def reduce_scatter(t: Any, buf: Any, op: Any, counts: list[int], chunk_bytes: int | None = None) -> Any:
     off = offsets(counts)
     if t.size > 1 and buf.size > 0:
-        _ring(t, buf, op, list(counts), True, False, chunk_bytes)
+        _ring(t, buf, op, off, max(counts), True, False, chunk_bytes)
     return buf[off[t.rank]:off[t.rank + 1]]
 
 
@@ -135,7 +187,7 @@ def allgather(t: Any, block: Any, counts: list[int], chunk_bytes: int | None = N
     full = array_module(block).empty(off[-1], dtype=block.dtype)
     full[off[t.rank]:off[t.rank + 1]] = block
     if t.size > 1 and off[-1] > 0:
-        _ring(t, full, None, list(counts), False, True, chunk_bytes)
+        _ring(t, full, None, off, max(counts), False, True, chunk_bytes)
     return full
 
 
@@ -146,7 +198,7 @@ def broadcast(t: Any, buf: Any, root: int, chunk_bytes: int | None = None) -> An
         return buf
     vr = (t.rank - root) % p
     nxt, prv = (t.rank + 1) % p, (t.rank - 1) % p
-    chunks = segments(0, buf.size, seg_elems(chunk_bytes or CHUNK_BYTES, buf.itemsize))
+    chunks = segment_table(0, buf.size, seg_elems(chunk_bytes or CHUNK_BYTES, buf.itemsize))
     sends = []
     if vr == 0:
         sends = [t.isend(buf[a:b], nxt, TAG) for a, b in chunks]

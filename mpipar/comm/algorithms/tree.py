@@ -14,6 +14,8 @@ its lowest set bit cleared; its children are v + 1, v + 2, v + 4 ... below that 
 
 A parent folds its children in a fixed order (``own op child(v+1) op child(v+2) ...``), so the
 root's result is the same every run, and the broadcast copies it: all ranks agree bit for bit.
+The broadcast goes to the children in the opposite order, largest subtree first, so with one
+message at a time per port every leaf is log p messages from the root.
 The buffer is cut into segments of ``segment_bytes``; a rank forwards segment s while later
 segments are still on their way, and the all-reduce starts broadcasting early segments while
 later ones are still being reduced (see _treepipe.py).
@@ -21,6 +23,7 @@ later ones are still being reduced (see _treepipe.py).
 Cost (p ranks, n bytes, s segments; alpha latency, beta per byte, gamma per reduced byte)::
 
     reduce / broadcast   (log p + s - 1) alpha + (log p + s - 1)(n/s) beta  [+ same gamma]
+                         (one segment: log p messages on every path, both phases)
     allreduce            twice that (the two phases overlap when s is large)
 
 An unsegmented binomial tree moves n log p bytes on the critical path: good for latency
@@ -41,7 +44,11 @@ SEGMENT_BYTES = 1 << 20
 
 
 def binomial(p: int, rank: int, root: int, lo: int, hi: int, largest_first: bool = False) -> _treepipe.TreeSpec:
-    """This rank's place in the binomial tree rooted at ``root`` carrying buf[lo:hi]."""
+    """This rank's place in the binomial tree rooted at ``root`` carrying buf[lo:hi]. Children
+    are folded in the order v+1, v+2, v+4 ... (smallest subtree first); the broadcast goes to
+    the largest subtree first (the child heading 2^j ranks then has j sends' head start over
+    the next one, so every path is log p messages long). ``largest_first`` lists ``children``
+    in the broadcast order too (for ``broadcast``, which folds nothing)."""
     v = (rank - root) % p
     low = v & -v if v else 1 << p.bit_length()
     parent = None if v == 0 else (v - low + root) % p
@@ -50,9 +57,9 @@ def binomial(p: int, rank: int, root: int, lo: int, hi: int, largest_first: bool
     while k < low and v + k < p:
         kids.append((v + k + root) % p)
         k <<= 1
-    if largest_first:
-        kids.reverse()
-    return _treepipe.TreeSpec(parent, kids, lo, hi, (p - 1).bit_length())
+    down = kids[::-1]
+    return _treepipe.TreeSpec(parent, down if largest_first else kids, lo, hi, (p - 1).bit_length(),
+                              bcast_order=down)
 
 
 def allreduce(t: Any, buf: Any, op: Any, segment_bytes: int = SEGMENT_BYTES) -> Any:
