@@ -5,11 +5,14 @@
         --algorithms ring,rhd,tree --sizes 4K:64M --iters 30 --json out.json --plot out.png
 
 For each collective, size and algorithm (``native`` always included), every rank runs
-``--warmup`` untimed calls then ``--iters`` timed ones; each call is timed on every rank
-between a barrier and its return, and the call's time is the slowest rank's. The table shows
-the median over calls, algbw = bytes / time and busbw = algbw x the nccl-tests factor
+``--warmup`` untimed calls then at least ``--iters`` timed ones; each call is timed on every
+rank between a barrier and its return, and the call's time is the slowest rank's. The table
+shows the median over calls, algbw = bytes / time and busbw = algbw x the nccl-tests factor
 (all-reduce 2(p-1)/p, reduce-scatter and all-gather (p-1)/p, broadcast and reduce 1).
-Algorithms are interleaved call by call so that a noisy moment hurts all of them alike.
+Algorithms take turns in blocks of ``--block`` calls, so that a noisy moment hurts all of
+them alike; each block opens with an untimed call, because the first call after switching
+between MPI's collectives and point-to-point pays for the switch (measured: per-call
+rotation made whichever algorithm followed another kind up to 1.5x slower).
 Every result is validated against the NumPy reference (``#wrong`` counts the elements that
 differ), and the header names the MPI library, thread level and world size.
 """
@@ -41,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op", default="sum")
     p.add_argument("--iters", type=int, default=20, help="timed calls per size and algorithm")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    p.add_argument("--block", type=int, default=10,
+                   help="timed calls in a row per algorithm before rotating to the next")
     p.add_argument("--max-seconds", type=float, default=2.0,
                    help="cap on timed calls per size and algorithm (at least 3 calls always run)")
     p.add_argument("--json", metavar="FILE", help="save every measurement as JSON")
@@ -124,24 +129,36 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict]:
             expect = _expected_part(collective, ref, rank, p, root)
             times = {a: [] for a in algs}
             wrong = {a: 0 for a in algs}
+
+            def timed_call(alg: str, check: bool) -> float:
+                comm.barrier()
+                t0 = time.perf_counter()
+                out = _call(comm, collective, x, args.op, alg, root, counts)
+                dt = time.perf_counter() - t0
+                if check and expect is not None:
+                    got = backend.to_host(out).reshape(-1)
+                    bad = int(np.count_nonzero(got != expect)) if got.shape == expect.shape else expect.size
+                    wrong[alg] = max(wrong[alg], bad)
+                return dt
+
+            for alg in algs:  # warm-up, and the first validation
+                for k in range(max(args.warmup, 1)):
+                    timed_call(alg, check=k == 0)
             budget_start = time.perf_counter()
-            n_calls = args.warmup + args.iters
-            for it in range(n_calls):
+            while True:
                 for alg in algs:
-                    comm.barrier()
-                    t0 = time.perf_counter()
-                    out = _call(comm, collective, x, args.op, alg, root, counts)
-                    dt = time.perf_counter() - t0
-                    if it >= args.warmup:
-                        times[alg].append(dt)
-                    if it in (0, n_calls - 1) and expect is not None:
-                        got = backend.to_host(out).reshape(-1)
-                        wrong[alg] = max(wrong[alg], int(np.count_nonzero(got != expect)) if got.shape == expect.shape else expect.size)
-                # stop early on slow sizes, the same decision on every rank
-                spent = np.array([time.perf_counter() - budget_start])
-                spent = comm.allreduce(spent, op="max")[0]
-                if it >= args.warmup + 2 and spent > args.max_seconds * len(algs):
+                    # each block opens with one untimed call: switching between MPI's own
+                    # collectives and point-to-point costs the first call after the switch,
+                    # which would otherwise be charged to whichever algorithm comes next
+                    timed_call(alg, check=False)
+                    for _ in range(args.block):
+                        times[alg].append(timed_call(alg, check=False))
+                done = len(times[algs[0]]) >= args.iters
+                spent = comm.allreduce(np.array([time.perf_counter() - budget_start]), op="max")[0]
+                if done or (len(times[algs[0]]) >= 3 and spent > args.max_seconds * len(algs)):
                     break
+            for alg in algs:  # validate the last result too
+                timed_call(alg, check=True)
             for alg in algs:
                 per_call = comm.allreduce(np.array(times[alg]), op="max")  # slowest rank per call
                 bad = int(comm.allreduce(np.array([wrong[alg]], dtype=np.int64), op="max")[0])
