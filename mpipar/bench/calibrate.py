@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "limit (default 64K,256K: MPICH's shared-memory eager and large-message paths)")
     p.add_argument("--repeats", type=int, default=30, help="timed round trips per size (median)")
     p.add_argument("--warmup", type=int, default=5, help="untimed round trips per size")
-    p.add_argument("--gamma-bytes", default="4M", help="buffer size for timing op.combine")
+    p.add_argument("--gamma-bytes", default="16M",
+                   help="buffer size for timing op.combine and the input copy (large: the "
+                        "collectives that these costs matter for do not fit in cache)")
     p.add_argument("--name", default=None, help="profile name (default: the host name)")
     p.add_argument("--output", default=None, help="where to write the JSON (default ./profile-<host>.json)")
 
@@ -95,6 +97,20 @@ def measure_gamma(nbytes: int, repeats: int) -> float:
     return statistics.median(times[2:]) / (n * 4)
 
 
+def measure_copy(nbytes: int, repeats: int) -> float:
+    """Seconds per byte of the Communicator's input copy (a fresh contiguous array, page
+    faults included: that is what every collective call pays before its algorithm starts)."""
+    from mpipar.comm.communicator import Communicator  # noqa: PLC0415
+
+    x = np.ones(max(1, nbytes // 4), dtype=np.float32)
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        Communicator._work_copy(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:]) / x.nbytes
+
+
 def _metadata(MPI: Any) -> dict[str, Any]:
     import mpi4py  # noqa: PLC0415
 
@@ -130,6 +146,7 @@ def main(args: argparse.Namespace) -> int:
     if t.rank != 0:
         return 0
     gamma = measure_gamma(parse_size(args.gamma_bytes), args.repeats)
+    copy = measure_copy(parse_size(args.gamma_bytes), args.repeats)
     classes = []
     lo = 0
     for hi in bounds + [None]:
@@ -144,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
     meta = _metadata(MPI)
     meta["samples"] = {str(n): measured[n] for n in sizes}
     name = args.name or meta["host"]
-    prof = Profile(name, Link(tuple(classes)), gamma=gamma,
+    prof = Profile(name, Link(tuple(classes)), gamma=gamma, copy=copy,
                    eager_limit=bounds[0] if bounds else None, metadata=meta)
     out = args.output or f"profile-{meta['host']}.json"
     prof.save(out)
@@ -156,5 +173,6 @@ def main(args: argparse.Namespace) -> int:
         bound = "inf" if c.max_bytes is None else format_size(c.max_bytes)
         bw = 1 / c.beta / 1e9 if c.beta > 0 else float("inf")
         print(f"# class <= {bound:>5}: alpha {c.alpha * 1e6:.2f} us, beta {c.beta:.3e} s/B ({bw:.2f} GB/s)")
-    print(f"# gamma {gamma:.3e} s/B ({1 / gamma / 1e9:.2f} GB/s float32 sum); saved {out}")
+    print(f"# gamma {gamma:.3e} s/B ({1 / gamma / 1e9:.2f} GB/s float32 sum); input copy "
+          f"{copy:.3e} s/B ({1 / copy / 1e9:.2f} GB/s); saved {out}")
     return 0

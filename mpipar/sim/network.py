@@ -3,7 +3,8 @@
 A message of ``n`` bytes costs ``alpha + n * beta`` seconds (Hockney's model), with ``alpha``
 and ``beta`` chosen by the message's size class (small messages go eagerly, large ones by
 rendezvous and often at another bandwidth); combining ``n`` bytes locally costs
-``n * gamma``. An optional two-level topology gives links inside a node (NVLink, shared
+``n * gamma``; the Communicator's copy of each rank's input into a fresh work buffer, before
+the algorithm starts, costs ``n * copy`` (0 where not measured). An optional two-level topology gives links inside a node (NVLink, shared
 memory) and between nodes (InfiniBand) their own classes.
 
 A profile is a JSON file (all times in seconds, ``beta``/``gamma`` in seconds per byte)::
@@ -91,6 +92,7 @@ class Profile:
     name: str
     link: Link                       # the flat network (and the only one without topology)
     gamma: float = 0.0               # seconds per byte combined by reduce_local
+    copy: float = 0.0                # seconds per byte of the Communicator's input copy
     eager_limit: int | None = None   # messages up to this go eagerly; None: all eager
     ranks_per_node: int | None = None
     intra: Link | None = None
@@ -125,7 +127,8 @@ class Profile:
     # -- JSON ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "metadata": self.metadata,
-                             "gamma_s_per_byte": self.gamma, "eager_limit_bytes": self.eager_limit,
+                             "gamma_s_per_byte": self.gamma, "copy_s_per_byte": self.copy,
+                             "eager_limit_bytes": self.eager_limit,
                              "classes": [c.to_json() for c in self.link.classes]}
         if self.ranks_per_node and self.intra is not None and self.inter is not None:
             d["topology"] = {"ranks_per_node": self.ranks_per_node,
@@ -138,6 +141,7 @@ class Profile:
         link = Link(tuple(SizeClass.from_json(c) for c in d["classes"]))
         return Profile(
             name=d.get("name", "unnamed"), link=link, gamma=float(d.get("gamma_s_per_byte", 0.0)),
+            copy=float(d.get("copy_s_per_byte", 0.0)),
             eager_limit=d.get("eager_limit_bytes"),
             ranks_per_node=int(topo["ranks_per_node"]) if topo else None,
             intra=Link.from_json(topo["intra"]) if topo else None,

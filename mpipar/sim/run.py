@@ -95,7 +95,14 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
                 "alltoall": (buf,)}[collective]
 
     engine = Engine(Network(prof, size, nic_serialization=nic_serialization), size, data=data)
-    return engine.run(fn, args, accepted(fn, dict(options or {})))
+    res = engine.run(fn, args, accepted(fn, dict(options or {})))
+    if prof.copy:
+        # every rank copies its input into a fresh work buffer before the algorithm starts
+        # (Communicator._work_copy): all clocks start that much later, the same on every rank
+        shift = prof.copy * (counts[0] if collective == "allgather" else count) * dt.itemsize
+        res.time += shift
+        res.finish = [f + shift for f in res.finish]
+    return res
 
 
 def simulate(fn: Any, size: int, profile: Profile | str | None = None, *, args: Any = (),
