@@ -85,7 +85,11 @@ def blas_threads() -> int | None:
 
 
 def set_blas_threads(n: int) -> bool:
-    """Set NumPy's BLAS threads at run time; False where the BLAS is not OpenBLAS."""
+    """Use ``n`` threads per rank: NumPy's BLAS (set at run time; returns False where the BLAS
+    is not OpenBLAS) and mpipar's blocked elementwise chains (GELU, softmax)."""
+    from mpipar.nn import blocking  # noqa: PLC0415
+
+    blocking.set_threads(n)
     lib = _openblas()
     for name in _BLAS_SET if lib is not None else ():
         if hasattr(lib, name):

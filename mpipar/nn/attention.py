@@ -34,7 +34,7 @@ import numpy as np
 from mpipar.backend import array_module
 from mpipar.nn import dropout as dropout_op
 from mpipar.nn import linear
-from mpipar.nn.blocking import row_blocks
+from mpipar.nn.blocking import for_each_block
 
 
 @functools.lru_cache(maxsize=32)
@@ -63,22 +63,26 @@ def _softmax_(att: Any, mask: Any, xp: Any) -> None:
     """In place: att = softmax(att + mask) over the last axis, (T, T) slab blocks at a time."""
     B, NH, T, _ = att.shape
     a3 = att.reshape(B * NH, T, T)              # (B*NH, T, T) view
-    for s in row_blocks(xp, B * NH, T * T):
+    def block(s: slice) -> None:
         a = a3[s]
         a += mask
         a -= a.max(axis=-1, keepdims=True)      # stable: the row max is on the diagonal or left
         xp.exp(a, out=a)
         a *= 1.0 / a.sum(axis=-1, keepdims=True)
 
+    for_each_block(xp, B * NH, T * T, block)
+
 
 def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
     """In place: datt = att * (datt - rowsum(datt * att)); masked entries have att = 0."""
     B, NH, T, _ = att.shape
     d3, a3 = datt.reshape(B * NH, T, T), att.reshape(B * NH, T, T)
-    for s in row_blocks(xp, B * NH, T * T):
+    def block(s: slice) -> None:
         d, a = d3[s], a3[s]
         d -= (d * a).sum(axis=-1, keepdims=True)  # (n, T, 1) broadcast
         d *= a
+
+    for_each_block(xp, B * NH, T * T, block)
 
 
 def forward(x: Any, c_attn_w: Any, c_attn_b: Any, c_proj_w: Any, c_proj_b: Any, NH: int,

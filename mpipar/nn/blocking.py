@@ -22,3 +22,43 @@ def row_blocks(xp: Any, rows: int, row_size: int) -> Iterator[slice]:
     step = rows if xp is not np else max(1, BLOCK // max(row_size, 1))
     for i in range(0, rows, step):
         yield slice(i, min(i + step, rows))
+
+
+# Elementwise chains run on one thread in NumPy, while matmuls use every BLAS thread; with
+# n threads the rows are split into n contiguous shares, each processed block by block on
+# its own thread (NumPy releases the GIL inside its loops). 1 (the default) runs inline.
+_threads = 1
+_pool: Any = None
+
+
+def set_threads(n: int) -> None:
+    """Threads for blocked elementwise chains on the CPU (train/bench pass --threads)."""
+    global _threads, _pool
+    n = max(1, int(n))
+    if n != _threads and _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _threads = n
+
+
+def for_each_block(xp: Any, rows: int, row_size: int, fn: Any) -> None:
+    """Call ``fn(slice)`` for every row block (``row_blocks``); blocks are disjoint, so with
+    several threads they may run at once: ``fn`` must only write its own block."""
+    if xp is not np or _threads == 1 or rows < 2 * _threads:
+        for s in row_blocks(xp, rows, row_size):
+            fn(s)
+        return
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="mpipar-ew")
+    share = -(-rows // _threads)
+
+    def run(lo: int) -> None:
+        hi = min(lo + share, rows)
+        for s in row_blocks(xp, hi - lo, row_size):
+            fn(slice(lo + s.start, lo + s.stop))
+
+    for f in [_pool.submit(run, lo) for lo in range(0, rows, share)]:
+        f.result()

@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from mpipar.backend import array_module
-from mpipar.nn.blocking import row_blocks
+from mpipar.nn.blocking import for_each_block
 
 K = math.sqrt(2.0 / math.pi)
 A = 0.044715
@@ -56,8 +56,7 @@ def forward(x: Any) -> tuple[Any, tuple]:
     xp = array_module(x)
     x2 = x.reshape(-1, x.shape[-1])             # (N, F)
     t, out = xp.empty_like(x2), xp.empty_like(x2)
-    for s in row_blocks(xp, *x2.shape):
-        _forward_block(x2[s], t[s], out[s], xp)
+    for_each_block(xp, *x2.shape, lambda s: _forward_block(x2[s], t[s], out[s], xp))
     return out.reshape(x.shape), (x2, t)
 
 
@@ -66,6 +65,6 @@ def backward(dout: Any, cache: tuple) -> Any:
     xp = array_module(t)
     d2 = dout.reshape(x2.shape)                 # (N, F)
     dx = xp.empty_like(x2)
-    for s in row_blocks(xp, *x2.shape):
-        _backward_block(d2[s], x2[s], t[s], dx[s], xp.empty_like(t[s]), xp)  # scratch block
+    for_each_block(xp, *x2.shape,  # each block gets its own scratch
+                   lambda s: _backward_block(d2[s], x2[s], t[s], dx[s], xp.empty_like(t[s]), xp))
     return dx.reshape(dout.shape)
