@@ -34,7 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="8:4M", help="message sizes in bytes, a:b = powers of two (default 8:4M)")
     p.add_argument("--split", default="64K,256K",
                    help="size-class boundaries, comma-separated; the first is taken as the eager "
-                        "limit (default 64K,256K: MPICH's shared-memory eager and large-message paths)")
+                        "limit (default 64K,256K: MPICH's shared-memory eager and large-message "
+                        "paths); 'each': one class per measured size (a step function through "
+                        "the measurements, which follows a library's protocol switches)")
+    p.add_argument("--method", default="pingpong", choices=("pingpong", "exchange"),
+                   help="pingpong: one-way time of a message (half a round trip); exchange: "
+                        "both ranks send and receive n bytes at once (sendrecv), the step of "
+                        "every pairwise algorithm (ring, rhd, ... at 2 ranks)")
+    p.add_argument("--eager", default=None,
+                   help="eager limit in bytes (default: the first --split boundary, or 64K)")
     p.add_argument("--repeats", type=int, default=30, help="timed round trips per size (median)")
     p.add_argument("--warmup", type=int, default=5, help="untimed round trips per size")
     p.add_argument("--gamma-bytes", default="16M",
@@ -64,6 +72,26 @@ def pingpong(t: Any, sizes: list[int], repeats: int, warmup: int) -> dict[int, f
             elif t.rank == 1:
                 recv(t, buf, 0, 7)
                 send(t, buf, 0, 7)
+    return {n: statistics.median(v) for n, v in times.items() if v}
+
+
+def exchange(t: Any, sizes: list[int], repeats: int, warmup: int) -> dict[int, float]:
+    """Median time (seconds, rank 0's) for ranks 0 and 1 to swap ``n`` bytes with one
+    ``sendrecv`` each, both directions at once, after a barrier."""
+    from mpipar.comm.transport.base import sendrecv  # noqa: PLC0415
+
+    send_bufs = {n: np.zeros(n, dtype=np.uint8) for n in sizes}
+    recv_bufs = {n: np.zeros(n, dtype=np.uint8) for n in sizes}
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for i in range(warmup + repeats):
+        for n in sizes:
+            t.barrier()
+            if t.rank in (0, 1):
+                peer = 1 - t.rank
+                t0 = time.perf_counter()
+                sendrecv(t, send_bufs[n], peer, recv_bufs[n], peer, 8)
+                if t.rank == 0 and i >= warmup:
+                    times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(v) for n, v in times.items() if v}
 
 
@@ -140,8 +168,12 @@ def main(args: argparse.Namespace) -> int:
         print("calibrate needs two ranks: mpiexec -n 2 python -m mpipar.bench calibrate")
         return 2
     sizes = parse_sizes(args.sizes)
-    bounds = sorted(parse_size(s) for s in str(args.split).split(",") if s.strip())
-    measured = pingpong(t, sizes, args.repeats, args.warmup)
+    if str(args.split).strip() == "each":
+        bounds = sorted(sizes)[:-1]
+    else:
+        bounds = sorted(parse_size(s) for s in str(args.split).split(",") if s.strip())
+    measure = exchange if args.method == "exchange" else pingpong
+    measured = measure(t, sizes, args.repeats, args.warmup)
     t.barrier()
     if t.rank != 0:
         return 0
@@ -158,11 +190,18 @@ def main(args: argparse.Namespace) -> int:
             lo = hi
     # a class with no measured size is dropped; the last one must stay unbounded
     classes[-1] = SizeClass(None, classes[-1].alpha, classes[-1].beta)
+    if args.eager is not None:
+        eager = parse_size(args.eager)
+    elif str(args.split).strip() == "each" or not bounds:
+        eager = 64 * 1024
+    else:
+        eager = bounds[0]
     meta = _metadata(MPI)
+    meta["method"] = args.method
     meta["samples"] = {str(n): measured[n] for n in sizes}
     name = args.name or meta["host"]
     prof = Profile(name, Link(tuple(classes)), gamma=gamma, copy=copy,
-                   eager_limit=bounds[0] if bounds else None, metadata=meta)
+                   eager_limit=eager, metadata=meta)
     out = args.output or f"profile-{meta['host']}.json"
     prof.save(out)
     print(f"# calibrate: {meta['host']}, {meta['libraries']['mpi']}")
