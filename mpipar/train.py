@@ -196,20 +196,6 @@ class Communication:
             self.comm = make_communicator()
             self.rank, self.size = self.comm.rank, self.comm.size
 
-    def average(self, x: Any) -> Any:
-        """Average ``x`` over ranks, in place when the communicator returns a new array."""
-        if self.comm is None:
-            return x
-        out = self.comm.allreduce(x, op="avg")
-        if out is not None and out is not x:
-            x[...] = out
-        return x
-
-    def mean_scalar(self, value: float, xp: Any) -> float:
-        if self.comm is None:
-            return value
-        return float(self.average(xp.asarray([value], dtype=xp.float64))[0])
-
 
 def checkpoint_meta(args: argparse.Namespace, config: Any, step: int) -> dict:
     return {"format": "mpipar-checkpoint", "version": 1, "step": step, "model": args.model,
@@ -356,12 +342,10 @@ class ParallelRunner:
             load_full_state_dict(self.trainer.local, model_sd)
             self.trainer.optimizer.load_state_dict(optim_sd)
             self.start = int(meta["step"])
-        from mpipar.nn.gpt import GPT  # noqa: PLC0415
+        from mpipar.nn.gpt import count_parameters, flops_per_token  # noqa: PLC0415
 
-        probe = GPT.__new__(GPT)          # sizes only: no second copy of the weights
-        probe.config, probe.layout = config, self.trainer.local.full_layout
-        self.n_params = GPT.num_parameters(probe)
-        self.flops_per_token = GPT.flops_per_token(probe)
+        self.n_params = count_parameters(config)
+        self.flops_per_token = flops_per_token(config)
 
     def describe(self) -> str:
         m = self.mesh

@@ -100,6 +100,31 @@ def init_host(config: GPTConfig, layout: FlatLayout, seed: int) -> np.ndarray:
     return buf
 
 
+def count_parameters(config: GPTConfig, non_embedding: bool = False) -> int:
+    """Parameter count (the tied embedding once); ``non_embedding`` leaves out the position
+    embedding, as nanoGPT's ``get_num_params`` does (wte stays: it is the head). A function of
+    the config alone, so a sharded run can report the whole model's size."""
+    shapes = param_shapes(config)
+    n = sum(math.prod(s) for s in shapes.values())
+    if non_embedding:
+        n -= math.prod(shapes["transformer.wpe.weight"])
+    return n
+
+
+def flops_per_token(config: GPTConfig, T: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT MFU::
+
+        6 N + 12 L C T
+
+    N = non-embedding parameters (``count_parameters(config, non_embedding=True)``), L layers,
+    C = n_embd (= n_head * hs), T = sequence length (block_size by default). 6N counts
+    the weight matmuls (2 forward + 4 backward per parameter), 12 L C T the attention
+    scores and weighted sums; causal masking savings are not counted.
+    """
+    T = config.block_size if T is None else T
+    return 6 * count_parameters(config, non_embedding=True) + 12 * config.n_layer * config.n_embd * T
+
+
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not parameters
 
 
@@ -211,26 +236,12 @@ class GPT:
 
     # ---- sizes ----------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:
-        """Parameter count (the tied embedding once); ``non_embedding`` leaves out the
-        position embedding, as nanoGPT's ``get_num_params`` does (wte stays: it is the head)."""
-        n = self.layout.numel
-        if non_embedding:
-            n -= math.prod(self.layout.shapes["transformer.wpe.weight"])
-        return n
+        """See ``count_parameters``."""
+        return count_parameters(self.config, non_embedding)
 
     def flops_per_token(self, T: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT MFU::
-
-            6 N + 12 L C T
-
-        N = non-embedding parameters (``num_parameters(non_embedding=True)``), L layers,
-        C = n_embd (= n_head * hs), T = sequence length (block_size by default). 6N counts
-        the weight matmuls (2 forward + 4 backward per parameter), 12 L C T the attention
-        scores and weighted sums; causal masking savings are not counted.
-        """
-        cfg = self.config
-        T = cfg.block_size if T is None else T
-        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+        """See the module function ``flops_per_token``."""
+        return flops_per_token(self.config, T)
 
     # ---- sampling -------------------------------------------------------------------
     def _last_logits(self, idx: Any) -> Any:

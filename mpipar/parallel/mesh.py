@@ -69,10 +69,6 @@ class Mesh:
     def grid(self) -> np.ndarray:
         return rank_grid(self.dp, self.tp, self.pp)
 
-    def stage_peer(self, stage: int) -> int:
-        """Rank, within the pp group, of pipeline stage ``stage`` (it is the stage index)."""
-        return stage
-
     def __str__(self) -> str:
         lines = [f"mesh dp={self.dp} x tp={self.tp} x pp={self.pp} ({self.dp * self.tp * self.pp} ranks; "
                  f"tensor-parallel ranks adjacent)"]
