@@ -1,29 +1,51 @@
-"""python -m mpipar.bench calibrate: measure alpha, beta and gamma here and save a network profile.
+"""python -m mpipar.bench calibrate: measure this machine's costs and save a network profile.
 
 Examples::
 
     mpiexec -n 2 python -m mpipar.bench calibrate                       # -> ./profile-<host>.json
     mpiexec -n 2 python -m mpipar.bench calibrate --output mpipar/sim/profiles/local.json \\
-        --name local --sizes 8:4M --split 64K,256K --repeats 30
+        --name local --check ring,rhd,tree,dbtree,ps,hier
     python -m mpipar.sim collectives --ranks 64 --profile ./profile-<host>.json
 
-alpha and beta come from a ping-pong between ranks 0 and 1 through mpipar's own MPI transport
-(the path the algorithms use, Python overhead included): for each size the one-way time is
-half the MEDIAN round trip, and each size class (``--split`` boundaries, e.g. MPI's eager /
-rendezvous switch) gets a least-squares line ``t = alpha + n * beta`` through its sizes.
-gamma is the MEDIAN time of ``op.combine`` (what ``reduce_local`` runs) per byte on float32
-buffers. Other ranks, if any, wait. Place the two ranks as you want them measured: on one node
-this is the shared-memory path; with ``-ppn 1`` on two nodes, the network.
+What is measured, each the way the algorithms meet it, between ranks 0 and 1 (others wait):
+
+* messages: with ``--method exchange`` (default) both ranks swap n bytes with one
+  ``sendrecv`` each, received into a freshly allocated buffer as the algorithms' scratch is:
+  the step of every pairwise algorithm; with ``--method pingpong`` half the round trip of one
+  message. Through mpipar's own MPI transport, so its Python overhead is included.
+* reductions: ``op.combine`` (what ``reduce_local`` runs) on n-byte float32 buffers just
+  written, on both ranks at once (they share the memory bus, as they do in a collective);
+* the Communicator's input copy of an n-byte array into a fresh one, on both ranks at once;
+* the same exchange through irecv + isend + waits: what that costs beyond one sendrecv, per
+  request and at sizes up to 64 KiB, is the profile's ``post_overhead`` (LogP's o).
+
+Each is timed for every size in ``--sizes``, the sizes interleaved within each of ``--repeats``
+rounds (a burst of load from elsewhere lands on all sizes alike); a size's time is the MEDIAN
+over rounds of the slower rank's. ``--split each`` (default) turns the medians into size
+classes that interpolate linearly between neighbouring measured sizes (a reduction that fits
+in cache runs several times faster than one that streams from memory, and MPI switches
+protocols at several sizes: no single line describes either); ``--split 64K,256K`` fits one
+least-squares line ``t = alpha + n * beta`` per class instead (what a cluster's smoother
+network wants).
+
+``--check ALGS`` also times those all-reduce algorithms through the Communicator in the same
+rounds, then simulates them with the profile just measured and prints predicted beside
+measured: calibration and measurement share the machine's state of the moment, which on a
+shared machine drifts by tens of percent between runs a minute apart.
+
+Place the ranks as you want them measured: on one node this is the shared-memory path; with
+``-ppn 1`` on two nodes, the network.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import platform
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,69 +53,138 @@ from mpipar.bench.report import format_size, parse_size, parse_sizes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default="8:4M", help="message sizes in bytes, a:b = powers of two (default 8:4M)")
-    p.add_argument("--split", default="64K,256K",
-                   help="size-class boundaries, comma-separated; the first is taken as the eager "
-                        "limit (default 64K,256K: MPICH's shared-memory eager and large-message "
-                        "paths); 'each': one class per measured size (a step function through "
-                        "the measurements, which follows a library's protocol switches)")
-    p.add_argument("--method", default="pingpong", choices=("pingpong", "exchange"),
-                   help="pingpong: one-way time of a message (half a round trip); exchange: "
-                        "both ranks send and receive n bytes at once (sendrecv), the step of "
-                        "every pairwise algorithm (ring, rhd, ... at 2 ranks)")
+    p.add_argument("--sizes", default="8:16M", help="sizes in bytes, a:b = powers of two (default 8:16M)")
+    p.add_argument("--split", default="each",
+                   help="'each' (default): classes interpolating between the measured sizes, "
+                        "which follows a library's protocol switches and the caches; or "
+                        "size-class boundaries, comma-separated (e.g. 64K,256K), one fitted line "
+                        "each, the first taken as the eager limit")
+    p.add_argument("--method", default="exchange", choices=("pingpong", "exchange"),
+                   help="exchange (default): both ranks send and receive n bytes at once "
+                        "(sendrecv), the step of every pairwise algorithm; pingpong: one-way "
+                        "time of a message (half a round trip)")
     p.add_argument("--eager", default=None,
                    help="eager limit in bytes (default: the first --split boundary, or 64K)")
-    p.add_argument("--repeats", type=int, default=30, help="timed round trips per size (median)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed round trips per size")
-    p.add_argument("--gamma-bytes", default="16M",
-                   help="buffer size for timing op.combine and the input copy (large: the "
-                        "collectives that these costs matter for do not fit in cache)")
+    p.add_argument("--repeats", type=int, default=40, help="timed rounds over all sizes (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--check", default="",
+                   help="comma-separated all-reduce algorithms to time in the same rounds and "
+                        "compare with their simulation on the new profile")
+    p.add_argument("--check-min", default="64K", help="smallest size checked (default 64K)")
+    p.add_argument("--check-json", default=None, metavar="FILE",
+                   help="save the predicted-vs-measured rows as JSON")
     p.add_argument("--name", default=None, help="profile name (default: the host name)")
     p.add_argument("--output", default=None, help="where to write the JSON (default ./profile-<host>.json)")
 
 
-def pingpong(t: Any, sizes: list[int], repeats: int, warmup: int) -> dict[int, float]:
-    """Median one-way time (seconds) per size of a message between ranks 0 and 1 (rank 0's
-    answer; others get {}). Sizes are interleaved within each repeat, so that a burst of load
-    from elsewhere on the machine lands on all sizes alike rather than bending the fit."""
+# -- the measured operations (each returns this rank's seconds for one call) ----------------
+
+def _pingpong(t: Any, n: int, bufs: dict) -> float:
     from mpipar.comm.transport.base import recv, send  # noqa: PLC0415
 
-    bufs = {n: np.zeros(n, dtype=np.uint8) for n in sizes}
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    for i in range(warmup + repeats):
-        for n in sizes:
-            buf = bufs[n]
-            if t.rank == 0:
-                t0 = time.perf_counter()
-                send(t, buf, 1, 7)
-                recv(t, buf, 1, 7)
-                if i >= warmup:
-                    times[n].append((time.perf_counter() - t0) / 2)
-            elif t.rank == 1:
-                recv(t, buf, 0, 7)
-                send(t, buf, 0, 7)
-    return {n: statistics.median(v) for n, v in times.items() if v}
+    buf = bufs.setdefault(("pp", n), np.zeros(n, dtype=np.uint8))
+    t0 = time.perf_counter()
+    if t.rank == 0:
+        send(t, buf, 1, 7)
+        recv(t, buf, 1, 7)
+    elif t.rank == 1:
+        recv(t, buf, 0, 7)
+        send(t, buf, 0, 7)
+    return (time.perf_counter() - t0) / 2
 
 
-def exchange(t: Any, sizes: list[int], repeats: int, warmup: int) -> dict[int, float]:
-    """Median time (seconds, rank 0's) for ranks 0 and 1 to swap ``n`` bytes with one
-    ``sendrecv`` each, both directions at once, after a barrier."""
+def _fresh_copy(bufs: dict, n: int) -> np.ndarray:
+    """n bytes just written into a new array (untimed): what an algorithm sends is its work
+    copy of the input, made moments before, so it is measured from warm caches too."""
+    return bufs.setdefault(("x", n), np.ones(n, dtype=np.uint8)).copy()
+
+
+def _exchange(t: Any, n: int, bufs: dict) -> float:
     from mpipar.comm.transport.base import sendrecv  # noqa: PLC0415
 
-    send_bufs = {n: np.zeros(n, dtype=np.uint8) for n in sizes}
-    recv_bufs = {n: np.zeros(n, dtype=np.uint8) for n in sizes}
-    times: dict[int, list[float]] = {n: [] for n in sizes}
+    if t.rank > 1:
+        return 0.0
+    send = _fresh_copy(bufs, n)
+    peer = 1 - t.rank
+    t0 = time.perf_counter()
+    sendrecv(t, send, peer, np.empty(n, dtype=np.uint8), peer, 8)
+    return time.perf_counter() - t0
+
+
+def _posted_exchange(t: Any, n: int, bufs: dict) -> float:
+    """The exchange again, as irecv + isend + two waits (how tree-like algorithms and chunked
+    rings talk): the difference from one sendrecv is the bookkeeping of posting requests."""
+    if t.rank > 1:
+        return 0.0
+    send = _fresh_copy(bufs, n)
+    peer = 1 - t.rank
+    t0 = time.perf_counter()
+    r = t.irecv(np.empty(n, dtype=np.uint8), peer, 9)
+    t.isend(send, peer, 9).wait()
+    r.wait()
+    return time.perf_counter() - t0
+
+
+def _reduce(t: Any, n: int, bufs: dict) -> float:
+    from mpipar.comm.ops import SUM  # noqa: PLC0415
+
+    if t.rank > 1:
+        return 0.0
+    a, b = bufs.setdefault(("r", n), (np.ones(max(1, n // 4), np.float32), np.ones(max(1, n // 4), np.float32)))
+    dst, src = a.copy(), b.copy()  # just written, as a received block and its target are
+    t0 = time.perf_counter()
+    SUM.combine(dst, src)
+    return time.perf_counter() - t0
+
+
+def _copy(t: Any, n: int, bufs: dict) -> float:
+    from mpipar.comm.communicator import Communicator  # noqa: PLC0415
+
+    if t.rank > 1:
+        return 0.0
+    x = bufs.setdefault(("c", n), np.ones(max(1, n // 4), dtype=np.float32))
+    t0 = time.perf_counter()
+    Communicator._work_copy(x)
+    return time.perf_counter() - t0
+
+
+def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warmup: int,
+            check: list[str], check_sizes: list[int]) -> dict[str, dict[int, float]]:
+    """Median (over rounds) of the slower of ranks 0 and 1 (every rank, for the checked
+    algorithms) per operation and size, in seconds: {"message"|"reduce"|"copy"|alg: {n: s}}."""
+    ops: dict[str, Callable[[Any, int, dict], float]] = {
+        "message": _pingpong if method == "pingpong" else _exchange, "posted": _posted_exchange,
+        "reduce": _reduce, "copy": _copy}
+    bufs: dict = {}
+    local: dict[str, dict[int, list[float]]] = {k: {n: [] for n in sizes} for k in ops}
+    for alg in check:
+        local[alg] = {n: [] for n in check_sizes}
+    inputs = {n: np.ones(max(1, n // 4), dtype=np.float32) for n in check_sizes}
     for i in range(warmup + repeats):
         for n in sizes:
-            t.barrier()
-            if t.rank in (0, 1):
-                peer = 1 - t.rank
-                t0 = time.perf_counter()
-                sendrecv(t, send_bufs[n], peer, recv_bufs[n], peer, 8)
-                if t.rank == 0 and i >= warmup:
-                    times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items() if v}
+            for name, op in ops.items():
+                t.barrier()
+                dt = op(t, n, bufs)
+                if i >= warmup:
+                    local[name][n].append(dt)
+            if n in inputs:
+                k = i % len(check)  # a different algorithm goes first each round
+                for alg in check[k:] + check[:k]:
+                    t.barrier()
+                    t0 = time.perf_counter()
+                    comm.allreduce(inputs[n], algorithm=alg)
+                    if i >= warmup:
+                        local[alg][n].append(time.perf_counter() - t0)
+    out: dict[str, dict[int, float]] = {}
+    for name, per_size in local.items():
+        out[name] = {}
+        for n, v in per_size.items():
+            slowest = comm.allreduce(np.asarray(v, dtype=np.float64), op="max")
+            out[name][n] = float(np.median(slowest))
+    return out
 
+
+# -- turning medians into size classes -----------------------------------------------------
 
 def fit_line(sizes: list[int], times: list[float]) -> tuple[float, float]:
     """Least-squares (alpha, beta) of ``t = alpha + n beta`` on relative error, both kept
@@ -111,36 +202,44 @@ def fit_line(sizes: list[int], times: list[float]) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
-def measure_gamma(nbytes: int, repeats: int) -> float:
-    """Seconds per byte of ``SUM.combine`` on float32 buffers (median of ``repeats``)."""
-    from mpipar.comm.ops import SUM  # noqa: PLC0415
+def interpolating_classes(samples: dict[int, float]) -> list[Any]:
+    """Size classes through the measured points: up to the smallest size its time; between
+    two measured sizes the straight line joining them; beyond the largest, proportional to
+    size (the time per byte of the largest measurement)."""
+    from mpipar.sim.network import SizeClass  # noqa: PLC0415
 
-    n = max(1, nbytes // 4)
-    a, b = np.ones(n, dtype=np.float32), np.ones(n, dtype=np.float32)
-    times = []
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
-        SUM.combine(a, b)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:]) / (n * 4)
-
-
-def measure_copy(nbytes: int, repeats: int) -> float:
-    """Seconds per byte of the Communicator's input copy (a fresh contiguous array, page
-    faults included: that is what every collective call pays before its algorithm starts)."""
-    from mpipar.comm.communicator import Communicator  # noqa: PLC0415
-
-    x = np.ones(max(1, nbytes // 4), dtype=np.float32)
-    times = []
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
-        Communicator._work_copy(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:]) / x.nbytes
+    pts = sorted(samples.items())
+    classes = [SizeClass(pts[0][0], pts[0][1], 0.0)]
+    for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
+        beta = (t1 - t0) / (n1 - n0)
+        classes.append(SizeClass(n1, t0 - n0 * beta, beta))
+    n_last, t_last = pts[-1]
+    classes.append(SizeClass(None, 0.0, t_last / n_last))
+    return classes
 
 
-def _metadata(MPI: Any) -> dict[str, Any]:
+def fitted_classes(samples: dict[int, float], bounds: list[int]) -> list[Any]:
+    """One least-squares line per class between ``bounds``; classes with no sample dropped."""
+    from mpipar.sim.network import SizeClass  # noqa: PLC0415
+
+    sizes = sorted(samples)
+    classes = []
+    lo = 0
+    for hi in bounds + [None]:
+        members = [n for n in sizes if n > lo and (hi is None or n <= hi)]
+        if members:
+            a, b = fit_line(members, [samples[n] for n in members])
+            classes.append(SizeClass(hi, a, b))
+        if hi is not None:
+            lo = hi
+    classes[-1] = SizeClass(None, classes[-1].alpha, classes[-1].beta)  # the last is unbounded
+    return classes
+
+
+def _metadata(MPI: Any, method: str) -> dict[str, Any]:
     import mpi4py  # noqa: PLC0415
+
+    from mpipar.comm.mpi_env import thread_level_name  # noqa: PLC0415
 
     cpu = platform.processor() or ""
     try:
@@ -148,70 +247,86 @@ def _metadata(MPI: Any) -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"source": "measured by python -m mpipar.bench calibrate (ping-pong through the mpipar "
-                      "MPI transport, medians; gamma from op.combine on float32)",
-            "host": platform.node(), "cpu": cpu,
+    how = "sendrecv exchanges" if method == "exchange" else "ping-pongs"
+    return {"source": f"measured by python -m mpipar.bench calibrate ({how} through the mpipar "
+                      "MPI transport, op.combine and the input copy on both ranks at once; medians)",
+            "host": platform.node(), "cpu": cpu, "method": method,
+            "thread_level": thread_level_name(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "libraries": {"python": platform.python_version(), "numpy": np.__version__,
                           "mpi4py": mpi4py.__version__,
                           "mpi": MPI.Get_library_version().splitlines()[0].strip()}}
 
 
+def build_profile(name: str, measured: dict[str, dict[int, float]], split: str, eager: int,
+                  meta: dict[str, Any]) -> Any:
+    from mpipar.sim.network import Link, Profile  # noqa: PLC0415
+
+    if split == "each":
+        make = interpolating_classes
+    else:
+        bounds = sorted(parse_size(s) for s in split.split(",") if s.strip())
+        def make(samples: dict[int, float]) -> list[Any]:
+            return fitted_classes(samples, bounds)
+    largest = max(measured["reduce"])
+    # o: what posting two requests (irecv + isend, and their waits) costs beyond one
+    # sendrecv, per request, from the sizes where the copy is small beside it
+    small = [n for n in measured["posted"] if n <= 64 * 1024] or [min(measured["posted"])]
+    post = max(0.0, statistics.median((measured["posted"][n] - measured["message"][n]) / 2 for n in small))
+    meta = dict(meta, samples={k: {str(n): v for n, v in measured[k].items()}
+                               for k in ("message", "posted", "reduce", "copy")})
+    return Profile(name, Link(tuple(make(measured["message"]))),
+                   gamma=measured["reduce"][largest] / largest, copy=measured["copy"][largest] / largest,
+                   reduce_link=Link(tuple(make(measured["reduce"]))),
+                   copy_link=Link(tuple(make(measured["copy"]))),
+                   post_overhead=post, eager_limit=eager, metadata=meta)
+
+
 def main(args: argparse.Namespace) -> int:
+    from mpipar.comm import make_communicator  # noqa: PLC0415
     from mpipar.comm.mpi_env import import_mpi  # noqa: PLC0415
-    from mpipar.comm.transport.mpi import MPITransport  # noqa: PLC0415
-    from mpipar.sim.network import Link, Profile, SizeClass  # noqa: PLC0415
 
     MPI = import_mpi()
-    t = MPITransport(MPI.COMM_WORLD)
+    comm = make_communicator()
+    t = comm.transport
     if t.size < 2:
         print("calibrate needs two ranks: mpiexec -n 2 python -m mpipar.bench calibrate")
         return 2
     sizes = parse_sizes(args.sizes)
-    if str(args.split).strip() == "each":
-        bounds = sorted(sizes)[:-1]
-    else:
-        bounds = sorted(parse_size(s) for s in str(args.split).split(",") if s.strip())
-    measure = exchange if args.method == "exchange" else pingpong
-    measured = measure(t, sizes, args.repeats, args.warmup)
-    t.barrier()
+    split = str(args.split).strip()
+    check = [a.strip() for a in args.check.split(",") if a.strip()]
+    check_sizes = [n for n in sizes if n >= parse_size(args.check_min)]
+    measured = measure(t, comm, sizes, args.method, args.repeats, args.warmup, check, check_sizes)
     if t.rank != 0:
         return 0
-    gamma = measure_gamma(parse_size(args.gamma_bytes), args.repeats)
-    copy = measure_copy(parse_size(args.gamma_bytes), args.repeats)
-    classes = []
-    lo = 0
-    for hi in bounds + [None]:
-        members = [n for n in sizes if n > lo and (hi is None or n <= hi)]
-        if members:
-            a, b = fit_line(members, [measured[n] for n in members])
-            classes.append(SizeClass(hi, a, b))
-        if hi is not None:
-            lo = hi
-    # a class with no measured size is dropped; the last one must stay unbounded
-    classes[-1] = SizeClass(None, classes[-1].alpha, classes[-1].beta)
     if args.eager is not None:
         eager = parse_size(args.eager)
-    elif str(args.split).strip() == "each" or not bounds:
+    elif split == "each":
         eager = 64 * 1024
     else:
-        eager = bounds[0]
-    meta = _metadata(MPI)
-    meta["method"] = args.method
-    meta["samples"] = {str(n): measured[n] for n in sizes}
-    name = args.name or meta["host"]
-    prof = Profile(name, Link(tuple(classes)), gamma=gamma, copy=copy,
-                   eager_limit=eager, metadata=meta)
+        eager = min(parse_size(s) for s in split.split(",") if s.strip())
+    meta = _metadata(MPI, args.method)
+    prof = build_profile(args.name or meta["host"], measured, split, eager, meta)
     out = args.output or f"profile-{meta['host']}.json"
     prof.save(out)
-    print(f"# calibrate: {meta['host']}, {meta['libraries']['mpi']}")
-    print(f"#{'size(B)':>11} {'one-way(us)':>12} {'model(us)':>10}")
+    what = "exchange" if args.method == "exchange" else "one-way"
+    print(f"# calibrate: {meta['host']}, {meta['libraries']['mpi']}, thread level {meta['thread_level']}, "
+          f"medians of {args.repeats} rounds")
+    print(f"#{'size(B)':>11} {what + '(us)':>13} {'posted(us)':>11} {'reduce(us)':>11} {'copy(us)':>9}")
     for n in sizes:
-        print(f"{n:12d} {measured[n] * 1e6:12.2f} {prof.link.time(n) * 1e6:10.2f}")
-    for c in classes:
-        bound = "inf" if c.max_bytes is None else format_size(c.max_bytes)
-        bw = 1 / c.beta / 1e9 if c.beta > 0 else float("inf")
-        print(f"# class <= {bound:>5}: alpha {c.alpha * 1e6:.2f} us, beta {c.beta:.3e} s/B ({bw:.2f} GB/s)")
-    print(f"# gamma {gamma:.3e} s/B ({1 / gamma / 1e9:.2f} GB/s float32 sum); input copy "
-          f"{copy:.3e} s/B ({1 / copy / 1e9:.2f} GB/s); saved {out}")
+        print(f"{n:12d} {measured['message'][n] * 1e6:13.2f} {measured['posted'][n] * 1e6:11.2f} "
+              f"{measured['reduce'][n] * 1e6:11.2f} {measured['copy'][n] * 1e6:9.2f}")
+    print(f"# post overhead (irecv/isend beyond sendrecv, per request) {prof.post_overhead * 1e6:.2f} us; "
+          f"saved {out}")
+    if check:
+        from mpipar.sim.compare import format_comparison, predicted_rows  # noqa: PLC0415
+
+        rows = predicted_rows({alg: measured[alg] for alg in check}, t.size, prof)
+        print(f"# all-reduce through the Communicator, measured in the same rounds, beside its "
+              f"simulation on this profile ({t.size} ranks, float32)")
+        print(format_comparison(rows))
+        if args.check_json:
+            with open(args.check_json, "w") as f:
+                json.dump({"profile": prof.to_json(), "rows": rows}, f, indent=1)
+            print(f"# saved {args.check_json}")
     return 0

@@ -6,14 +6,17 @@
 
 The measurement is ``bench collectives`` (median of the slowest rank per call, results
 validated); the table lists, per collective and size, every algorithm's median time and the
-fastest one. It is valid for this host and world size: ``auto`` ignores a table of another
-size and falls back to the cost model. See ``mpipar/comm/auto.py`` for the format.
+one ``auto`` should use (``choose_best``: the fastest, unless another algorithm within 5% of
+it is better over the neighbouring sizes too). It is valid for this host and world size:
+``auto`` ignores a table of another size and falls back to the cost model. See
+``mpipar/comm/auto.py`` for the format.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import platform
 
 from mpipar.bench import collectives as coll_bench
@@ -23,6 +26,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     coll_bench.add_arguments(p)
     p.set_defaults(collectives="allreduce,reduce_scatter,allgather,broadcast", sizes="8:16M", iters=15)
     p.add_argument("--out", metavar="FILE", help="table path (default: auto's default for this host and size)")
+
+
+# An algorithm more than this much slower than the fastest at a size is never chosen there.
+SMOOTHING_SLACK = 1.05
+
+
+def choose_best(entries: list[dict]) -> None:
+    """Set each entry's ``best``: among the algorithms within SMOOTHING_SLACK of the fastest at
+    that size, the one with the least geometric mean of time / fastest time over that size and
+    its neighbours (one power of two either side).
+
+    Medians still move by 5-15% between runs on a shared machine, and where two algorithms
+    are equally good (ring and rhd send the same messages at 2 ranks) the raw minimum flips
+    between them from size to size at random. An algorithm that is also good next door is
+    the better bet; the slack keeps a clear winner at its own size."""
+    entries.sort(key=lambda e: e["bytes"])
+    rel = []
+    for e in entries:
+        fastest = min(e["time_us"].values())
+        rel.append({a: t / fastest if fastest > 0 else 1.0 for a, t in e["time_us"].items()})
+    for i, e in enumerate(entries):
+        near = [rel[j] for j in (i - 1, i, i + 1) if 0 <= j < len(entries)]
+        ok = [a for a, r in rel[i].items() if r <= SMOOTHING_SLACK]
+
+        def score(a: str) -> float:
+            logs = [math.log(r[a]) for r in near if a in r]
+            return sum(logs) / len(logs)
+
+        e["best"] = min(ok, key=lambda a: (score(a), rel[i][a]))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,8 +80,7 @@ def main(args: argparse.Namespace) -> int:
             entries.append(entry)
         entry["time_us"][r["algorithm"]] = round(r["time_us"], 3)
     for entries in table["collectives"].values():
-        for e in entries:
-            e["best"] = min(e["time_us"], key=e["time_us"].get)
+        choose_best(entries)
     if comm.rank == 0:
         if bad:
             print0(f"# {bad} wrong results: not saving a table from a broken run")

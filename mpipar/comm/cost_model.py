@@ -4,7 +4,8 @@ the simulator.
 The model is the simulator's (see ``transport/sim.py``): a message of b bytes costs
 ``m(b) = alpha(b) + b * beta(b)`` (alpha and beta from the profile's size class for b), each
 rank has one send port and one receive port (single-port, full duplex), so messages a rank
-sends one after another cost m(b) each; combining b bytes costs ``b * gamma``. Notation:
+sends one after another cost m(b) each; combining b bytes costs ``b * gamma`` (``reduce(b)`` in
+code, ``Net.reduce``: a profile may give reductions size classes, as it does messages). Notation:
 p ranks, n bytes, k = log2 p, b = n / p.
 
     ring    allreduce       (p-1) (2 m(b) + b gamma)
@@ -79,11 +80,12 @@ COSTED: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Net:
-    """Per-message time on each level, gamma, and the node size (1: a flat network)."""
+    """Per-message time on each level, the time to combine b bytes, and the node size (1: a
+    flat network)."""
 
     intra: Callable[[int], float]
     inter: Callable[[int], float]
-    gamma: float
+    reduce: Callable[[float], float]
     ranks_per_node: int = 1
 
     @staticmethod
@@ -91,13 +93,16 @@ class Net:
         if ranks_per_node is not None:
             profile = profile.with_topology(ranks_per_node)
         rpn, intra, inter = profile.levels(0)
-        return Net(intra.time, inter.time, profile.gamma, rpn)
+        return Net(intra.time, inter.time, profile.reduce_time, rpn)
 
     @staticmethod
     def simple(alpha: float, beta: float, gamma: float = 0.0) -> "Net":
         def m(b: int) -> float:
             return alpha + b * beta
-        return Net(m, m, gamma, 1)
+
+        def g(b: float) -> float:
+            return b * gamma
+        return Net(m, m, g, 1)
 
     def m(self, nbytes: float, p: int) -> float:
         """A message of a flat algorithm over p ranks whose steps all cross nodes once p
@@ -121,12 +126,12 @@ def _pof2(p: int) -> bool:
 # -- ring ---------------------------------------------------------------------------------------
 def ring_allreduce(p: int, n: float, net: Net) -> float:
     b = math.ceil(n / p)
-    return (p - 1) * (2 * net.m(b, p) + b * net.gamma)
+    return (p - 1) * (2 * net.m(b, p) + net.reduce(b))
 
 
 def ring_reduce_scatter(p: int, n: float, net: Net) -> float:
     b = math.ceil(n / p)
-    return (p - 1) * (net.m(b, p) + b * net.gamma)
+    return (p - 1) * (net.m(b, p) + net.reduce(b))
 
 
 def ring_allgather(p: int, n: float, net: Net) -> float:
@@ -144,21 +149,21 @@ def rhd_allreduce(p: int, n: float, net: Net, small_bytes: int | None = None,
     small_bytes = small_bytes or _default("rhd", "SMALL_BYTES", RHD_SMALL_BYTES)
     k = p.bit_length() - 1  # log2 of the power-of-two core
     pof2 = 1 << k
-    extra = 0.0 if p == pof2 else 2 * net.m(n, p) + n * net.gamma
+    extra = 0.0 if p == pof2 else 2 * net.m(n, p) + net.reduce(n)
     if n < small_bytes or n / itemsize < pof2:  # doubling: partners 1, 2, 4 ... apart
-        return extra + sum(net.m_dist(n, 1 << i) + n * net.gamma for i in range(k))
+        return extra + sum(net.m_dist(n, 1 << i) + net.reduce(n) for i in range(k))
     t = 0.0
     for i in range(1, k + 1):  # halving with partners pof2/2^i apart, doubling the same back
         part = n / (1 << i)
-        t += 2 * net.m_dist(part, pof2 >> i) + part * net.gamma
+        t += 2 * net.m_dist(part, pof2 >> i) + net.reduce(part)
     return extra + t
 
 
 def rhd_reduce_scatter(p: int, n: float, net: Net) -> float:
     k = p.bit_length() - 1
-    extra = 0.0 if p == 1 << k else 2 * net.m(n, p) + n * net.gamma
+    extra = 0.0 if p == 1 << k else 2 * net.m(n, p) + net.reduce(n)
     pof2 = 1 << k
-    return extra + sum(net.m_dist(n / (1 << i), pof2 >> i) + n / (1 << i) * net.gamma
+    return extra + sum(net.m_dist(n / (1 << i), pof2 >> i) + net.reduce(n / (1 << i))
                        for i in range(1, k + 1))
 
 
@@ -183,11 +188,11 @@ def tree_reduce(p: int, n: float, net: Net, segment_bytes: int | None = None) ->
     k, s = _log2(p), _segments(n, _seg("tree", segment_bytes))
     seg = n / s
     if s == 1:  # k levels of (message + fold); the deepest path is the root's last child
-        return sum(net.m_dist(n, 1 << j) + n * net.gamma for j in range(k))
+        return sum(net.m_dist(n, 1 << j) + net.reduce(n) for j in range(k))
     # pipelined (estimate): a fill of k levels, then one segment per period, the period being
     # the root's k children delivering through its one receive port (folds hidden if faster)
-    period = max(_kids_m(k, seg, net), k * seg * net.gamma)
-    return k * (net.m(seg, p) + seg * net.gamma) + (s - 1) * period
+    period = max(_kids_m(k, seg, net), k * net.reduce(seg))
+    return k * (net.m(seg, p) + net.reduce(seg)) + (s - 1) * period
 
 
 def tree_broadcast(p: int, n: float, net: Net, segment_bytes: int | None = None,
@@ -215,8 +220,8 @@ def tree_allreduce(p: int, n: float, net: Net, segment_bytes: int | None = None)
     # then for its broadcast step, in program order, so the root's period is its k receives
     # plus its k sends (not the max of the two ports), after a fill of 2k levels
     k, seg = _log2(p), n / s
-    period = 2 * max(_kids_m(k, seg, net), k * seg * net.gamma)
-    return 2 * k * (net.m(seg, p) + seg * net.gamma) + (s - 1) * period
+    period = 2 * max(_kids_m(k, seg, net), k * net.reduce(seg))
+    return 2 * k * (net.m(seg, p) + net.reduce(seg)) + (s - 1) * period
 
 
 # -- double binary tree (estimate) --------------------------------------------------------------
@@ -231,7 +236,7 @@ def dbtree_allreduce(p: int, n: float, net: Net, segment_bytes: int | None = Non
     # period of 8 messages. Still optimistic at large p and many segments (the window of 2
     # posted receives makes the pipeline latency-bound): 1.0-2.7x below the simulator in
     # tests/sim; prefer the simulator or a tuned table for dbtree.
-    step = 2 * net.m(seg, p) + seg * net.gamma
+    step = 2 * net.m(seg, p) + net.reduce(seg)
     return 2 * d * step + (s - 1) * 4 * step
 
 
@@ -242,7 +247,7 @@ def ps_allreduce(p: int, n: float, net: Net, servers: int = 1) -> float:
     near = min(p, net.ranks_per_node) - 1  # the server's node mates come over the fast link
     total = near * net.intra(int(shard)) + (p - 1 - near) * net.inter(int(shard))
     m = total / (p - 1)
-    fold = shard * net.gamma
+    fold = net.reduce(shard)
     push = max(m + (p - 1) * fold, total + fold)
     if k > 1:  # every rank also pushes k-1 shards through its own port (estimate)
         push = max(push, (k - 1) * m + fold)
@@ -255,8 +260,8 @@ def hier_allreduce(p: int, n: float, net: Net, ranks_per_node: int | None = None
     rpn = ranks_per_node or net.ranks_per_node
     rpn = max(1, min(rpn, p))
     nodes = math.ceil(p / rpn)
-    local = Net(net.intra, net.intra, net.gamma, rpn)
-    across = Net(net.inter, net.inter, net.gamma, 1)
+    local = Net(net.intra, net.intra, net.reduce, rpn)
+    across = Net(net.inter, net.inter, net.reduce, 1)
     t = 0.0
     if rpn > 1:
         seg = options.get("segment_bytes")

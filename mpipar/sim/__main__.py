@@ -95,7 +95,9 @@ def collectives(args: argparse.Namespace) -> int:
               f"inter {inter.time(1 << 20) * 1e6:.1f} us/MiB")
     else:
         print(f"# flat network: {inter.time(1 << 20) * 1e6:.1f} us/MiB, alpha {inter.params(8)[0] * 1e6:.2f} us")
-    print(f"# gamma {prof.gamma:.3e} s/B; ports {'unlimited' if args.no_port_serialization else 'one send + one receive per rank'}")
+    red = (f"reduce {prof.reduce_time(1 << 20) * 1e6:.1f} us/MiB (size classes)" if prof.reduce_link is not None
+           else f"gamma {prof.gamma:.3e} s/B")
+    print(f"# {red}; ports {'unlimited' if args.no_port_serialization else 'one send + one receive per rank'}")
     sizes = parse_sizes(args.sizes)
     for alg in algorithms:
         rows = []

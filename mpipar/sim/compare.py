@@ -1,8 +1,11 @@
 """Predicted beside measured: simulate every row of a ``bench collectives --json`` file.
 
     mpiexec -n 2 python -m mpipar.bench collectives --sizes 4K:16M --json measured.json
-    python -m mpipar.bench calibrate --out here.json          # under mpiexec -n 2
+    mpiexec -n 2 python -m mpipar.bench calibrate --output here.json
     python -m mpipar.sim compare measured.json --profile here.json
+
+(``bench calibrate --check ring,rhd,...`` does both in one run, interleaved, and prints this
+table: on a shared machine, two runs a minute apart can differ by tens of percent.)
 
 For each measured (collective, algorithm, size) the same algorithm runs on as many virtual
 ranks as the benchmark had, and the table shows both times and predicted / measured.
@@ -14,24 +17,37 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from mpipar.bench.report import format_size
 
 
-def compare(bench: dict[str, Any], profile: Any, min_bytes: int = 0) -> list[dict[str, Any]]:
+def _row(collective: str, algorithm: str, p: int, nbytes: int, count: int, dtype: str, op: str,
+         measured: float, profile: Any) -> dict[str, Any]:
     from mpipar.sim.run import simulate_collective
 
-    rows = []
+    sim = simulate_collective(collective, algorithm, p, count, dtype=dtype, op=op, profile=profile, data=False)
+    return {"collective": collective, "algorithm": algorithm, "size": nbytes, "ranks": p,
+            "measured_us": measured * 1e6, "predicted_us": sim.time * 1e6,
+            "ratio": sim.time / measured if measured > 0 else float("nan")}
+
+
+def compare(bench: dict[str, Any], profile: Any, min_bytes: int = 0) -> list[dict[str, Any]]:
+    """Rows of a ``bench collectives --json`` file (seconds per call as measured there)."""
     p = int(bench["meta"]["ranks"])
-    for r in bench["rows"]:
-        if r["algorithm"] in ("native", "auto") or r["size"] < min_bytes:
-            continue
-        sim = simulate_collective(r["collective"], r["algorithm"], p, int(r["count"]), dtype=r["type"],
-                                  op=r.get("op", "sum"), profile=profile, data=False)
-        measured = r["time_us"] * 1e-6
-        rows.append({"collective": r["collective"], "algorithm": r["algorithm"], "size": r["size"],
-                     "ranks": p, "measured_us": measured * 1e6, "predicted_us": sim.time * 1e6,
-                     "ratio": sim.time / measured if measured > 0 else float("nan")})
-    return rows
+    return [_row(r["collective"], r["algorithm"], p, r["size"], int(r["count"]), r["type"], r.get("op", "sum"),
+                 r["time_us"] * 1e-6, profile)
+            for r in bench["rows"] if r["algorithm"] not in ("native", "auto") and r["size"] >= min_bytes]
+
+
+def predicted_rows(measured: dict[str, dict[int, float]], p: int, profile: Any,
+                   dtype: str = "float32") -> list[dict[str, Any]]:
+    """{algorithm: {bytes: measured seconds}} of float32 sum all-reduces -> comparison rows,
+    by size then algorithm."""
+    itemsize = np.dtype(dtype).itemsize
+    sizes = sorted({n for per in measured.values() for n in per})
+    return [_row("allreduce", alg, p, n, n // itemsize, dtype, "sum", measured[alg][n], profile)
+            for n in sizes for alg in measured if n in measured[alg]]
 
 
 def format_comparison(rows: list[dict[str, Any]], tolerance: float = 0.25) -> str:

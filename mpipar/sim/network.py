@@ -4,8 +4,12 @@ A message of ``n`` bytes costs ``alpha + n * beta`` seconds (Hockney's model), w
 and ``beta`` chosen by the message's size class (small messages go eagerly, large ones by
 rendezvous and often at another bandwidth); combining ``n`` bytes locally costs
 ``n * gamma``; the Communicator's copy of each rank's input into a fresh work buffer, before
-the algorithm starts, costs ``n * copy`` (0 where not measured). An optional two-level topology gives links inside a node (NVLink, shared
-memory) and between nodes (InfiniBand) their own classes.
+the algorithm starts, costs ``n * copy`` (0 where not measured). Both may instead be given
+size classes like a link's (``"reduce"`` and ``"copy"`` below: ``alpha + n * beta`` by the
+size of the buffer, since a reduction or copy that fits in cache runs several times faster
+than one that streams from memory, and each call has a fixed cost). An optional two-level
+topology gives links inside a node (NVLink, shared memory) and between nodes (InfiniBand)
+their own classes.
 
 A profile is a JSON file (all times in seconds, ``beta``/``gamma`` in seconds per byte)::
 
@@ -15,6 +19,9 @@ A profile is a JSON file (all times in seconds, ``beta``/``gamma`` in seconds pe
      "eager_limit_bytes": 65536,
      "classes": [{"max_bytes": 65536, "alpha_s": 3e-6, "beta_s_per_byte": 2.5e-11},
                  {"max_bytes": null,  "alpha_s": 5e-6, "beta_s_per_byte": 2.5e-11}],
+     "post_overhead_s": 4e-6,           (optional: a rank's time per isend/irecv posted)
+     "reduce": {"classes": [...]},      (optional: replaces gamma_s_per_byte)
+     "copy": {"classes": [...]},        (optional: replaces copy_s_per_byte)
      "topology": {"ranks_per_node": 8,
                   "intra": {"classes": [...]}, "inter": {"classes": [...]}}}
 
@@ -93,6 +100,9 @@ class Profile:
     link: Link                       # the flat network (and the only one without topology)
     gamma: float = 0.0               # seconds per byte combined by reduce_local
     copy: float = 0.0                # seconds per byte of the Communicator's input copy
+    reduce_link: Link | None = None  # reduce_local by size class (replaces gamma)
+    copy_link: Link | None = None    # the input copy by size class (replaces copy)
+    post_overhead: float = 0.0       # seconds of a rank's time per isend/irecv it posts
     eager_limit: int | None = None   # messages up to this go eagerly; None: all eager
     ranks_per_node: int | None = None
     intra: Link | None = None
@@ -104,6 +114,18 @@ class Profile:
                **kw: Any) -> "Profile":
         """A one-class flat network, as used by tests and the cost model's examples."""
         return Profile(name, Link.simple(alpha, beta), gamma, **kw)
+
+    def reduce_time(self, nbytes: float) -> float:
+        """Seconds for reduce_local to combine ``nbytes``."""
+        if self.reduce_link is not None:
+            return self.reduce_link.time(nbytes) if nbytes > 0 else 0.0
+        return self.gamma * nbytes
+
+    def copy_time(self, nbytes: float) -> float:
+        """Seconds for the Communicator's copy of an ``nbytes`` input."""
+        if self.copy_link is not None:
+            return self.copy_link.time(nbytes) if nbytes > 0 else 0.0
+        return self.copy * nbytes
 
     def with_topology(self, ranks_per_node: int | None) -> "Profile":
         """This profile with ``ranks_per_node`` overridden (1 or None: flat)."""
@@ -130,6 +152,12 @@ class Profile:
                              "gamma_s_per_byte": self.gamma, "copy_s_per_byte": self.copy,
                              "eager_limit_bytes": self.eager_limit,
                              "classes": [c.to_json() for c in self.link.classes]}
+        if self.post_overhead:
+            d["post_overhead_s"] = self.post_overhead
+        if self.reduce_link is not None:
+            d["reduce"] = self.reduce_link.to_json()
+        if self.copy_link is not None:
+            d["copy"] = self.copy_link.to_json()
         if self.ranks_per_node and self.intra is not None and self.inter is not None:
             d["topology"] = {"ranks_per_node": self.ranks_per_node,
                              "intra": self.intra.to_json(), "inter": self.inter.to_json()}
@@ -143,6 +171,9 @@ class Profile:
             name=d.get("name", "unnamed"), link=link, gamma=float(d.get("gamma_s_per_byte", 0.0)),
             copy=float(d.get("copy_s_per_byte", 0.0)),
             eager_limit=d.get("eager_limit_bytes"),
+            reduce_link=Link.from_json(d["reduce"]) if d.get("reduce") else None,
+            copy_link=Link.from_json(d["copy"]) if d.get("copy") else None,
+            post_overhead=float(d.get("post_overhead_s", 0.0)),
             ranks_per_node=int(topo["ranks_per_node"]) if topo else None,
             intra=Link.from_json(topo["intra"]) if topo else None,
             inter=Link.from_json(topo["inter"]) if topo else None,
@@ -182,14 +213,24 @@ class Network:
         self.ranks_per_node, intra, inter = profile.levels(size)
         self.links = (intra, inter)
         self.gamma = profile.gamma
+        self.reduce_link = profile.reduce_link  # None: gamma per byte
+        self.post_overhead = profile.post_overhead
         self.eager_limit = math.inf if profile.eager_limit is None else profile.eager_limit
         self.nic_serialization = nic_serialization
         self._cache: tuple[dict[int, tuple[float, float]], ...] = ({}, {})
+        self._reduce_cache: dict[int, float] = {}
 
     def level(self, src: int, dst: int) -> int:
         """0 inside a node, 1 between nodes."""
         rpn = self.ranks_per_node
         return 0 if src // rpn == dst // rpn else 1
+
+    def reduce_cost(self, nbytes: int) -> float:
+        """Seconds to combine ``nbytes`` (reduce_local), cached per size."""
+        c = self._reduce_cache.get(nbytes)
+        if c is None:
+            c = self._reduce_cache[nbytes] = self.profile.reduce_time(nbytes)
+        return c
 
     def cost(self, level: int, nbytes: int) -> tuple[float, float]:
         """(alpha, nbytes * beta) on ``level``."""

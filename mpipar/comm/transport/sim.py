@@ -21,13 +21,16 @@ Timing (Hockney's alpha-beta model, with size classes and two levels):
   one root cost (p-1)(alpha + n beta), as in Thakur et al.'s linear gather. The out-port is
   exact (a rank posts its sends in its own clock order). The simulator runs ranks out of
   virtual-time order, so the in-port is booked into the earliest free gap at or after the
-  message's start (among its last 16 busy intervals; older gaps are given up) rather than
+  message's start (among its last 16 to 32 busy intervals; older gaps are given up) rather than
   first come, first served; messages competing for the same gap are still served in the
   order the simulator meets them (an approximation where many converge on one rank).
   ``nic_serialization=False`` turns both ports off: a message costs alpha + n beta from its
   start whatever else is in flight;
-* ``reduce_local`` costs ``gamma * nbytes`` on the calling rank; a receive moves the clock to
-  ``max(clock, arrival)``. Posting, matching and copying cost no virtual time.
+* ``reduce_local`` costs ``gamma * nbytes`` (or the profile's reduction size classes) on the
+  calling rank; a receive moves the clock to ``max(clock, arrival)``. Posting a non-blocking
+  send or receive costs the profile's ``post_overhead`` (LogP's o: the request's bookkeeping
+  on this rank's CPU, 0 by default); a ``sendrecv`` posts nothing (its cost is in alpha).
+  Matching and copying cost no virtual time.
 
 Data: with ``data=True`` buffers are real arrays and bytes are copied, so a test can check
 the simulated collective's result against NumPy. With ``data=False`` nothing is copied or
@@ -201,6 +204,7 @@ class Engine:
         self.serialize = bool(getattr(network, "nic_serialization", True))
         self.eager_limit = network.eager_limit
         self.gamma = network.gamma
+        self.post = getattr(network, "post_overhead", 0.0)
         self._cost = network.cost
         self._cost_cache = network._cache  # (level -> {nbytes: (alpha, n * beta)}), filled by cost()
 
@@ -363,6 +367,19 @@ class SimTransport:
         return self.engine.clock[self.grank]
 
     def isend(self, buf: Any, dest: int, tag: int = 0) -> Any:
+        """Post a send. With the profile's ``post_overhead`` o, posting takes o of this
+        rank's time first (a sendrecv's bookkeeping is in alpha: it posts nothing)."""
+        if self.engine.post:
+            self.engine.clock[self.grank] += self.engine.post
+        return self._isend(buf, dest, tag)
+
+    def irecv(self, buf: Any, source: int, tag: int = 0) -> SimRequest:
+        """Post a receive (``post_overhead`` as for isend)."""
+        if self.engine.post:
+            self.engine.clock[self.grank] += self.engine.post
+        return self._irecv(buf, source, tag)
+
+    def _isend(self, buf: Any, dest: int, tag: int = 0) -> Any:
         e = self.engine
         src = self.grank
         dst = self.ranks[dest]
@@ -404,7 +421,7 @@ class SimTransport:
         q.append(pend)
         return ret
 
-    def irecv(self, buf: Any, source: int, tag: int = 0) -> SimRequest:
+    def _irecv(self, buf: Any, source: int, tag: int = 0) -> SimRequest:
         e = self.engine
         dst = self.grank
         src = self.ranks[source]
@@ -437,8 +454,8 @@ class SimTransport:
 
     def _sendrecv_general(self, sendbuf: Any, dest: int, recvbuf: Any, source: int,
                           tag: int = 0) -> Any:
-        r = self.irecv(recvbuf, source, tag)
-        s = self.isend(sendbuf, dest, tag)
+        r = self._irecv(recvbuf, source, tag)
+        s = self._isend(sendbuf, dest, tag)
         if s is not _DONE:
             s.wait()
         return r.wait()
@@ -492,9 +509,21 @@ def _copy(dst: Any, src: Any) -> None:
 
 def _fast_reduce_local(t: SimTransport) -> Callable[[ReduceOp, Any, Any], None]:
     """``t.reduce_local(op, dst, src)``: combine ``src`` into ``dst`` (when the run carries
-    data) and charge ``gamma * dst.nbytes`` to the rank's clock."""
+    data) and charge the network's reduction time for ``dst.nbytes`` (``gamma`` per byte, or
+    the profile's reduction size classes) to the rank's clock."""
     e = t.engine
     clock, me, gamma, data = e.clock, t.grank, e.gamma, e.data
+    if getattr(e.net, "reduce_link", None) is not None:
+        reduce_cost = e.net.reduce_cost
+
+        def reduce_by_class(op: ReduceOp, dst: Any, src: Any) -> None:
+            nbytes = dst.nbytes
+            if nbytes:
+                clock[me] += reduce_cost(nbytes)
+            if data:
+                op.combine(dst, src)
+
+        return reduce_by_class
 
     def reduce_local(op: ReduceOp, dst: Any, src: Any) -> None:
         clock[me] += gamma * dst.nbytes
