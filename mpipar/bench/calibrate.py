@@ -17,7 +17,10 @@ What is measured, each the way the algorithms meet it, between ranks 0 and 1 (ot
   written, on both ranks at once (they share the memory bus, as they do in a collective);
 * the Communicator's input copy of an n-byte array into a fresh one, on both ranks at once;
 * the same exchange through irecv + isend + waits: what that costs beyond one sendrecv, per
-  request and at sizes up to 64 KiB, is the profile's ``post_overhead`` (LogP's o).
+  request and at sizes up to 64 KiB, is the profile's ``post_overhead`` (LogP's o);
+* every from-scratch all-reduce through the Communicator at 256 B to 2 KiB: what the profile
+  above leaves unexplained there (measured minus simulated) is the algorithm's fixed cost
+  per call, ``call_overhead`` (the Communicator's checks, the algorithm's Python set-up).
 
 Each is timed for every size in ``--sizes``, the sizes interleaved within each of ``--repeats``
 rounds (a burst of load from elsewhere lands on all sizes alike); a size's time is the MEDIAN
@@ -149,17 +152,18 @@ def _copy(t: Any, n: int, bufs: dict) -> float:
 
 
 def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warmup: int,
-            check: list[str], check_sizes: list[int]) -> dict[str, dict[int, float]]:
-    """Median (over rounds) of the slower of ranks 0 and 1 (every rank, for the checked
-    algorithms) per operation and size, in seconds: {"message"|"reduce"|"copy"|alg: {n: s}}."""
+            timed: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+    """Median (over rounds) of the slower of ranks 0 and 1 (every rank, for the all-reduce
+    algorithms in ``timed``, at the sizes given there) per operation and size, in seconds:
+    {"message"|"posted"|"reduce"|"copy"|alg: {n: s}}."""
     ops: dict[str, Callable[[Any, int, dict], float]] = {
         "message": _pingpong if method == "pingpong" else _exchange, "posted": _posted_exchange,
         "reduce": _reduce, "copy": _copy}
     bufs: dict = {}
     local: dict[str, dict[int, list[float]]] = {k: {n: [] for n in sizes} for k in ops}
-    for alg in check:
-        local[alg] = {n: [] for n in check_sizes}
-    inputs = {n: np.ones(max(1, n // 4), dtype=np.float32) for n in check_sizes}
+    for alg, at in timed.items():
+        local[alg] = {n: [] for n in at}
+    inputs = {n: np.ones(max(1, n // 4), dtype=np.float32) for at in timed.values() for n in at}
     for i in range(warmup + repeats):
         for n in sizes:
             for name, op in ops.items():
@@ -167,14 +171,14 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
                 dt = op(t, n, bufs)
                 if i >= warmup:
                     local[name][n].append(dt)
-            if n in inputs:
-                k = i % len(check)  # a different algorithm goes first each round
-                for alg in check[k:] + check[:k]:
-                    t.barrier()
-                    t0 = time.perf_counter()
-                    comm.allreduce(inputs[n], algorithm=alg)
-                    if i >= warmup:
-                        local[alg][n].append(time.perf_counter() - t0)
+            here = [alg for alg, at in timed.items() if n in at]
+            k = i % len(here) if here else 0  # a different algorithm goes first each round
+            for alg in here[k:] + here[:k]:
+                t.barrier()
+                t0 = time.perf_counter()
+                comm.allreduce(inputs[n], algorithm=alg)
+                if i >= warmup:
+                    local[alg][n].append(time.perf_counter() - t0)
     out: dict[str, dict[int, float]] = {}
     for name, per_size in local.items():
         out[name] = {}
@@ -182,6 +186,13 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
             slowest = comm.allreduce(np.asarray(v, dtype=np.float64), op="max")
             out[name][n] = float(np.median(slowest))
     return out
+
+
+def _from_scratch() -> list[str]:
+    """The all-reduce algorithms the simulator can run (every registered one but native)."""
+    from mpipar.comm.algorithms import algorithm_names, get_algorithm  # noqa: PLC0415
+
+    return [a for a in algorithm_names() if a != "native" and get_algorithm(a).supports("allreduce")]
 
 
 # -- turning medians into size classes -----------------------------------------------------
@@ -282,12 +293,34 @@ def build_profile(name: str, measured: dict[str, dict[int, float]], split: str, 
                    post_overhead=post, eager_limit=eager, metadata=meta)
 
 
-def main(args: argparse.Namespace) -> int:
+# Sizes at which each algorithm's fixed cost per call is measured: small enough that the
+# messages are a few alpha, past the first sizes of a round (which pay for the round's
+# larger operations before them) and below MPICH's 4-8 KiB protocol switch.
+OVERHEAD_SIZES = (256, 512, 1024, 2048)
+
+
+def call_overheads(measured: dict[str, dict[int, float]], p: int, profile: Any) -> dict[str, float]:
+    """Per algorithm: the median over OVERHEAD_SIZES of measured minus simulated time (on
+    ``profile``, which has no call overhead yet), at least 0. What the profile's messages,
+    reductions and copy leave unexplained in a small all-reduce is the Communicator's and the
+    algorithm's own Python: argument checks, choosing, building trees and sub-groups."""
+    from mpipar.sim.run import simulate_collective  # noqa: PLC0415
+
+    out = {}
+    for alg, per_size in measured.items():
+        gaps = [t - simulate_collective("allreduce", alg, p, n // 4, "float32", profile=profile, data=False).time
+                for n, t in per_size.items() if n in OVERHEAD_SIZES]
+        if gaps:
+            out[alg] = max(0.0, float(statistics.median(gaps)))
+    return out
+
+
+def main(args: argparse.Namespace, comm: Any = None) -> int:
     from mpipar.comm import make_communicator  # noqa: PLC0415
     from mpipar.comm.mpi_env import import_mpi  # noqa: PLC0415
 
     MPI = import_mpi()
-    comm = make_communicator()
+    comm = comm or make_communicator()
     t = comm.transport
     if t.size < 2:
         print("calibrate needs two ranks: mpiexec -n 2 python -m mpipar.bench calibrate")
@@ -296,7 +329,11 @@ def main(args: argparse.Namespace) -> int:
     split = str(args.split).strip()
     check = [a.strip() for a in args.check.split(",") if a.strip()]
     check_sizes = [n for n in sizes if n >= parse_size(args.check_min)]
-    measured = measure(t, comm, sizes, args.method, args.repeats, args.warmup, check, check_sizes)
+    overhead_sizes = [n for n in sizes if n in OVERHEAD_SIZES]
+    timed = {alg: list(overhead_sizes) for alg in _from_scratch()}
+    for alg in check:
+        timed[alg] = sorted(set(timed.get(alg, [])) | set(check_sizes))
+    measured = measure(t, comm, sizes, args.method, args.repeats, args.warmup, timed)
     if t.rank != 0:
         return 0
     if args.eager is not None:
@@ -307,6 +344,7 @@ def main(args: argparse.Namespace) -> int:
         eager = min(parse_size(s) for s in split.split(",") if s.strip())
     meta = _metadata(MPI, args.method)
     prof = build_profile(args.name or meta["host"], measured, split, eager, meta)
+    prof.call_overhead = call_overheads({alg: measured[alg] for alg in timed}, t.size, prof)
     out = args.output or f"profile-{meta['host']}.json"
     prof.save(out)
     what = "exchange" if args.method == "exchange" else "one-way"
@@ -316,12 +354,16 @@ def main(args: argparse.Namespace) -> int:
     for n in sizes:
         print(f"{n:12d} {measured['message'][n] * 1e6:13.2f} {measured['posted'][n] * 1e6:11.2f} "
               f"{measured['reduce'][n] * 1e6:11.2f} {measured['copy'][n] * 1e6:9.2f}")
-    print(f"# post overhead (irecv/isend beyond sendrecv, per request) {prof.post_overhead * 1e6:.2f} us; "
-          f"saved {out}")
+    print(f"# post overhead (irecv/isend beyond sendrecv, per request) {prof.post_overhead * 1e6:.2f} us")
+    print("# call overhead per all-reduce (measured minus simulated, median over "
+          f"{'/'.join(format_size(n) for n in OVERHEAD_SIZES)}): "
+          + ", ".join(f"{a} {v * 1e6:.1f} us" for a, v in prof.call_overhead.items()))
+    print(f"# saved {out}")
     if check:
         from mpipar.sim.compare import format_comparison, predicted_rows  # noqa: PLC0415
 
-        rows = predicted_rows({alg: measured[alg] for alg in check}, t.size, prof)
+        rows = predicted_rows({alg: {n: v for n, v in measured[alg].items() if n in check_sizes}
+                               for alg in check}, t.size, prof)
         print(f"# all-reduce through the Communicator, measured in the same rounds, beside its "
               f"simulation on this profile ({t.size} ranks, float32)")
         print(format_comparison(rows))

@@ -20,6 +20,8 @@ A profile is a JSON file (all times in seconds, ``beta``/``gamma`` in seconds pe
      "classes": [{"max_bytes": 65536, "alpha_s": 3e-6, "beta_s_per_byte": 2.5e-11},
                  {"max_bytes": null,  "alpha_s": 5e-6, "beta_s_per_byte": 2.5e-11}],
      "post_overhead_s": 4e-6,           (optional: a rank's time per isend/irecv posted)
+     "call_overhead_s": {"ring": 1e-5}, (optional: per algorithm, each rank's fixed time
+                                         per collective call: argument checks, set-up)
      "reduce": {"classes": [...]},      (optional: replaces gamma_s_per_byte)
      "copy": {"classes": [...]},        (optional: replaces copy_s_per_byte)
      "topology": {"ranks_per_node": 8,
@@ -103,6 +105,7 @@ class Profile:
     reduce_link: Link | None = None  # reduce_local by size class (replaces gamma)
     copy_link: Link | None = None    # the input copy by size class (replaces copy)
     post_overhead: float = 0.0       # seconds of a rank's time per isend/irecv it posts
+    call_overhead: dict[str, float] = field(default_factory=dict)  # algorithm -> s per call
     eager_limit: int | None = None   # messages up to this go eagerly; None: all eager
     ranks_per_node: int | None = None
     intra: Link | None = None
@@ -154,6 +157,8 @@ class Profile:
                              "classes": [c.to_json() for c in self.link.classes]}
         if self.post_overhead:
             d["post_overhead_s"] = self.post_overhead
+        if self.call_overhead:
+            d["call_overhead_s"] = dict(self.call_overhead)
         if self.reduce_link is not None:
             d["reduce"] = self.reduce_link.to_json()
         if self.copy_link is not None:
@@ -174,6 +179,7 @@ class Profile:
             reduce_link=Link.from_json(d["reduce"]) if d.get("reduce") else None,
             copy_link=Link.from_json(d["copy"]) if d.get("copy") else None,
             post_overhead=float(d.get("post_overhead_s", 0.0)),
+            call_overhead={k: float(v) for k, v in d.get("call_overhead_s", {}).items()},
             ranks_per_node=int(topo["ranks_per_node"]) if topo else None,
             intra=Link.from_json(topo["intra"]) if topo else None,
             inter=Link.from_json(topo["inter"]) if topo else None,

@@ -197,3 +197,51 @@ def test_build_profile_split_fits_one_line_per_class():
             assert c.alpha == pytest.approx(a, rel=1e-6)
             assert c.beta == pytest.approx(b, rel=1e-6)
     assert prof.post_overhead == 0.0
+
+
+def test_call_overheads_are_measured_minus_simulated():
+    """call_overheads: per algorithm, the median over the overhead sizes of measured minus
+    simulated time on the profile (never negative); other sizes are ignored."""
+    from mpipar.bench.calibrate import OVERHEAD_SIZES, call_overheads
+    from mpipar.sim import Profile, simulate_collective
+
+    prof = Profile.simple(2e-6, 1e-9, 1e-10, eager_limit=65536)
+    sim = {n: simulate_collective("allreduce", "ring", 2, n // 4, "float32", profile=prof, data=False).time
+           for n in OVERHEAD_SIZES}
+    extra = [7e-6, 9e-6, 8e-6, 30e-6]  # median of the four: 8.5 us
+    measured = {"ring": {n: sim[n] + x for n, x in zip(OVERHEAD_SIZES, extra)} | {1 << 20: 1.0},
+                "rhd": {n: 0.0 for n in OVERHEAD_SIZES}}  # faster than the model: clamped to 0
+    got = call_overheads(measured, 2, prof)
+    assert got["ring"] == pytest.approx(8.5e-6, rel=1e-9)
+    assert got["rhd"] == 0.0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_calibrate_runs_and_checks(comm, tmp_path, capsys):
+    """The whole command on real ranks, small: it writes a profile that loads, with every
+    measured part, and prints the predicted-vs-measured table it saves."""
+    import argparse
+    import json
+    import math
+
+    from mpipar.bench import calibrate
+    from mpipar.comm.algorithms import algorithm_names
+
+    p = argparse.ArgumentParser()
+    calibrate.add_arguments(p)
+    out, check = tmp_path / "prof.json", tmp_path / "check.json"  # only rank 0 writes
+    args = p.parse_args(["--sizes", "256:16K", "--repeats", "3", "--warmup", "1", "--check", "ring,rhd",
+                         "--check-min", "4K", "--output", str(out), "--check-json", str(check)])
+    assert calibrate.main(args, comm=comm) == 0
+    text = capsys.readouterr().out
+    if comm.rank != 0:
+        return
+    prof = load_profile(str(out))
+    assert prof.reduce_link is not None and prof.copy_link is not None and prof.post_overhead >= 0
+    assert set(prof.call_overhead) == {a for a in algorithm_names() if a != "native"}
+    for n in (256, 4096, 16384):
+        assert 0 < prof.link.time(n) < 1 and 0 < prof.reduce_time(n) < 1 and 0 < prof.copy_time(n) < 1
+    rows = json.loads(check.read_text())["rows"]
+    assert {(r["algorithm"], r["size"]) for r in rows} == {(a, n) for a in ("ring", "rhd") for n in (4096, 8192, 16384)}
+    assert all(r["measured_us"] > 0 and math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rows)
+    assert "predictions within 25%" in text and "call overhead" in text

@@ -263,6 +263,23 @@ def test_simulate_collective_copy_per_byte_without_classes():
     assert shifted.time - base.time == pytest.approx(3e-10 * 4 * count, rel=1e-9)
 
 
+def test_call_overhead_round_trips_and_shifts_only_its_algorithm():
+    """call_overhead (per algorithm) survives JSON and shifts that algorithm's result, and
+    every rank's finish, by exactly its value; other algorithms are untouched."""
+    if available("ring") is None or available("rhd") is None:
+        pytest.skip("ring/rhd not written yet")
+    plain = Profile.simple(A, B, 2e-10, eager_limit=EAGER)
+    over = Profile.simple(A, B, 2e-10, eager_limit=EAGER, call_overhead={"ring": 3e-5})
+    back = Profile.from_json(json.loads(json.dumps(over.to_json())))
+    assert back == over and back.to_json()["call_overhead_s"] == {"ring": 3e-5}
+    assert "call_overhead_s" not in plain.to_json()
+    for alg, extra in (("ring", 3e-5), ("rhd", 0.0)):
+        base = simulate_collective("allreduce", alg, 4, 5000, profile=plain, data=False)
+        got = simulate_collective("allreduce", alg, 4, 5000, profile=back, data=False)
+        assert got.time - base.time == pytest.approx(extra, abs=1e-15)
+        assert [g - b for g, b in zip(got.finish, base.finish)] == pytest.approx([extra] * 4, abs=1e-15)
+
+
 # -- (e) the cost model --------------------------------------------------------------------
 
 @pytest.mark.parametrize("alg", ["ring", "rhd", "tree"])
