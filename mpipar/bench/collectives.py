@@ -9,7 +9,8 @@ For each collective, size and algorithm (``native`` always included), every rank
 rank between a barrier and its return, and the call's time is the slowest rank's. The table
 shows the median over calls, algbw = bytes / time and busbw = algbw x the nccl-tests factor
 (all-reduce 2(p-1)/p, reduce-scatter and all-gather (p-1)/p, broadcast and reduce 1).
-Algorithms take turns in blocks of ``--block`` calls, so that a noisy moment hurts all of
+Algorithms take turns in blocks of ``--block`` calls, in a new order every round (the same
+on every rank), so that a noisy moment, or the switch from whatever ran before, hurts all of
 them alike; each block opens with an untimed call, because the first call after switching
 between MPI's collectives and point-to-point pays for the switch (measured: per-call
 rotation made whichever algorithm followed another kind up to 1.5x slower).
@@ -23,6 +24,7 @@ import argparse
 import datetime
 import json
 import platform
+import random
 import time
 from typing import Any
 
@@ -145,8 +147,16 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict]:
                 for k in range(max(args.warmup, 1)):
                     timed_call(alg, check=k == 0)
             budget_start = time.perf_counter()
+            rounds = 0
             while True:
-                for alg in algs:
+                # a new order every round (the same on every rank: seeded by the round):
+                # what runs just before a block (MPI's own collective or another
+                # algorithm's point-to-point) changes its first calls, and a fixed order, or
+                # a rotation of one, would charge that to the same algorithm every time
+                order = list(algs)
+                random.Random(rounds).shuffle(order)
+                rounds += 1
+                for alg in order:
                     # each block opens with one untimed call: switching between MPI's own
                     # collectives and point-to-point costs the first call after the switch,
                     # which would otherwise be charged to whichever algorithm comes next
@@ -203,11 +213,11 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, comm: Any = None) -> int:
     from mpipar.comm import make_communicator
     from mpipar.runtime import print0
 
-    comm = make_communicator()
+    comm = comm or make_communicator()
     meta = header(comm)
     rows = run(comm, args)
     if comm.rank == 0:

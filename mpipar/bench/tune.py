@@ -18,6 +18,7 @@ import argparse
 import datetime
 import math
 import platform
+from typing import Any
 
 from mpipar.bench import collectives as coll_bench
 
@@ -57,12 +58,12 @@ def choose_best(entries: list[dict]) -> None:
         e["best"] = min(ok, key=lambda a: (score(a), rel[i][a]))
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, comm: Any = None) -> int:
     from mpipar.comm import make_communicator
     from mpipar.comm.auto import default_table_path, save_table
     from mpipar.runtime import print0
 
-    comm = make_communicator()
+    comm = comm or make_communicator()
     meta = coll_bench.header(comm)
     args.algorithms = ",".join(a for a in args.algorithms.split(",") if a != "auto") or "all"
     rows = coll_bench.run(comm, args)
