@@ -102,7 +102,10 @@ def _fresh_copy(bufs: dict, n: int) -> np.ndarray:
     return bufs.setdefault(("x", n), np.ones(n, dtype=np.uint8)).copy()
 
 
-def _exchange(t: Any, n: int, bufs: dict) -> float:
+def _exchange(t: Any, n: int, bufs: dict, posted: bool = False) -> float:
+    """Ranks 0 and 1 swap n bytes into a fresh buffer, with one sendrecv each; with
+    ``posted``, as irecv + isend + two waits instead (how tree-like algorithms and chunked
+    rings talk: the difference is the bookkeeping of posting requests)."""
     from mpipar.comm.transport.base import sendrecv  # noqa: PLC0415
 
     if t.rank > 1:
@@ -110,21 +113,12 @@ def _exchange(t: Any, n: int, bufs: dict) -> float:
     send = _fresh_copy(bufs, n)
     peer = 1 - t.rank
     t0 = time.perf_counter()
-    sendrecv(t, send, peer, np.empty(n, dtype=np.uint8), peer, 8)
-    return time.perf_counter() - t0
-
-
-def _posted_exchange(t: Any, n: int, bufs: dict) -> float:
-    """The exchange again, as irecv + isend + two waits (how tree-like algorithms and chunked
-    rings talk): the difference from one sendrecv is the bookkeeping of posting requests."""
-    if t.rank > 1:
-        return 0.0
-    send = _fresh_copy(bufs, n)
-    peer = 1 - t.rank
-    t0 = time.perf_counter()
-    r = t.irecv(np.empty(n, dtype=np.uint8), peer, 9)
-    t.isend(send, peer, 9).wait()
-    r.wait()
+    if posted:
+        r = t.irecv(np.empty(n, dtype=np.uint8), peer, 9)
+        t.isend(send, peer, 9).wait()
+        r.wait()
+    else:
+        sendrecv(t, send, peer, np.empty(n, dtype=np.uint8), peer, 8)
     return time.perf_counter() - t0
 
 
@@ -157,7 +151,8 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
     algorithms in ``timed``, at the sizes given there) per operation and size, in seconds:
     {"message"|"posted"|"reduce"|"copy"|alg: {n: s}}."""
     ops: dict[str, Callable[[Any, int, dict], float]] = {
-        "message": _pingpong if method == "pingpong" else _exchange, "posted": _posted_exchange,
+        "message": _pingpong if method == "pingpong" else _exchange,
+        "posted": lambda t, n, bufs: _exchange(t, n, bufs, posted=True),
         "reduce": _reduce, "copy": _copy}
     bufs: dict = {}
     local: dict[str, dict[int, list[float]]] = {k: {n: [] for n in sizes} for k in ops}
@@ -269,14 +264,22 @@ def _metadata(MPI: Any, method: str) -> dict[str, Any]:
                           "mpi": MPI.Get_library_version().splitlines()[0].strip()}}
 
 
+def split_bounds(split: str) -> list[int] | None:
+    """``--split``: None for 'each', else the sorted class boundaries in bytes."""
+    split = split.strip()
+    if split == "each":
+        return None
+    return sorted(parse_size(s) for s in split.split(",") if s.strip())
+
+
 def build_profile(name: str, measured: dict[str, dict[int, float]], split: str, eager: int,
                   meta: dict[str, Any]) -> Any:
     from mpipar.sim.network import Link, Profile  # noqa: PLC0415
 
-    if split == "each":
+    bounds = split_bounds(split)
+    if bounds is None:
         make = interpolating_classes
     else:
-        bounds = sorted(parse_size(s) for s in split.split(",") if s.strip())
         def make(samples: dict[int, float]) -> list[Any]:
             return fitted_classes(samples, bounds)
     largest = max(measured["reduce"])
@@ -336,12 +339,13 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
     measured = measure(t, comm, sizes, args.method, args.repeats, args.warmup, timed)
     if t.rank != 0:
         return 0
+    bounds = split_bounds(split)
     if args.eager is not None:
         eager = parse_size(args.eager)
-    elif split == "each":
+    elif bounds is None:
         eager = 64 * 1024
     else:
-        eager = min(parse_size(s) for s in split.split(",") if s.strip())
+        eager = bounds[0]
     meta = _metadata(MPI, args.method)
     prof = build_profile(args.name or meta["host"], measured, split, eager, meta)
     prof.call_overhead = call_overheads({alg: measured[alg] for alg in timed}, t.size, prof)
