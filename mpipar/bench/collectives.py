@@ -24,13 +24,12 @@ import argparse
 import datetime
 import json
 import platform
-import random
 import time
 from typing import Any
 
 import numpy as np
 
-from mpipar.bench.report import format_table, parse_sizes, row
+from mpipar.bench.report import format_table, parse_sizes, row, shuffled
 
 COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "broadcast", "reduce")
 EXTRA_COLUMNS = (("algorithm", "algorithm", 10), ("#wrong", "wrong", 7), ("x native", "vs_native", 9))
@@ -44,10 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="8:64M", help="message bytes: 'LO:HI' (powers of two) or a list '4K,1M'")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--op", default="sum")
-    p.add_argument("--iters", type=int, default=20, help="timed calls per size and algorithm")
+    p.add_argument("--iters", type=int, default=60, help="timed calls per size and algorithm")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
-    p.add_argument("--block", type=int, default=10,
-                   help="timed calls in a row per algorithm before rotating to the next")
+    p.add_argument("--block", type=int, default=5,
+                   help="timed calls in a row per algorithm before the next takes its turn "
+                        "(default 5: with --iters 60, twelve rounds spread over the run)")
+    p.add_argument("--min-seconds", type=float, default=0.25,
+                   help="keep taking rounds until each algorithm has been timed for about this "
+                        "long at a size (default 0.25: small messages get thousands of calls, "
+                        "since their latency jumps between modes and a median of 60 still moves)")
     p.add_argument("--max-seconds", type=float, default=2.0,
                    help="cap on timed calls per size and algorithm (at least 3 calls always run)")
     p.add_argument("--json", metavar="FILE", help="save every measurement as JSON")
@@ -153,8 +157,7 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict]:
                 # what runs just before a block (MPI's own collective or another
                 # algorithm's point-to-point) changes its first calls, and a fixed order, or
                 # a rotation of one, would charge that to the same algorithm every time
-                order = list(algs)
-                random.Random(rounds).shuffle(order)
+                order = shuffled(algs, rounds)
                 rounds += 1
                 for alg in order:
                     # each block opens with one untimed call: switching between MPI's own
@@ -163,8 +166,10 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict]:
                     timed_call(alg, check=False)
                     for _ in range(args.block):
                         times[alg].append(timed_call(alg, check=False))
-                done = len(times[algs[0]]) >= args.iters
-                spent = comm.allreduce(np.array([time.perf_counter() - budget_start]), op="max")[0]
+                # both figures agreed by every rank, so that all leave the loop together
+                spent, least = comm.allreduce(np.array([time.perf_counter() - budget_start,
+                                                        -min(sum(v) for v in times.values())]), op="max")
+                done = len(times[algs[0]]) >= args.iters and -least >= args.min_seconds
                 if done or (len(times[algs[0]]) >= 3 and spent > args.max_seconds * len(algs)):
                     break
             for alg in algs:  # validate the last result too

@@ -16,6 +16,7 @@ GB are 1e9 bytes, as in nccl-tests.
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any, Iterable, Sequence
 
@@ -31,6 +32,18 @@ def busbw_factor(collective: str, p: int) -> float:
     if collective in ("broadcast", "reduce"):
         return 1.0
     raise ValueError(f"no bus-bandwidth factor for {collective!r}")
+
+
+def shuffled(items: Iterable[Any], seed: int) -> list[Any]:
+    """``items`` in an order drawn from ``seed``: the same on every rank for the same seed.
+
+    Benchmarks that take turns give each round a new order: whatever runs just before a
+    measurement (MPI's own collective, another algorithm's point-to-point, a large buffer
+    that evicted the caches) changes it, and a fixed order or a rotation charges that to
+    the same algorithm every time."""
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out
 
 
 def parse_size(text: str) -> int:

@@ -25,7 +25,7 @@ from mpipar.bench import collectives as coll_bench
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     coll_bench.add_arguments(p)
-    p.set_defaults(collectives="allreduce,reduce_scatter,allgather,broadcast", sizes="8:16M", iters=15)
+    p.set_defaults(collectives="allreduce,reduce_scatter,allgather,broadcast", sizes="8:16M")
     p.add_argument("--out", metavar="FILE", help="table path (default: auto's default for this host and size)")
 
 

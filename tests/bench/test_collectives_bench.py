@@ -44,14 +44,14 @@ def test_collectives_and_tune_run_validate_and_save(comm, tmp_path, capsys):
 
     p = comm.size
     path = tmp_path / "bench.json"  # rank 0 writes
-    args = _args(coll_bench, ["--algorithms", "ring,rhd,auto", "--sizes", "64,4K", "--iters", "4",
+    args = _args(coll_bench, ["--algorithms", "ring,rhd,auto", "--sizes", "64,4K", "--iters", "4", "--min-seconds", "0",
                               "--block", "2", "--warmup", "1", "--collectives", "allreduce,allgather",
                               "--json", str(path)])
     assert coll_bench.main(args, comm=comm) == 0
     out = capsys.readouterr().out
     table_path = tmp_path / "tune.json"
     targs = _args(tune, ["--collectives", "allreduce", "--algorithms", "ring,rhd", "--sizes", "64,4K",
-                         "--iters", "3", "--block", "1", "--warmup", "1", "--out", str(table_path)])
+                         "--iters", "3", "--min-seconds", "0", "--block", "1", "--warmup", "1", "--out", str(table_path)])
     assert tune.main(targs, comm=comm) == 0
     if comm.rank != 0:
         return
@@ -69,3 +69,18 @@ def test_collectives_and_tune_run_validate_and_save(comm, tmp_path, capsys):
     for e in table["collectives"]["allreduce"]:
         assert e["best"] in e["time_us"] and set(e["time_us"]) == {"native", "ring", "rhd"}
         assert choose("allreduce", e["bytes"], p, table=table) == e["best"]
+
+
+def test_shuffled_is_a_permutation_fixed_by_its_seed():
+    """Every rank draws the same order for the same round, and the rounds differ."""
+    from mpipar.bench.report import shuffled
+
+    items = ["native", "ring", "rhd", "tree", "dbtree", "ps", "hier"]
+    orders = [shuffled(items, seed) for seed in range(20)]
+    for seed, order in enumerate(orders):
+        assert sorted(order) == sorted(items)
+        assert shuffled(items, seed) == order
+    assert len({tuple(o) for o in orders}) > 10
+    # each algorithm is sometimes first: no fixed predecessor
+    assert {o[0] for o in orders} == set(items)
+    assert items == ["native", "ring", "rhd", "tree", "dbtree", "ps", "hier"]  # not shuffled in place
