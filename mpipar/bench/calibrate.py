@@ -13,6 +13,12 @@ What is measured, each the way the algorithms meet it, between ranks 0 and 1 (ot
   ``sendrecv`` each, received into a freshly allocated buffer as the algorithms' scratch is:
   the step of every pairwise algorithm; with ``--method pingpong`` half the round trip of one
   message. Through mpipar's own MPI transport, so its Python overhead is included.
+* one-way messages: rank 0 sends n fresh bytes to rank 1, which sends n back once they have
+  arrived (half the round trip; through isend/irecv, as tree-like algorithms send, less the
+  post overhead below): what a message costs when its sender is not receiving at the same
+  time. On one host the two directions of an exchange share the CPUs and the memory bus,
+  and a lone message can cost much less than an exchange (up to half, measured here); the
+  simulator prices each message by which of the two it is;
 * reductions: ``op.combine`` (what ``reduce_local`` runs) on n-byte float32 buffers just
   written, on both ranks at once (they share the memory bus, as they do in a collective);
 * the Communicator's input copy of an n-byte array into a fresh one, on both ranks at once;
@@ -52,7 +58,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mpipar.bench.report import format_size, parse_size, parse_sizes
+from mpipar.bench.report import format_size, parse_size, parse_sizes, shuffled
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,6 +128,24 @@ def _exchange(t: Any, n: int, bufs: dict, posted: bool = False) -> float:
     return time.perf_counter() - t0
 
 
+def _oneway(t: Any, n: int, bufs: dict) -> float:
+    """Half a round trip of n fresh bytes, 0 -> 1 -> 0, each received into a fresh buffer
+    through irecv/isend (the message of a tree or parameter server, with nothing coming the
+    other way while it travels)."""
+    if t.rank > 1:
+        return 0.0
+    peer = 1 - t.rank
+    send = _fresh_copy(bufs, n)
+    t0 = time.perf_counter()
+    if t.rank == 0:
+        t.isend(send, peer, 11).wait()
+        t.irecv(np.empty(n, dtype=np.uint8), peer, 12).wait()
+    else:
+        t.irecv(np.empty(n, dtype=np.uint8), peer, 11).wait()
+        t.isend(send, peer, 12).wait()
+    return (time.perf_counter() - t0) / 2
+
+
 def _reduce(t: Any, n: int, bufs: dict) -> float:
     from mpipar.comm.ops import SUM  # noqa: PLC0415
 
@@ -149,11 +173,11 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
             timed: dict[str, list[int]]) -> dict[str, dict[int, float]]:
     """Median (over rounds) of the slower of ranks 0 and 1 (every rank, for the all-reduce
     algorithms in ``timed``, at the sizes given there) per operation and size, in seconds:
-    {"message"|"posted"|"reduce"|"copy"|alg: {n: s}}."""
+    {"message"|"posted"|"oneway"|"reduce"|"copy"|alg: {n: s}}."""
     ops: dict[str, Callable[[Any, int, dict], float]] = {
         "message": _pingpong if method == "pingpong" else _exchange,
         "posted": lambda t, n, bufs: _exchange(t, n, bufs, posted=True),
-        "reduce": _reduce, "copy": _copy}
+        "oneway": _oneway, "reduce": _reduce, "copy": _copy}
     bufs: dict = {}
     local: dict[str, dict[int, list[float]]] = {k: {n: [] for n in sizes} for k in ops}
     for alg, at in timed.items():
@@ -166,9 +190,9 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
                 dt = op(t, n, bufs)
                 if i >= warmup:
                     local[name][n].append(dt)
-            here = [alg for alg, at in timed.items() if n in at]
-            k = i % len(here) if here else 0  # a different algorithm goes first each round
-            for alg in here[k:] + here[:k]:
+            # a new order every round, the same on every rank (see bench collectives: a
+            # rotation charges the switch from the same predecessor to each algorithm)
+            for alg in shuffled([alg for alg, at in timed.items() if n in at], i * 1_000_003 + n):
                 t.barrier()
                 t0 = time.perf_counter()
                 comm.allreduce(inputs[n], algorithm=alg)
@@ -287,13 +311,18 @@ def build_profile(name: str, measured: dict[str, dict[int, float]], split: str, 
     # sendrecv, per request, from the sizes where the copy is small beside it
     small = [n for n in measured["posted"] if n <= 64 * 1024] or [min(measured["posted"])]
     post = max(0.0, statistics.median((measured["posted"][n] - measured["message"][n]) / 2 for n in small))
-    meta = dict(meta, samples={k: {str(n): v for n, v in measured[k].items()}
-                               for k in ("message", "posted", "reduce", "copy")})
+    kinds = [k for k in ("message", "posted", "oneway", "reduce", "copy") if k in measured]
+    meta = dict(meta, samples={k: {str(n): v for n, v in measured[k].items()} for k in kinds})
+    oneway = None
+    if "oneway" in measured and meta.get("method", "exchange") == "exchange":
+        # the simulator charges the sender's post overhead on top: take it out here (never
+        # below half the measurement, where the overhead is most of a tiny message)
+        oneway = Link(tuple(make({n: max(v - post, 0.5 * v) for n, v in measured["oneway"].items()})))
     return Profile(name, Link(tuple(make(measured["message"]))),
                    gamma=measured["reduce"][largest] / largest, copy=measured["copy"][largest] / largest,
                    reduce_link=Link(tuple(make(measured["reduce"]))),
                    copy_link=Link(tuple(make(measured["copy"]))),
-                   post_overhead=post, eager_limit=eager, metadata=meta)
+                   oneway_link=oneway, post_overhead=post, eager_limit=eager, metadata=meta)
 
 
 # Sizes at which each algorithm's fixed cost per call is measured: small enough that the
@@ -354,10 +383,12 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
     what = "exchange" if args.method == "exchange" else "one-way"
     print(f"# calibrate: {meta['host']}, {meta['libraries']['mpi']}, thread level {meta['thread_level']}, "
           f"medians of {args.repeats} rounds")
-    print(f"#{'size(B)':>11} {what + '(us)':>13} {'posted(us)':>11} {'reduce(us)':>11} {'copy(us)':>9}")
+    print(f"#{'size(B)':>11} {what + '(us)':>13} {'posted(us)':>11} {'one-way(us)':>12} {'reduce(us)':>11} "
+          f"{'copy(us)':>9}")
     for n in sizes:
         print(f"{n:12d} {measured['message'][n] * 1e6:13.2f} {measured['posted'][n] * 1e6:11.2f} "
-              f"{measured['reduce'][n] * 1e6:11.2f} {measured['copy'][n] * 1e6:9.2f}")
+              f"{measured['oneway'][n] * 1e6:12.2f} {measured['reduce'][n] * 1e6:11.2f} "
+              f"{measured['copy'][n] * 1e6:9.2f}")
     print(f"# post overhead (irecv/isend beyond sendrecv, per request) {prof.post_overhead * 1e6:.2f} us")
     print("# call overhead per all-reduce (measured minus simulated, median over "
           f"{'/'.join(format_size(n) for n in OVERHEAD_SIZES)}): "

@@ -24,6 +24,10 @@ A profile is a JSON file (all times in seconds, ``beta``/``gamma`` in seconds pe
                                          per collective call: argument checks, set-up)
      "reduce": {"classes": [...]},      (optional: replaces gamma_s_per_byte)
      "copy": {"classes": [...]},        (optional: replaces copy_s_per_byte)
+     "oneway": {"classes": [...]},      (optional, flat network only: a message whose sender
+                                         is not receiving meanwhile; ``classes`` then price
+                                         the messages of a rank that sends and receives at
+                                         once, as in an exchange)
      "topology": {"ranks_per_node": 8,
                   "intra": {"classes": [...]}, "inter": {"classes": [...]}}}
 
@@ -104,6 +108,10 @@ class Profile:
     copy: float = 0.0                # seconds per byte of the Communicator's input copy
     reduce_link: Link | None = None  # reduce_local by size class (replaces gamma)
     copy_link: Link | None = None    # the input copy by size class (replaces copy)
+    # A message sent while its sender receives nothing (one way) where that differs from an
+    # exchange: on one host both directions of an exchange share the CPUs and the memory
+    # bus, so a lone message can be much cheaper. Flat network only; None: same as ``link``.
+    oneway_link: Link | None = None
     post_overhead: float = 0.0       # seconds of a rank's time per isend/irecv it posts
     call_overhead: dict[str, float] = field(default_factory=dict)  # algorithm -> s per call
     eager_limit: int | None = None   # messages up to this go eagerly; None: all eager
@@ -163,6 +171,8 @@ class Profile:
             d["reduce"] = self.reduce_link.to_json()
         if self.copy_link is not None:
             d["copy"] = self.copy_link.to_json()
+        if self.oneway_link is not None:
+            d["oneway"] = self.oneway_link.to_json()
         if self.ranks_per_node and self.intra is not None and self.inter is not None:
             d["topology"] = {"ranks_per_node": self.ranks_per_node,
                              "intra": self.intra.to_json(), "inter": self.inter.to_json()}
@@ -178,6 +188,7 @@ class Profile:
             eager_limit=d.get("eager_limit_bytes"),
             reduce_link=Link.from_json(d["reduce"]) if d.get("reduce") else None,
             copy_link=Link.from_json(d["copy"]) if d.get("copy") else None,
+            oneway_link=Link.from_json(d["oneway"]) if d.get("oneway") else None,
             post_overhead=float(d.get("post_overhead_s", 0.0)),
             call_overhead={k: float(v) for k, v in d.get("call_overhead_s", {}).items()},
             ranks_per_node=int(topo["ranks_per_node"]) if topo else None,
@@ -218,12 +229,14 @@ class Network:
         self.size = size
         self.ranks_per_node, intra, inter = profile.levels(size)
         self.links = (intra, inter)
+        # one-way messages priced apart: only on a flat network (every message on ``link``)
+        self.oneway = profile.oneway_link if self.ranks_per_node == 1 else None
         self.gamma = profile.gamma
         self.reduce_link = profile.reduce_link  # None: gamma per byte
         self.post_overhead = profile.post_overhead
         self.eager_limit = math.inf if profile.eager_limit is None else profile.eager_limit
         self.nic_serialization = nic_serialization
-        self._cache: tuple[dict[int, tuple[float, float]], ...] = ({}, {})
+        self._cache: tuple[dict[int, tuple[float, float]], ...] = ({}, {}, {})
         self._reduce_cache: dict[int, float] = {}
 
     def level(self, src: int, dst: int) -> int:
@@ -239,10 +252,12 @@ class Network:
         return c
 
     def cost(self, level: int, nbytes: int) -> tuple[float, float]:
-        """(alpha, nbytes * beta) on ``level``."""
+        """(alpha, nbytes * beta) on ``level``; level 2 is a one-way message of the flat
+        network (``oneway``, when the profile has one)."""
         cache = self._cache[level]
         c = cache.get(nbytes)
         if c is None:
-            a, b = self.links[level].params(nbytes)
+            link = self.oneway if level == 2 else self.links[level]
+            a, b = link.params(nbytes)
             c = cache[nbytes] = (a, nbytes * b)
         return c

@@ -183,6 +183,25 @@ def test_build_profile_post_overhead_without_small_sizes():
     assert prof.post_overhead == pytest.approx(7e-6, rel=1e-9)
 
 
+def test_build_profile_oneway_link_is_the_samples_less_the_post_overhead():
+    """The one-way samples become the profile's oneway link, less the sender's post
+    overhead o (the simulator charges o on top), never below half the sample; the samples
+    are kept in the metadata. Without one-way samples, or when the ordinary link is already
+    one-way (--method pingpong), there is no oneway link."""
+    measured = _measured([2e-6, 2e-6, 2e-6, 2e-6])  # o = 2 us
+    oneway = {8: 3e-6, 1024: 4e-6, 65536: 20e-6, 1 << 20: 250e-6}
+    prof = build_profile("box", dict(measured, oneway=oneway), "each", 65536, {"method": "exchange"})
+    assert prof.post_overhead == pytest.approx(2e-6, rel=1e-9)
+    assert prof.oneway_link is not None
+    for n, v in oneway.items():
+        assert prof.oneway_link.time(n) == pytest.approx(max(v - 2e-6, v / 2), rel=1e-9)
+    assert prof.oneway_link.time(8) == pytest.approx(1.5e-6, rel=1e-9)  # clamped at half
+    assert prof.metadata["samples"]["oneway"]["1024"] == oneway[1024]
+    assert build_profile("box", measured, "each", 65536, {}).oneway_link is None
+    assert build_profile("box", dict(measured, oneway=oneway), "each", 65536,
+                         {"method": "pingpong"}).oneway_link is None
+
+
 def test_build_profile_split_fits_one_line_per_class():
     """split '64K,256K': the message, reduce and copy links have classes bounded there, each
     the line of its class's samples."""
@@ -238,6 +257,7 @@ def test_calibrate_runs_and_checks(comm, tmp_path, capsys):
         return
     prof = load_profile(str(out))
     assert prof.reduce_link is not None and prof.copy_link is not None and prof.post_overhead >= 0
+    assert prof.oneway_link is not None and 0 < prof.oneway_link.time(4096) < 1
     assert set(prof.call_overhead) == {a for a in algorithm_names() if a != "native"}
     for n in (256, 4096, 16384):
         assert 0 < prof.link.time(n) < 1 and 0 < prof.reduce_time(n) < 1 and 0 < prof.copy_time(n) < 1

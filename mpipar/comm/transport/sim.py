@@ -30,6 +30,11 @@ Timing (Hockney's alpha-beta model, with size classes and two levels):
   calling rank; a receive moves the clock to ``max(clock, arrival)``. Posting a non-blocking
   send or receive costs the profile's ``post_overhead`` (LogP's o: the request's bookkeeping
   on this rank's CPU, 0 by default); a ``sendrecv`` posts nothing (its cost is in alpha).
+* a profile may price one-way messages apart (its ``oneway`` link, flat networks only): a
+  send made while its rank has no receive outstanding (posted and not yet arrived) costs the
+  one-way time; a send made while receiving (every ``sendrecv``, a ring's isend beside its
+  irecv) costs the ordinary link's, measured as an exchange. On one host the two directions
+  of an exchange share the CPUs and memory bus, which a lone message has to itself.
   Matching and copying cost no virtual time.
 
 Data: with ``data=True`` buffers are real arrays and bytes are copied, so a test can check
@@ -126,7 +131,7 @@ class SimRequest:
     """A pending receive, or a rendezvous send. ``t`` is the post time until the transfer is
     scheduled, then the completion time."""
 
-    __slots__ = ("engine", "grank", "done", "t", "buf", "waiting", "peer", "tag", "is_send", "send")
+    __slots__ = ("engine", "grank", "done", "t", "buf", "waiting", "peer", "tag", "is_send", "send", "lone")
 
     def __init__(self, engine: "Engine", grank: int, t: float, buf: Any, peer: int, tag: int,
                  is_send: bool) -> None:
@@ -140,6 +145,7 @@ class SimRequest:
         self.tag = tag
         self.is_send = is_send
         self.send: SimRequest | None = None
+        self.lone = False  # a send posted while its rank received nothing (one-way price)
 
     def wait(self) -> Any:
         if not self.done:
@@ -205,20 +211,26 @@ class Engine:
         self.eager_limit = network.eager_limit
         self.gamma = network.gamma
         self.post = getattr(network, "post_overhead", 0.0)
+        # One-way pricing (a profile with a ``oneway`` link): each rank's receives that may
+        # still be outstanding, to tell a lone send from one made while receiving.
+        self.oneway = getattr(network, "oneway", None) is not None
+        self.open_recvs: list[list] = [[] for _ in range(size)] if self.oneway else []
         self._cost = network.cost
         self._cost_cache = network._cache  # (level -> {nbytes: (alpha, n * beta)}), filled by cost()
 
     # -- timing ----------------------------------------------------------------------------
-    def _arrival(self, src: int, dst: int, nbytes: int, start: float) -> float:
-        """When ``nbytes`` leaving ``src`` no earlier than ``start`` are all at ``dst``."""
+    def _arrival(self, src: int, dst: int, nbytes: int, start: float, lone: bool = False) -> float:
+        """When ``nbytes`` leaving ``src`` no earlier than ``start`` are all at ``dst``;
+        ``lone``: priced as a one-way message (the network's level 2)."""
         self.messages += 1
         if src == dst:
             return start
         node = self.node
         level = 0 if node[src] == node[dst] else 1
-        c = self._cost_cache[level].get(nbytes)
+        price = 2 if lone else level
+        c = self._cost_cache[price].get(nbytes)
         if c is None:
-            c = self._cost(level, nbytes)
+            c = self._cost(price, nbytes)
         alpha, nbeta = c
         if not self.serialize:
             return start + alpha + nbeta
@@ -379,12 +391,25 @@ class SimTransport:
             self.engine.clock[self.grank] += self.engine.post
         return self._irecv(buf, source, tag)
 
-    def _isend(self, buf: Any, dest: int, tag: int = 0) -> Any:
+    def _receiving(self) -> bool:
+        """Whether this rank has a receive outstanding at its clock (one-way pricing only):
+        posted and not yet matched, or matched with an arrival still ahead."""
+        e = self.engine
+        now = e.clock[self.grank]
+        open_ = e.open_recvs[self.grank]
+        open_[:] = [r for r in open_ if not r.done or r.t > now]
+        return bool(open_)
+
+    def _isend(self, buf: Any, dest: int, tag: int = 0, lone: bool | None = None) -> Any:
+        """``lone``: price as a one-way message; None: decide from whether this rank is
+        receiving (with a profile that prices one-way messages apart, else never)."""
         e = self.engine
         src = self.grank
         dst = self.ranks[dest]
         now = e.clock[src]
         nbytes = buf.nbytes
+        if lone is None:
+            lone = e.oneway and not self._receiving()
         key = (self.ctx, src, dst, tag)
         q = e.recvs.get(key)
         if q:  # the receive is posted: transfer now
@@ -395,13 +420,13 @@ class SimTransport:
             if e.data and nbytes:
                 _copy(r.buf, buf)
             if nbytes <= e.eager_limit:
-                r.t = e._arrival(src, dst, nbytes, now)
+                r.t = e._arrival(src, dst, nbytes, now, lone)
                 r.done = True
                 if r.waiting:
                     e._wake(r.grank)
                 return _DONE
             start = r.t if r.t > now else now
-            r.t = arrival = e._arrival(src, dst, nbytes, start)
+            r.t = arrival = e._arrival(src, dst, nbytes, start, lone)
             r.done = True
             if r.waiting:
                 e._wake(r.grank)
@@ -410,10 +435,11 @@ class SimTransport:
             return s
         if nbytes <= e.eager_limit:  # buffered: the arrival time is fixed now
             snap = buf.copy() if e.data and nbytes else buf
-            pend = (e._arrival(src, dst, nbytes, now), snap, nbytes, None)
+            pend = (e._arrival(src, dst, nbytes, now, lone), snap, nbytes, None)
             ret: Any = _DONE
         else:
             ret = SimRequest(e, src, now, None, dst, tag, True)
+            ret.lone = lone
             pend = (now, buf, nbytes, ret)
         q = e.sends.get(key)
         if q is None:
@@ -429,6 +455,8 @@ class SimTransport:
         q = e.sends.get(key)
         now = e.clock[dst]
         r = SimRequest(e, dst, now, buf, src, tag, False)
+        if e.oneway:
+            e.open_recvs[dst].append(r)
         if q:
             p_t, p_buf, p_nbytes, s = q.popleft()
             if p_nbytes > buf.nbytes:
@@ -440,7 +468,7 @@ class SimTransport:
                 r.t = p_t
             else:
                 start = p_t if p_t > now else now
-                r.t = s.t = e._arrival(src, dst, p_nbytes, start)
+                r.t = s.t = e._arrival(src, dst, p_nbytes, start, s.lone)
                 s.done = True
                 if s.waiting:
                     e._wake(s.grank)
@@ -455,7 +483,7 @@ class SimTransport:
     def _sendrecv_general(self, sendbuf: Any, dest: int, recvbuf: Any, source: int,
                           tag: int = 0) -> Any:
         r = self._irecv(recvbuf, source, tag)
-        s = self._isend(sendbuf, dest, tag)
+        s = self._isend(sendbuf, dest, tag, lone=False)  # sending and receiving at once
         if s is not _DONE:
             s.wait()
         return r.wait()
