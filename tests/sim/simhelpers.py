@@ -38,3 +38,13 @@ def reference(collective: str, op: str, inputs: list[np.ndarray], root: int = 0)
         off = np.concatenate([[0], np.cumsum(counts)])
         return [red[off[r]:off[r + 1]] for r in range(p)]
     raise ValueError(collective)
+
+
+def one_message(t, buf):
+    """Rank 0 sends ``buf`` to rank 1 with isend + wait, rank 1 receives it with irecv + wait;
+    nothing comes back. Returns the rank's clock."""
+    if t.rank == 0:
+        t.isend(buf, 1, 5).wait()
+    else:
+        t.irecv(buf, 0, 5).wait()
+    return t.now

@@ -13,6 +13,8 @@ from mpipar.comm.transport.base import sendrecv
 from mpipar.comm.transport.sim import placeholder
 from mpipar.sim import Link, Profile, SizeClass, load_profile, simulate, simulate_collective
 
+from simhelpers import one_message
+
 A, B = 4e-6, 2e-9        # exchange: alpha, beta
 A1, B1 = 3e-6, 1e-9      # one way: cheaper per byte, as measured on one host
 EAGER = 4096
@@ -23,23 +25,14 @@ def _prof(oneway: Link | None = ONEWAY, **kw) -> Profile:
     return Profile.simple(A, B, eager_limit=EAGER, oneway_link=oneway, **kw)
 
 
-def _lone(t, buf):
-    """Rank 0 sends to rank 1, which receives; nothing comes back."""
-    if t.rank == 0:
-        t.isend(buf, 1, 5).wait()
-    else:
-        t.irecv(buf, 0, 5).wait()
-    return t.now
-
-
 @pytest.mark.parametrize("nbytes", [8, EAGER, EAGER + 8, 1 << 16])
 def test_lone_message_costs_the_oneway_link(nbytes):
     """Eager or rendezvous, a message whose sender is not receiving arrives at
     alpha1 + n beta1; without a oneway link at alpha + n beta."""
     buf = lambda r: (np.zeros(nbytes, np.uint8),)  # noqa: E731
-    res = simulate(_lone, 2, _prof(), args=buf)
+    res = simulate(one_message, 2, _prof(), args=buf)
     assert res.finish[1] == pytest.approx(A1 + nbytes * B1, rel=1e-12)
-    plain = simulate(_lone, 2, _prof(None), args=buf)
+    plain = simulate(one_message, 2, _prof(None), args=buf)
     assert plain.finish[1] == pytest.approx(A + nbytes * B, rel=1e-12)
 
 

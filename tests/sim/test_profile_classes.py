@@ -15,7 +15,7 @@ from mpipar.comm.transport.base import sendrecv
 from mpipar.comm.transport.sim import placeholder
 from mpipar.sim import Link, Network, Profile, SizeClass, load_profile, simulate, simulate_collective
 
-from simhelpers import available
+from simhelpers import available, one_message
 
 A, B = 3e-6, 1e-9
 EAGER = 4096
@@ -126,15 +126,6 @@ def test_reduce_local_of_nothing_is_free():
 
 # -- (c) post overhead ---------------------------------------------------------------------
 
-def _isend_irecv(t, buf):
-    """Rank 0 sends buf to rank 1 with isend + wait; rank 1 receives with irecv + wait."""
-    if t.rank == 0:
-        t.isend(buf, 1, 5).wait()
-    else:
-        t.irecv(buf, 0, 5).wait()
-    return t.now
-
-
 @pytest.mark.parametrize("nbytes", [8, EAGER, EAGER + 8, 1 << 16])
 def test_post_overhead_delays_isend_and_irecv(nbytes):
     """Each rank posts one request, so each finishes exactly o later. Eager (n <= limit): the
@@ -143,12 +134,12 @@ def test_post_overhead_delays_isend_and_irecv(nbytes):
     m = A + nbytes * B
     buf = lambda r: (np.zeros(nbytes, np.uint8),)  # noqa: E731
     for o in (0.0, POST):
-        res = simulate(_isend_irecv, 2, Profile.simple(A, B, eager_limit=EAGER, post_overhead=o), args=buf)
+        res = simulate(one_message, 2, Profile.simple(A, B, eager_limit=EAGER, post_overhead=o), args=buf)
         sender = o if nbytes <= EAGER else o + m
         assert res.finish[0] == pytest.approx(sender, rel=1e-12, abs=1e-18)
         assert res.finish[1] == pytest.approx(o + m, rel=1e-12)
-    base = simulate(_isend_irecv, 2, Profile.simple(A, B, eager_limit=EAGER), args=buf)
-    with_o = simulate(_isend_irecv, 2, Profile.simple(A, B, eager_limit=EAGER, post_overhead=POST), args=buf)
+    base = simulate(one_message, 2, Profile.simple(A, B, eager_limit=EAGER), args=buf)
+    with_o = simulate(one_message, 2, Profile.simple(A, B, eager_limit=EAGER, post_overhead=POST), args=buf)
     for r in range(2):
         assert with_o.finish[r] - base.finish[r] == pytest.approx(POST, rel=1e-9)
 
