@@ -17,7 +17,7 @@ What is measured, each the way the algorithms meet it, between ranks 0 and 1 (ot
   arrived (half the round trip; through isend/irecv, as tree-like algorithms send, less the
   post overhead below): what a message costs when its sender is not receiving at the same
   time. On one host the two directions of an exchange share the CPUs and the memory bus,
-  and a lone message can cost much less than an exchange (up to half, measured here); the
+  and a lone message can cost much less than an exchange (0.42-0.86 of it measured here); the
   simulator prices each message by which of the two it is;
 * reductions: ``op.combine`` (what ``reduce_local`` runs) on n-byte float32 buffers just
   written, on both ranks at once (they share the memory bus, as they do in a collective);
@@ -88,20 +88,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # -- the measured operations (each returns this rank's seconds for one call) ----------------
 
-def _pingpong(t: Any, n: int, bufs: dict) -> float:
-    from mpipar.comm.transport.base import recv, send  # noqa: PLC0415
-
-    buf = bufs.setdefault(("pp", n), np.zeros(n, dtype=np.uint8))
-    t0 = time.perf_counter()
-    if t.rank == 0:
-        send(t, buf, 1, 7)
-        recv(t, buf, 1, 7)
-    elif t.rank == 1:
-        recv(t, buf, 0, 7)
-        send(t, buf, 0, 7)
-    return (time.perf_counter() - t0) / 2
-
-
 def _fresh_copy(bufs: dict, n: int) -> np.ndarray:
     """n bytes just written into a new array (untimed): what an algorithm sends is its work
     copy of the input, made moments before, so it is measured from warm caches too."""
@@ -128,21 +114,27 @@ def _exchange(t: Any, n: int, bufs: dict, posted: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def _oneway(t: Any, n: int, bufs: dict) -> float:
-    """Half a round trip of n fresh bytes, 0 -> 1 -> 0, each received into a fresh buffer
-    through irecv/isend (the message of a tree or parameter server, with nothing coming the
-    other way while it travels)."""
+def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
+    """Half a round trip of n bytes, 0 -> 1 -> 0, through isend/irecv. With ``fresh``, each
+    message is sent from a just-written copy and received into a new buffer: the message of
+    a tree or parameter server, with nothing coming the other way while it travels (the
+    profile's one-way link); without, one reused buffer both ways (``--method pingpong``)."""
+    from mpipar.comm.transport.base import recv, send  # noqa: PLC0415
+
     if t.rank > 1:
         return 0.0
     peer = 1 - t.rank
-    send = _fresh_copy(bufs, n)
+    if fresh:
+        out, into = _fresh_copy(bufs, n), np.empty(n, dtype=np.uint8)
+    else:
+        out = into = bufs.setdefault(("pp", n), np.zeros(n, dtype=np.uint8))
     t0 = time.perf_counter()
     if t.rank == 0:
-        t.isend(send, peer, 11).wait()
-        t.irecv(np.empty(n, dtype=np.uint8), peer, 12).wait()
+        send(t, out, peer, 11)
+        recv(t, into, peer, 12)
     else:
-        t.irecv(np.empty(n, dtype=np.uint8), peer, 11).wait()
-        t.isend(send, peer, 12).wait()
+        recv(t, into, peer, 11)
+        send(t, out, peer, 12)
     return (time.perf_counter() - t0) / 2
 
 
@@ -177,7 +169,8 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
     ops: dict[str, Callable[[Any, int, dict], float]] = {
         "message": _pingpong if method == "pingpong" else _exchange,
         "posted": lambda t, n, bufs: _exchange(t, n, bufs, posted=True),
-        "oneway": _oneway, "reduce": _reduce, "copy": _copy}
+        "oneway": lambda t, n, bufs: _pingpong(t, n, bufs, fresh=True),
+        "reduce": _reduce, "copy": _copy}
     bufs: dict = {}
     local: dict[str, dict[int, list[float]]] = {k: {n: [] for n in sizes} for k in ops}
     for alg, at in timed.items():
@@ -380,7 +373,7 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
     prof.call_overhead = call_overheads({alg: measured[alg] for alg in timed}, t.size, prof)
     out = args.output or f"profile-{meta['host']}.json"
     prof.save(out)
-    what = "exchange" if args.method == "exchange" else "one-way"
+    what = "exchange" if args.method == "exchange" else "pingpong"
     print(f"# calibrate: {meta['host']}, {meta['libraries']['mpi']}, thread level {meta['thread_level']}, "
           f"medians of {args.repeats} rounds")
     print(f"#{'size(B)':>11} {what + '(us)':>13} {'posted(us)':>11} {'one-way(us)':>12} {'reduce(us)':>11} "
