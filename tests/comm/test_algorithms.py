@@ -137,6 +137,46 @@ def test_allreduce_large(comm, alg):
     digest.check(comm)
 
 
+def _pools(comm):
+    """Every scratch pool the algorithms may have used: the world transport's and those of
+    the sub-groups hier keeps in its cache."""
+    ts = [comm.transport]
+    for found in comm.transport.cache.values():
+        if isinstance(found, tuple):
+            ts += [g for g in found if g is not None and hasattr(g, "scratch_pool")]
+    return [t.scratch_pool for t in ts]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("alg,opts", [(a, {}) for a in ALGS]
+                         + [("ring", {"chunk_bytes": 256}), ("ps", {"servers": 2}),
+                            ("dbtree", {"segment_bytes": 256}), ("rhd", {"small_bytes": 0})])
+def test_scratch_is_reused_and_never_part_of_a_result(comm, alg, opts):
+    """Scratch comes from the transport's pool and goes back to it after the call: a result
+    never shares memory with it, so later calls cannot overwrite an earlier result, and
+    back-to-back calls reuse (not grow) the pool."""
+    cases = [(n, dt) for n in (1, comm.size + 1, 10007, 300_001) for dt in ("float32", "int64")]
+    kept = []
+    for n, dtype in cases:
+        inputs = _inputs(comm, 61 + n, (n,), dtype)
+        out = comm.allreduce(inputs[comm.rank], algorithm=alg, **opts)
+        kept.append((out, reference("sum", inputs)))
+        rs = comm.reduce_scatter(inputs[comm.rank], algorithm="ring" if alg == "ring" else "rhd")
+        kept.append((rs, None))
+    held = [b for pool in _pools(comm) for b in pool.kept()]
+    if comm.size > 1:  # some rank used scratch (not each: a parameter server's clients do not)
+        somewhere = comm.allreduce(np.array([len(held)]), algorithm="native")
+        assert somewhere[0] > 0, "no scratch was given back to a pool"
+    for out, ref in kept:
+        assert not any(np.shares_memory(out, b) for b in held)
+        if ref is not None:  # still the right answer after every later call
+            np.testing.assert_array_equal(out, ref)
+    before = sum(pool.held_bytes for pool in _pools(comm))
+    for n, dtype in cases:
+        comm.allreduce(_inputs(comm, 61 + n, (n,), dtype)[comm.rank], algorithm=alg, **opts)
+    assert sum(pool.held_bytes for pool in _pools(comm)) == before
+
+
 # -- reduce, broadcast, reduce-scatter, all-gather ---------------------------------------------
 def _supporting(collective: str) -> list[str]:
     return [a for a in ALGS if get_algorithm(a).supports(collective)]

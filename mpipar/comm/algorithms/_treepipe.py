@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from mpipar.comm.algorithms._util import array_module, segment_table
+from mpipar.comm.algorithms._util import give_scratch, segment_table, take_scratch
 
 WINDOW = 2
 
@@ -52,9 +52,10 @@ class _State:
         self.sends: list[Any] = []  # sends to children
         self.reduce = reduce
         self.reduced = 0  # segments reduced and sent up so far
+        self.scratch = None
         if reduce and spec.children and self.segs:
             width = max(b - a for a, b in self.segs)
-            scratch = array_module(buf).empty(len(spec.children) * window * width, dtype=buf.dtype)
+            self.scratch = scratch = take_scratch(t, buf, len(spec.children) * window * width)
             self.slots = [[scratch[(c * window + w) * width:(c * window + w + 1) * width]
                            for w in range(window)] for c in range(len(spec.children))]
             for c, child in enumerate(spec.children):
@@ -101,12 +102,15 @@ class _State:
         for child in self.spec.bcast_order:
             self.sends.append(t.isend(buf[a:b], child, self.tag + 1))
 
-    def finish(self) -> None:
+    def finish(self, t: Any) -> None:
         for req in self.up:
             if req is not None:
                 req.wait()
         for req in self.sends:
             req.wait()
+        if self.scratch is not None:  # every child's segment has been waited for and folded
+            give_scratch(t, self.scratch)
+            self.scratch = None
 
 
 def run(t: Any, buf: Any, op: Any, specs: list[TreeSpec], seg: int, tag: int,
@@ -131,4 +135,4 @@ def run(t: Any, buf: Any, op: Any, specs: list[TreeSpec], seg: int, tag: int,
                 if j < len(st.segs):
                     st.bcast_step(t, buf, j)
     for st in states:
-        st.finish()
+        st.finish(t)

@@ -11,10 +11,12 @@ import inspect
 from itertools import accumulate
 from typing import Any, Callable
 
+import numpy as np
+
 from mpipar.backend import array_module
 
 __all__ = ["array_module", "split_counts", "offsets", "split_offsets", "segments",
-           "segment_table", "seg_elems", "accepted"]
+           "segment_table", "seg_elems", "accepted", "take_scratch", "give_scratch"]
 
 
 def split_counts(n: int, parts: int) -> list[int]:
@@ -66,6 +68,27 @@ def segment_table(lo: int, hi: int, seg: int) -> tuple[tuple[int, int], ...]:
     """``segments(lo, hi, seg)`` as a tuple, built once per range and shared (read-only): every
     rank of a tree cuts the same range, thousands of times over in the simulator."""
     return tuple(segments(lo, hi, seg))
+
+
+def take_scratch(t: Any, like: Any, n: int) -> Any:
+    """``n`` elements of ``like``'s dtype and array module for one call's own use (received
+    blocks waiting to be reduced): from the transport's ``scratch_pool`` when it has one and
+    the array is on the host, so that its pages were touched by an earlier call (see
+    transport/pool.py), else newly allocated (CuPy has its own pool; the simulator keeps no
+    memory between calls). Never return it to the caller: hand it to ``give_scratch``
+    once no request uses it."""
+    xp = array_module(like)
+    pool = getattr(t, "scratch_pool", None)
+    if pool is None or not isinstance(like, np.ndarray):
+        return xp.empty(n, dtype=like.dtype)
+    return pool.take(n * like.itemsize).view(like.dtype)
+
+
+def give_scratch(t: Any, buf: Any) -> None:
+    """Return ``take_scratch``'s buffer to the transport's pool (nothing without one)."""
+    pool = getattr(t, "scratch_pool", None)
+    if pool is not None and isinstance(buf, np.ndarray):
+        pool.give(buf)
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpipar.comm.algorithms import Algorithm
-from mpipar.comm.algorithms._util import array_module, split_offsets
+from mpipar.comm.algorithms._util import give_scratch, split_offsets, take_scratch
 
 TAG = 0x50  # 'P'
 WINDOW = 4
@@ -47,10 +47,14 @@ def allreduce(t: Any, buf: Any, op: Any, servers: int = 1, window: int = WINDOW)
         a, b = shards[r]
         width = b - a
         mine = buf[a:b]
-        own = mine if r == 0 else mine.copy()  # my own contribution, folded in its turn
         others = [q for q in range(p) if q != r]
-        scratch = array_module(buf).empty(window * width, dtype=buf.dtype)
+        window = max(1, min(window, len(others)))  # no more slots than senders
+        scratch = take_scratch(t, buf, (window + (r != 0)) * width)
         slots = [scratch[w * width:(w + 1) * width] for w in range(window)]
+        own = mine  # my own contribution, folded in its turn: kept aside unless I am rank 0
+        if r != 0:
+            own = scratch[window * width:]
+            own[:] = mine
         reqs = [t.irecv(slots[i], others[i], TAG) for i in range(min(window, len(others)))]
         i = 0
         for q in range(p):
@@ -68,6 +72,7 @@ def allreduce(t: Any, buf: Any, op: Any, servers: int = 1, window: int = WINDOW)
                 if i + window < len(others):
                     reqs.append(t.irecv(slots[i % window], others[i + window], TAG))
                 i += 1
+        give_scratch(t, scratch)  # every receive into it has been waited for
         pulls = [t.isend(mine, q, TAG + 1) for q in range(p) if q != r]
     # pull every other shard back into place
     for k, (a, b) in enumerate(shards):

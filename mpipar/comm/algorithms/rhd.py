@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpipar.comm.algorithms import Algorithm
-from mpipar.comm.algorithms._util import array_module, offsets, split_offsets
+from mpipar.comm.algorithms._util import array_module, give_scratch, offsets, split_offsets, take_scratch
 from mpipar.comm.transport.base import sendrecv
 
 TAG = 0x48  # 'H'
@@ -131,8 +131,10 @@ def allreduce(t: Any, buf: Any, op: Any, small_bytes: int = SMALL_BYTES) -> Any:
     else:
         soff = split_offsets(buf.size, L.pof2)  # shared by all ranks (cached)
         half = soff[L.pof2 >> 1]
-        scratch = other if other is not None else xp.empty(max(half, buf.size - half), dtype=buf.dtype)
+        scratch = other if other is not None else take_scratch(t, buf, max(half, buf.size - half))
         _halving(t, L, buf, op, soff, scratch)
+        if other is None:
+            give_scratch(t, scratch)
         _doubling_gather(t, L, buf, soff)
     if r < 2 * L.rem:  # unfold: hand the result back
         t.isend(buf, r - 1, TAG).wait()
@@ -173,9 +175,11 @@ def reduce_scatter(t: Any, buf: Any, op: Any, counts: list[int], small_bytes: in
         t.reduce_local(op, other, buf)
         buf, scratch = other, buf
     else:
-        scratch = array_module(buf).empty(buf.size, dtype=buf.dtype)
+        scratch = take_scratch(t, buf, buf.size)
     soff = _super_offsets(L, off)
     _halving(t, L, buf, op, soff, scratch)
+    if scratch is not buf:
+        give_scratch(t, scratch)
     if r < 2 * L.rem:
         t.isend(buf[off[r - 1]:off[r]], r - 1, TAG).wait()
     return buf[off[r]:off[r + 1]]

@@ -39,8 +39,8 @@ from itertools import chain
 from typing import Any, Callable, Iterator, Sequence
 
 from mpipar.comm.algorithms import Algorithm
-from mpipar.comm.algorithms._util import (array_module, offsets, seg_elems, segment_table, segments,
-                                          split_offsets)
+from mpipar.comm.algorithms._util import (array_module, give_scratch, offsets, seg_elems, segment_table,
+                                          segments, split_offsets, take_scratch)
 from mpipar.comm.transport.base import sendrecv
 
 TAG = 0x52  # 'R'
@@ -94,7 +94,6 @@ def _ring(t: Any, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, 
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES if p > 2 else 1 << 62
     seg = seg_elems(chunk_bytes, buf.itemsize)
-    xp = array_module(buf)
     first = (r - 1) % p if rs else r  # the block sent at the first hop
 
     if widest <= seg:  # one chunk per block: one sendrecv per hop, no pipelining needed
@@ -105,7 +104,7 @@ def _ring(t: Any, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, 
         s = buf[off[first]:off[first + 1]]
         if rs:
             reduce_local = t.reduce_local
-            scratch = xp.empty(widest, dtype=buf.dtype)
+            scratch = take_scratch(t, buf, widest)
             tmp, tn = scratch, widest  # scratch[:tn], re-cut only when the block size changes
             for rb in _below(p, first):  # receive r-2, r-3 ... r (mod p)
                 lo = off[rb]
@@ -117,6 +116,7 @@ def _ring(t: Any, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, 
                 sr(s, right, tmp, left, tag)
                 reduce_local(op, dst, tmp)
                 s = dst  # the block just reduced goes on at the next hop
+            give_scratch(t, scratch)
         if ag:  # s is block r now
             for rb in _below(p, r):  # receive r-1, r-2 ... r+1 (mod p)
                 dst = buf[off[rb]:off[rb + 1]]
@@ -130,7 +130,7 @@ def _ring(t: Any, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, 
     isend, irecv = t.isend, t.irecv
     for a, b in segments(off[first], off[first + 1], seg):
         pending[a] = isend(buf[a:b], right, TAG)
-    scratch = xp.empty(window * seg, dtype=buf.dtype) if rs else None
+    scratch = take_scratch(t, buf, window * seg) if rs else None
     posted: deque = deque()  # (lo, hi, reduce?, forward?, request, scratch view), in order
 
     def post(i: int, item: tuple[int, int, bool, bool]) -> None:
@@ -165,6 +165,8 @@ def _ring(t: Any, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, 
         i += 1
     for req in pending.values():
         req.wait()
+    if scratch is not None:  # every receive into it has been waited for
+        give_scratch(t, scratch)
 
 
 def allreduce(t: Any, buf: Any, op: Any, chunk_bytes: int | None = None) -> Any:

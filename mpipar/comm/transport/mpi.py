@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -21,10 +22,23 @@ from mpipar.comm import mpi_env
 from mpipar.comm.mpi_env import MPI_LOCK, import_mpi, is_cuda_aware
 from mpipar.comm.ops import ReduceOp
 from mpipar.comm.transport.base import CompletedRequest
+from mpipar.comm.transport.pool import BufferPool
 from mpipar.comm.transport.staging import PinnedPool
 
 # Largest piece handed to one MPI call, in bytes. MPI counts are C ints; tests patch this small.
 MAX_MESSAGE_BYTES = 2**31 - 1
+
+# Most bytes of algorithm scratch a transport keeps between calls (MPIPAR_SCRATCH_BYTES
+# overrides): a 16 MiB all-reduce needs 8-16 MiB of it; larger needs are met and let go.
+SCRATCH_BYTES = 256 * 2**20
+
+
+def _scratch_limit() -> int:
+    value = os.environ.get("MPIPAR_SCRATCH_BYTES")
+    try:
+        return SCRATCH_BYTES if value is None else max(0, int(value))
+    except ValueError:
+        raise ValueError(f"MPIPAR_SCRATCH_BYTES must be a number of bytes, got {value!r}") from None
 
 
 def _pieces(nbytes: int, itemsize: int) -> list[tuple[int, int]]:
@@ -79,6 +93,7 @@ class MPITransport:
         self.size = mpi_comm.Get_size()
         self.cuda_aware = is_cuda_aware() if cuda_aware is None else cuda_aware
         self.pool = PinnedPool()
+        self.scratch_pool = BufferPool(max_bytes=_scratch_limit())  # algorithms' host scratch
         self.cache: dict[str, Any] = {}  # per-transport state of algorithms (sub-groups, tables)
 
     # -- helpers -------------------------------------------------------------------------
