@@ -10,7 +10,8 @@ Examples::
 What is measured, each the way the algorithms meet it, between ranks 0 and 1 (others wait):
 
 * messages: with ``--method exchange`` (default) both ranks swap n bytes with one
-  ``sendrecv`` each, received into a freshly allocated buffer as the algorithms' scratch is:
+  ``sendrecv`` each, sent from a just-written copy and received into a buffer kept between
+  rounds, as the algorithms send their work copy and receive into pooled scratch:
   the step of every pairwise algorithm; with ``--method pingpong`` half the round trip of one
   message. Through mpipar's own MPI transport, so its Python overhead is included.
 * one-way messages: rank 0 sends n fresh bytes to rank 1, which sends n back once they have
@@ -94,29 +95,43 @@ def _fresh_copy(bufs: dict, n: int) -> np.ndarray:
     return bufs.setdefault(("x", n), np.ones(n, dtype=np.uint8)).copy()
 
 
+def _landing(t: Any, n: int) -> np.ndarray:
+    """The buffer n bytes are received into: taken from the transport's scratch pool, as
+    the algorithms' receive buffers are (hand it back with ``_landed``), so that it is as
+    warm or as cold in the caches as theirs: memory that an algorithm at this size used
+    moments ago, never new pages (whose first touch faults: up to 4x the message here)."""
+    return t.scratch_pool.take(n)
+
+
+def _landed(t: Any, into: np.ndarray) -> None:
+    t.scratch_pool.give(into)
+
+
 def _exchange(t: Any, n: int, bufs: dict, posted: bool = False) -> float:
-    """Ranks 0 and 1 swap n bytes into a fresh buffer, with one sendrecv each; with
+    """Ranks 0 and 1 swap n bytes, with one sendrecv each; with
     ``posted``, as irecv + isend + two waits instead (how tree-like algorithms and chunked
     rings talk: the difference is the bookkeeping of posting requests)."""
     from mpipar.comm.transport.base import sendrecv  # noqa: PLC0415
 
     if t.rank > 1:
         return 0.0
-    send = _fresh_copy(bufs, n)
+    send, into = _fresh_copy(bufs, n), _landing(t, n)
     peer = 1 - t.rank
     t0 = time.perf_counter()
     if posted:
-        r = t.irecv(np.empty(n, dtype=np.uint8), peer, 9)
+        r = t.irecv(into, peer, 9)
         t.isend(send, peer, 9).wait()
         r.wait()
     else:
-        sendrecv(t, send, peer, np.empty(n, dtype=np.uint8), peer, 8)
-    return time.perf_counter() - t0
+        sendrecv(t, send, peer, into, peer, 8)
+    dt = time.perf_counter() - t0
+    _landed(t, into)
+    return dt
 
 
 def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
     """Half a round trip of n bytes, 0 -> 1 -> 0, through isend/irecv. With ``fresh``, each
-    message is sent from a just-written copy and received into a new buffer: the message of
+    message is sent from a just-written copy (as algorithms send their work copy): the message of
     a tree or parameter server, with nothing coming the other way while it travels (the
     profile's one-way link); without, one reused buffer both ways (``--method pingpong``)."""
     from mpipar.comm.transport.base import recv, send  # noqa: PLC0415
@@ -125,7 +140,7 @@ def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
         return 0.0
     peer = 1 - t.rank
     if fresh:
-        out, into = _fresh_copy(bufs, n), np.empty(n, dtype=np.uint8)
+        out, into = _fresh_copy(bufs, n), _landing(t, n)
     else:
         out = into = bufs.setdefault(("pp", n), np.zeros(n, dtype=np.uint8))
     t0 = time.perf_counter()
@@ -135,7 +150,10 @@ def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
     else:
         recv(t, into, peer, 11)
         send(t, out, peer, 12)
-    return (time.perf_counter() - t0) / 2
+    dt = (time.perf_counter() - t0) / 2
+    if fresh:
+        _landed(t, into)
+    return dt
 
 
 def _reduce(t: Any, n: int, bufs: dict) -> float:
@@ -178,19 +196,20 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
     inputs = {n: np.ones(max(1, n // 4), dtype=np.float32) for at in timed.values() for n in at}
     for i in range(warmup + repeats):
         for n in sizes:
-            for name, op in ops.items():
+            # The measured operations and the all-reduces in one order, new every round and
+            # the same on every rank: whatever runs first at a size pays for the larger
+            # sizes before it (caches refilled, pages given back to the kernel and faulted
+            # in again: 2x an exchange here), so each must be first equally often.
+            for name in shuffled(list(ops) + [alg for alg, at in timed.items() if n in at], i * 1_000_003 + n):
                 t.barrier()
-                dt = op(t, n, bufs)
+                if name in ops:
+                    dt = ops[name](t, n, bufs)
+                else:
+                    t0 = time.perf_counter()
+                    comm.allreduce(inputs[n], algorithm=name)
+                    dt = time.perf_counter() - t0
                 if i >= warmup:
                     local[name][n].append(dt)
-            # a new order every round, the same on every rank (see bench collectives: a
-            # rotation charges the switch from the same predecessor to each algorithm)
-            for alg in shuffled([alg for alg, at in timed.items() if n in at], i * 1_000_003 + n):
-                t.barrier()
-                t0 = time.perf_counter()
-                comm.allreduce(inputs[n], algorithm=alg)
-                if i >= warmup:
-                    local[alg][n].append(time.perf_counter() - t0)
     out: dict[str, dict[int, float]] = {}
     for name, per_size in local.items():
         out[name] = {}
