@@ -109,3 +109,15 @@ def test_without_a_pool_scratch_is_new_memory():
     s = take_scratch(t, like, 10)
     give_scratch(t, s)
     assert not np.shares_memory(s, take_scratch(t, like, 10))
+
+
+def test_scratch_limit_comes_from_the_environment(monkeypatch):
+    from mpipar.comm.transport import mpi as mpi_transport
+
+    monkeypatch.delenv("MPIPAR_SCRATCH_BYTES", raising=False)
+    assert mpi_transport._scratch_limit() == mpi_transport.SCRATCH_BYTES
+    monkeypatch.setenv("MPIPAR_SCRATCH_BYTES", "0")
+    assert mpi_transport._scratch_limit() == 0  # keep nothing: every call allocates
+    monkeypatch.setenv("MPIPAR_SCRATCH_BYTES", "lots")
+    with pytest.raises(ValueError, match="MPIPAR_SCRATCH_BYTES"):
+        mpi_transport._scratch_limit()
