@@ -10,8 +10,8 @@ Examples::
 What is measured, each the way the algorithms meet it, between ranks 0 and 1 (others wait):
 
 * messages: with ``--method exchange`` (default) both ranks swap n bytes with one
-  ``sendrecv`` each, sent from a just-written copy and received into a buffer kept between
-  rounds, as the algorithms send their work copy and receive into pooled scratch:
+  ``sendrecv`` each, sent from a just-written copy and received into a buffer from the
+  transport's scratch pool, as the algorithms send their work copy and receive into theirs:
   the step of every pairwise algorithm; with ``--method pingpong`` half the round trip of one
   message. Through mpipar's own MPI transport, so its Python overhead is included.
 * one-way messages: rank 0 sends n fresh bytes to rank 1, which sends n back once they have
@@ -97,14 +97,10 @@ def _fresh_copy(bufs: dict, n: int) -> np.ndarray:
 
 def _landing(t: Any, n: int) -> np.ndarray:
     """The buffer n bytes are received into: taken from the transport's scratch pool, as
-    the algorithms' receive buffers are (hand it back with ``_landed``), so that it is as
+    the algorithms' receive buffers are (give it back after), so that it is as
     warm or as cold in the caches as theirs: memory that an algorithm at this size used
     moments ago, never new pages (whose first touch faults: up to 4x the message here)."""
     return t.scratch_pool.take(n)
-
-
-def _landed(t: Any, into: np.ndarray) -> None:
-    t.scratch_pool.give(into)
 
 
 def _exchange(t: Any, n: int, bufs: dict, posted: bool = False) -> float:
@@ -125,7 +121,7 @@ def _exchange(t: Any, n: int, bufs: dict, posted: bool = False) -> float:
     else:
         sendrecv(t, send, peer, into, peer, 8)
     dt = time.perf_counter() - t0
-    _landed(t, into)
+    t.scratch_pool.give(into)
     return dt
 
 
@@ -152,7 +148,7 @@ def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
         send(t, out, peer, 12)
     dt = (time.perf_counter() - t0) / 2
     if fresh:
-        _landed(t, into)
+        t.scratch_pool.give(into)
     return dt
 
 

@@ -77,10 +77,9 @@ def take_scratch(t: Any, like: Any, n: int) -> Any:
     transport/pool.py), else newly allocated (CuPy has its own pool; the simulator keeps no
     memory between calls). Never return it to the caller: hand it to ``give_scratch``
     once no request uses it."""
-    xp = array_module(like)
     pool = getattr(t, "scratch_pool", None)
     if pool is None or not isinstance(like, np.ndarray):
-        return xp.empty(n, dtype=like.dtype)
+        return array_module(like).empty(n, dtype=like.dtype)
     return pool.take(n * like.itemsize).view(like.dtype)
 
 

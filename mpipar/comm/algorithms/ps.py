@@ -55,7 +55,7 @@ def allreduce(t: Any, buf: Any, op: Any, servers: int = 1, window: int = WINDOW)
         if r != 0:
             own = scratch[window * width:]
             own[:] = mine
-        reqs = [t.irecv(slots[i], others[i], TAG) for i in range(min(window, len(others)))]
+        reqs = [t.irecv(slots[i], others[i], TAG) for i in range(window)]
         i = 0
         for q in range(p):
             if q == r:
