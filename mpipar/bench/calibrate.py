@@ -43,6 +43,10 @@ rounds, then simulates them with the profile just measured and prints predicted 
 measured: calibration and measurement share the machine's state of the moment, which on a
 shared machine drifts by tens of percent between runs a minute apart.
 
+``--raw FILE.npz`` also keeps every round's time (the slower rank's) per operation and size,
+as plain arrays named ``OP/SIZE`` (``np.load(..., allow_pickle=False)``): the spread behind
+each median, to see which operations move together when a run misses.
+
 Place the ranks as you want them measured: on one node this is the shared-memory path; with
 ``-ppn 1`` on two nodes, the network.
 """
@@ -83,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-min", default="64K", help="smallest size checked (default 64K)")
     p.add_argument("--check-json", default=None, metavar="FILE",
                    help="save the predicted-vs-measured rows as JSON")
+    p.add_argument("--raw", default=None, metavar="FILE.npz",
+                   help="also save every round's time (the slower rank's, seconds) per operation "
+                        "and size, as plain arrays named OP/SIZE: to see a median's spread")
     p.add_argument("--name", default=None, help="profile name (default: the host name)")
     p.add_argument("--output", default=None, help="where to write the JSON (default ./profile-<host>.json)")
 
@@ -176,10 +183,12 @@ def _copy(t: Any, n: int, bufs: dict) -> float:
 
 
 def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warmup: int,
-            timed: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+            timed: dict[str, list[int]],
+            rounds: dict[str, np.ndarray] | None = None) -> dict[str, dict[int, float]]:
     """Median (over rounds) of the slower of ranks 0 and 1 (every rank, for the all-reduce
     algorithms in ``timed``, at the sizes given there) per operation and size, in seconds:
-    {"message"|"posted"|"oneway"|"reduce"|"copy"|alg: {n: s}}."""
+    {"message"|"posted"|"oneway"|"reduce"|"copy"|alg: {n: s}}. Given ``rounds``, every
+    round's time is also put there, under "OP/SIZE", in the order of the rounds."""
     ops: dict[str, Callable[[Any, int, dict], float]] = {
         "message": _pingpong if method == "pingpong" else _exchange,
         "posted": lambda t, n, bufs: _exchange(t, n, bufs, posted=True),
@@ -212,6 +221,8 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
         for n, v in per_size.items():
             slowest = comm.allreduce(np.asarray(v, dtype=np.float64), op="max")
             out[name][n] = float(np.median(slowest))
+            if rounds is not None:
+                rounds[f"{name}/{n}"] = slowest
     return out
 
 
@@ -373,9 +384,12 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
     timed = {alg: list(overhead_sizes) for alg in _from_scratch()}
     for alg in check:
         timed[alg] = sorted(set(timed.get(alg, [])) | set(check_sizes))
-    measured = measure(t, comm, sizes, args.method, args.repeats, args.warmup, timed)
+    rounds: dict[str, np.ndarray] = {}
+    measured = measure(t, comm, sizes, args.method, args.repeats, args.warmup, timed, rounds)
     if t.rank != 0:
         return 0
+    if args.raw:
+        np.savez(args.raw, **rounds)
     bounds = split_bounds(split)
     if args.eager is not None:
         eager = parse_size(args.eager)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 
+import numpy as np
 import pytest
 
 from mpipar.bench.calibrate import build_profile, fitted_classes, interpolating_classes
@@ -248,9 +249,10 @@ def test_calibrate_runs_and_checks(comm, tmp_path, capsys):
 
     p = argparse.ArgumentParser()
     calibrate.add_arguments(p)
-    out, check = tmp_path / "prof.json", tmp_path / "check.json"  # only rank 0 writes
+    out, check, raw = tmp_path / "prof.json", tmp_path / "check.json", tmp_path / "raw.npz"  # rank 0 writes
     args = p.parse_args(["--sizes", "256:16K", "--repeats", "3", "--warmup", "1", "--check", "ring,rhd",
-                         "--check-min", "4K", "--output", str(out), "--check-json", str(check)])
+                         "--check-min", "4K", "--output", str(out), "--check-json", str(check),
+                         "--raw", str(raw)])
     assert calibrate.main(args, comm=comm) == 0
     text = capsys.readouterr().out
     if comm.rank != 0:
@@ -265,3 +267,14 @@ def test_calibrate_runs_and_checks(comm, tmp_path, capsys):
     assert {(r["algorithm"], r["size"]) for r in rows} == {(a, n) for a in ("ring", "rhd") for n in (4096, 8192, 16384)}
     assert all(r["measured_us"] > 0 and math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rows)
     assert "predictions within 25%" in text and "call overhead" in text
+    # --raw: every timed round of every operation and size, whose medians are the profile's
+    with np.load(raw, allow_pickle=False) as rounds:
+        sizes = [256 << k for k in range(7)]
+        assert {f"{op}/{n}" for op in ("message", "posted", "oneway", "reduce", "copy") for n in sizes} <= set(rounds)
+        assert {f"ring/{n}" for n in (4096, 8192, 16384)} <= set(rounds)
+        assert all(rounds[k].shape == (3,) and (rounds[k] > 0).all() for k in rounds)
+        samples = prof.metadata["samples"]
+        for n in sizes:
+            assert samples["message"][str(n)] == float(np.median(rounds[f"message/{n}"]))
+        by_alg = {(r["algorithm"], r["size"]): r["measured_us"] for r in rows}
+        assert by_alg[("ring", 8192)] == pytest.approx(float(np.median(rounds["ring/8192"])) * 1e6, rel=1e-12)
