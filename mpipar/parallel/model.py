@@ -290,19 +290,22 @@ def _owns(local: LocalModel, name: str) -> bool:
 
 
 def gather_full_state_dict(local: LocalModel, mesh: Any, grads: bool = False,
-                           algorithm: str | None = None) -> dict[str, np.ndarray]:
+                           algorithm: str | None = None,
+                           tensors: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """The full nanoGPT state dict (host numpy, the local dtype) on EVERY rank.
 
     Each element is written by exactly one rank (``_owns``) into a zero buffer of the full
     layout and the buffers are summed over the world: x + 0 is exact, so the result is the
     bits the owners hold. ``grads=True`` gathers gradients instead; tied gradients must
-    already have been summed (wte's is taken from the first stage). Collective over
-    ``mesh.world`` (with its default algorithm unless ``algorithm`` names one).
+    already have been summed (wte's is taken from the first stage). ``tensors`` gathers any
+    other per-parameter tensors laid out like the parameters (an optimiser's moments: the same
+    names and local shapes, the same on every dp rank). Collective over ``mesh.world`` (with
+    its default algorithm unless ``algorithm`` names one).
     """
     fl = local.full_layout
     buf = np.zeros(fl.numel, dtype=local.dtype)
     views = fl.views(buf)
-    src = local.grads if grads else local.params
+    src = tensors if tensors is not None else local.grads if grads else local.params
     for name, spec in local.shard_spec.items():
         if _owns(local, name):
             val = to_host(src[name])
@@ -319,12 +322,23 @@ def load_full_state_dict(local: LocalModel, sd: dict[str, Any]) -> None:
     """Copy this rank's slices of a full state dict ``sd`` (nanoGPT names and shapes; host or
     device arrays) into ``local.params``. ``lm_head.weight`` and other unknown keys are
     ignored; a missing or misshapen tensor of this rank is an error."""
+    for name, piece in local_pieces(local, sd).items():
+        local.params[name][...] = to_device(piece.astype(local.dtype), local.xp)
+
+
+def local_pieces(local: LocalModel, sd: dict[str, Any], prefix: str = "",
+                 what: str = "the state dict") -> dict[str, np.ndarray]:
+    """This rank's slice (host numpy) of every tensor of its model in ``sd``, whose keys are
+    ``prefix`` + nanoGPT names and whose tensors have the full shapes. Local: no collective, so
+    a missing or misshapen tensor raises on every rank alike before anything is sent."""
+    out = {}
     for name, spec in local.shard_spec.items():
-        if name not in sd:
-            raise KeyError(f"load_full_state_dict: {name} missing from the state dict")
-        full = to_host(sd[name])
+        key = prefix + name
+        if key not in sd:
+            raise KeyError(f"{key} missing from {what}")
+        full = to_host(sd[key])
         if tuple(full.shape) != local.full_layout.shapes[name]:
-            raise ValueError(f"{name}: shape {tuple(full.shape)} in state dict, expected "
+            raise ValueError(f"{key}: shape {tuple(full.shape)} in {what}, expected "
                              f"{local.full_layout.shapes[name]}")
-        piece = full if spec is None else spec.take(full)
-        local.params[name][...] = to_device(np.asarray(piece).astype(local.dtype), local.xp)
+        out[name] = np.asarray(full if spec is None else spec.take(full))
+    return out

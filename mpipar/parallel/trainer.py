@@ -35,7 +35,7 @@ import numpy as np
 from mpipar import backend
 from mpipar.parallel.data_parallel import CommStats, GradBuckets
 from mpipar.parallel.mesh import LayoutError, make_mesh
-from mpipar.parallel.model import build_local_model, gather_full_state_dict
+from mpipar.parallel.model import build_local_model, gather_full_state_dict, local_pieces
 from mpipar.parallel.partition import balanced_layers, gpt_stage_costs, parse_stage_layers
 from mpipar.parallel.pipeline import PipelineExecutor, split_micro_batches
 from mpipar.parallel.schedules import make_schedule
@@ -104,7 +104,7 @@ class ParallelTrainer:
                                            algorithm=allreduce, **hyper)
             self.buckets = self.optimizer.buckets
             self._grads = self.optimizer.grads                  # "name[a:b]" -> shard piece
-            self._name_of = self.optimizer._name_of
+            self._name_of = self.optimizer.name_of
         else:
             self.optimizer = OPTIMIZERS[optimizer](local.params, **hyper)
             self.buckets = GradBuckets(local.grad_buffer, local.layout, mesh.dp_group,
@@ -229,6 +229,51 @@ class ParallelTrainer:
     def full_state_dict(self) -> dict[str, np.ndarray]:
         """The whole model's nanoGPT state dict, assembled from every tp/pp rank."""
         return gather_full_state_dict(self.local, self.mesh)
+
+    def _state_names(self) -> tuple[str, ...]:
+        return self.optimizer.state_names if self.zero else tuple(self.optimizer.state)
+
+    def full_optimizer_state(self) -> dict[str, Any]:
+        """The optimiser's state as one process would hold it: ``{"step": int,
+        "<state>.<nanoGPT name>": full-shape host array}`` (the keys and shapes of
+        ``Optimizer.state_dict()`` on a single-process GPT), on every rank. So a checkpoint does
+        not depend on the layout that wrote it: any dp x tp x pp, with or without ZeRO, or one
+        process, can resume from it. Collective over the world (ZeRO's shards are summed over
+        the dp group first, then every tp/pp piece as the parameters are)."""
+        local = self.local
+        if self.zero:
+            flat = self.optimizer.unsharded_state()
+            per_state = {s: local.layout.views(buf) for s, buf in flat.items()}
+        else:
+            per_state = {s: self.optimizer.state[s] for s in self._state_names()}
+        out: dict[str, Any] = {"step": int(self.optimizer.step_count)}
+        for s, tensors in per_state.items():
+            for name, full in gather_full_state_dict(local, self.mesh, tensors=tensors).items():
+                out[f"{s}.{name}"] = full
+        return out
+
+    def load_full_optimizer_state(self, sd: dict[str, Any]) -> None:
+        """Restore from ``full_optimizer_state()`` (of any layout) or a single process's
+        ``Optimizer.state_dict()``: this rank takes its slices. Local, no collective: a missing
+        or misshapen tensor raises on every rank alike, before training starts."""
+        if "step" not in sd:
+            raise KeyError("optimiser state has no 'step'")
+        local, step = self.local, int(np.asarray(sd["step"]))
+        pieces = {s: local_pieces(local, sd, prefix=f"{s}.", what="the optimiser state")
+                  for s in self._state_names()}
+        if self.zero:
+            flat = {}
+            for s, by_name in pieces.items():
+                buf = np.zeros(local.layout.numel, dtype=local.dtype)
+                views = local.layout.views(buf)
+                for name, piece in by_name.items():
+                    views[name][...] = piece
+                flat[s] = buf
+            self.optimizer.load_unsharded_state(flat, step)
+        else:
+            self.optimizer.load_state_dict(
+                {"step": step} | {f"{s}.{name}": piece for s, by_name in pieces.items()
+                                  for name, piece in by_name.items()})
 
     def memory_report(self) -> dict[str, int]:
         """Bytes held by this rank: parameters, gradients, optimiser state."""

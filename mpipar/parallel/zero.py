@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mpipar import backend
 from mpipar.comm.algorithms import get_algorithm
 from mpipar.comm.background import worker
 from mpipar.comm.communicator import split_counts
@@ -148,7 +149,7 @@ class ZeroOptimizer:
         full = layout.views(param_buffer)
         params: dict[str, Any] = {}
         self.grads: dict[str, Any] = {}
-        self._name_of: dict[str, str] = {}
+        self.name_of: dict[str, str] = {}  # optimiser key "name[a:b]" -> parameter name
         for b, (lo, hi), so in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.shard_offsets):
             for name in reversed(b.names):                        # ascending flat order
                 s, e = layout.offsets[name]
@@ -158,17 +159,17 @@ class ZeroOptimizer:
                 key = f"{name}[{x0 - s}:{x1 - s}]"
                 params[key] = param_buffer[x0:x1]
                 self.grads[key] = self.buckets.shard_grad[so + x0 - lo:so + x1 - lo]
-                self._name_of[key] = name
+                self.name_of[key] = name
         cls = OPTIMIZERS[optimizer] if isinstance(optimizer, str) else optimizer
 
         def piece_decay(key: str, p: Any) -> bool:
-            name = self._name_of[key]
+            name = self.name_of[key]
             return decay(name, full[name])                       # the full tensor's ndim
 
         # a rank owning nothing (fewer elements than ranks) has no optimiser
         self.optimizer = cls(params, decay=piece_decay, **hyper) if params else None
         self._steps = 0
-        self._state_names = getattr(cls, "_state_names", ())
+        self.state_names: tuple[str, ...] = getattr(cls, "_state_names", ())
 
     # -- the step ----------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -233,6 +234,52 @@ class ZeroOptimizer:
                    "zero.dp_rank": self.group.rank, "zero.shard_numel": self.buckets.shard_numel})
         return sd
 
+    @property
+    def step_count(self) -> int:
+        """Optimiser steps taken (as ``Optimizer.step_count``), also on a rank owning nothing."""
+        return self._steps
+
+    def unsharded_state(self) -> dict[str, np.ndarray]:
+        """Every state buffer (``exp_avg`` ...) whole: one host array of ``layout.numel`` each
+        (this rank's model, laid out as ``param_buffer``), on every dp rank. Collective over
+        the dp group: each rank writes its pieces into zeros and the buffers are summed, each
+        element by exactly one rank, so the bits are the owners' (x + 0 is exact)."""
+        out = {}
+        for s in self.state_names:
+            flat = np.zeros(self.layout.numel, dtype=self.param_buffer.dtype)
+            if self.optimizer is not None:
+                for key, piece in self.optimizer.state[s].items():
+                    lo, hi = self._flat_range(key)
+                    flat[lo:hi] = backend.to_host(piece)
+            out[s] = self.group.allreduce(flat, op="sum") if self.group.size > 1 else flat
+        return out
+
+    def load_unsharded_state(self, state: dict[str, Any], step: int) -> None:
+        """The inverse of ``unsharded_state`` (local, no collective): take this rank's pieces
+        of every whole state buffer; any dp size and bucket size may have written them."""
+        for s in self.state_names:
+            if s not in state:
+                raise KeyError(f"ZeRO state: no {s!r} buffer")
+            if tuple(np.shape(state[s])) != (self.layout.numel,):
+                raise ValueError(f"ZeRO state: {s!r} has shape {tuple(np.shape(state[s]))}, "
+                                 f"expected ({self.layout.numel},)")
+        if self.optimizer is not None:
+            sd: dict[str, Any] = {"step": int(step)}
+            for s in self.state_names:
+                flat = backend.to_host(state[s])
+                for key in self.optimizer.state[s]:
+                    lo, hi = self._flat_range(key)
+                    sd[f"{s}.{key}"] = flat[lo:hi]
+            self.optimizer.load_state_dict(sd)
+        self._steps = int(step)
+
+    def _flat_range(self, key: str) -> tuple[int, int]:
+        """Where optimiser key ``"name[a:b]"`` lies in ``param_buffer``."""
+        name = self.name_of[key]
+        a, b = key[len(name) + 1:-1].split(":")
+        start = self.layout.offsets[name][0]
+        return start + int(a), start + int(b)
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for k, mine in (("zero.dp_size", self.group.size), ("zero.dp_rank", self.group.rank),
                         ("zero.shard_numel", self.buckets.shard_numel)):
@@ -265,7 +312,7 @@ class ZeroOptimizer:
             "grads_inflight_peak": max(b.numel for b in self.buckets.buckets) * item,
             "grads_unsharded": full,
             "optimizer_state": self.optimizer_state_bytes(),
-            "optimizer_state_unsharded": len(self._state_names) * self.layout.numel * item,
+            "optimizer_state_unsharded": len(self.state_names) * self.layout.numel * item,
         }
 
     def __repr__(self) -> str:
