@@ -339,8 +339,11 @@ class ParallelRunner:
         self.start = 0
         if resume is not None:
             model_sd, optim_sd, meta = resume
-            load_full_state_dict(self.trainer.local, model_sd)
-            self.trainer.optimizer.load_state_dict(optim_sd)
+            try:  # local on every rank: the same file fails the same way everywhere
+                load_full_state_dict(self.trainer.local, model_sd)
+                self.trainer.load_full_optimizer_state(optim_sd)
+            except (KeyError, ValueError) as e:
+                raise UsageError(f"--resume: {e.args[0] if e.args else e}") from e
             self.start = int(meta["step"])
         from mpipar.nn.gpt import count_parameters, flops_per_token  # noqa: PLC0415
 
@@ -380,11 +383,13 @@ class ParallelRunner:
         return model
 
     def save(self, path: str, meta: dict) -> None:
+        """The same file one process writes (full tensors, nanoGPT names), whatever the
+        layout: any layout, or one process, resumes from it."""
         sd = self.trainer.full_state_dict()       # collective
+        osd = self.trainer.full_optimizer_state()  # collective
         if self.comm.rank == 0:
             arrays = {f"model.{k}": v for k, v in sd.items()}
-            osd = self.trainer.optimizer.state_dict()
-            arrays.update({f"optim.{k}": backend.to_host(v) for k, v in osd.items() if k != "step"})
+            arrays.update({f"optim.{k}": v for k, v in osd.items() if k != "step"})
             save_checkpoint(path, arrays, {**meta, "optim_step": int(osd["step"])})
 
 
@@ -422,12 +427,6 @@ def choose_runner_layout(args: argparse.Namespace, W: int, config: Any) -> tuple
             check_model_layout(config, tp, pp)
     except LayoutError as e:
         raise UsageError(str(e)) from e
-    if args.resume and (args.zero or tp > 1 or pp > 1):
-        raise UsageError("--resume restores full optimiser state, which is kept only for "
-                         "plain data parallelism (no --zero, --tp 1, --pp 1) in this version")
-    if args.save and (args.zero or tp > 1 or pp > 1):
-        raise UsageError("--save writes optimiser state only for plain data parallelism "
-                         "(no --zero, --tp 1, --pp 1) in this version")
     return (dp, tp, pp), why
 
 

@@ -162,3 +162,31 @@ def test_bench_train_runs_beside_torch(capsys):
         losses = [float(r[-1]) for r in rows]
         assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-4    # same model, same batch
         assert "ratio mpipar/torch" in out
+
+
+@pytest.mark.skipif(shutil.which("mpiexec", path=os.path.dirname(sys.executable)) is None,
+                    reason="no mpiexec beside the interpreter")
+def test_checkpoints_move_between_layouts(tmp_path):
+    """A checkpoint holds full tensors whatever wrote it: 2 pipeline stages save, one process
+    resumes; one process saves, 2 ZeRO-2 ranks resume. Both continue the uninterrupted
+    single-process run (float64, within 1e-10: the layouts sum in other orders)."""
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    common = FAST + ["--dtype", "float64", "--lr-decay-steps", "8"]
+
+    def two_ranks(*argv):
+        res = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "mpipar.train", *common, *argv],
+                             capture_output=True, text=True, timeout=180, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+    full, pp_ck, one_ck = tmp_path / "full.jsonl", tmp_path / "pp.safetensors", tmp_path / "one.npz"
+    assert train.main(common + ["--steps", "8", "--log", str(full)]) == 0
+    want = [e["loss"] for e in read_log(full)[0]]
+    two_ranks("--pp", "2", "--steps", "5", "--save", str(pp_ck))
+    assert train.main(common + ["--steps", "8", "--resume", str(pp_ck), "--log", str(tmp_path / "a.jsonl")]) == 0
+    assert train.main(common + ["--steps", "5", "--save", str(one_ck)]) == 0
+    two_ranks("--dp", "2", "--zero", "2", "--steps", "8", "--resume", str(one_ck), "--log", str(tmp_path / "b.jsonl"))
+    for name in ("a.jsonl", "b.jsonl"):
+        steps = read_log(tmp_path / name)[0]
+        assert [e["step"] for e in steps] == [5, 6, 7], name
+        np.testing.assert_allclose([e["loss"] for e in steps], want[5:], rtol=1e-10, err_msg=name)

@@ -128,3 +128,88 @@ def test_choose_layout_prefers_data_parallel():
     assert choose_layout(8, PRESETS["tiny"], 4)[:3] == (4, 2, 1)
     dp, tp, pp, why = choose_layout(8, PRESETS["tiny"].replace(n_head=2, n_embd=16), 2)
     assert (dp, tp, pp) == (2, 2, 2) and "pp=2" in why
+
+
+def _step_all(trainer, batches):
+    rows = B // trainer.mesh.dp
+    lo = trainer.mesh.dp_rank * rows
+    return [trainer.step(x[lo:lo + rows], y[lo:lo + rows], lr=LR).loss for x, y in batches]
+
+
+def _reference_optimizer_state():
+    """A single process's AdamW state after STEPS steps: the checkpoint's keys and shapes."""
+    model = GPT(CONFIG, seed=0, dtype="float64")
+    opt = OPTIMIZERS["adamw"](model.state_dict(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
+    for x, y in _batches():
+        _, grads = model.loss_and_grads(x, y)
+        opt.step(grads, lr=LR)
+    return opt.state_dict()
+
+
+def _assert_close_states(got, want, what):
+    assert set(got) == set(want), f"{what}: keys differ: {sorted(set(got) ^ set(want))[:4]}"
+    assert int(got["step"]) == int(want["step"]), what
+    for k, ref in want.items():
+        if k == "step":
+            continue
+        assert got[k].shape == ref.shape, f"{what}: {k} {got[k].shape} vs {ref.shape}"
+        diff = np.max(np.abs(got[k] - ref)) / max(np.max(np.abs(ref)), 1e-300)
+        assert diff <= TOL, f"{what}: {k} differs by {diff:.2e} (relative)"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_optimizer_state_is_the_single_process_one_in_every_layout(comm):
+    """full_optimizer_state() of every layout (ZeRO 1 and 2 where dp > 1) holds the keys and
+    shapes a single process's optimiser saves, and its values within TOL (the layouts sum
+    gradients in other orders, see the module docstring); a trainer of ANOTHER layout loaded
+    from it (and from full_state_dict) then trains exactly as the original does."""
+    want = _reference_optimizer_state()
+    fitting = [l for l in layouts(comm.size) if fits(*l) and B % l[0] == 0]
+    sharded = [l for l in fitting if l[0] > 1]
+    mixed = max(sharded, key=lambda l: (sum(v > 1 for v in l), l[1], l[2]), default=None)
+    # every layout once, and ZeRO 1 and 2 on pure dp and on the most mixed layout with dp > 1
+    cases = [(l, 0) for l in fitting] + [(l, z) for l in dict.fromkeys([l for l in sharded if l[1] == l[2] == 1][:1] + [mixed])
+                                         if l is not None for z in (1, 2)]
+    more = _batches()[:1]
+    for i, ((dp, tp, pp), zero) in enumerate(cases):
+        what = f"dp{dp} tp{tp} pp{pp} zero{zero}"
+        a = ParallelTrainer(comm, CONFIG, dp=dp, tp=tp, pp=pp, dtype="float64", optimizer="adamw",
+                            lr=LR, weight_decay=0.1, zero=zero, bucket_mb=0.01)
+        _step_all(a, _batches())
+        state = a.full_optimizer_state()
+        _assert_close_states(state, want, what)
+        # resume in the next case's layout (a different dp/tp/pp or ZeRO stage)
+        (dp2, tp2, pp2), zero2 = cases[(i + 1) % len(cases)]
+        b = ParallelTrainer(comm, CONFIG, dp=dp2, tp=tp2, pp=pp2, dtype="float64", optimizer="adamw",
+                            lr=LR, weight_decay=0.1, zero=zero2)
+        from mpipar.parallel.model import load_full_state_dict
+
+        load_full_state_dict(b.local, a.full_state_dict())
+        b.load_full_optimizer_state(state)
+        _assert_close_states(b.full_optimizer_state(), state, f"{what} -> dp{dp2} tp{tp2} pp{pp2} zero{zero2}")
+        la, lb = _step_all(a, more), _step_all(b, more)
+        np.testing.assert_allclose(lb, la, rtol=TOL, atol=0, err_msg=what)
+        sa, sb = a.full_state_dict(), b.full_state_dict()
+        for name, ref in sa.items():
+            diff = np.max(np.abs(sb[name] - ref)) / max(np.max(np.abs(ref)), 1e-300)
+            assert diff <= TOL, f"{what}: after resuming, {name} differs by {diff:.2e}"
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_bad_optimizer_state_is_refused_before_any_change(comm):
+    """Missing or misshapen tensors raise on every rank (no collective is involved) and
+    leave the optimiser as it was."""
+    t = ParallelTrainer(comm, CONFIG, dp=comm.size, tp=1, pp=1, dtype="float64", optimizer="adamw",
+                        lr=LR, weight_decay=0.1, zero=1 if comm.size > 1 else 0)
+    _step_all(t, _batches()[:1])
+    good = t.full_optimizer_state()
+    missing = {k: v for k, v in good.items() if k != "exp_avg.transformer.h.0.attn.c_attn.weight"}
+    with pytest.raises(KeyError, match="exp_avg.transformer.h.0.attn.c_attn.weight"):
+        t.load_full_optimizer_state(missing)
+    bent = dict(good, **{"exp_avg_sq.transformer.ln_f.weight": np.zeros(3)})
+    with pytest.raises(ValueError, match="ln_f.weight: shape"):
+        t.load_full_optimizer_state(bent)
+    with pytest.raises(KeyError, match="step"):
+        t.load_full_optimizer_state({k: v for k, v in good.items() if k != "step"})
+    after = t.full_optimizer_state()
+    assert all(np.array_equal(after[k], good[k]) for k in good if k != "step")
