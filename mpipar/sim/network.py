@@ -28,6 +28,8 @@ A profile is a JSON file (all times in seconds, ``beta``/``gamma`` in seconds pe
                                          is not receiving meanwhile; ``classes`` then price
                                          the messages of a rank that sends and receives at
                                          once, as in an exchange)
+     "transfers_need_cpu": true,        (optional: a rendezvous transfer stalls while its
+                                         receiver computes, as on one host's shared memory)
      "topology": {"ranks_per_node": 8,
                   "intra": {"classes": [...]}, "inter": {"classes": [...]}}}
 
@@ -112,6 +114,11 @@ class Profile:
     # exchange: on one host both directions of an exchange share the CPUs and the memory
     # bus, so a lone message can be much cheaper. Flat network only; None: same as ``link``.
     oneway_link: Link | None = None
+    # The receiving CPU copies each message (MPI's shared-memory transport without
+    # asynchronous progress): a transfer into a rank stalls while it computes, so a pipeline
+    # cannot hide its reductions behind its incoming segments. False for a network that
+    # moves data by itself (RDMA).
+    transfers_need_cpu: bool = False
     post_overhead: float = 0.0       # seconds of a rank's time per isend/irecv it posts
     call_overhead: dict[str, float] = field(default_factory=dict)  # algorithm -> s per call
     eager_limit: int | None = None   # messages up to this go eagerly; None: all eager
@@ -173,6 +180,8 @@ class Profile:
             d["copy"] = self.copy_link.to_json()
         if self.oneway_link is not None:
             d["oneway"] = self.oneway_link.to_json()
+        if self.transfers_need_cpu:
+            d["transfers_need_cpu"] = True
         if self.ranks_per_node and self.intra is not None and self.inter is not None:
             d["topology"] = {"ranks_per_node": self.ranks_per_node,
                              "intra": self.intra.to_json(), "inter": self.inter.to_json()}
@@ -189,6 +198,7 @@ class Profile:
             reduce_link=Link.from_json(d["reduce"]) if d.get("reduce") else None,
             copy_link=Link.from_json(d["copy"]) if d.get("copy") else None,
             oneway_link=Link.from_json(d["oneway"]) if d.get("oneway") else None,
+            transfers_need_cpu=bool(d.get("transfers_need_cpu", False)),
             post_overhead=float(d.get("post_overhead_s", 0.0)),
             call_overhead={k: float(v) for k, v in d.get("call_overhead_s", {}).items()},
             ranks_per_node=int(topo["ranks_per_node"]) if topo else None,
@@ -231,6 +241,7 @@ class Network:
         self.links = (intra, inter)
         # one-way messages priced apart: only on a flat network (every message on ``link``)
         self.oneway = profile.oneway_link if self.ranks_per_node == 1 else None
+        self.transfers_need_cpu = profile.transfers_need_cpu
         self.gamma = profile.gamma
         self.reduce_link = profile.reduce_link  # None: gamma per byte
         self.post_overhead = profile.post_overhead

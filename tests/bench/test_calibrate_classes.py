@@ -260,6 +260,7 @@ def test_calibrate_runs_and_checks(comm, tmp_path, capsys):
     prof = load_profile(str(out))
     assert prof.reduce_link is not None and prof.copy_link is not None and prof.post_overhead >= 0
     assert prof.oneway_link is not None and 0 < prof.oneway_link.time(4096) < 1
+    assert prof.transfers_need_cpu  # the test's ranks share a node
     assert set(prof.call_overhead) == {a for a in algorithm_names() if a != "native"}
     for n in (256, 4096, 16384):
         assert 0 < prof.link.time(n) < 1 and 0 < prof.reduce_time(n) < 1 and 0 < prof.copy_time(n) < 1

@@ -35,6 +35,14 @@ Timing (Hockney's alpha-beta model, with size classes and two levels):
   one-way time; a send made while receiving (every ``sendrecv``, a ring's isend beside its
   irecv) costs the ordinary link's, measured as an exchange. On one host the two directions
   of an exchange share the CPUs and memory bus, which a lone message has to itself.
+* a profile may say that transfers need the receiver's CPU (``transfers_need_cpu``: MPI's
+  shared-memory transport with no asynchronous progress, where the receiving process copies
+  the data out while it is inside MPI): a rendezvous transfer into a rank then makes no
+  progress while that rank runs ``reduce_local``, nor before the previous rendezvous
+  transfer into it has landed. Settled when the receiver waits, from the rank's own recent
+  reductions (eager messages are not delayed). The send's completion moves with it unless
+  the sender has already waited: ranks run out of time order here, and holding a sender
+  until its receiver waits could deadlock exchanges that MPI's progress engine completes.
   Matching and copying cost no virtual time.
 
 Data: with ``data=True`` buffers are real arrays and bytes are copied, so a test can check
@@ -131,7 +139,8 @@ class SimRequest:
     """A pending receive, or a rendezvous send. ``t`` is the post time until the transfer is
     scheduled, then the completion time."""
 
-    __slots__ = ("engine", "grank", "done", "t", "buf", "waiting", "peer", "tag", "is_send", "send", "lone")
+    __slots__ = ("engine", "grank", "done", "t", "buf", "waiting", "peer", "tag", "is_send", "send", "lone",
+                 "start", "sender")
 
     def __init__(self, engine: "Engine", grank: int, t: float, buf: Any, peer: int, tag: int,
                  is_send: bool) -> None:
@@ -146,15 +155,32 @@ class SimRequest:
         self.is_send = is_send
         self.send: SimRequest | None = None
         self.lone = False  # a send posted while its rank received nothing (one-way price)
+        # a rendezvous receive under transfers_need_cpu: when its transfer began on the port,
+        # and the send that completes with it (both settled at the receiver's wait)
+        self.start: float | None = None
+        self.sender: SimRequest | None = None
 
     def wait(self) -> Any:
         if not self.done:
             self.waiting = True
             self.engine._block(self.grank, self)
+        if self.start is not None:
+            self._settle()
         clock = self.engine.clock
         if self.t > clock[self.grank]:
             clock[self.grank] = self.t
         return None if self.is_send else self.buf
+
+    def _settle(self) -> None:
+        """A rendezvous receive under ``transfers_need_cpu``: the copy made no progress while
+        this rank computed, nor before the transfer that came in ahead of it had landed."""
+        e = self.engine
+        self.t = e._stalled(self.grank, self.start, self.t)
+        self.start = None
+        if self.t > e.last_in[self.grank]:
+            e.last_in[self.grank] = self.t
+        if self.sender is not None and self.sender.t < self.t:
+            self.sender.t = self.t  # seen by the sender if it has not waited yet
 
     def test(self) -> bool:
         if not self.done:  # let the others run, so that a polling loop makes progress
@@ -215,6 +241,12 @@ class Engine:
         # still be outstanding, to tell a lone send from one made while receiving.
         self.oneway = getattr(network, "oneway", None) is not None
         self.open_recvs: list[list] = [[] for _ in range(size)] if self.oneway else []
+        # Transfers that need the receiver's CPU (transfers_need_cpu): each rank's recent
+        # reductions, and when its last waited-for rendezvous transfer landed.
+        self.cpu = bool(getattr(network, "transfers_need_cpu", False))
+        self.computing: list[list] = [[] for _ in range(size)] if self.cpu else []
+        self.last_in = [0.0] * size if self.cpu else []
+        self.last_cost = 0.0  # alpha + n beta of the message _arrival priced last
         self._cost = network.cost
         self._cost_cache = network._cache  # (level -> {nbytes: (alpha, n * beta)}), filled by cost()
 
@@ -232,6 +264,7 @@ class Engine:
         if c is None:
             c = self._cost(price, nbytes)
         alpha, nbeta = c
+        self.last_cost = alpha + nbeta
         if not self.serialize:
             return start + alpha + nbeta
         cost = alpha + nbeta
@@ -246,6 +279,23 @@ class Engine:
                 _forget(busy)
             return start + cost
         return _book(busy, start, cost)
+
+    def _stalled(self, grank: int, start: float, arrival: float) -> float:
+        """When a transfer into ``grank`` that began on the port at ``start`` and would have
+        landed at ``arrival`` really lands, if it only progresses while that rank is not
+        computing and after the rank's previous transfer has landed (one CPU copies them all,
+        one after another). Reductions are kept as (begin, end) in clock order."""
+        remaining = arrival - start
+        pos = start if start > self.last_in[grank] else self.last_in[grank]
+        for s0, s1 in self.computing[grank]:
+            if s1 <= pos:
+                continue
+            if s0 >= pos + remaining:
+                break
+            if s0 > pos:
+                remaining -= s0 - pos
+            pos = s1
+        return pos + remaining
 
     # -- scheduling ------------------------------------------------------------------------
     def _block(self, grank: int, what: Any) -> None:
@@ -432,6 +482,8 @@ class SimTransport:
                 e._wake(r.grank)
             s = SimRequest(e, src, arrival, None, dst, tag, True)
             s.done = True
+            if e.cpu:  # settled at the receiver's wait
+                r.start, r.sender = arrival - e.last_cost, s
             return s
         if nbytes <= e.eager_limit:  # buffered: the arrival time is fixed now
             snap = buf.copy() if e.data and nbytes else buf
@@ -470,6 +522,8 @@ class SimTransport:
                 start = p_t if p_t > now else now
                 r.t = s.t = e._arrival(src, dst, p_nbytes, start, s.lone)
                 s.done = True
+                if e.cpu:  # settled at this rank's wait
+                    r.start, r.sender = r.t - e.last_cost, s
                 if s.waiting:
                     e._wake(s.grank)
             r.done = True
@@ -541,20 +595,32 @@ def _fast_reduce_local(t: SimTransport) -> Callable[[ReduceOp, Any, Any], None]:
     the profile's reduction size classes) to the rank's clock."""
     e = t.engine
     clock, me, gamma, data = e.clock, t.grank, e.gamma, e.data
+    computing = e.computing[me] if e.cpu else None
+
+    def stall_while(begin: float) -> None:  # remember a reduction (transfers_need_cpu)
+        computing.append((begin, clock[me]))
+        if len(computing) > 64:  # a transfer spans a few reductions at most
+            del computing[:32]
     if getattr(e.net, "reduce_link", None) is not None:
         reduce_cost = e.net.reduce_cost
 
         def reduce_by_class(op: ReduceOp, dst: Any, src: Any) -> None:
             nbytes = dst.nbytes
             if nbytes:
+                c0 = clock[me]
                 clock[me] += reduce_cost(nbytes)
+                if computing is not None:
+                    stall_while(c0)
             if data:
                 op.combine(dst, src)
 
         return reduce_by_class
 
     def reduce_local(op: ReduceOp, dst: Any, src: Any) -> None:
+        c0 = clock[me]
         clock[me] += gamma * dst.nbytes
+        if computing is not None:
+            stall_while(c0)
         if data:
             op.combine(dst, src)
 
