@@ -94,7 +94,12 @@ def collectives(args: argparse.Namespace) -> int:
         print(f"# topology: {rpn} ranks per node, {-(-p // rpn)} nodes; intra {intra.time(1 << 20) * 1e6:.1f} us/MiB, "
               f"inter {inter.time(1 << 20) * 1e6:.1f} us/MiB")
     else:
-        print(f"# flat network: {inter.time(1 << 20) * 1e6:.1f} us/MiB, alpha {inter.params(8)[0] * 1e6:.2f} us")
+        extra = ""
+        if prof.oneway_link is not None:
+            extra += f"; one-way {prof.oneway_link.time(1 << 20) * 1e6:.1f} us/MiB"
+        if prof.transfers_need_cpu:
+            extra += "; transfers stall while the receiver reduces"
+        print(f"# flat network: {inter.time(1 << 20) * 1e6:.1f} us/MiB, alpha {inter.params(8)[0] * 1e6:.2f} us{extra}")
     red = (f"reduce {prof.reduce_time(1 << 20) * 1e6:.1f} us/MiB (size classes)" if prof.reduce_link is not None
            else f"gamma {prof.gamma:.3e} s/B")
     print(f"# {red}; ports {'unlimited' if args.no_port_serialization else 'one send + one receive per rank'}")

@@ -67,3 +67,17 @@ def test_cli_prints_the_benchmark_table(capsys):
     assert all(r[2] == "float32" and float(r[3]) > 0 for r in rows)
     assert float(rows[0][3]) == pytest.approx(float(rows[0][6]), rel=1e-3)  # model == simulated
     assert sim_main(["profiles"]) == 0
+
+
+def test_cli_header_names_the_local_profiles_pricing(capsys):
+    """The shipped local profile was measured on one host: its header says that lone
+    messages are priced apart and that transfers stall while the receiver reduces; the
+    datasheet profile's says neither."""
+    assert sim_main(["collectives", "--ranks", "4", "--profile", "local", "--sizes", "4K",
+                     "--algorithms", "ring"]) == 0
+    header = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# flat network")]
+    assert len(header) == 1 and "one-way" in header[0] and "transfers stall" in header[0]
+    assert sim_main(["collectives", "--ranks", "4", "--profile", "dgx-h100", "--sizes", "4K",
+                     "--algorithms", "ring"]) == 0
+    out = capsys.readouterr().out
+    assert "one-way" not in out and "transfers stall" not in out
