@@ -28,8 +28,9 @@ A profile is a JSON file (all times in seconds, ``beta``/``gamma`` in seconds pe
                                          is not receiving meanwhile; ``classes`` then price
                                          the messages of a rank that sends and receives at
                                          once, as in an exchange)
-     "transfers_need_cpu": true,        (optional: a rendezvous transfer stalls while its
-                                         receiver computes, as on one host's shared memory)
+     "transfers_need_cpu": true,        (optional, flat network only: a rendezvous transfer
+                                         stalls while its receiver computes, as on one host's
+                                         shared memory)
      "topology": {"ranks_per_node": 8,
                   "intra": {"classes": [...]}, "inter": {"classes": [...]}}}
 
@@ -241,7 +242,8 @@ class Network:
         self.links = (intra, inter)
         # one-way messages priced apart: only on a flat network (every message on ``link``)
         self.oneway = profile.oneway_link if self.ranks_per_node == 1 else None
-        self.transfers_need_cpu = profile.transfers_need_cpu
+        # like ``oneway``, a property of the one flat network it was measured on
+        self.transfers_need_cpu = profile.transfers_need_cpu and self.ranks_per_node == 1
         self.gamma = profile.gamma
         self.reduce_link = profile.reduce_link  # None: gamma per byte
         self.post_overhead = profile.post_overhead

@@ -110,6 +110,17 @@ def test_hier_reduce_then_broadcast_costs_what_ps_does_at_two_ranks():
     assert times["ps", True] == pytest.approx(times["ps", False], rel=1e-12)
 
 
+def test_ignored_on_a_two_level_network():
+    """As the one-way link, the flag describes the flat network it was measured on."""
+    for alg in ("tree", "ps"):
+        a = simulate_collective("allreduce", alg, 4, 1 << 16, profile=_prof(False).with_topology(2), data=False)
+        b = simulate_collective("allreduce", alg, 4, 1 << 16, profile=_prof(True).with_topology(2), data=False)
+        assert b.finish == pytest.approx(a.finish, rel=1e-12)
+    flat = simulate_collective("allreduce", "tree", 2, 1 << 20, profile=_prof(True), data=False)
+    plain = simulate_collective("allreduce", "tree", 2, 1 << 20, profile=_prof(False), data=False)
+    assert flat.time > plain.time  # and it does act on the flat one (4 MiB: 4 segments)
+
+
 def test_results_are_still_right():
     rng = np.random.default_rng(4)
     xs = [rng.integers(-5, 6, size=70_001).astype(np.float64) for _ in range(3)]
