@@ -103,6 +103,14 @@ class Link:
         return Link.simple(float(d["alpha_s"]), float(d["beta_s_per_byte"]))
 
 
+def _local_time(link: Link | None, per_byte: float, nbytes: float) -> float:
+    """A rank's own work on ``nbytes``: by the size classes of ``link`` when measured so (no
+    bytes, no call), else ``per_byte`` each."""
+    if link is not None:
+        return link.time(nbytes) if nbytes > 0 else 0.0
+    return per_byte * nbytes
+
+
 @dataclass
 class Profile:
     name: str
@@ -136,15 +144,11 @@ class Profile:
 
     def reduce_time(self, nbytes: float) -> float:
         """Seconds for reduce_local to combine ``nbytes``."""
-        if self.reduce_link is not None:
-            return self.reduce_link.time(nbytes) if nbytes > 0 else 0.0
-        return self.gamma * nbytes
+        return _local_time(self.reduce_link, self.gamma, nbytes)
 
     def copy_time(self, nbytes: float) -> float:
         """Seconds for the Communicator's copy of an ``nbytes`` input."""
-        if self.copy_link is not None:
-            return self.copy_link.time(nbytes) if nbytes > 0 else 0.0
-        return self.copy * nbytes
+        return _local_time(self.copy_link, self.copy, nbytes)
 
     def with_topology(self, ranks_per_node: int | None) -> "Profile":
         """This profile with ``ranks_per_node`` overridden (1 or None: flat)."""

@@ -101,8 +101,7 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
     # algorithm's set-up; measured per algorithm by bench calibrate): all clocks start that
     # much later, the same on every rank.
     shift = prof.call_overhead.get(alg.name, 0.0)
-    if prof.copy or prof.copy_link is not None:
-        shift += prof.copy_time((counts[0] if collective == "allgather" else count) * dt.itemsize)
+    shift += prof.copy_time((counts[0] if collective == "allgather" else count) * dt.itemsize)
     if shift:
         res.time += shift
         res.finish = [f + shift for f in res.finish]

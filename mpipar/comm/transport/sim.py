@@ -139,7 +139,7 @@ class SimRequest:
     """A pending receive, or a rendezvous send. ``t`` is the post time until the transfer is
     scheduled, then the completion time."""
 
-    __slots__ = ("engine", "grank", "done", "t", "buf", "waiting", "peer", "tag", "is_send", "send", "lone",
+    __slots__ = ("engine", "grank", "done", "t", "buf", "waiting", "peer", "tag", "is_send", "lone",
                  "start", "sender")
 
     def __init__(self, engine: "Engine", grank: int, t: float, buf: Any, peer: int, tag: int,
@@ -153,7 +153,6 @@ class SimRequest:
         self.peer = peer
         self.tag = tag
         self.is_send = is_send
-        self.send: SimRequest | None = None
         self.lone = False  # a send posted while its rank received nothing (one-way price)
         # a rendezvous receive under transfers_need_cpu: when its transfer began on the port,
         # and the send that completes with it (both settled at the receiver's wait)
