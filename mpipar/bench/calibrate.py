@@ -121,8 +121,6 @@ def _exchange(t: Any, n: int, bufs: dict, posted: bool = False) -> float:
     rings talk: the difference is the bookkeeping of posting requests)."""
     from mpipar.comm.transport.base import sendrecv  # noqa: PLC0415
 
-    if t.rank > 1:
-        return 0.0
     send, into = _fresh_copy(bufs, n), _landing(t, n)
     peer = 1 - t.rank
     t0 = time.perf_counter()
@@ -144,8 +142,6 @@ def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
     profile's one-way link); without, one reused buffer both ways (``--method pingpong``)."""
     from mpipar.comm.transport.base import recv, send  # noqa: PLC0415
 
-    if t.rank > 1:
-        return 0.0
     peer = 1 - t.rank
     if fresh:
         out, into = _fresh_copy(bufs, n), _landing(t, n)
@@ -167,8 +163,6 @@ def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
 def _reduce(t: Any, n: int, bufs: dict) -> float:
     from mpipar.comm.ops import SUM  # noqa: PLC0415
 
-    if t.rank > 1:
-        return 0.0
     a, b = bufs.setdefault(("r", n), (np.ones(max(1, n // 4), np.float32), np.ones(max(1, n // 4), np.float32)))
     dst, src = a.copy(), b.copy()  # just written, as a received block and its target are
     t0 = time.perf_counter()
@@ -179,8 +173,6 @@ def _reduce(t: Any, n: int, bufs: dict) -> float:
 def _copy(t: Any, n: int, bufs: dict) -> float:
     from mpipar.comm.communicator import Communicator  # noqa: PLC0415
 
-    if t.rank > 1:
-        return 0.0
     x = bufs.setdefault(("c", n), np.ones(max(1, n // 4), dtype=np.float32))
     t0 = time.perf_counter()
     Communicator._work_copy(x)
@@ -212,8 +204,8 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
             # in again: 2x an exchange here), so each must be first equally often.
             for name in shuffled(list(ops) + [alg for alg, at in timed.items() if n in at], i * 1_000_003 + n):
                 t.barrier()
-                if name in ops:
-                    dt = ops[name](t, n, bufs)
+                if name in ops:  # between ranks 0 and 1; the others only wait
+                    dt = ops[name](t, n, bufs) if t.rank <= 1 else 0.0
                 else:
                     t0 = time.perf_counter()
                     comm.allreduce(inputs[n], algorithm=name)
@@ -371,14 +363,13 @@ def call_overheads(measured: dict[str, dict[int, float]], p: int, profile: Any) 
     return out
 
 
-def same_node(t: Any, MPI: Any) -> bool:
-    """Whether ranks 0 and 1 share memory (MPI's ``COMM_TYPE_SHARED``): then MPI moves
-    messages by copies the receiving process makes while inside MPI, and the profile says
-    ``transfers_need_cpu``. Collective over the transport's communicator."""
-    shared = t.comm.Split_type(MPI.COMM_TYPE_SHARED, key=t.rank)
-    node = shared.bcast(t.rank, root=0)  # a node is named after its lowest rank
-    shared.Free()
-    nodes = t.comm.allgather(node)
+def same_node(t: Any) -> bool:
+    """Whether ranks 0 and 1 share memory (MPI's ``COMM_TYPE_SHARED``, as hier finds its
+    nodes): then MPI moves messages by copies the receiving process makes while inside MPI,
+    and the profile says ``transfers_need_cpu``. Collective over the transport's communicator."""
+    from mpipar.comm.algorithms.hier import node_of  # noqa: PLC0415
+
+    nodes = t.comm.allgather(node_of(t))
     return nodes[0] == nodes[1]
 
 
@@ -402,7 +393,7 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
         timed[alg] = sorted(set(timed.get(alg, [])) | set(check_sizes))
     rounds: dict[str, np.ndarray] = {}
     measured = measure(t, comm, sizes, args.method, args.repeats, args.warmup, timed, rounds)
-    shared = same_node(t, MPI)  # collective: before rank 0 goes on alone
+    shared = same_node(t)  # collective: before rank 0 goes on alone
     if t.rank != 0:
         return 0
     if args.raw:

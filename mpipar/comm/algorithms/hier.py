@@ -35,7 +35,9 @@ from mpipar.comm.algorithms import Algorithm, get_algorithm
 from mpipar.comm.algorithms._util import accepted
 
 
-def _node_of(t: Any, ranks_per_node: int | None) -> int:
+def node_of(t: Any, ranks_per_node: int | None = None) -> int:
+    """This rank's node, named after the node's lowest rank: from ``ranks_per_node`` (or the
+    transport's own), else MPI's shared-memory split (collective), else 0 (one node)."""
     rpn = ranks_per_node or getattr(t, "ranks_per_node", None)
     if rpn:
         return t.rank // int(rpn)
@@ -54,7 +56,7 @@ def groups(t: Any, ranks_per_node: int | None = None) -> tuple[Any, Any]:
     key = ("hier", ranks_per_node)
     found = t.cache.get(key)
     if found is None:
-        node = _node_of(t, ranks_per_node)
+        node = node_of(t, ranks_per_node)
         local = t.split(node, t.rank)
         leaders = t.split(0 if local.rank == 0 else None, t.rank)
         found = t.cache[key] = (local, leaders)
