@@ -203,11 +203,12 @@ def checkpoint_meta(args: argparse.Namespace, config: Any, step: int) -> dict:
             "dtype": args.dtype, "seed": args.seed}
 
 
-def save(path: str, model: Any, opt: Any, meta: dict) -> None:
-    arrays = {f"model.{k}": backend.to_host(v) for k, v in model.state_dict().items()}
-    osd = opt.state_dict()
-    arrays.update({f"optim.{k}": v for k, v in osd.items() if k != "step"})
-    save_checkpoint(path, arrays, {**meta, "optim_step": int(osd["step"])})
+def save(path: str, model_sd: dict, optim_sd: dict, meta: dict) -> None:
+    """One checkpoint: full model tensors under nanoGPT names and the optimiser's state as one
+    process keeps it (``Optimizer.state_dict()``: ``step`` and ``<state>.<name>`` arrays)."""
+    arrays = {f"model.{k}": backend.to_host(v) for k, v in model_sd.items()}
+    arrays.update({f"optim.{k}": backend.to_host(v) for k, v in optim_sd.items() if k != "step"})
+    save_checkpoint(path, arrays, {**meta, "optim_step": int(optim_sd["step"])})
 
 
 def read_resume(path: str, args: argparse.Namespace, config: Any) -> tuple[dict, dict, dict]:
@@ -315,7 +316,7 @@ class SingleRunner:
         return self.model
 
     def save(self, path: str, meta: dict) -> None:
-        save(path, self.model, self.opt, meta)
+        save(path, self.model.state_dict(), self.opt.state_dict(), meta)
 
 
 class ParallelRunner:
@@ -388,9 +389,7 @@ class ParallelRunner:
         sd = self.trainer.full_state_dict()       # collective
         osd = self.trainer.full_optimizer_state()  # collective
         if self.comm.rank == 0:
-            arrays = {f"model.{k}": v for k, v in sd.items()}
-            arrays.update({f"optim.{k}": v for k, v in osd.items() if k != "step"})
-            save_checkpoint(path, arrays, {**meta, "optim_step": int(osd["step"])})
+            save(path, sd, osd, meta)
 
 
 def optimizer_kwargs(args: argparse.Namespace) -> dict:

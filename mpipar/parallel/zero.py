@@ -150,6 +150,7 @@ class ZeroOptimizer:
         params: dict[str, Any] = {}
         self.grads: dict[str, Any] = {}
         self.name_of: dict[str, str] = {}  # optimiser key "name[a:b]" -> parameter name
+        self._place: dict[str, tuple[int, int]] = {}  # optimiser key -> its range of param_buffer
         for b, (lo, hi), so in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.shard_offsets):
             for name in reversed(b.names):                        # ascending flat order
                 s, e = layout.offsets[name]
@@ -160,6 +161,7 @@ class ZeroOptimizer:
                 params[key] = param_buffer[x0:x1]
                 self.grads[key] = self.buckets.shard_grad[so + x0 - lo:so + x1 - lo]
                 self.name_of[key] = name
+                self._place[key] = (x0, x1)
         cls = OPTIMIZERS[optimizer] if isinstance(optimizer, str) else optimizer
 
         def piece_decay(key: str, p: Any) -> bool:
@@ -249,7 +251,7 @@ class ZeroOptimizer:
             flat = np.zeros(self.layout.numel, dtype=self.param_buffer.dtype)
             if self.optimizer is not None:
                 for key, piece in self.optimizer.state[s].items():
-                    lo, hi = self._flat_range(key)
+                    lo, hi = self._place[key]
                     flat[lo:hi] = backend.to_host(piece)
             out[s] = self.group.allreduce(flat, op="sum") if self.group.size > 1 else flat
         return out
@@ -268,17 +270,10 @@ class ZeroOptimizer:
             for s in self.state_names:
                 flat = backend.to_host(state[s])
                 for key in self.optimizer.state[s]:
-                    lo, hi = self._flat_range(key)
+                    lo, hi = self._place[key]
                     sd[f"{s}.{key}"] = flat[lo:hi]
             self.optimizer.load_state_dict(sd)
         self._steps = int(step)
-
-    def _flat_range(self, key: str) -> tuple[int, int]:
-        """Where optimiser key ``"name[a:b]"`` lies in ``param_buffer``."""
-        name = self.name_of[key]
-        a, b = key[len(name) + 1:-1].split(":")
-        start = self.layout.offsets[name][0]
-        return start + int(a), start + int(b)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for k, mine in (("zero.dp_size", self.group.size), ("zero.dp_rank", self.group.rank),
