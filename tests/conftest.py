@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mpipar import backend
+from mpipar.runtime import wait_until_output_read
 
 
 def _world():
@@ -33,7 +34,7 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
         rank, size = world.Get_rank(), world.Get_size()
         sys.stderr.write(f"\n[mpipar] rank {rank}/{size}: test {item.nodeid} FAILED ({report.when}); "
                          f"aborting the MPI job\n{report.longreprtext}\n")
-        sys.stderr.flush()
+        wait_until_output_read()  # MPI_Abort would drop what the launcher has not read yet
         world.Abort(1)
 
 
