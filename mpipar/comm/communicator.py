@@ -208,6 +208,11 @@ class Communicator:
         """Reduce ``x`` over ranks and give rank r block r of its rows (axis 0), blocks as
         ``split_counts(x.shape[0], size)``."""
         self._check_array(x)
+        return self._reduce_scatter_owned(self._work_copy(x).reshape(x.shape), op, algorithm, options)
+
+    def _reduce_scatter_owned(self, x: Any, op: str | ReduceOp, algorithm: str | None,
+                              options: dict[str, Any]) -> Any:
+        """``reduce_scatter`` of a contiguous ``x`` that the algorithm may overwrite."""
         if x.ndim == 0:
             raise ValueError("reduce_scatter needs at least one axis to split")
         self._check_algorithm(algorithm)
@@ -216,7 +221,7 @@ class Communicator:
         rows = split_counts(x.shape[0], self.size)
         row = int(np.prod(x.shape[1:], dtype=np.int64))
         counts = [r * row for r in rows]
-        buf = self._work_copy(x)
+        buf = x.reshape(-1)
         if self.size == 1 or buf.size == 0:
             out = buf
         else:
@@ -283,13 +288,18 @@ class Communicator:
                                algorithm, options)
 
     def ireduce_scatter(self, x: Any, op: str | ReduceOp = "sum", algorithm: str | None = None,
-                        **options: Any) -> Any:
-        """Start ``reduce_scatter`` on a copy of ``x``; ``wait()`` gives this rank's block."""
+                        donate: bool = False, **options: Any) -> Any:
+        """Start ``reduce_scatter`` on a copy of ``x``; ``wait()`` gives this rank's block.
+
+        ``donate=True`` hands ``x`` itself over (no copy; it must be contiguous): the caller
+        must neither read nor write it again, since the algorithm works in it."""
         from mpipar.comm.background import worker
 
         self._check_array(x)
-        return worker().submit(self.reduce_scatter, self._work_copy(x).reshape(x.shape), op, algorithm,
-                               **options)
+        if donate and not x.flags.c_contiguous:
+            raise ValueError("ireduce_scatter(donate=True) needs a contiguous array")
+        buf = x if donate else self._work_copy(x).reshape(x.shape)
+        return worker().submit(self._reduce_scatter_owned, buf, op, algorithm, options)
 
     def iallgather(self, x: Any, counts: Sequence[int] | None = None, algorithm: str | None = None,
                    **options: Any) -> Any:

@@ -33,6 +33,7 @@ import numpy as np
 from mpipar.backend import resolve_dtype, to_device, to_host
 from mpipar.nn import block
 from mpipar.nn.flat import FlatLayout
+from mpipar.nn.grads import GradStore
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage, RunState
 
 
@@ -138,9 +139,8 @@ class GPT:
         self.dtype = resolve_dtype(dtype)
         self.layout = FlatLayout(param_shapes(config).items())
         self.param_buffer = to_device(init_host(config, self.layout, seed).astype(self.dtype), xp)
-        self.grad_buffer = xp.zeros(self.layout.numel, dtype=self.dtype)
         self.params = self.layout.views(self.param_buffer)
-        self.grads = self.layout.views(self.grad_buffer)
+        self.grads = GradStore(self.layout, self.dtype, xp)   # views of grads.buffer
         rng = None
         if config.dropout > 0.0:
             rng = xp.random.default_rng(seed + 1)        # dropout masks, separate stream
@@ -185,8 +185,14 @@ class GPT:
         for stage, c in zip(reversed(self.stages[:-1]), reversed(cache[:-1])):
             dx = stage.backward(dx, c)
 
+    @property
+    def grad_buffer(self) -> Any:
+        """The flat gradient buffer (``grads`` are views of it); None once ZeRO-2 has moved
+        the gradients into per-bucket storage (``GradStore.use_buckets``)."""
+        return self.grads.buffer
+
     def zero_grad(self) -> None:
-        self.grad_buffer.fill(0)
+        self.grads.zero()
 
     def loss_and_grads(self, idx: Any, targets: Any, accumulate: bool = False,
                        dloss: float = 1.0) -> tuple[float, dict[str, Any]]:

@@ -59,10 +59,16 @@ class BlockStage:
         self.i, self.NH, self.state = i, NH, state
         self.names = tuple(k for k in params if k.startswith(prefix))
         self.p = {k[len(prefix):]: params[k] for k in self.names}
-        self.d = {k[len(prefix):]: grads[k] for k in self.names}
+        self.grads, self._prefix = grads, len(prefix)
 
     def forward(self, x: Any) -> tuple[Any, tuple]:
         return block.forward(x, self.p, self.NH, self.state.p, self.state.rng)
+
+    @property
+    def d(self) -> dict[str, Any]:
+        """The block's gradients under short names, looked up now: ZeRO-2 may have given
+        them new storage since the last backward (``GradStore.use_buckets``)."""
+        return {k[self._prefix:]: self.grads[k] for k in self.names}
 
     def backward(self, dx: Any, cache: tuple) -> Any:
         return block.backward(dx, cache, self.d)

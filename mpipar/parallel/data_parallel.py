@@ -151,6 +151,7 @@ class GradBuckets:
         if grad_buffer.ndim != 1 or grad_buffer.shape[0] != layout.numel:
             raise ValueError(f"grad_buffer must be 1-D of length {layout.numel}, got {grad_buffer.shape}")
         self.grad_buffer = grad_buffer
+        self.itemsize = grad_buffer.itemsize
         self.layout = layout
         self.group = dp_group
         self.algorithm = algorithm
@@ -204,7 +205,7 @@ class GradBuckets:
             stats.exposed_s += time.perf_counter() - tw
             stats.total_s += t1 - f.t0.wait()
             stats.collectives += 1
-            stats.bytes += f.bucket.numel * self.grad_buffer.itemsize
+            stats.bytes += f.bucket.numel * self.itemsize
             self._store(f.bucket, result)
         self._reset()
         self.last = stats
@@ -223,7 +224,7 @@ class GradBuckets:
         """A group of one: nothing to communicate, the gradient is already in place."""
 
     def __repr__(self) -> str:
-        sizes = [b.numel * self.grad_buffer.itemsize / 2**20 for b in self.buckets]
+        sizes = [b.numel * self.itemsize / 2**20 for b in self.buckets]
         return (f"GradBuckets({len(self.buckets)} buckets, {min(sizes):.3f}..{max(sizes):.3f} MiB, "
                 f"dp={self.group.size}, algorithm={self.algorithm or self.group.algorithm})")
 

@@ -46,6 +46,7 @@ import numpy as np
 from mpipar.backend import resolve_dtype, to_device, to_host
 from mpipar.nn.attention import qkv_rows
 from mpipar.nn.flat import FlatLayout
+from mpipar.nn.grads import GradStore
 from mpipar.nn.gpt import GPTConfig, init_host, param_shapes
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage, RunState
 from mpipar.parallel.mesh import LayoutError
@@ -192,9 +193,8 @@ class LocalModel:
             spec = self.shard_spec[name]
             v[...] = full[name] if spec is None else spec.take(full[name])
         self.param_buffer = to_device(host.astype(self.dtype), xp)
-        self.grad_buffer = xp.zeros(self.layout.numel, dtype=self.dtype)
         self.params = self.layout.views(self.param_buffer)
-        self.grads = self.layout.views(self.grad_buffer)
+        self.grads = GradStore(self.layout, self.dtype, xp)   # views of grads.buffer
         self.tied_names: list[str] = [WTE] if pp > 1 and WTE in self.params else []
 
         # ---- stages
@@ -221,8 +221,14 @@ class LocalModel:
             if self.last_stage:
                 self.stages.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size))
 
+    @property
+    def grad_buffer(self) -> Any:
+        """The flat gradient buffer (``grads`` are views of it); None once ZeRO-2 has moved
+        the gradients into per-bucket storage (``GradStore.use_buckets``)."""
+        return self.grads.buffer
+
     def zero_grad(self) -> None:
-        self.grad_buffer.fill(0)
+        self.grads.zero()
 
     def train(self, mode: bool = True) -> "LocalModel":
         self.state.training = mode

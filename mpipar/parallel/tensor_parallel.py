@@ -125,7 +125,7 @@ class TPBlockStage:
         self.i, self.NH, self.state, self.group = i, NH, state, group
         self.names = tuple(k for k in params if k.startswith(prefix))
         self.p = {k[len(prefix):]: params[k] for k in self.names}
-        self.d = {k[len(prefix):]: grads[k] for k in self.names}
+        self.grads, self._prefix = grads, len(prefix)
 
     def forward(self, x: Any) -> tuple[Any, tuple]:
         p, g, G, st = self.p, self.p.get, self.group, self.state
@@ -150,9 +150,15 @@ class TPBlockStage:
         m += x1                                              # (B, T, C) out
         return m, (ln1, att, drop1, ln2, mlpc, drop2)
 
+    @property
+    def d(self) -> dict[str, Any]:
+        """This rank's block gradients under short names, looked up now (see BlockStage.d)."""
+        return {k[self._prefix:]: self.grads[k] for k in self.names}
+
     def backward(self, dout: Any, cache: tuple) -> Any:
         ln1, att, drop1, ln2, mlpc, drop2 = cache
-        d, g, G = self.d, self.d.get, self.group
+        d = self.d
+        g, G = d.get, self.group
         dm = tp_comm.g_backward(dropout.backward(dout, drop2), G)  # (B, T, C)
         _bias_grad(dm, g("mlp.c_proj.bias"))
         dh = mlp.backward(dm, mlpc, d["mlp.c_fc.weight"], g("mlp.c_fc.bias"),

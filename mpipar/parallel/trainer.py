@@ -92,6 +92,7 @@ class ParallelTrainer:
         self.grad_clip = float(grad_clip)
         self.schedule = schedule
         self.instructions = list(make_schedule(schedule, pp, mesh.pp_rank, micro_batches))
+        self._one_micro_batch = list(make_schedule(schedule, 1, 0, 1)) if pp == 1 else []
         self.pipe = PipelineExecutor(local, mesh.pp_group)
         hyper: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay)
         if optimizer == "adamw":
@@ -99,7 +100,7 @@ class ParallelTrainer:
         if zero:
             from mpipar.parallel.zero import ZeroOptimizer
 
-            self.optimizer = ZeroOptimizer(local.param_buffer, local.grad_buffer, local.layout,
+            self.optimizer = ZeroOptimizer(local.param_buffer, local.grads, local.layout,
                                            mesh.dp_group, optimizer, stage=zero, bucket_mb=bucket_mb,
                                            algorithm=allreduce, **hyper)
             self.buckets = self.optimizer.buckets
@@ -154,6 +155,12 @@ class ParallelTrainer:
             raise LayoutError(f"{rows} rows per data-parallel rank do not split into grad-accum {K} "
                               f"x micro-batches {M}")
         every = bool(getattr(self.buckets, "reduce_every_micro_step", False))  # ZeRO-2
+        instructions = self.instructions
+        if every and self.mesh.pp == 1 and M > 1:
+            # ZeRO-2 on one stage: run the M micro-batches as accumulation steps, each
+            # reduce-scattered as its backward ends, so that no gradient bucket outlives one
+            # micro-batch (the executor would sum all M in the model's gradients first)
+            K, M, instructions = K * M, 1, self._one_micro_batch
         if self.zero:
             self.optimizer.zero_grad()
         comm = CommStats()
@@ -163,7 +170,7 @@ class ParallelTrainer:
             sync = every or k == K - 1
             self._sync_now = sync
             mbs = split_micro_batches(idx[k * chunk:(k + 1) * chunk], targets[k * chunk:(k + 1) * chunk], M)
-            loss += self.pipe.step(self.instructions, mbs, dloss_scale=1.0 / K,
+            loss += self.pipe.step(instructions, mbs, dloss_scale=1.0 / K,
                                    zero_grad=(k == 0 or every), reduce_tied=sync) / K
             if sync:
                 comm += self.buckets.finish()
@@ -276,12 +283,13 @@ class ParallelTrainer:
                                   for name, piece in by_name.items()})
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes held by this rank: parameters, gradients, optimiser state."""
+        """Bytes held by this rank: parameters, gradients, optimiser state. Under ZeRO-2 the
+        gradients are what was held at the peak so far (shard + live buckets): run a step
+        first."""
         if self.zero:
             rep = self.optimizer.memory_report()
-            return {"params": rep.get("params", int(self.local.param_buffer.nbytes)),
-                    "grads": rep.get("grads", int(self.local.grad_buffer.nbytes)),
-                    "optimizer_state": rep.get("optimizer_state", 0)}
+            return {"params": rep["params"], "grads": rep["grads_allocated"],
+                    "optimizer_state": rep["optimizer_state"]}
         state = sum(int(a.nbytes) for bufs in self.optimizer.state.values() for a in bufs.values())
         return {"params": int(self.local.param_buffer.nbytes),
                 "grads": int(self.local.grad_buffer.nbytes), "optimizer_state": state}

@@ -32,12 +32,18 @@ Algorithms: a bucket uses ``algorithm`` (None: the group's default) for its redu
 and all-gather when that algorithm implements them (ring, rhd, native); otherwise MPI's
 native collective is used (what the Communicator does for a default algorithm lacking them).
 
-Memory, honestly: ZeRO-1 and -2 keep full parameters on every rank. The model in ``mpipar.nn``
-allocates one full gradient buffer and its backward accumulates into it, so under stage 2 that
-buffer still exists; what stage 2 removes is the need for it to outlive one micro-step's
-backward (gradient accumulation happens in the shard). Freeing it between micro-steps needs
-the model to let backward write into per-bucket storage; ``memory_report`` lists both the
-bytes ZeRO needs (``grads``) and the bytes allocated now (``grads_allocated``).
+Memory. ZeRO-1 and -2 keep full parameters on every rank. Stage 1 keeps the model's full
+gradient buffer (gradients accumulate there over micro-steps) besides the shard. Stage 2,
+given the model's ``GradStore`` (``model.grads``) rather than a bare flat buffer, gives every
+gradient tensor storage of its own (``GradStore.use_buckets``): a tensor exists from the
+first write of backward into it until its bucket is complete, when the bucket is gathered
+into one array that is handed to the reduce-scatter (no further copy) and the tensors are
+freed, so the full gradient never exists at once. What is held at the peak is the shard,
+the tensors of buckets backward is still filling (the tied embedding is written by the
+head, first in backward, and by the embedding, last: it lives through the whole backward)
+and the buckets in flight. With pipeline parallelism a stage's buckets fill over all micro-batches of a
+step, so they live through the step. ``memory_report`` gives what ZeRO needs (``grads``)
+and what this rank really held at its peak (``grads_allocated``).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from mpipar import backend
 from mpipar.comm.algorithms import get_algorithm
 from mpipar.comm.background import worker
 from mpipar.comm.communicator import split_counts
+from mpipar.nn.grads import GradStore
 from mpipar.optim import OPTIMIZERS, decays_by_default
 from mpipar.parallel.data_parallel import Bucket, CommStats, GradBuckets
 
@@ -65,11 +72,15 @@ def _algorithm_for(group: Any, algorithm: str | None, collective: str) -> str | 
 
 
 class ShardedGradBuckets(GradBuckets):
-    """GradBuckets whose buckets are reduce-scattered (mean) into this rank's gradient shard."""
+    """GradBuckets whose buckets are reduce-scattered (mean) into this rank's gradient shard.
+
+    With ``store`` (the model's GradStore) the gradients move into per-bucket storage that
+    is freed once a bucket's reduce-scatter has copied it (stage 2 only: stage 1 accumulates
+    micro-steps in the full buffer)."""
 
     def __init__(self, grad_buffer: Any, layout: Any, dp_group: Any, bucket_mb: float | None = 1.0,
                  algorithm: str | None = None, reduce_every_micro_step: bool = False,
-                 **options: Any) -> None:
+                 store: GradStore | None = None, **options: Any) -> None:
         super().__init__(grad_buffer, layout, dp_group, bucket_mb, algorithm, **options)
         self.reduce_every_micro_step = reduce_every_micro_step
         self.rs_algorithm = _algorithm_for(dp_group, algorithm, "reduce_scatter")
@@ -88,12 +99,19 @@ class ShardedGradBuckets(GradBuckets):
         self.shard_numel = pos
         xp = _xp(grad_buffer)
         self.shard_grad = xp.zeros(pos, dtype=grad_buffer.dtype)
+        self.store = store if reduce_every_micro_step else None
+        if self.store is not None:
+            self.store.use_buckets([(b.start, b.end) for b in self.buckets])
+            self.grad_buffer = None                    # the model's flat buffer is gone
 
     def _shard_view(self, b: Bucket) -> Any:
         so = self.shard_offsets[b.index]
         return self.shard_grad[so:so + self.counts[b.index][self.group.rank]]
 
     def _start(self, b: Bucket) -> Any:
+        if self.store is not None:                    # a fresh array: handed over, not copied
+            return self.group.ireduce_scatter(self.store.take(b.index), op="avg", donate=True,
+                                              algorithm=self.rs_algorithm, **self.options)
         return self.group.ireduce_scatter(self.grad_buffer[b.start:b.end], op="avg",
                                           algorithm=self.rs_algorithm, **self.options)
 
@@ -101,7 +119,8 @@ class ShardedGradBuckets(GradBuckets):
         self._shard_view(b)[...] += result            # the shard was zeroed at step start
 
     def _store_single(self, b: Bucket) -> None:
-        self._shard_view(b)[...] += self.grad_buffer[b.start:b.end]
+        g = self.store.take(b.index) if self.store is not None else self.grad_buffer[b.start:b.end]
+        self._shard_view(b)[...] += g
 
 
 def _xp(a: Any) -> Any:
@@ -113,7 +132,7 @@ def _xp(a: Any) -> Any:
 class ZeroOptimizer:
     """ZeRO-1/2 over flat ``param_buffer`` / ``grad_buffer`` laid out by ``layout``.
 
-        zero = ZeroOptimizer(model.param_buffer, model.grad_buffer, model.layout, dp_group,
+        zero = ZeroOptimizer(model.param_buffer, model.grads, model.layout, dp_group,
                              "adamw", stage=2, bucket_mb=1.0, lr=1e-3, weight_decay=0.1)
         zero.zero_grad()                                   # the gradient shard
         ... forward; backward_stages(model, cache, on_ready=zero.buckets.mark_ready)
@@ -124,23 +143,36 @@ class ZeroOptimizer:
     (``data_parallel.dp_train_step(model, zero.buckets, zero, micro_batches)`` does all of
     it, gradient accumulation included.) ``optimizer``: "sgd", "adamw" or an Optimizer class;
     ``hyper``: its keyword arguments (lr, weight_decay, betas, momentum ...).
+
+    ``grads``: the model's GradStore (``model.grads``), or its flat gradient buffer. Given the
+    store, stage 2 frees the full buffer and gives each bucket storage of its own for the
+    time between backward writing it and its reduce-scatter (module docstring, Memory); given
+    a bare buffer, that buffer stays and is used as in stage 1.
     """
 
-    def __init__(self, param_buffer: Any, grad_buffer: Any, layout: Any, dp_group: Any,
+    def __init__(self, param_buffer: Any, grads: GradStore | Any, layout: Any, dp_group: Any,
                  optimizer: str | type = "adamw", stage: int = 1, bucket_mb: float | None = 1.0,
                  algorithm: str | None = None,
                  decay: Callable[[str, Any], bool] = decays_by_default,
                  options: dict[str, Any] | None = None, **hyper: Any) -> None:
         if stage not in (1, 2):
             raise ValueError(f"ZeRO stage must be 1 or 2, got {stage}")
+        store = grads if isinstance(grads, GradStore) else None
+        grad_buffer = store.buffer if store is not None else grads
+        if grad_buffer is None:
+            raise ValueError("the GradStore has no flat buffer any more (another ZeroOptimizer "
+                             "moved it into buckets): build the model afresh")
         if param_buffer.shape != grad_buffer.shape or param_buffer.shape[0] != layout.numel:
             raise ValueError("param_buffer and grad_buffer must both be 1-D of layout.numel")
         self.stage = stage
-        self.param_buffer, self.grad_buffer, self.layout = param_buffer, grad_buffer, layout
+        self.param_buffer, self.layout = param_buffer, layout
+        self.itemsize, self.full_grad_bytes = grad_buffer.itemsize, int(grad_buffer.nbytes)
         self.group = dp_group
         self.options = dict(options or {})
         self.buckets = ShardedGradBuckets(grad_buffer, layout, dp_group, bucket_mb, algorithm,
-                                          reduce_every_micro_step=stage == 2, **self.options)
+                                          reduce_every_micro_step=stage == 2, store=store,
+                                          **self.options)
+        del grad_buffer                                  # stage 2 with a store: freed now
         self.ag_algorithm = _algorithm_for(dp_group, algorithm, "allgather")
         self.last_param_comm = CommStats()
         self.param_comm_totals = CommStats()
@@ -294,16 +326,19 @@ class ZeroOptimizer:
     def memory_report(self) -> dict[str, int]:
         """Bytes on this rank. ``grads``: the gradient storage ZeRO needs across a step
         (stage 1: the full buffer + the shard; stage 2: the shard); ``grads_allocated``: what
-        is allocated now (the model's full buffer is still there, see the module docstring);
+        this rank held: the shard plus the model's full buffer, or under stage 2 with a
+        GradStore the most bucket storage held at once so far (``GradStore.peak_bytes``);
         ``grads_inflight_peak``: the largest bucket, copied by a reduce-scatter in flight;
         ``*_unsharded``: what plain data parallelism holds, for comparison."""
-        item = self.grad_buffer.itemsize
+        item = self.itemsize
         shard = int(self.buckets.shard_grad.nbytes)
-        full = int(self.grad_buffer.nbytes)
+        full = self.full_grad_bytes
+        store = self.buckets.store
+        model_grads = store.peak_bytes if store is not None else full
         return {
             "params": int(self.param_buffer.nbytes),
             "grads": shard if self.stage == 2 else full + shard,
-            "grads_allocated": full + shard,
+            "grads_allocated": model_grads + shard,
             "grads_inflight_peak": max(b.numel for b in self.buckets.buckets) * item,
             "grads_unsharded": full,
             "optimizer_state": self.optimizer_state_bytes(),

@@ -89,8 +89,10 @@ def test_bench_parallel_runs(comm, capsys, tmp_path):
     assert z0["comm_total_s"] > 0 and 0 <= z0["exposed_fraction"] <= 1.0 + 1e-9
     assert z1["memory_max"]["optimizer_state"] < z0["memory_max"]["optimizer_state"]
     assert abs(z1["zero_opt_ratio"] - 1 / n) < 0.05
-    assert z2["memory_max"]["grads"] < z0["memory_max"]["grads"]
-    assert abs(z2["zero_grad_ratio"] - 1 / n) < 0.05
+    assert z2["memory_max"]["grads"] < z0["memory_max"]["grads"] < z1["memory_max"]["grads"]
+    assert abs(z2["zero_grad_kept_ratio"] - 1 / n) < 0.05
+    # the peak adds the buckets backward is filling: here the tied wte and one block, 16%
+    assert 1 / n < z2["zero_grad_ratio"] < 1 / n + 0.25
     pipe = rows[(f"1x1x{n}", 0)]
     assert pipe["bubble_theory"] == pytest.approx((n - 1) / (2 + n - 1))
     assert pipe["exposed_fraction"] is None and pipe["act_in_flight_sched"] == min(n, 2)

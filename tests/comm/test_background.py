@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import ALGORITHMS_FOR_BACKGROUND, assert_same_on_all_ranks, rank_input, reference
+from mpipar.comm import split_counts
 
 pytestmark = pytest.mark.mpi(min_size=1)
 
@@ -48,6 +49,23 @@ def test_ireduce_scatter_and_iallgather(comm):
     counts = split_counts(11, comm.size)
     back = comm.iallgather(block, counts=counts).wait()
     np.testing.assert_array_equal(back, full)
+
+
+@pytest.mark.parametrize("algorithm", ["native", "ring", "rhd"])
+def test_ireduce_scatter_copies_its_input_unless_donated(comm, algorithm):
+    inputs = [rank_input(31, r, (13, 3), "float64") for r in range(comm.size)]
+    full = reference("sum", inputs)
+    counts = split_counts(13, comm.size)
+    lo = sum(counts[:comm.rank])
+    kept = inputs[comm.rank].copy()
+    block = comm.ireduce_scatter(kept, algorithm=algorithm).wait()
+    np.testing.assert_array_equal(kept, inputs[comm.rank])        # copied: left as it was
+    np.testing.assert_array_equal(block, full[lo:lo + counts[comm.rank]])
+    given = inputs[comm.rank].copy()
+    donated = comm.ireduce_scatter(given, algorithm=algorithm, donate=True).wait()
+    np.testing.assert_array_equal(donated, block)
+    with pytest.raises(ValueError, match="contiguous"):
+        comm.ireduce_scatter(np.ones((4, 6))[:, ::2], donate=True)
 
 
 def test_error_in_background_collective_reaches_waiter(comm):

@@ -19,17 +19,20 @@ from test_data_parallel import (ALGORITHMS, CLIP, CONFIG, HYPER, STEPS, accum_st
 pytestmark = pytest.mark.mpi(min_size=1)
 
 
-def make_zero(comm, opt: str, stage: int, bucket_mb=0.1, algorithm=None):
+def make_zero(comm, opt: str, stage: int, bucket_mb=0.1, algorithm=None, flat=False):
+    """``flat``: hand ZeRO the model's flat gradient buffer instead of its GradStore (stage 2
+    then keeps the full buffer rather than moving gradients into per-bucket storage)."""
     model = GPT(CONFIG, seed=0, dtype="float64")
-    zero = ZeroOptimizer(model.param_buffer, model.grad_buffer, model.layout, comm, opt,
-                         stage=stage, bucket_mb=bucket_mb, algorithm=algorithm, **HYPER[opt])
+    zero = ZeroOptimizer(model.param_buffer, model.grad_buffer if flat else model.grads,
+                         model.layout, comm, opt, stage=stage, bucket_mb=bucket_mb,
+                         algorithm=algorithm, **HYPER[opt])
     return model, zero
 
 
 def run_zero(comm, opt: str, stage: int, bucket_mb=0.1, algorithm=None, K: int = 1, steps=STEPS,
-             start=0, model=None, zero=None):
+             start=0, model=None, zero=None, flat=False):
     if model is None:
-        model, zero = make_zero(comm, opt, stage, bucket_mb, algorithm)
+        model, zero = make_zero(comm, opt, stage, bucket_mb, algorithm, flat)
     losses = []
     for step in range(start, steps):
         res = dp_train_step(model, zero.buckets, zero, micro_batches(step, comm.rank, comm.size, K),
@@ -38,12 +41,45 @@ def run_zero(comm, opt: str, stage: int, bucket_mb=0.1, algorithm=None, K: int =
     return model, np.array(losses), zero
 
 
-@pytest.mark.parametrize("stage,opt,bucket_mb", [(1, "sgd", 1e-4), (1, "adamw", 0.05),
-                                                 (2, "adamw", 1e-4), (2, "sgd", None)])
-def test_zero_matches_single_process(comm, stage, opt, bucket_mb):
-    model, losses, zero = run_zero(comm, opt, stage, bucket_mb)
-    check(comm, model, losses, opt, f"zero-{stage} {opt} bucket_mb={bucket_mb} "
+@pytest.mark.parametrize("stage,opt,bucket_mb,flat", [
+    (1, "sgd", 1e-4, False), (1, "adamw", 0.05, False), (2, "adamw", 1e-4, False),
+    (2, "sgd", None, False), (2, "adamw", 0.05, True)])
+def test_zero_matches_single_process(comm, stage, opt, bucket_mb, flat):
+    model, losses, zero = run_zero(comm, opt, stage, bucket_mb, flat=flat)
+    check(comm, model, losses, opt, f"zero-{stage} {opt} bucket_mb={bucket_mb} flat={flat} "
                                     f"({len(zero.buckets.buckets)} buckets)")
+
+
+def test_zero2_never_holds_the_full_gradient(comm):
+    """Stage 2 with the model's GradStore: no flat gradient buffer; a tensor exists from
+    backward's first write into it until its bucket goes to the reduce-scatter. The peak is
+    what the backward order allows (the tied wte lives through it all, plus the buckets of
+    the block being differentiated), and every step is bit-identical to stage 2 on the flat
+    buffer, which does the same arithmetic."""
+    K = accum_steps(comm.size)
+    model, losses, zero = run_zero(comm, "adamw", 2, bucket_mb=0.01, K=K)
+    flat_model, flat_losses, _ = run_zero(comm, "adamw", 2, bucket_mb=0.01, K=K, flat=True)
+    np.testing.assert_array_equal(losses, flat_losses)
+    np.testing.assert_array_equal(model.param_buffer, flat_model.param_buffer)
+    store = model.grads
+    assert model.grad_buffer is None and store.bucketed
+    assert store.allocated_bytes() == 0          # every bucket went to its reduce-scatter
+
+    # at most: wte's bucket + the buckets of one block (tensors wait for their whole bucket)
+    item = model.param_buffer.itemsize
+    bytes_of = {b.index: b.numel * item for b in zero.buckets.buckets}
+    bucket_of = {n: b.index for b in zero.buckets.buckets for n in b.names}
+    wte = {bucket_of["transformer.wte.weight"]}
+    block = max(sum(bytes_of[i] for i in {bucket_of[n] for n in model.layout.names
+                                           if n.startswith(f"transformer.h.{j}.")} | wte)
+                for j in range(CONFIG.n_layer))
+    full = model.layout.numel * item
+    largest = max(np.prod(shape) for shape in model.layout.shapes.values()) * item
+    assert largest <= store.peak_bytes <= block < full / 4
+    rep = zero.memory_report()
+    assert rep["grads_allocated"] == store.peak_bytes + zero.buckets.shard_grad.nbytes
+    with pytest.raises(RuntimeError, match="already handed to its reduce-scatter"):
+        model.backward(model.forward(*micro_batches(0, comm.rank, comm.size, 1)[0])[2])
 
 
 @pytest.mark.parametrize("stage", [1, 2])
