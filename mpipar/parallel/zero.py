@@ -41,8 +41,8 @@ into one array that is handed to the reduce-scatter (no further copy) and the te
 freed, so the full gradient never exists at once. What is held at the peak is the shard,
 the tensors of buckets backward is still filling (the tied embedding is written by the
 head, first in backward, and by the embedding, last: it lives through the whole backward)
-and the buckets in flight. With pipeline parallelism a stage's buckets fill over all micro-batches of a
-step, so they live through the step. ``memory_report`` gives what ZeRO needs (``grads``)
+and the buckets in flight. With pipeline parallelism a stage's buckets fill over all
+micro-batches of a step, so they live through the step. ``memory_report`` gives what ZeRO needs (``grads``)
 and what this rank really held at its peak (``grads_allocated``).
 """
 
@@ -74,9 +74,9 @@ def _algorithm_for(group: Any, algorithm: str | None, collective: str) -> str | 
 class ShardedGradBuckets(GradBuckets):
     """GradBuckets whose buckets are reduce-scattered (mean) into this rank's gradient shard.
 
-    With ``store`` (the model's GradStore) the gradients move into per-bucket storage that
-    is freed once a bucket's reduce-scatter has copied it (stage 2 only: stage 1 accumulates
-    micro-steps in the full buffer)."""
+    With ``store`` (the model's GradStore) the gradients move into per-tensor storage; a
+    complete bucket is gathered into one array donated to its reduce-scatter, which frees
+    its tensors (stage 2 only: stage 1 accumulates micro-steps in the full buffer)."""
 
     def __init__(self, grad_buffer: Any, layout: Any, dp_group: Any, bucket_mb: float | None = 1.0,
                  algorithm: str | None = None, reduce_every_micro_step: bool = False,
