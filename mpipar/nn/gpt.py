@@ -188,7 +188,7 @@ class GPT:
     @property
     def grad_buffer(self) -> Any:
         """The flat gradient buffer (``grads`` are views of it); None once ZeRO-2 has moved
-        the gradients into per-bucket storage (``GradStore.use_buckets``)."""
+        the gradients into storage per tensor (``GradStore.use_buckets``)."""
         return self.grads.buffer
 
     def zero_grad(self) -> None:

@@ -43,6 +43,7 @@ class GradStore(Mapping):
         self._members: list[list[str]] = []         # per bucket: its tensors, layout order
         self._bucket_of: dict[str, int] = {}
         self._storage: dict[str, Any] = {}          # per tensor: array or _TAKEN; absent = 0
+        self._held = 0                              # bytes of the arrays in _storage
         self.peak_bytes = 0                         # most tensor bytes held at once
 
     # -- the Mapping -----------------------------------------------------------------------
@@ -58,7 +59,8 @@ class GradStore(Mapping):
                                f"next micro-step first")
         if s is None:
             s = self._storage[name] = self.xp.zeros(self.layout.shapes[name], dtype=self.dtype)
-            self.peak_bytes = max(self.peak_bytes, self.allocated_bytes())
+            self._held += int(s.nbytes)
+            self.peak_bytes = max(self.peak_bytes, self._held)
         return s
 
     def __setitem__(self, name: str, value: Any) -> None:
@@ -100,7 +102,7 @@ class GradStore(Mapping):
             members[i].append(name)
         self._ranges = [(int(lo), int(hi)) for lo, hi in ranges]
         self._members, self._bucket_of = members, bucket_of
-        self._storage = {}
+        self._storage, self._held = {}, 0
         self.buffer, self._views = None, {}
 
     def take(self, i: int) -> Any:
@@ -113,6 +115,7 @@ class GradStore(Mapping):
             s = self[name] if name in self._storage else None   # raises if already taken
             if s is not None:
                 out[a - lo:b - lo] = s.reshape(-1)
+                self._held -= int(s.nbytes)
             self._storage[name] = _TAKEN
         return out
 
@@ -121,13 +124,13 @@ class GradStore(Mapping):
         if self.buffer is not None:
             self.buffer.fill(0)
         else:
-            self._storage = {}
+            self._storage, self._held = {}, 0
 
     def allocated_bytes(self) -> int:
         """Bytes of gradient storage held now."""
         if self.buffer is not None:
             return int(self.buffer.nbytes)
-        return sum(int(s.nbytes) for s in self._storage.values() if s is not _TAKEN)
+        return self._held
 
     def __repr__(self) -> str:
         where = (f"{len(self._ranges)} buckets, {self.allocated_bytes()} bytes held"

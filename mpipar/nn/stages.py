@@ -51,6 +51,12 @@ class EmbeddingStage:
                            self.grads["transformer.wpe.weight"])
 
 
+def block_grads(grads: Any, names: tuple[str, ...], prefix_len: int) -> dict[str, Any]:
+    """A block's gradients under short names (``ln_1.weight`` ...), looked up now: ZeRO-2 may
+    have given them new storage since the last backward (``GradStore.use_buckets``)."""
+    return {k[prefix_len:]: grads[k] for k in names}
+
+
 class BlockStage:
     """Transformer block ``i`` (parameters ``transformer.h.{i}.*``)."""
 
@@ -64,14 +70,8 @@ class BlockStage:
     def forward(self, x: Any) -> tuple[Any, tuple]:
         return block.forward(x, self.p, self.NH, self.state.p, self.state.rng)
 
-    @property
-    def d(self) -> dict[str, Any]:
-        """The block's gradients under short names, looked up now: ZeRO-2 may have given
-        them new storage since the last backward (``GradStore.use_buckets``)."""
-        return {k[self._prefix:]: self.grads[k] for k in self.names}
-
     def backward(self, dx: Any, cache: tuple) -> Any:
-        return block.backward(dx, cache, self.d)
+        return block.backward(dx, cache, block_grads(self.grads, self.names, self._prefix))
 
 
 class HeadStage:

@@ -40,7 +40,7 @@ from typing import Any
 from mpipar.backend import array_module
 from mpipar.comm.communicator import split_counts
 from mpipar.nn import attention, dropout, layernorm, linear, mlp
-from mpipar.nn.stages import RunState
+from mpipar.nn.stages import RunState, block_grads
 from mpipar.parallel import tp_comm
 
 
@@ -150,14 +150,9 @@ class TPBlockStage:
         m += x1                                              # (B, T, C) out
         return m, (ln1, att, drop1, ln2, mlpc, drop2)
 
-    @property
-    def d(self) -> dict[str, Any]:
-        """This rank's block gradients under short names, looked up now (see BlockStage.d)."""
-        return {k[self._prefix:]: self.grads[k] for k in self.names}
-
     def backward(self, dout: Any, cache: tuple) -> Any:
         ln1, att, drop1, ln2, mlpc, drop2 = cache
-        d = self.d
+        d = block_grads(self.grads, self.names, self._prefix)
         g, G = d.get, self.group
         dm = tp_comm.g_backward(dropout.backward(dout, drop2), G)  # (B, T, C)
         _bias_grad(dm, g("mlp.c_proj.bias"))
