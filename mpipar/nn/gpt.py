@@ -181,7 +181,7 @@ class GPT:
 
     def backward(self, cache: list, dloss: float = 1.0) -> None:
         """Accumulate d(dloss * loss)/dparams into ``grads`` (no zeroing here)."""
-        dx = self.stages[-1].backward(cache[-1], dloss)
+        dx = self.stages[-1].backward(dloss, cache[-1])
         for stage, c in zip(reversed(self.stages[:-1]), reversed(cache[:-1])):
             dx = stage.backward(dx, c)
 

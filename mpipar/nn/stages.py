@@ -1,13 +1,20 @@
 """The GPT as a list of stages, each a forward/backward pair over named parameter views.
 
-    EmbeddingStage   idx (B, T)       -> x (B, T, C)          wte, wpe (+ dropout)
-    BlockStage(i)    x (B, T, C)      -> x (B, T, C)          transformer.h.i.*
-    HeadStage        x (B, T, C), targets -> logits, loss     ln_f, lm_head (tied to wte), loss
+    EmbeddingStage   forward(idx (B, T))          -> (x (B, T, C), cache)     wte, wpe (+ dropout)
+    BlockStage(i)    forward(x (B, T, C))         -> (x (B, T, C), cache)     transformer.h.i.*
+    HeadStage        forward(x, targets)          -> (None, loss, cache)      ln_f, lm_head (tied
+                     forward(x)                   -> (logits, None, None)     to wte), the loss
+
+    every stage      backward(dout, cache) -> dx  (the head's dout is d(total)/d(loss), a
+                                                   number; the embedding returns None)
 
 ``GPT`` runs them in order; a pipeline stage runs a contiguous slice of the same list. Every
 stage works on the model's dicts of parameter and gradient views (full nanoGPT names), so a
 slice needs no copies. Caches are returned to the caller, which keys them by micro-batch
-when several are in flight. Backward accumulates into the gradient views.
+when several are in flight. Backward accumulates into the gradient views. Tensor
+parallelism gives ``BlockStage`` a ``ParallelRegion`` (its communication points) and this
+rank's weight slices, and swaps the embedding and head for vocabulary-parallel ones
+(``parallel/tensor_parallel.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpipar.nn import block, crossentropy, dropout, embedding, layernorm, linear
+from mpipar.nn.block import SERIAL, ParallelRegion
 
 
 @dataclass
@@ -58,20 +66,24 @@ def block_grads(grads: Any, names: tuple[str, ...], prefix_len: int) -> dict[str
 
 
 class BlockStage:
-    """Transformer block ``i`` (parameters ``transformer.h.{i}.*``)."""
+    """Transformer block ``i`` (parameters ``transformer.h.{i}.*``): ``NH`` heads, and the
+    block's communication points ``region`` (``SERIAL``: none; tensor parallel: this rank's
+    shard of the weights, its heads, and the tp group's f and g)."""
 
-    def __init__(self, i: int, params: dict, grads: dict, NH: int, state: RunState):
+    def __init__(self, i: int, params: dict, grads: dict, NH: int, state: RunState,
+                 region: ParallelRegion = SERIAL):
         prefix = f"transformer.h.{i}."
-        self.i, self.NH, self.state = i, NH, state
+        self.i, self.NH, self.state, self.region = i, NH, state, region
         self.names = tuple(k for k in params if k.startswith(prefix))
         self.p = {k[len(prefix):]: params[k] for k in self.names}
         self.grads, self._prefix = grads, len(prefix)
 
     def forward(self, x: Any) -> tuple[Any, tuple]:
-        return block.forward(x, self.p, self.NH, self.state.p, self.state.rng)
+        return block.forward(x, self.p, self.NH, self.state.p, self.state.rng, self.region)
 
     def backward(self, dx: Any, cache: tuple) -> Any:
-        return block.backward(dx, cache, block_grads(self.grads, self.names, self._prefix))
+        return block.backward(dx, cache, block_grads(self.grads, self.names, self._prefix),
+                              self.region)
 
 
 class HeadStage:
@@ -92,7 +104,7 @@ class HeadStage:
         loss, ce = crossentropy.forward(logits, targets)  # logits overwritten by softmax
         return None, loss, (ln, lin, ce)
 
-    def backward(self, cache: tuple, dloss: float = 1.0) -> Any:
+    def backward(self, dloss: float, cache: tuple) -> Any:
         """dx (B, T, C) of ``dloss * loss``; accumulates into ln_f and wte gradients."""
         ln, lin, ce = cache
         G = self.grads

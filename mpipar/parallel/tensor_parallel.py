@@ -1,11 +1,16 @@
-"""Megatron-LM tensor parallelism (Shoeybi et al. 2019): the GPT's stages on one tp shard.
+"""Megatron-LM tensor parallelism (Shoeybi et al. 2019): what one tp shard holds, and the
+stages whose maths differ from the single process's.
 
-Same interface as ``mpipar.nn.stages``, so a pipeline executor runs both alike::
+Tensor parallelism is a substitution, not a copy of the model: the transformer block is
+``nn.block`` itself, given this rank's slices of its weights and the tp group's
+communication points (``BlockStage(..., region=TensorParallelRegion(group))``, see
+``tp_comm.py``). Only the embedding and the head compute something else when the vocabulary
+is split, and they have the interface of ``mpipar.nn.stages``, so a pipeline executor runs
+both alike::
 
     TPEmbeddingStage   forward(idx) -> (x, cache)             backward(dx, cache) -> None
-    TPBlockStage(i)    forward(x) -> (x, cache)               backward(dx, cache) -> dx
     TPHeadStage        forward(x, targets) -> (None, loss, cache) | (logits, None, None)
-                       backward(cache, dloss) -> dx
+                       backward(dloss, cache) -> dx
 
 What each of T tp ranks holds (rank r; C = n_embd, NH heads of size hs, F = 4C, V vocab)::
 
@@ -16,8 +21,9 @@ What each of T tp ranks holds (rank r; C = n_embd, NH heads of size hs, F = 4C, 
     mlp.c_proj w       columns [f0, f1)              row parallel; its bias is replicated
     wpe, ln_1, ln_2, ln_f, biases of row-parallel layers: replicated
 
-Communication per block (``tp_comm``): attention = g(row(column(f(ln_1(x))))) and likewise
-the MLP, so one all-reduce in forward (g) and one in backward (f) per branch. The
+Communication per block (``tp_comm.TensorParallelRegion``): attention =
+g(row(column(f(ln_1(x))))) and likewise the MLP, so one all-reduce in forward (g) and one
+in backward (f) per branch. The
 embedding all-reduces the looked-up rows (each token's row lives on one rank, the others
 contribute zeros); the head all-reduces the logit max, then the sum of exponentials with
 the target logit in one message, and in backward the partial dh (f). Full logits are
@@ -39,8 +45,8 @@ from typing import Any
 
 from mpipar.backend import array_module
 from mpipar.comm.communicator import split_counts
-from mpipar.nn import attention, dropout, layernorm, linear, mlp
-from mpipar.nn.stages import RunState, block_grads
+from mpipar.nn import dropout, layernorm, linear
+from mpipar.nn.stages import RunState
 from mpipar.parallel import tp_comm
 
 
@@ -114,71 +120,6 @@ class TPEmbeddingStage:
         self.grads["transformer.wpe.weight"][:T] += dx.sum(axis=0)  # (T, C)
 
 
-class TPBlockStage:
-    """Transformer block ``i`` with attention split by heads and the MLP column-then-row.
-
-    ``params``/``grads`` hold this rank's shards under the full names ``transformer.h.{i}.*``;
-    ``NH`` is the number of heads on this rank (n_head / tp)."""
-
-    def __init__(self, i: int, params: dict, grads: dict, NH: int, state: RunState, group: Any):
-        prefix = f"transformer.h.{i}."
-        self.i, self.NH, self.state, self.group = i, NH, state, group
-        self.names = tuple(k for k in params if k.startswith(prefix))
-        self.p = {k[len(prefix):]: params[k] for k in self.names}
-        self.grads, self._prefix = grads, len(prefix)
-
-    def forward(self, x: Any) -> tuple[Any, tuple]:
-        p, g, G, st = self.p, self.p.get, self.group, self.state
-        h, ln1 = layernorm.forward(x, p["ln_1.weight"], g("ln_1.bias"))  # (B, T, C)
-        h = tp_comm.f_forward(h, G)
-        a, att = attention.forward(h, p["attn.c_attn.weight"], g("attn.c_attn.bias"),
-                                   p["attn.c_proj.weight"], None, self.NH,
-                                   st.p, st.rng)             # (B, T, C) partial sum
-        a = tp_comm.g_forward(a, G)                          # (B, T, C) full
-        if g("attn.c_proj.bias") is not None:
-            a += p["attn.c_proj.bias"]                       # bias once, after the reduce
-        a, drop1 = dropout.forward(a, st.p, st.rng)
-        x1 = x + a                                           # (B, T, C)
-        h, ln2 = layernorm.forward(x1, p["ln_2.weight"], g("ln_2.bias"))
-        h = tp_comm.f_forward(h, G)
-        m, mlpc = mlp.forward(h, p["mlp.c_fc.weight"], g("mlp.c_fc.bias"),
-                              p["mlp.c_proj.weight"], None)  # (B, T, C) partial sum
-        m = tp_comm.g_forward(m, G)
-        if g("mlp.c_proj.bias") is not None:
-            m += p["mlp.c_proj.bias"]
-        m, drop2 = dropout.forward(m, st.p, st.rng)
-        m += x1                                              # (B, T, C) out
-        return m, (ln1, att, drop1, ln2, mlpc, drop2)
-
-    def backward(self, dout: Any, cache: tuple) -> Any:
-        ln1, att, drop1, ln2, mlpc, drop2 = cache
-        d = block_grads(self.grads, self.names, self._prefix)
-        g, G = d.get, self.group
-        dm = tp_comm.g_backward(dropout.backward(dout, drop2), G)  # (B, T, C)
-        _bias_grad(dm, g("mlp.c_proj.bias"))
-        dh = mlp.backward(dm, mlpc, d["mlp.c_fc.weight"], g("mlp.c_fc.bias"),
-                          d["mlp.c_proj.weight"], None)      # (B, T, C) partial
-        dh = tp_comm.f_backward(dh, G)                       # (B, T, C) full
-        dx1 = layernorm.backward(dh, ln2, d["ln_2.weight"], g("ln_2.bias"))
-        dx1 += dout                                          # residual
-        da = tp_comm.g_backward(dropout.backward(dx1, drop1), G)
-        _bias_grad(da, g("attn.c_proj.bias"))
-        dh = attention.backward(da, att, d["attn.c_attn.weight"], g("attn.c_attn.bias"),
-                                d["attn.c_proj.weight"], None)  # (B, T, C) partial
-        dh = tp_comm.f_backward(dh, G)
-        dx = layernorm.backward(dh, ln1, d["ln_1.weight"], g("ln_1.bias"))
-        dx += dx1                                            # (B, T, C)
-        return dx
-
-
-def _bias_grad(dout: Any, db: Any) -> None:
-    """db += sum of dout over positions: the bias part of ``linear.backward``, for a
-    row-parallel layer whose bias is added after the all-reduce (same arithmetic as the
-    single process's, on the same replicated dout)."""
-    if db is not None:
-        db += dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # (OC,)
-
-
 class TPHeadStage:
     """Final layer norm (replicated), logits against this rank's wte rows (tied), and the
     vocabulary-parallel cross-entropy, mean over all positions.
@@ -195,6 +136,7 @@ class TPHeadStage:
     def __init__(self, params: dict, grads: dict, group: Any, vocab: tuple[int, int], V: int):
         self.names = tuple(k for k in params if k.startswith("transformer.ln_f."))
         self.params, self.grads, self.group = params, grads, group
+        self.region = tp_comm.TensorParallelRegion(group)
         self.v0, self.v1 = vocab
         self.counts = vocab_counts(V, 1 if group is None else group.size)
 
@@ -204,7 +146,7 @@ class TPHeadStage:
         P, G = self.params, self.group
         xp = array_module(x)
         h, ln = layernorm.forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
-        h = tp_comm.f_forward(h, G)
+        h = self.region.copy_forward(h)
         logits, lin = linear.forward(h, P["transformer.wte.weight"])  # (B, T, Vr)
         if targets is None:
             return tp_comm.gather_last_axis(logits, G, self.counts), None, None  # (B, T, V)
@@ -226,7 +168,7 @@ class TPHeadStage:
         z *= (1.0 / s)[:, None]                              # (N, Vr) probabilities
         return None, loss, (ln, lin, z, tl, mine)
 
-    def backward(self, cache: tuple, dloss: float = 1.0) -> Any:
+    def backward(self, dloss: float, cache: tuple) -> Any:
         """dx (B, T, C) of ``dloss * loss``; accumulates into ln_f and this rank's wte rows."""
         ln, lin, p, tl, mine = cache
         G = self.grads
@@ -236,6 +178,6 @@ class TPHeadStage:
         rows = xp.nonzero(mine)[0]
         dlogits[rows, tl[rows]] -= float(dloss) / N
         dh = linear.backward(dlogits, lin, G["transformer.wte.weight"])  # (B, T, C) partial
-        dh = tp_comm.f_backward(dh, self.group)             # (B, T, C) full
+        dh = self.region.copy_backward(dh)                  # (B, T, C) full
         return layernorm.backward(dh, ln, G["transformer.ln_f.weight"],
                                   G.get("transformer.ln_f.bias"))

@@ -8,9 +8,11 @@ parallel region of a transformer block::
     g   forward: all-reduce          backward: identity
 
 An attention or MLP branch is ``g(row_parallel(column_parallel(f(x))))``: one all-reduce in
-forward (g) and one in backward (f). With hand-written backward the pair is explicit: a
-layer calls ``f_forward``/``g_forward`` on the way in and ``g_backward``/``f_backward`` on
-the way back.
+forward (g) and one in backward (f). ``TensorParallelRegion(group)`` is the pair for one tp
+group, in the shape of ``nn.block.ParallelRegion``: the transformer block (``nn/block.py``)
+calls its four methods at its communication points, and the single process gives it
+``nn.block.SERIAL`` instead (picotron's ``CopyToModelParallelRegion`` /
+``ReduceFromModelParallelRegion`` are the same idea as autograd functions).
 
 The vocabulary-parallel cross-entropy needs two reductions of per-position numbers, never
 the (N, V) logits: the running max (``allreduce_max``) and, in one message, the sum of
@@ -45,24 +47,28 @@ def allreduce_max(x: Any, group: Any) -> Any:
 
 # ---- Megatron's f and g ----------------------------------------------------------------
 
-def f_forward(x: Any, group: Any) -> Any:
-    """f: identity in forward (the input of a column-parallel layer is replicated)."""
-    return x
+class TensorParallelRegion:
+    """f and g over ``group`` (a Communicator, or None for no group)."""
 
+    def __init__(self, group: Any) -> None:
+        self.group = group
 
-def f_backward(dx: Any, group: Any) -> Any:
-    """f: all-reduce in backward (each rank's input gradient is a partial sum over its shard)."""
-    return allreduce_sum(dx, group)
+    def copy_forward(self, x: Any) -> Any:
+        """f: identity in forward (the input of a column-parallel layer is replicated)."""
+        return x
 
+    def copy_backward(self, dx: Any) -> Any:
+        """f: all-reduce in backward (each rank's input gradient is a partial sum over its
+        shard)."""
+        return allreduce_sum(dx, self.group)
 
-def g_forward(x: Any, group: Any) -> Any:
-    """g: all-reduce in forward (a row-parallel layer's output is a partial sum)."""
-    return allreduce_sum(x, group)
+    def reduce_forward(self, x: Any) -> Any:
+        """g: all-reduce in forward (a row-parallel layer's output is a partial sum)."""
+        return allreduce_sum(x, self.group)
 
-
-def g_backward(dx: Any, group: Any) -> Any:
-    """g: identity in backward (the output gradient is replicated)."""
-    return dx
+    def reduce_backward(self, dx: Any) -> Any:
+        """g: identity in backward (the output gradient is replicated)."""
+        return dx
 
 
 # ---- vocabulary parallel ------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_activation_meter_counts_live_caches():
     # at least the head's softmax (B, T, V) and each block's input (B, T, C)
     assert peak >= 2 * 8 * cfg.vocab_size * 4 + cfg.n_layer * 2 * 8 * cfg.n_embd * 4
     assert peak < 100 * 2**20
-    dx = stages[-1].backward(caches[-1], 1.0)
+    dx = stages[-1].backward(1.0, caches[-1])
     for st, c in zip(reversed(stages[:-1]), reversed(caches[:-1])):
         dx = st.backward(dx, c)
     assert meter.live == 0 and not meter._caches

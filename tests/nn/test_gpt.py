@@ -153,7 +153,7 @@ def test_tied_embedding_gradient_is_sum_of_both_uses(xp):
     idx, targets = batch(xp, cfg)
     _, loss, caches = model.forward(idx, targets)
     model.zero_grad()
-    dx = model.stages[-1].backward(caches[-1])
+    dx = model.stages[-1].backward(1.0, caches[-1])
     head_part = to_host(model.grads["transformer.wte.weight"]).copy()
     for stage, c in zip(reversed(model.stages[1:-1]), reversed(caches[1:-1])):
         dx = stage.backward(dx, c)

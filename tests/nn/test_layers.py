@@ -205,6 +205,51 @@ def test_block(xp, bias, p_drop):
     check(xp, fwd, bwd, inputs, rng)
 
 
+class RecordingRegion:
+    """A ParallelRegion that records its calls and returns a new array, as an all-reduce does
+    (so the block must use what the hook returns). Where the hooks sit is checked with real
+    tp groups in tests/parallel/test_tensor_parallel.py."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _pass(self, what, x):
+        self.calls.append(what)
+        return x * 1.0                                   # a new array, as a real all-reduce
+
+    def copy_forward(self, x):
+        return self._pass("f", x)
+
+    def copy_backward(self, dx):
+        return self._pass("f'", dx)
+
+    def reduce_forward(self, x):
+        return self._pass("g", x)
+
+    def reduce_backward(self, dx):
+        return self._pass("g'", dx)
+
+
+def test_block_calls_its_communication_points_in_megatrons_places(xp):
+    """f before each branch and g after it in forward; g' then f' per branch in backward
+    (MLP first); identity hooks give the serial block's result to the bit."""
+    rng = np.random.default_rng(15)
+    p = {k: rand(xp, rng, *s, scale=0.4) for k, s in block.param_shapes(C).items()}
+    x, dout = rand(xp, rng, B, T, C), rand(xp, rng, B, T, C)
+    region = RecordingRegion()
+    out, cache = block.forward(x, p, NH, region=region)
+    ref_out, ref_cache = block.forward(x, p, NH)
+    assert region.calls == ["f", "g", "f", "g"]
+    assert np.array_equal(to_host(out), to_host(ref_out))
+    d = {k: xp.zeros_like(v) for k, v in p.items()}
+    d_ref = {k: xp.zeros_like(v) for k, v in p.items()}
+    dx = block.backward(dout, cache, d, region=region)
+    dx_ref = block.backward(dout, ref_cache, d_ref)
+    assert region.calls[4:] == ["g'", "f'", "g'", "f'"]
+    assert np.array_equal(to_host(dx), to_host(dx_ref))
+    assert all(np.array_equal(to_host(d[k]), to_host(d_ref[k])) for k in p)
+
+
 def test_embedding(xp):
     rng = np.random.default_rng(13)
     V, maxT = 7, 6
