@@ -1,4 +1,5 @@
-"""Process-level helpers: who am I, print on rank 0, and die loudly instead of hanging.
+"""Process-level helpers: who am I, print on rank 0, a progress display, and die loudly
+instead of hanging.
 
 An uncaught exception on one MPI rank would otherwise leave the other ranks blocked in a
 collective forever. ``install_abort_handler`` makes it print the rank and the cause and then
@@ -7,6 +8,7 @@ call ``MPI_Abort`` on COMM_WORLD, which the launcher turns into a non-zero exit 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -53,6 +55,45 @@ def print0(*args: Any, **kwargs: Any) -> None:
     if world_rank() == 0:
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
+
+
+class Progress:
+    """Training progress on rank 0: a tqdm bar on a terminal (when tqdm is installed), else a
+    fixed-format line about every twentieth step; nothing on other ranks or when disabled."""
+
+    def __init__(self, start: int, total: int, enabled: bool = True) -> None:
+        self.bar = None
+        self.enabled = enabled and world_rank() == 0
+        self.every = max(1, (total - start) // 20)
+        if self.enabled and sys.stdout.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm  # noqa: PLC0415  (optional dependency)
+
+                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                                file=sys.stdout)
+
+    def update(self, step: int, total: int, loss: float, lr: float, tps: float, dt: float) -> None:
+        """After step ``step`` (0-based) of ``total``."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s", refresh=False)
+            self.bar.update(1)
+        elif (step + 1) % self.every == 0 or step + 1 == total:
+            print0(f"step {step + 1:>6}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
+                   f"{tps:>9,.0f} tok/s | {dt * 1e3:7.1f} ms/step")
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print0(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def unread_bytes(fd: int) -> int:

@@ -9,9 +9,9 @@
     x, y = sampler.batch(step=7, dp_rank=1, dp_size=4)   # rows 8..15 of global batch 7
 """
 
-from mpipar.data.corpus import (VOCAB_SIZE, decode, default_corpus_text, encode, load_tokens,
-                                split_train_val)
+from mpipar.data.corpus import (MAX_VOCAB_SIZE, VOCAB_SIZE, decode, default_corpus_text, encode,
+                                load_tokens, split_train_val, vocab_size_of)
 from mpipar.data.sampler import BatchSampler
 
-__all__ = ["VOCAB_SIZE", "BatchSampler", "decode", "default_corpus_text", "encode",
-           "load_tokens", "split_train_val"]
+__all__ = ["MAX_VOCAB_SIZE", "VOCAB_SIZE", "BatchSampler", "decode", "default_corpus_text",
+           "encode", "load_tokens", "split_train_val", "vocab_size_of"]

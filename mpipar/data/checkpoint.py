@@ -7,6 +7,19 @@ its first bytes, whatever the file is called.
 A save writes a temporary file in the same directory, flushes it to disk and renames it over
 the target (``os.replace`` is atomic on POSIX), so a crash mid-save leaves the previous
 checkpoint intact.
+
+A training checkpoint (``save_training_checkpoint`` / ``load_training_checkpoint``) holds
+what one process would save, whatever layout wrote it: the full model tensors under
+nanoGPT names (``model.<name>``), the optimiser's state as ``Optimizer.state_dict()`` keeps
+it (``optim.<state>.<name>``; its step in the header as ``optim_step``), and a header::
+
+    {"format": "mpipar-checkpoint", "version": 1, "step": 400, "model": "small",
+     "config": {GPTConfig fields}, "optimizer": "adamw", "optim_step": 400,
+     "dtype": "float32", "seed": 0}
+
+``TrainingCheckpoint.check`` compares it with the run about to resume, before anything is
+built: a different model or optimiser, or a missing or misshapen tensor, is a
+``CheckpointError`` naming it.
 """
 
 from __future__ import annotations
@@ -14,7 +27,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -99,6 +113,84 @@ def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     except Exception as e:  # zip, safetensors, JSON and key errors alike: one clear message
         raise CheckpointError(f"{path!r} is not a readable mpipar checkpoint "
                               f"({type(e).__name__}: {e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != "mpipar-checkpoint":
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not an mpipar checkpoint (no mpipar header)")
     return arrays, meta
+
+
+# ---- training checkpoints ---------------------------------------------------------------------
+FORMAT, VERSION = "mpipar-checkpoint", 1
+_HEADER_KEYS = ("format", "version", "step", "config", "optimizer", "optim_step")
+
+
+def training_meta(*, step: int, model: str, config: Mapping[str, Any], optimizer: str,
+                  dtype: str, seed: int) -> dict[str, Any]:
+    """The header of a training checkpoint (``optim_step`` is added at save)."""
+    return {"format": FORMAT, "version": VERSION, "step": int(step), "model": model,
+            "config": dict(config), "optimizer": optimizer, "dtype": dtype, "seed": int(seed)}
+
+
+def save_training_checkpoint(path: str, model_sd: Mapping[str, np.ndarray],
+                             optim_sd: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """One checkpoint: ``model_sd`` (full tensors under nanoGPT names, host arrays) and
+    ``optim_sd`` (``Optimizer.state_dict()``: ``step`` and ``<state>.<name>`` arrays)."""
+    arrays = {f"model.{k}": np.asarray(v) for k, v in model_sd.items()}
+    arrays.update({f"optim.{k}": np.asarray(v) for k, v in optim_sd.items() if k != "step"})
+    save_checkpoint(path, arrays, {**meta, "optim_step": int(optim_sd["step"])})
+
+
+@dataclass
+class TrainingCheckpoint:
+    path: str
+    model: dict[str, np.ndarray]          # nanoGPT name -> full tensor
+    optim: dict[str, Any]                 # as Optimizer.state_dict(): "step", "<state>.<name>"
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def check(self, config: Mapping[str, Any], optimizer: str, shapes: Mapping[str, tuple],
+              state_names: Sequence[str]) -> None:
+        """CheckpointError unless this checkpoint can resume a run of the model ``config``
+        (GPTConfig fields) with ``optimizer``, whose parameters have ``shapes`` (nanoGPT
+        names) and whose optimiser keeps ``state_names`` per parameter."""
+        saved = self.meta["config"]
+        if saved != dict(config):
+            diff = ", ".join(f"{k} {saved.get(k)!r} (saved) vs {config.get(k)!r} (this run)"
+                             for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k))
+            raise CheckpointError(f"{self.path!r} holds another model config: {diff}")
+        if self.meta["optimizer"] != optimizer:
+            raise CheckpointError(f"{self.path!r} was trained with optimiser "
+                                  f"{self.meta['optimizer']!r}, this run uses {optimizer!r}")
+        wanted = [("model", name, shape, self.model) for name, shape in shapes.items()]
+        wanted += [("optimiser state", f"{s}.{name}", shape, self.optim)
+                   for s in state_names for name, shape in shapes.items()]
+        for what, key, shape, held in wanted:
+            if key not in held:
+                raise CheckpointError(f"{self.path!r}: {what} tensor {key} is missing")
+            if tuple(np.shape(held[key])) != tuple(shape):
+                raise CheckpointError(f"{self.path!r}: {what} tensor {key} has shape "
+                                      f"{tuple(np.shape(held[key]))}, the model needs {tuple(shape)}")
+
+
+def load_training_checkpoint(path: str) -> TrainingCheckpoint:
+    """A training checkpoint written by ``save_training_checkpoint``; CheckpointError for a
+    missing or unreadable file or an incomplete header."""
+    arrays, meta = load_checkpoint(path)
+    missing = [k for k in _HEADER_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path!r}: the checkpoint header lacks {', '.join(missing)}")
+    if meta["version"] != VERSION:
+        raise CheckpointError(f"{path!r}: checkpoint format version {meta['version']!r}, this "
+                              f"mpipar reads version {VERSION}")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path!r}: the checkpoint header's config is not a mapping")
+    for key in ("step", "optim_step"):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0:
+            raise CheckpointError(f"{path!r}: the checkpoint header's {key} is {meta[key]!r}, "
+                                  f"not a step number")
+    model = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+    optim: dict[str, Any] = {k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")}
+    optim["step"] = int(meta["optim_step"])
+    return TrainingCheckpoint(path, model, optim, meta)

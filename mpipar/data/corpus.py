@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 
 VOCAB_SIZE = 256  # byte tokens
+# The largest vocabulary a token file may imply: 2^24 rows (GPT-2 has 50257; a 2^24 x 768
+# float32 embedding is already 48 GiB). A larger id is a corrupt or foreign file, not a model.
+MAX_VOCAB_SIZE = 1 << 24
 
 
 def default_corpus_text() -> str:
@@ -46,6 +49,9 @@ def load_tokens(path: str | None) -> np.ndarray:
     """
     if path is None:
         return encode(default_corpus_text())
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory, not a data file (give a UTF-8 text "
+                                f"file, a .npy token array or a .bin of uint16 tokens)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path!r} (give a UTF-8 text file, "
                                 f"a .npy token array or a .bin of uint16 tokens)")
@@ -74,6 +80,18 @@ def load_tokens(path: str | None) -> np.ndarray:
     if tokens.size < 2:
         raise ValueError(f"{path!r} holds {tokens.size} tokens; at least 2 are needed")
     return tokens
+
+
+def vocab_size_of(tokens: np.ndarray) -> int:
+    """The vocabulary a token stream needs: the 256 bytes, or more for ids beyond 255.
+    ValueError for negative ids or one beyond ``MAX_VOCAB_SIZE``."""
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0:
+        raise ValueError(f"holds a negative token id ({lo})")
+    if hi >= MAX_VOCAB_SIZE:
+        raise ValueError(f"token id {hi:,} implies a vocabulary of {hi + 1:,} rows, beyond the "
+                         f"limit of {MAX_VOCAB_SIZE:,} (2^24)")
+    return max(VOCAB_SIZE, hi + 1)
 
 
 def split_train_val(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ class BatchSampler:
                              f"{block_size}")
         if len(tokens) < block_size + 1:
             raise ValueError(f"{len(tokens)} tokens cannot fill one window of block_size + 1 "
-                             f"= {block_size + 1}; use a smaller --block-size or more data")
+                             f"= {block_size + 1} tokens")
         self.tokens = tokens
         self.batch_size, self.block_size = int(batch_size), int(block_size)
         self.seed, self.stream = int(seed), int(stream)

@@ -10,9 +10,12 @@ block there.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
+
+from mpipar.backend import cpu_threads
 
 BLOCK = 1 << 16  # elements per block on the CPU: 256 KiB of float32
 
@@ -25,40 +28,38 @@ def row_blocks(xp: Any, rows: int, row_size: int) -> Iterator[slice]:
 
 
 # Elementwise chains run on one thread in NumPy, while matmuls use every BLAS thread; with
-# n threads the rows are split into n contiguous shares, each processed block by block on
-# its own thread (NumPy releases the GIL inside its loops). 1 (the default) runs inline.
-_threads = 1
-_pool: Any = None
+# n threads (``backend.cpu_threads()``, set with ``backend.set_cpu_threads``) the rows are
+# split into n contiguous shares, each processed block by block on its own thread (NumPy
+# releases the GIL inside its loops). 1 (the default) runs inline.
+_pool: tuple[int, ThreadPoolExecutor] | None = None     # (threads, the pool)
 
 
-def set_threads(n: int) -> None:
-    """Threads for blocked elementwise chains on the CPU (train/bench pass --threads)."""
-    global _threads, _pool
-    n = max(1, int(n))
-    if n != _threads and _pool is not None:
-        _pool.shutdown(wait=True)
+def _workers(n: int) -> ThreadPoolExecutor:
+    """The pool of ``n`` threads, made anew when the thread count changes."""
+    global _pool
+    if _pool is not None and _pool[0] != n:
+        _pool[1].shutdown(wait=True)
         _pool = None
-    _threads = n
+    if _pool is None:
+        _pool = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="mpipar-ew"))
+    return _pool[1]
 
 
 def for_each_block(xp: Any, rows: int, row_size: int, fn: Any) -> None:
     """Call ``fn(slice)`` for every row block (``row_blocks``); blocks are disjoint, so with
     several threads they may run at once: ``fn`` must only write its own block."""
-    if xp is not np or _threads == 1 or rows < 2 * _threads:
+    threads = cpu_threads()
+    if xp is not np or threads == 1 or rows < 2 * threads:
         for s in row_blocks(xp, rows, row_size):
             fn(s)
         return
-    global _pool
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="mpipar-ew")
-    share = -(-rows // _threads)
+    share = -(-rows // threads)
 
     def run(lo: int) -> None:
         hi = min(lo + share, rows)
         for s in row_blocks(xp, hi - lo, row_size):
             fn(slice(lo + s.start, lo + s.stop))
 
-    for f in [_pool.submit(run, lo) for lo in range(0, rows, share)]:
+    pool = _workers(threads)
+    for f in [pool.submit(run, lo) for lo in range(0, rows, share)]:
         f.result()

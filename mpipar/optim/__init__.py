@@ -3,8 +3,8 @@
 Every optimiser takes ``params`` (name -> array, usually the model's per-tensor views into
 its flat parameter buffer) and updates them in place from ``grads`` (same names)::
 
-    from mpipar.optim import AdamW, clip_grad_norm, cosine_lr
-    opt = AdamW(model.state_dict(), lr=1e-3, weight_decay=0.1)
+    from mpipar.optim import OptimizerSpec, clip_grad_norm, cosine_lr
+    opt = OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1).build(model.state_dict())
     loss, grads = model.loss_and_grads(x, y)
     norm = clip_grad_norm(grads, 1.0)
     opt.step(grads, lr=cosine_lr(step, 1e-3, 1e-4, warmup=10, total=100))
@@ -17,8 +17,7 @@ from mpipar.optim.base import Optimizer, decays_by_default
 from mpipar.optim.clip import clip_grad_norm, global_norm
 from mpipar.optim.schedule import cosine_lr
 from mpipar.optim.sgd import SGD
+from mpipar.optim.spec import OPTIMIZERS, OptimizerSpec
 
-OPTIMIZERS = {"adamw": AdamW, "sgd": SGD}
-
-__all__ = ["AdamW", "SGD", "Optimizer", "OPTIMIZERS", "clip_grad_norm", "global_norm",
-           "cosine_lr", "decays_by_default"]
+__all__ = ["AdamW", "SGD", "Optimizer", "OPTIMIZERS", "OptimizerSpec", "clip_grad_norm",
+           "global_norm", "cosine_lr", "decays_by_default"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,10 +32,10 @@ class Optimizer:
 
     def __init__(self, params: Mapping[str, Any], lr: float, weight_decay: float = 0.0,
                  decay: Callable[[str, Any], bool] = decays_by_default) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"the learning rate must be a finite number >= 0, got {lr}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight decay must be a finite number >= 0, got {weight_decay}")
         if not params:
             raise ValueError("optimiser got no parameters")
         self.params = dict(params)

@@ -1,29 +1,59 @@
-"""Global-norm gradient clipping (Pascanu et al., 2013), as torch.nn.utils.clip_grad_norm_."""
+"""Global-norm gradient clipping (Pascanu et al., 2013), as torch.nn.utils.clip_grad_norm_.
+
+One function serves every layout. On one process the norm is that of every gradient. When
+the gradients are spread over ranks (tensor-parallel shards, pipeline stages, ZeRO's
+data-parallel shards), each rank sums the squares of the tensors it ``count``s (each
+parameter counted on exactly one rank of its group: a tensor replicated over tp counts on
+one tp rank, the tied embedding's second copy not at all), the sums are added over
+``groups``, and every rank scales its own gradients by the same factor::
+
+    norm = clip_grad_norm(grads, 1.0)                                          # one process
+    norm = clip_grad_norm(grads, 1.0, count=mine, groups=(tp_group, pp_group))  # sharded
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
 
 
-def global_norm(grads: Mapping[str, Any]) -> float:
-    """sqrt of the sum of squares of every gradient, accumulated in float64 on the host."""
+class SumGroup(Protocol):
+    """What the norm needs of a group of ranks (a Communicator)."""
+
+    size: int
+
+    def allreduce(self, x: Any, op: str = "sum") -> Any: ...
+
+
+def global_norm(grads: Mapping[str, Any], count: Collection[str] | None = None,
+                groups: Sequence[SumGroup] = ()) -> float:
+    """sqrt of the sum of squares of the gradients in ``count`` (None: all), accumulated in
+    float64 on the host in the order of ``grads``, then summed over each group of
+    ``groups`` (the same value on every rank of them)."""
     total = 0.0
-    for g in grads.values():
-        flat = g.reshape(-1)
-        total += float(flat @ flat)                # one BLAS dot per tensor
+    for key, g in grads.items():
+        if count is None or key in count:
+            flat = g.reshape(-1)
+            total += float(flat @ flat)            # one BLAS dot per tensor
+    for group in groups:
+        if group.size > 1:
+            total = float(group.allreduce(np.array([total], dtype=np.float64), op="sum")[0])
     return math.sqrt(total)
 
 
-def clip_grad_norm(grads: Mapping[str, Any], max_norm: float) -> float:
-    """Scale ``grads`` in place so their global norm is at most ``max_norm``.
+def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, count: Collection[str] | None = None,
+                   groups: Sequence[SumGroup] = ()) -> float:
+    """Scale ``grads`` in place so the global norm (``global_norm``) is at most ``max_norm``.
 
     Returns the norm before clipping (for logging). ``max_norm <= 0`` disables clipping.
-    After data-parallel averaging every rank holds the same gradients, so every rank computes
-    the same norm and clips identically without further communication.
+    Every rank of ``groups`` computes the same norm and so the same scale.
     """
-    norm = global_norm(grads)
+    if not math.isfinite(max_norm):
+        raise ValueError(f"the clipping norm must be finite, got {max_norm}")
+    norm = global_norm(grads, count, groups)
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads.values():

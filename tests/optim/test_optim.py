@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mpipar.optim import SGD, AdamW, clip_grad_norm, cosine_lr, global_norm
+from mpipar.optim import SGD, AdamW, OptimizerSpec, clip_grad_norm, cosine_lr, global_norm
 
 
 def make_params(seed: int = 0, dtype=np.float64) -> dict[str, np.ndarray]:
@@ -157,6 +157,46 @@ def test_clip_grad_norm():
     assert clip_grad_norm(g2, 1.0) == pytest.approx(0.5)       # below the bound: untouched
     np.testing.assert_array_equal(g2["a"], [0.3, 0.4])
     assert clip_grad_norm(g, 0.0) == pytest.approx(1.0, rel=1e-6)  # 0 disables
+
+
+class SumOfRanks:
+    """A group of ``size`` ranks whose other members each hold ``others`` (a stand-in for a
+    Communicator's allreduce(op="sum") in a serial test)."""
+
+    def __init__(self, size, others):
+        self.size, self.others, self.calls = size, others, 0
+
+    def allreduce(self, x, op="sum"):
+        assert op == "sum" and x.dtype == np.float64 and x.shape == (1,)
+        self.calls += 1
+        return x + self.others
+
+
+def test_clip_grad_norm_counts_what_it_is_told_and_adds_over_groups():
+    g = {"a": np.array([3.0, 0.0]), "b": np.array([[0.0, 4.0]]), "c": np.array([12.0])}
+    # count a and b only (c is a copy another rank counts); the group adds 144 from elsewhere
+    tp, pp = SumOfRanks(2, 144.0), SumOfRanks(1, 1e9)
+    norm = clip_grad_norm(g, 6.5, count={"a", "b"}, groups=(tp, pp))
+    assert norm == pytest.approx(13.0) and tp.calls == 1 and pp.calls == 0   # size 1: no call
+    np.testing.assert_allclose(g["c"], [12.0 * 6.5 / 13.0], rtol=1e-6)       # every tensor scaled
+    with pytest.raises(ValueError, match="finite"):
+        clip_grad_norm(g, float("nan"))
+
+
+def test_optimizer_spec_builds_what_it_names():
+    params = make_params()
+    spec = OptimizerSpec("adamw", lr=2e-3, weight_decay=0.1)
+    opt = spec.build(params)
+    assert isinstance(opt, AdamW) and (opt.b1, opt.b2, opt.eps) == (0.9, 0.95, 1e-8)
+    assert opt.lr == 2e-3 and opt.weight_decay == 0.1
+    assert spec.state_names == ("exp_avg", "exp_avg_sq")
+    sgd = OptimizerSpec("sgd", lr=0.1, momentum=0.5).build(params)
+    assert isinstance(sgd, SGD) and sgd.momentum == 0.5
+    for bad in (dict(name="lamb"), dict(lr=float("inf")), dict(lr=-1.0), dict(weight_decay=float("nan"))):
+        with pytest.raises(ValueError):
+            OptimizerSpec(**bad)
+    with pytest.raises(ValueError, match="finite"):
+        AdamW(params, lr=float("nan"))
 
 
 def test_cosine_lr_key_steps():
