@@ -24,33 +24,36 @@ makes them ready. A tied weight (``transformer.wte.weight``, used by the head an
 embedding) is ready only once its last use has run backward, so the caller marks names per
 stage after that stage's backward, and ``wte`` belongs to the embedding stage.
 
-Typical use (``dp_train_step`` below does exactly this)::
+``DataParallelSync`` is plain data parallelism as a ``GradSync`` (``grad_sync.py``): the
+buckets above, and an optimiser over the whole local model. The trainer drives it::
 
-    buckets = GradBuckets(model.grad_buffer, model.layout, mesh.dp_group, bucket_mb=1.0,
-                          algorithm="ring")           # None: the group's own choice
-    model.zero_grad()
-    _, loss, cache = model.forward(x, y)
-    backward_stages(model, cache, on_ready=buckets.mark_ready)   # buckets start meanwhile
-    stats = buckets.finish()                          # grad_buffer now holds the dp mean
-    stats.total_s, stats.exposed_s                    # background vs main-thread wait time
+    sync = DataParallelSync(model.params, model.grads, model.layout, mesh.dp_group,
+                            OptimizerSpec("adamw", lr=1e-3), bucket_mb=1.0)
+    pipe.on_stage_backward_done.append(lambda i, names: sync.mark_ready(names))
+    ... the pipeline's backward: buckets start on the background thread meanwhile
+    stats = sync.finish()                    # the gradients now hold the dp mean
+    norm = sync.clip_grad_norm(1.0)
+    sync.step(lr)
+    stats.total_s, stats.exposed_s           # background vs main-thread wait time
 
-Timing: ``total_s`` is the time the background thread spent inside this step's
-collectives (bracketed by clock reads queued on the same worker just before and after each
-collective: the worker runs its queue strictly in order, so the pair encloses exactly that
-collective); ``exposed_s`` is the time the main thread spent blocked in ``finish()`` waiting
-for them. ``exposed_s / total_s`` is the fraction of communication not hidden by backward.
+Timing (``TimedCollectives``, shared with ZeRO's parameter all-gather): ``total_s`` is the
+time the background thread spent inside this step's collectives (bracketed by clock reads
+queued on the same worker just before and after each collective: the worker runs its queue
+strictly in order, so the pair encloses exactly that collective); ``exposed_s`` is the time
+the main thread spent blocked waiting for them. ``exposed_s / total_s`` is the fraction of
+communication not hidden by backward.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
-
-import numpy as np
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from mpipar.comm.background import worker
+from mpipar.optim import OptimizerSpec, clip_grad_norm
 
 
 # -- partition ---------------------------------------------------------------------------------
@@ -125,10 +128,50 @@ class CommStats:
 
 @dataclass
 class _InFlight:
-    bucket: Bucket
+    key: Any
     handle: Any
     t0: Any           # handle of a clock read queued just before the collective
     t1: Any           # ... and just after it
+    nbytes: int
+
+
+class TimedCollectives:
+    """Non-blocking collectives in flight, each timed on the background worker.
+
+        timed.start(lambda: group.iallreduce(x, op="avg"), x.nbytes, key=bucket)
+        for bucket, result in timed.drain(stats):     # waits in start order
+            ...                                        # stats: counts, bytes, total, exposed
+    """
+
+    def __init__(self) -> None:
+        self._inflight: list[_InFlight] = []
+
+    def start(self, begin: Callable[[], Any], nbytes: int, key: Any) -> None:
+        """Queue ``begin()`` (which starts one collective and returns its handle) between two
+        clock reads on the worker. ``begin`` copies or takes its input: the caller's buffer
+        may be reused at once."""
+        w = worker()
+        t0 = w.submit(time.perf_counter)
+        handle = begin()
+        self._inflight.append(_InFlight(key, handle, t0, w.submit(time.perf_counter), nbytes))
+
+    def drain(self, stats: CommStats) -> Iterator[tuple[Any, Any]]:
+        """Wait for every collective in start order, yielding ``(key, result)``; adds each
+        one's times and bytes to ``stats`` (the wait, not what the caller does with the
+        result, is exposed time)."""
+        inflight, self._inflight = self._inflight, []
+        for f in inflight:
+            tw = time.perf_counter()
+            result = f.handle.wait()
+            t1 = f.t1.wait()
+            stats.exposed_s += time.perf_counter() - tw
+            stats.total_s += t1 - f.t0.wait()
+            stats.collectives += 1
+            stats.bytes += f.nbytes
+            yield f.key, result
+
+    def __len__(self) -> int:
+        return len(self._inflight)
 
 
 # -- the bucketed gradient all-reduce ----------------------------------------------------------
@@ -167,7 +210,7 @@ class GradBuckets:
     def _reset(self) -> None:
         self._waiting = [set(b.names) for b in self.buckets]   # names not yet marked
         self._next = 0                                         # next bucket to start
-        self._inflight: list[_InFlight] = []
+        self._timed = TimedCollectives()
 
     def mark_ready(self, names: Iterable[str]) -> None:
         """Backward has finished producing the gradients of ``names`` (for this step): start
@@ -186,11 +229,7 @@ class GradBuckets:
         if self.group.size == 1:        # the mean over one rank is the gradient itself
             self._store_single(b)
             return
-        w = worker()
-        t0 = w.submit(time.perf_counter)
-        handle = self._start(b)         # input copied now: the buffer may be reused at once
-        t1 = w.submit(time.perf_counter)
-        self._inflight.append(_InFlight(b, handle, t0, t1))
+        self._timed.start(lambda: self._start(b), b.numel * self.itemsize, b)
 
     def finish(self) -> CommStats:
         """Start what is left, wait for every bucket and store the results; returns this
@@ -198,15 +237,8 @@ class GradBuckets:
         while self._next < len(self.buckets):
             self._start_next()
         stats = CommStats()
-        for f in self._inflight:
-            tw = time.perf_counter()
-            result = f.handle.wait()
-            t1 = f.t1.wait()
-            stats.exposed_s += time.perf_counter() - tw
-            stats.total_s += t1 - f.t0.wait()
-            stats.collectives += 1
-            stats.bytes += f.bucket.numel * self.itemsize
-            self._store(f.bucket, result)
+        for b, result in self._timed.drain(stats):
+            self._store(b, result)
         self._reset()
         self.last = stats
         self.totals += stats
@@ -229,92 +261,66 @@ class GradBuckets:
                 f"dp={self.group.size}, algorithm={self.algorithm or self.group.algorithm})")
 
 
-# -- driving backward stage by stage ------------------------------------------------------------
-def backward_stages(model: Any, cache: list, dloss: float = 1.0,
-                    on_ready: Callable[[Sequence[str]], None] | None = None) -> None:
-    """``model.backward(cache, dloss)``, calling ``on_ready(stage.names)`` after each stage.
+# -- plain data parallelism as a GradSync ---------------------------------------------------
+class DataParallelSync:
+    """Every rank holds the whole local model, its gradients and its optimiser state; the
+    gradients are averaged over ``dp_group`` in buckets (``GradBuckets``) as backward makes
+    them, then every rank applies the same update. A ``GradSync`` (see ``grad_sync.py``).
 
-    The same order as ``GPT.backward``: head first, then the blocks in reverse, then the
-    embedding. The tied ``transformer.wte.weight`` is listed by the embedding stage only, so
-    it is reported once both of its uses have accumulated into it.
+    ``counted(name)``: whether this rank's gradient of ``name`` counts in the global norm;
+    ``norm_groups``: the groups (tp, pp) over which the norm's partial sums are added. After
+    the all-reduce the gradients are the same on every dp rank, so dp is not among them.
     """
-    stages = model.stages
-    dx = stages[-1].backward(cache[-1], dloss)
-    if on_ready is not None:
-        on_ready(stages[-1].names)
-    for stage, c in zip(reversed(stages[:-1]), reversed(cache[:-1])):
-        dx = stage.backward(dx, c)
-        if on_ready is not None:
-            on_ready(stage.names)
 
+    every_micro_batch = False                # reduce once per optimiser step
 
-@dataclass
-class StepResult:
-    loss: float                  # mean over the global batch (averaged over dp)
-    grad_norm: float             # before clipping
-    comm: CommStats = field(default_factory=CommStats)   # gradient reduction of this step
-    param_comm: CommStats = field(default_factory=CommStats)  # ZeRO parameter all-gather
+    def __init__(self, params: Mapping[str, Any], grads: Any, layout: Any, dp_group: Any,
+                 optimizer: OptimizerSpec, bucket_mb: float | None = 1.0,
+                 algorithm: str | None = None, counted: Callable[[str], bool] | None = None,
+                 norm_groups: Sequence[Any] = (), **options: Any) -> None:
+        self.grads = grads                   # the model's GradStore: name -> gradient
+        self.buckets = GradBuckets(grads.buffer, layout, dp_group, bucket_mb, algorithm, **options)
+        self.optimizer = optimizer.build(params)
+        self.state_names = optimizer.state_names
+        self._count: Collection[str] = [n for n in grads if counted is None or counted(n)]
+        self._norm_groups = tuple(norm_groups)
 
+    @property
+    def step_count(self) -> int:
+        return self.optimizer.step_count
 
-def dp_train_step(model: Any, buckets: Any, optimizer: Any, micro_batches: Sequence[tuple[Any, Any]],
-                  lr: float | None = None, grad_clip: float = 0.0, hooks: bool = True) -> StepResult:
-    """One optimiser step of data-parallel training (plain, or ZeRO-1/2).
+    def param_name(self, key: str) -> str:
+        return key
 
-    ``micro_batches``: this rank's K (x, y) pairs (its slice of the global batch, cut into
-    K equal micro-batches, e.g. ``sampler.batch(step, dp_rank, dp, m, K)``). Each micro-step's
-    loss is scaled by 1/K, so the accumulated gradient is the mean over micro-batches.
+    def begin_step(self) -> None:
+        """Nothing to reset: the model zeroes its own gradients."""
 
-    * plain dp: ``buckets`` a GradBuckets, ``optimizer`` an mpipar.optim optimiser over the
-      model's parameters. Gradients accumulate locally; buckets start only during the LAST
-      micro-step's backward: one reduction per step.
-    * ZeRO: ``buckets`` the ZeroOptimizer's ``buckets``, ``optimizer`` the ZeroOptimizer.
-      Stage 1 as plain dp (reduce-scatter instead of all-reduce); stage 2 reduce-scatters
-      every micro-step into the gradient shard (``reduce_every_micro_step``), so a full
-      gradient never has to outlive one micro-step's backward.
+    def mark_ready(self, names: Iterable[str]) -> None:
+        self.buckets.mark_ready(names)
 
-    ``hooks=False`` runs the plain ``model.backward`` (no overlap; finish() does it all).
-    Returns the dp-mean loss, the gradient norm before clipping and the communication times.
-    """
-    from mpipar.optim.clip import clip_grad_norm
-    from mpipar.parallel.zero import ZeroOptimizer
+    def finish(self) -> CommStats:
+        return self.buckets.finish()
 
-    K = len(micro_batches)
-    if K < 1:
-        raise ValueError("dp_train_step needs at least one micro-batch")
-    every = bool(getattr(buckets, "reduce_every_micro_step", False))
-    zero = isinstance(optimizer, ZeroOptimizer)
-    if zero:
-        optimizer.zero_grad()
-    comm = CommStats()
-    loss = 0.0
-    for m, (x, y) in enumerate(micro_batches):
-        if m == 0 or every:
-            model.zero_grad()
-        sync = every or m == K - 1
-        _, loss_m, cache = model.forward(x, y)
-        if hooks:
-            backward_stages(model, cache, 1.0 / K, buckets.mark_ready if sync else None)
-        else:
-            model.backward(cache, 1.0 / K)
-        del cache
-        loss += float(loss_m) / K
-        if sync:
-            comm += buckets.finish()
-    group = buckets.group
-    if group.size > 1:   # every handle is waited for: blocking collectives are safe again
-        loss = float(group.allreduce(np.array([loss], dtype=np.float64), op="avg")[0])
-    if zero:
-        norm = optimizer.clip_grad_norm(grad_clip)
-        optimizer.step(lr=lr)
-        return StepResult(loss, norm, comm, optimizer.last_param_comm)
-    norm = clip_grad_norm(model.grads, grad_clip)
-    optimizer.step(model.grads, lr=lr)
-    return StepResult(loss, norm, comm)
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return clip_grad_norm(self.grads, max_norm, self._count, self._norm_groups)
 
+    def step(self, lr: float | None = None) -> CommStats:
+        self.optimizer.step(self.grads, lr=lr)
+        return CommStats()                   # no parameter communication
 
-def memory_report(model: Any, optimizer: Any) -> dict[str, int]:
-    """Bytes per rank of plain data parallelism: parameters, gradients, optimiser state
-    (every rank holds all three in full). Activations are not measured here."""
-    state = sum(int(a.nbytes) for bufs in optimizer.state.values() for a in bufs.values())
-    return {"params": int(model.param_buffer.nbytes), "grads": int(model.grad_buffer.nbytes),
-            "optimizer_state": state}
+    def state_tensors(self) -> dict[str, Mapping[str, Any]]:
+        """Per optimiser state buffer, this rank's tensors by parameter name."""
+        return {s: self.optimizer.state[s] for s in self.state_names}
+
+    def load_state_tensors(self, tensors: Mapping[str, Mapping[str, Any]], step: int) -> None:
+        """The inverse of ``state_tensors`` (host arrays of the local shapes); local."""
+        self.optimizer.load_state_dict({"step": int(step)} | {
+            f"{s}.{name}": a for s, by_name in tensors.items() for name, a in by_name.items()})
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes on this rank (see ``grad_sync.GradSync.memory_report``): everything whole."""
+        params = sum(int(p.nbytes) for p in self.optimizer.params.values())
+        grads = int(self.buckets.grad_buffer.nbytes)
+        state = sum(int(a.nbytes) for bufs in self.optimizer.state.values() for a in bufs.values())
+        return {"params": params, "grads": grads, "grads_kept": grads, "grads_unsharded": grads,
+                "optimizer_state": state, "optimizer_state_unsharded": state}

@@ -24,19 +24,7 @@ from typing import Any
 
 import numpy as np
 
-
-class LayoutError(ValueError):
-    """A parallel layout that does not fit the world size or the model."""
-
-
-def check_layout(world_size: int, dp: int, tp: int, pp: int) -> None:
-    """Raise LayoutError unless dp * tp * pp == world_size (all positive)."""
-    for name, v in (("dp", dp), ("tp", tp), ("pp", pp)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise LayoutError(f"--{name} must be a positive integer, got {v!r}")
-    if dp * tp * pp != world_size:
-        raise LayoutError(f"layout dp={dp} x tp={tp} x pp={pp} = {dp * tp * pp} ranks does not match "
-                          f"the world size {world_size}; choose factors whose product is {world_size}")
+from mpipar.parallel.layout import Layout
 
 
 def rank_grid(dp: int, tp: int, pp: int) -> np.ndarray:
@@ -82,11 +70,11 @@ class Mesh:
 def make_mesh(world: Any, dp: int, tp: int, pp: int, algorithms: dict[str, str] | None = None) -> Mesh:
     """Split ``world`` (a Communicator) into dp, tp and pp groups.
 
-    Checks the layout on every rank before any collective, so a bad layout fails fast and
-    identically everywhere. ``algorithms`` may give a collective algorithm per group, e.g.
-    ``{"dp": "ring", "tp": "rhd"}``.
+    Checks the layout on every rank before any collective (``Layout.check``: a LayoutError),
+    so a bad layout fails fast and identically everywhere. ``algorithms`` may give a
+    collective algorithm per group, e.g. ``{"dp": "ring", "tp": "rhd"}``.
     """
-    check_layout(world.size, dp, tp, pp)
+    Layout(dp, tp, pp).check(world.size)
     dp_rank, tp_rank, pp_rank = coordinates(world.rank, dp, tp, pp)
     # color = the coordinates that stay fixed within the group; key = position in it
     tp_group = world.split(color=pp_rank * dp + dp_rank, key=tp_rank)
@@ -96,15 +84,3 @@ def make_mesh(world: Any, dp: int, tp: int, pp: int, algorithms: dict[str, str] 
         if algorithms and name in algorithms:
             group.algorithm = algorithms[name]
     return Mesh(dp, tp, pp, world.rank, dp_rank, tp_rank, pp_rank, world, dp_group, tp_group, pp_group)
-
-
-def layouts(world_size: int) -> list[tuple[int, int, int]]:
-    """Every (dp, tp, pp) with dp * tp * pp == world_size."""
-    out = []
-    for tp in range(1, world_size + 1):
-        if world_size % tp:
-            continue
-        for pp in range(1, world_size // tp + 1):
-            if (world_size // tp) % pp == 0:
-                out.append((world_size // tp // pp, tp, pp))
-    return sorted(out)

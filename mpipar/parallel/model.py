@@ -4,19 +4,21 @@
     from mpipar.parallel.model import build_local_model, gather_full_state_dict
     mesh = make_mesh(comm, dp=2, tp=2, pp=2)
     local = build_local_model(PRESETS["tiny"], mesh, seed=0, dtype="float64")
-    local.stages            # [TPEmbeddingStage?, TPBlockStage..., TPHeadStage?] of this rank
+    local.stages            # [TPEmbeddingStage?, BlockStage..., TPHeadStage?] of this rank
     local.param_buffer      # flat: only this rank's tensors (its layers, its tp shards)
     local.params["transformer.h.0.attn.c_attn.weight"].shape   # (3C/tp, C)
     sd = gather_full_state_dict(local, mesh)                   # full nanoGPT dict, every rank
 
-What a rank holds: pipeline stage s owns the layers ``stage_layers[s]`` (default: a balanced
-contiguous split, ``partition.balanced_layers``); stage 0 also owns the embeddings (wte, wpe), the last stage ln_f and the
-head. The head is tied to wte (Press & Wolf 2017), so with pp > 1 **wte lives on both the
+What a rank holds: pipeline stage s owns a contiguous slice of the blocks, ``stage_layers[s]``
+of them (default: a split balanced by estimated FLOPs, ``Layout.stage_ranges``); stage 0
+also owns the embeddings (wte, wpe), the last stage ln_f and the head. The head is tied to wte (Press & Wolf 2017), so with pp > 1 **wte lives on both the
 first and the last stage** (Megatron's "embedding group"): both start from the same slice
 of the same init, and the executor must all-reduce the gradient of every name in
 ``local.tied_names`` between the two (``tied_embedding_group`` + ``allreduce_tied_grads``)
 before the optimiser step, so that both copies stay equal. With tp > 1 each tensor is this
-rank's shard (see ``tensor_parallel.py`` for the split; ``shard_spec`` says where it sits).
+rank's shard (see ``tensor_parallel.py`` for the split; ``shard_spec`` says where it sits),
+and the blocks are the single process's ``BlockStage`` given this rank's weight slices and
+the tp group's communication points (``tp_comm.TensorParallelRegion``).
 
 Flat layout (``local.layout``, a ``FlatLayout``): the single-process order (nanoGPT's:
 wte, wpe, h.0 ..., ln_f) restricted to this rank's tensors, at shard shapes. With tp = pp = 1
@@ -29,8 +31,9 @@ Gradient reductions a trainer owes (nothing here communicates after construction
 * over ``mesh.dp_group``: every gradient (the data-parallel sum or mean);
 * over the tied group (pp > 1): the names in ``tied_names``;
 * over ``mesh.tp_group``: nothing. Replicated tensors (``shard_spec[name] is None``) get
-  identical gradients on every tp rank; sharded ones are distinct pieces. For a global
-  gradient norm, sum squares of sharded tensors over tp and count replicated ones once.
+  identical gradients on every tp rank; sharded ones are distinct pieces. A global gradient
+  norm sums squares over the tp and pp groups and counts each parameter once
+  (``counts_in_norm``).
 
 Initialisation slices ``mpipar.nn.gpt.init_host`` (the single process's float64 init) so
 every layout starts from exactly the bits of ``GPT(config, seed, dtype)``.
@@ -46,13 +49,13 @@ import numpy as np
 from mpipar.backend import resolve_dtype, to_device, to_host
 from mpipar.nn.attention import qkv_rows
 from mpipar.nn.flat import FlatLayout
+from mpipar.nn.block import SERIAL
 from mpipar.nn.grads import GradStore
 from mpipar.nn.gpt import GPTConfig, init_host, param_shapes
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage, RunState
-from mpipar.parallel.mesh import LayoutError
-from mpipar.parallel.partition import balanced_layers  # noqa: F401 - re-exported
-from mpipar.parallel.tensor_parallel import (TPBlockStage, TPEmbeddingStage, TPHeadStage,
-                                             ffn_range, head_range, vocab_range)
+from mpipar.parallel.layout import Layout
+from mpipar.parallel.tensor_parallel import TPEmbeddingStage, TPHeadStage, ffn_range, head_range, vocab_range
+from mpipar.parallel.tp_comm import TensorParallelRegion
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
@@ -74,36 +77,6 @@ class Shard(NamedTuple):
         sl: list[Any] = [slice(None)] * full.ndim
         sl[self.axis] = self.index
         full[tuple(sl)] = local
-
-
-# ---- layout checks and the layer split ------------------------------------------------------
-
-def check_model_layout(config: GPTConfig, tp: int, pp: int) -> None:
-    """LayoutError unless tp divides n_head (hence the MLP width 4C) and pp <= n_layer. The
-    vocabulary need not divide: its rows are split unevenly (``vocab_counts``), no padding."""
-    if config.n_head % tp:
-        raise LayoutError(f"tp={tp} does not divide n_head={config.n_head}: attention is split "
-                          f"by heads; choose tp among {_divisors(config.n_head)}")
-    if (4 * config.n_embd) % tp:
-        raise LayoutError(f"tp={tp} does not divide the MLP width 4*n_embd={4 * config.n_embd}")
-    if tp > config.vocab_size:
-        raise LayoutError(f"tp={tp} exceeds vocab_size={config.vocab_size}")
-    if pp > config.n_layer:
-        raise LayoutError(f"pp={pp} pipeline stages but only n_layer={config.n_layer} layers; "
-                          f"each stage needs at least one block")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _check_stage_layers(stage_layers: Sequence[Any], n_layer: int, pp: int) -> list[range]:
-    given = [[int(i) for i in r] for r in stage_layers]
-    flat = [i for r in given for i in r]
-    if len(given) != pp or flat != list(range(n_layer)) or any(not r for r in given):
-        raise LayoutError(f"stage_layers {given} must be {pp} non-empty contiguous ranges "
-                          f"covering layers 0..{n_layer - 1} in order")
-    return [range(r[0], r[-1] + 1) for r in given]
 
 
 # ---- which tensors, and which slice of each, this rank holds --------------------------------
@@ -164,15 +137,16 @@ class LocalModel:
     """This rank's stages and flat parameter/gradient buffers (see the module docstring)."""
 
     def __init__(self, config: GPTConfig, mesh: Any, seed: int, dtype: Any, xp: ModuleType,
-                 stage_layers: Sequence[Any] | None):
+                 stage_layers: Sequence[int] | None):
+        dp = 1 if mesh is None else mesh.dp
         tp = 1 if mesh is None else mesh.tp
         pp = 1 if mesh is None else mesh.pp
         tp_rank = 0 if mesh is None else mesh.tp_rank
         pp_rank = 0 if mesh is None else mesh.pp_rank
         dp_rank = 0 if mesh is None else mesh.dp_rank
-        check_model_layout(config, tp, pp)
-        self.stage_layers = (balanced_layers(config.n_layer, pp) if stage_layers is None
-                             else _check_stage_layers(stage_layers, config.n_layer, pp))
+        layout = Layout(dp, tp, pp, stage_layers=None if stage_layers is None else tuple(stage_layers))
+        layout.check(layout.world_size, config)
+        self.stage_layers = layout.stage_ranges(config)
         self.config, self.mesh, self.xp, self.seed = config, mesh, xp, seed
         self.dtype = resolve_dtype(dtype)
         self.tp, self.pp, self.tp_rank, self.pp_rank = tp, pp, tp_rank, pp_rank
@@ -204,22 +178,18 @@ class LocalModel:
             # entries), distinct across dp and pp; masks differ from the single process's
             rng = xp.random.default_rng([seed + 1, dp_rank, pp_rank])
         self.state = RunState(training=True, dropout=config.dropout, rng=rng)
-        P, G, st = self.params, self.grads, self.state
+        # ---- stages: the single process's, with tp > 1 the block given this rank's slices
+        # and the tp group's f and g, and the vocabulary-parallel embedding and head
+        P, G, st, grp = self.params, self.grads, self.state, self.tp_group
+        region = TensorParallelRegion(grp) if tp > 1 else SERIAL
         self.stages: list[Any] = []
-        if tp == 1:
-            if self.first_stage:
-                self.stages.append(EmbeddingStage(P, G, st))
-            self.stages += [BlockStage(i, P, G, config.n_head, st) for i in self.layers]
-            if self.last_stage:
-                self.stages.append(HeadStage(P, G))
-        else:
-            grp = self.tp_group
-            if self.first_stage:
-                self.stages.append(TPEmbeddingStage(P, G, st, grp, self.vocab))
-            self.stages += [TPBlockStage(i, P, G, config.n_head // tp, st, grp)
-                            for i in self.layers]
-            if self.last_stage:
-                self.stages.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size))
+        if self.first_stage:
+            self.stages.append(TPEmbeddingStage(P, G, st, grp, self.vocab) if tp > 1
+                               else EmbeddingStage(P, G, st))
+        self.stages += [BlockStage(i, P, G, config.n_head // tp, st, region) for i in self.layers]
+        if self.last_stage:
+            self.stages.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size) if tp > 1
+                               else HeadStage(P, G))
 
     @property
     def grad_buffer(self) -> Any:
@@ -237,6 +207,14 @@ class LocalModel:
     def eval(self) -> "LocalModel":
         return self.train(False)
 
+    def counts_in_norm(self, name: str) -> bool:
+        """Whether this rank's gradient of ``name`` counts in the global gradient norm, so
+        that every parameter is counted once over the tp and pp groups: not the tied wte's
+        second copy (on the last stage), and a tensor replicated over tp only on tp rank 0."""
+        if name in self.tied_names and not self.first_stage:
+            return False
+        return not (self.shard_spec[name] is None and self.tp_rank != 0)
+
     def num_parameters(self) -> int:
         """Elements held by this rank (tied wte counted on each stage that holds it)."""
         return self.layout.numel
@@ -248,27 +226,27 @@ class LocalModel:
 
 
 def build_local_model(config: GPTConfig, mesh: Any, seed: int = 0, dtype: Any = "float64",
-                      xp: ModuleType = np, stage_layers: Sequence[Any] | None = None) -> LocalModel:
+                      xp: ModuleType = np, stage_layers: Sequence[int] | None = None) -> LocalModel:
     """This rank's part of ``GPT(config, seed, dtype)`` under ``mesh`` (None: one process).
 
-    ``stage_layers[s]``: the layers of pipeline stage s (ranges; default
-    ``balanced_layers``). Raises LayoutError, identically on every rank and before any
-    communication, when tp does not divide n_head or 4*n_embd, or pp > n_layer. Collective
-    only in that every rank should call it (it communicates nothing itself).
+    ``stage_layers[s]``: the number of blocks of pipeline stage s (default: balanced by
+    FLOPs). Raises LayoutError (``Layout.check``), identically on every rank and before any
+    communication, when the mesh's layout does not fit the model. Collective only in that
+    every rank should call it (it communicates nothing itself).
     """
     return LocalModel(config, mesh, seed, dtype, xp, stage_layers)
 
 
 # ---- tied embedding (pp > 1) --------------------------------------------------------------
 
-def tied_embedding_group(mesh: Any) -> Any:
-    """A Communicator joining the first and last pipeline stage of this rank's (dp, tp)
-    line, or None for the other ranks and when pp == 1. Collective over ``mesh.pp_group``:
-    every rank calls it."""
-    if mesh is None or mesh.pp == 1:
+def tied_embedding_group(pp_group: Any) -> Any:
+    """A Communicator joining the first and last stage of the pipeline group ``pp_group``
+    (Megatron's "embedding group"), or None for the other ranks and for a pipeline of one
+    stage. Collective over ``pp_group``: every rank calls it."""
+    if pp_group is None or pp_group.size == 1:
         return None
-    member = mesh.pp_rank in (0, mesh.pp - 1)
-    return mesh.pp_group.split(color=0 if member else None, key=mesh.pp_rank)
+    member = pp_group.rank in (0, pp_group.size - 1)
+    return pp_group.split(color=0 if member else None, key=pp_group.rank)
 
 
 def allreduce_tied_grads(local: LocalModel, group: Any) -> None:

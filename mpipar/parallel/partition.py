@@ -2,7 +2,8 @@
 
     balanced_layers(8, 3)                            # [range(0, 3), range(3, 6), range(6, 8)]
     balanced_layers(8, 3, gpt_stage_costs(cfg, T))   # embedding on stage 0, head on the last
-    parse_stage_layers("3,3,2", 8, 3)                # --stage-layers, same result type
+
+(A split given as blocks per stage is ``Layout.stage_layers``, checked by ``Layout.check``.)
 
 Stage ``s`` runs blocks ``layers[s]``; stage 0 also runs the embedding and the last stage the
 final layer norm, the (tied) head and the loss. A pipeline step lasts as long as its slowest
@@ -41,7 +42,7 @@ def _check(n_layer: int, pp: int) -> None:
         raise ValueError(f"pipeline size pp must be at least 1, got {pp}")
     if n_layer < pp:
         raise ValueError(f"cannot split {n_layer} layers into {pp} pipeline stages: every stage "
-                         f"needs at least one layer (use pp <= {n_layer})")
+                         f"needs at least one layer")
 
 
 def balanced_layers(n_layer: int, pp: int, costs: Sequence[float] | None = None) -> list[range]:
@@ -102,37 +103,3 @@ def balanced_layers(n_layer: int, pp: int, costs: Sequence[float] | None = None)
         out.append(range(i, j))
         i = j
     return out
-
-
-def parse_stage_layers(spec: str | Sequence[int], n_layer: int, pp: int) -> list[range]:
-    """``--stage-layers "3,3,2"``: blocks per stage, in order, as contiguous ranges."""
-    if isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
-        try:
-            counts = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"--stage-layers {spec!r}: expected comma-separated integers such "
-                             f"as '3,3,2'") from None
-    else:
-        counts = [int(c) for c in spec]
-    if len(counts) != pp:
-        raise ValueError(f"--stage-layers {spec!r} gives {len(counts)} stages but the pipeline "
-                         f"has pp={pp}")
-    if any(c < 1 for c in counts):
-        raise ValueError(f"--stage-layers {spec!r}: every stage needs at least one layer")
-    if sum(counts) != n_layer:
-        raise ValueError(f"--stage-layers {spec!r} sums to {sum(counts)} layers but the model "
-                         f"has n_layer={n_layer}")
-    out, start = [], 0
-    for c in counts:
-        out.append(range(start, start + c))
-        start += c
-    return out
-
-
-def stage_of_layer(layers: Sequence[range], layer: int) -> int:
-    """The stage whose slice holds block ``layer``."""
-    for s, r in enumerate(layers):
-        if layer in r:
-            return s
-    raise ValueError(f"layer {layer} is in no stage of {list(layers)}")

@@ -1,51 +1,58 @@
 """The pipeline executor: runs one rank's instruction list (``schedules.py``) on its stages.
 
-    from mpipar.parallel.schedules import make_schedule
+    from mpipar.parallel.schedules import forward_only, make_schedule
     from mpipar.parallel.pipeline import PipelineExecutor
 
     pipe = PipelineExecutor(local, mesh.pp_group)      # collective over the pp group (once)
     ins = make_schedule("1f1b", mesh.pp, mesh.pp_rank, M)
-    loss = pipe.step(ins, micro_batches, dloss_scale=1.0)   # zeroes, runs, reduces tied grads
+    loss = pipe.step(ins, micro_batches)                # zeroes, runs, reduces tied grads
     # ... data-parallel gradient sync, clipping, optimiser step on local.param_buffer
     pipe.last.bubble                                    # 1 - compute / step time, this rank
+    loss = pipe.step(list(forward_only(mesh.pp, mesh.pp_rank, M)), micro_batches,
+                     zero_grad=False)                   # evaluation
 
 ``micro_batches``: M pairs ``(idx, targets)`` of this rank's data-parallel shard, each
 (B/M, T). Only stage 0 reads ``idx`` and only the last stage ``targets``; the middle stages
 read either one's shape (or pass ``act_shape=(B/M, T, C)`` and ``None`` entries).
 
-What one ``step`` does:
+The executor is a dispatch table (ShallowSpeed's ``Worker._INSTRUCTION_MAP``): each
+instruction type has one short handler, and the state of one step (received buffers,
+caches, sends in flight, losses, timings) lives in one ``_Step`` object made per ``step``
+and dropped at its end. What one ``step`` does:
 
-* ``local.zero_grad()`` (unless ``zero_grad=False``, for accumulating several steps);
-* every instruction in order. Receives are posted as ``irecv`` into pooled buffers up to
-  ``lookahead`` receives ahead of the one awaited, so a message can land while this rank
+* ``local.zero_grad()`` unless ``zero_grad=False`` (accumulating several steps, evaluating);
+* every instruction, by its handler. Receives are posted as ``irecv`` into pooled buffers up
+  to ``lookahead`` receives ahead of the one awaited, so a message can land while this rank
   computes; ``RecvActivation``/``RecvGrad`` only wait. Sends are ``isend``s whose buffers are
   kept until MPI is done with them. Tags: ``schedules.message_tag`` (micro-batch, direction,
   receiving chunk), so messages in flight between two ranks never match the wrong receive;
-* each micro-batch's backward starts the head with ``dloss = dloss_scale / M``, so the
+* each micro-batch's backward starts the head with ``dout = dloss_scale / M``, so the
   gradients are those of the mean loss over the whole batch (times ``dloss_scale``) and
-  accumulate (``+=``) in ``local.grad_buffer``;
-* at ``OptimizerStep`` (the end of gradient work; the optimiser itself is the caller's, after
-  the data-parallel reduction): wait for the sends, sum the tied embedding's gradient
-  (``local.tied_names``) between the first and last stage over a 2-rank group of the pp group
-  made once here (Megatron's "embedding group"), so both copies stay equal after any
-  optimiser; then broadcast the mean loss from the last stage to the whole pp group.
+  accumulate (``+=``) in ``local.grads``;
+* a ``Backward`` with ``sync=True`` (the chunk's last backward of a synchronised step)
+  reports each of its stages' gradients as final as soon as that stage is done;
+* ``OptimizerStep`` (the end of gradient work; the optimiser itself is the caller's, after
+  the data-parallel reduction) waits for the sends and, with ``sync=True``, sums the tied
+  embedding's gradient (``local.tied_names``) between the first and last stage over
+  Megatron's "embedding group" (``model.tied_embedding_group``) so both copies stay equal;
+* at the end the mean loss is broadcast from the last stage to the whole pp group.
 
 Hooks for overlapping the data-parallel reduction: ``pipe.on_stage_backward_done`` is a list
 of callables ``fn(stage_index, names)``; ``stage_index`` indexes ``pipe.stages``
 (``local.stages`` when not interleaved) and ``names`` are parameter names of this rank whose
 gradients are now final for the step. Each name of ``local.grads`` is reported exactly once
-per step: a stage's own names right after the last micro-batch's backward through it; the
-tied ``wte`` (pp > 1: held by the embedding stage on the first rank and by the head on the
-last, which does not list it) only after the tied all-reduce at the end. With the
-data-parallel colleague's buckets::
+per synchronised step: a stage's own names right after the last micro-batch's backward
+through it; the tied ``wte`` (pp > 1: held by the embedding stage on the first rank and by
+the head on the last, which does not list it) only after the tied all-reduce at the end::
 
-    pipe.on_stage_backward_done.append(lambda i, names: buckets.mark_ready(names))
+    pipe.on_stage_backward_done.append(lambda i, names: grad_sync.mark_ready(names))
 
-Timing (``pipe.last``, a ``StepTimes``; ``pipe.history`` keeps every step): wall time of the
-step on this rank, time in forward and backward compute, waiting on receives, on sends, in
-the tied all-reduce and the loss broadcast, and the rest ("other": bookkeeping). The measured
-bubble is ``1 - compute / step``; compare with ``bubble_fraction_theory(P, M)``. With a GPU
-the compute is synchronised before each clock read so the numbers are real.
+Timing (``pipe.last``, a ``StepTimes`` of the latest step only: nothing accumulates from step
+to step): wall time of the step on this rank, time in forward and backward compute, waiting
+on receives, on sends, in the tied all-reduce and the loss broadcast, and the rest
+("other": bookkeeping). The measured bubble is ``1 - compute / step``; compare with
+``bubble_fraction_theory(P, M)``. With a GPU the compute is synchronised before each clock
+read so the numbers are real.
 
 Interleaved 1F1B runs when ``chunks`` gives this rank's model chunks (a list of stage lists,
 chunk c being virtual stage ``c * P + pp_rank``); ``build_local_model`` builds contiguous
@@ -61,13 +68,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mpipar import backend
+from mpipar.parallel.model import allreduce_tied_grads, tied_embedding_group
 from mpipar.parallel.schedules import (Backward, Forward, Instruction, OptimizerStep, RecvActivation,
                                        RecvGrad, SendActivation, SendGrad, message_tag, peer)
 
 
 @dataclass
 class StepTimes:
-    """Seconds one rank spent in one pipeline step."""
+    """Seconds one rank spent in one pipeline step (or, added up, in several)."""
 
     step: float = 0.0
     forward: float = 0.0
@@ -95,6 +103,33 @@ class StepTimes:
         """Measured idle fraction of this rank's step: 1 - compute / step."""
         return 1.0 - self.compute / self.step if self.step > 0 else 0.0
 
+    def __iadd__(self, other: "StepTimes") -> "StepTimes":
+        for name in ("step", "forward", "backward", "recv_wait", "send_wait", "tied_reduce",
+                     "loss_bcast"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.events += other.events
+        return self
+
+
+@dataclass
+class _Step:
+    """What one ``step`` call holds; gone when it returns."""
+
+    micro: list                       # (idx, targets) per micro-batch
+    dloss: float                      # d(total)/d(loss) of one micro-batch
+    times: StepTimes
+    t0: float
+    recvs: list                       # the receive instructions, in order
+    next_post: int = 0                # index in recvs of the next irecv to post
+    n_recv: int = 0                   # receive instructions reached
+    posted: dict = field(default_factory=dict)    # (type, mb, chunk) -> (request, buffer)
+    inputs: dict = field(default_factory=dict)    # (chunk, mb) -> received activation
+    dins: dict = field(default_factory=dict)      # (chunk, mb) -> received output gradient
+    caches: dict = field(default_factory=dict)    # (chunk, mb) -> stage caches
+    outs: dict = field(default_factory=dict)      # (chunk, mb) -> array waiting to be sent
+    losses: dict = field(default_factory=dict)    # mb -> loss (last stage)
+    sends: list = field(default_factory=list)     # (request, buffer) of sends in flight
+
 
 class PipelineExecutor:
     """Runs schedules on this rank's stages; holds receive buffers and the tied group."""
@@ -112,26 +147,139 @@ class PipelineExecutor:
         self.act_shape = tuple(act_shape) if act_shape is not None else None
         self.record_events = record_events
         self.on_stage_backward_done: list[Callable[[int, list[str]], None]] = []
-        self.history: list[StepTimes] = []
         self.last = StepTimes()
         self.xp = backend.array_module(local.param_buffer)
         self.dtype = local.param_buffer.dtype
         self._gpu = self.xp is not np
         self._pool: dict[tuple, list] = {}
-        self.tied_names = list(getattr(local, "tied_names", []))
-        # Megatron's embedding group: first and last pipeline rank. Made once, collectively.
-        self.tied_group = None
-        if self.P > 1:
-            member = self.rank in (0, self.P - 1)
-            self.tied_group = pp_group.split(color=0 if member else None, key=self.rank)
+        self.tied_group = tied_embedding_group(pp_group)      # collective over the pp group
         # what each stage reports when its last backward is done, and what waits for the end
-        tied = set(self.tied_names) if self.tied_group is not None else set()
+        tied = set(local.tied_names) if self.tied_group is not None else set()
         self._ready = [[n for n in getattr(st, "names", ()) if n in local.grads and n not in tied]
                        for st in self.stages]
         self._ready_at_end: list[tuple[int, list[str]]] = []
         holder = 0 if self.rank == 0 else len(self.stages) - 1 if self.rank == self.P - 1 else None
         if tied and holder is not None:
-            self._ready_at_end.append((holder, [n for n in self.tied_names if n in local.grads]))
+            self._ready_at_end.append((holder, [n for n in local.tied_names if n in local.grads]))
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self, instructions: Sequence[Instruction], micro_batches: Sequence[tuple[Any, Any]],
+             dloss_scale: float = 1.0, zero_grad: bool = True) -> float:
+        """Run one instruction list; returns the mean loss over the micro-batches on every pp
+        rank. ``zero_grad``: zero the gradients first (False when accumulating, and for an
+        evaluation schedule, which makes none)."""
+        M = len(micro_batches)
+        if M < 1:
+            raise ValueError("need at least one micro-batch")
+        instructions = list(instructions)
+        self._sync()
+        t0 = time.perf_counter()
+        s = _Step(micro=[tuple(mb) for mb in micro_batches], dloss=dloss_scale / M,
+                  times=StepTimes(), t0=t0,
+                  recvs=[i for i in instructions if isinstance(i, (RecvActivation, RecvGrad))])
+        if zero_grad:
+            self.local.zero_grad()
+        self._post_ahead(s, self.lookahead)
+        for ins in instructions:
+            handler = self._HANDLERS.get(type(ins))
+            if handler is None:
+                raise TypeError(f"unknown pipeline instruction {ins!r}")
+            handler(self, ins, s)
+        self._wait_sends(s)                       # an evaluation schedule has no OptimizerStep
+        if s.posted or s.inputs or s.dins or s.caches:
+            raise RuntimeError(f"pipeline rank {self.rank}: schedule left work behind "
+                               f"(receives {list(s.posted)}, caches {list(s.caches)})")
+        loss = self._broadcast_loss(s, M)
+        s.times.step = time.perf_counter() - t0
+        self.last = s.times
+        return loss
+
+    # ---- the handlers, one per instruction type --------------------------------------------
+    def _recv(self, ins: Instruction, s: _Step) -> None:
+        s.n_recv += 1
+        self._post_ahead(s, s.n_recv + self.lookahead)
+        req, buf = s.posted.pop((type(ins), ins.mb, ins.chunk))
+        t0 = time.perf_counter()
+        req.wait()
+        t1 = time.perf_counter()
+        s.times.recv_wait += t1 - t0
+        self._event(s, "recv_wait", ins, t0, t1)
+        (s.inputs if isinstance(ins, RecvActivation) else s.dins)[(ins.chunk, ins.mb)] = buf
+
+    def _forward(self, ins: Forward, s: _Step) -> None:
+        t0 = time.perf_counter()
+        key = (ins.chunk, ins.mb)
+        idx, targets = s.micro[ins.mb]
+        x = idx if self._is_first(ins.chunk) else s.inputs[key]
+        stages = self.chunks[ins.chunk]
+        head = stages[-1] if self._is_last(ins.chunk) else None
+        caches = []
+        for st in stages:
+            if st is head:
+                _, s.losses[ins.mb], c = st.forward(x, targets)
+                x = None
+            else:
+                x, c = st.forward(x)
+            caches.append(c)
+        if ins.keep_cache:
+            s.caches[key] = caches
+        elif key in s.inputs:
+            self._give(s.inputs.pop(key))                   # nothing refers to it any more
+        if x is not None:
+            s.outs[key] = x
+        self._sync()
+        t1 = time.perf_counter()
+        s.times.forward += t1 - t0
+        self._event(s, "forward", ins, t0, t1)
+
+    def _backward(self, ins: Backward, s: _Step) -> None:
+        t0 = time.perf_counter()
+        key = (ins.chunk, ins.mb)
+        stages, caches = self.chunks[ins.chunk], s.caches.pop(key)
+        received = None if self._is_last(ins.chunk) else s.dins.pop(key)
+        dx = s.dloss if received is None else received      # the head's dout is d(total)/d(loss)
+        for k in range(len(stages) - 1, -1, -1):
+            dx = stages[k].backward(dx, caches[k])
+            caches[k] = None                                 # free as we go
+            if ins.sync and self.on_stage_backward_done:
+                self._sync()
+                index = self._offset[ins.chunk] + k
+                self._report(index, self._ready[index])
+        if received is not None and dx is not received:
+            self._give(received)
+        xin = s.inputs.pop(key, None)
+        if xin is not None and s.outs.get(key) is not xin:
+            self._give(xin)                                  # its cache is gone: reuse
+        if not self._is_first(ins.chunk):
+            s.outs[key] = dx
+        self._sync()
+        t1 = time.perf_counter()
+        s.times.backward += t1 - t0
+        self._event(s, "backward", ins, t0, t1)
+
+    def _send(self, ins: Instruction, s: _Step) -> None:
+        x = s.outs.pop((ins.chunk, ins.mb))
+        dest, _ = peer(ins, self.rank, self.P)
+        tag = message_tag(ins, self.rank, self.P, self.V)
+        s.sends = [snd for snd in s.sends if not snd[0].test()]   # drop finished sends
+        s.sends.append((self.pp.isend(x, dest, tag), x))         # x must outlive the send
+
+    def _end_of_gradients(self, ins: OptimizerStep, s: _Step) -> None:
+        self._wait_sends(s)
+        if not ins.sync:
+            return
+        t0 = time.perf_counter()
+        if self.tied_group is not None:
+            self._sync()
+            allreduce_tied_grads(self.local, self.tied_group)
+        s.times.tied_reduce += time.perf_counter() - t0
+        for index, names in self._ready_at_end:
+            self._report(index, names)
+
+    _HANDLERS: dict[type, Callable[..., None]] = {
+        RecvActivation: _recv, RecvGrad: _recv, Forward: _forward, Backward: _backward,
+        SendActivation: _send, SendGrad: _send, OptimizerStep: _end_of_gradients,
+    }
 
     # ---- helpers --------------------------------------------------------------------------
     def _vs(self, chunk: int) -> int:
@@ -143,10 +291,10 @@ class PipelineExecutor:
     def _is_last(self, chunk: int) -> bool:
         return self._vs(chunk) == self.P * self.V - 1
 
-    def _shape(self, mb: int) -> tuple[int, int, int]:
+    def _shape(self, s: _Step, mb: int) -> tuple[int, int, int]:
         if self.act_shape is not None:
             return self.act_shape                                   # type: ignore[return-value]
-        for a in self._micro[mb]:
+        for a in s.micro[mb]:
             if a is not None:
                 B, T = a.shape[:2]
                 return int(B), int(T), int(self.local.config.n_embd)
@@ -163,190 +311,41 @@ class PipelineExecutor:
         if self._gpu:
             backend.synchronize(self.xp)
 
-    def _event(self, kind: str, ins: Instruction, t0: float, t1: float) -> None:
+    def _event(self, s: _Step, kind: str, ins: Instruction, t0: float, t1: float) -> None:
         if self.record_events:
-            self.last.events.append((kind, ins.mb, ins.chunk, t0 - self._t0, t1 - self._t0))
+            s.times.events.append((kind, ins.mb, ins.chunk, t0 - s.t0, t1 - s.t0))
 
-    def _post(self, ins: Instruction) -> None:
-        buf = self._take(self._shape(ins.mb))                        # (B, T, C)
-        src, _ = peer(ins, self.rank, self.P)
-        tag = message_tag(ins, self.rank, self.P, self.V)
-        self._posted[(type(ins), ins.mb, ins.chunk)] = (self.pp.irecv(buf, src, tag), buf)
-
-    def _post_ahead(self, upto: int) -> None:
+    def _post_ahead(self, s: _Step, upto: int) -> None:
         """Post receives up to index ``upto`` of the receive list (exclusive)."""
-        while self._next_post < min(upto, len(self._recvs)):
-            self._post(self._recvs[self._next_post])
-            self._next_post += 1
+        while s.next_post < min(upto, len(s.recvs)):
+            ins = s.recvs[s.next_post]
+            buf = self._take(self._shape(s, ins.mb))             # (B, T, C)
+            src, _ = peer(ins, self.rank, self.P)
+            tag = message_tag(ins, self.rank, self.P, self.V)
+            s.posted[(type(ins), ins.mb, ins.chunk)] = (self.pp.irecv(buf, src, tag), buf)
+            s.next_post += 1
 
-    def _fire(self, index: int, names: list[str]) -> None:
+    def _report(self, index: int, names: list[str]) -> None:
         for fn in self.on_stage_backward_done:
             fn(index, names)
 
-    # ---- one step -----------------------------------------------------------------------------
-    def step(self, instructions: Sequence[Instruction], micro_batches: Sequence[tuple[Any, Any]],
-             dloss_scale: float = 1.0, zero_grad: bool = True, reduce_tied: bool = True) -> float:
-        """Run one step; returns the mean loss over the micro-batches on every pp rank.
+    def _wait_sends(self, s: _Step) -> None:
+        t0 = time.perf_counter()
+        for req, _ in s.sends:
+            req.wait()
+        s.sends = []
+        s.times.send_wait += time.perf_counter() - t0
 
-        ``reduce_tied=False`` skips summing the tied embedding gradient between first and
-        last stage: with gradient accumulation over several calls it must be summed once,
-        on the last call, or the earlier calls' share would be counted twice."""
-        self._reduce_tied = reduce_tied
-        ins_list = list(instructions)
-        M = len(micro_batches)
-        if M < 1:
-            raise ValueError("need at least one micro-batch")
-        self._micro = [tuple(mb) for mb in micro_batches]
-        self.last = times = StepTimes()
-        self._sync()
-        self._t0 = t_start = time.perf_counter()
-        if zero_grad:
-            self.local.zero_grad()
-        dloss = dloss_scale / M
-        last_bwd = {}
-        for ins in ins_list:
-            if isinstance(ins, Backward):
-                last_bwd[ins.chunk] = ins.mb
-        self._recvs = [i for i in ins_list if isinstance(i, (RecvActivation, RecvGrad))]
-        self._next_post = 0
-        self._posted: dict[tuple, tuple] = {}
-        inputs: dict[tuple, Any] = {}     # received activations (pooled), by (chunk, mb)
-        dins: dict[tuple, Any] = {}       # received output gradients (pooled)
-        caches: dict[tuple, list] = {}
-        outs: dict[tuple, Any] = {}       # activations / input gradients waiting to be sent
-        losses: dict[int, Any] = {}
-        sends: list = []
-        finished = False
-        self._post_ahead(self.lookahead)
-        n_recv = 0
-
-        for ins in ins_list:
-            key = (ins.chunk, ins.mb)
-            if isinstance(ins, (RecvActivation, RecvGrad)):
-                n_recv += 1
-                self._post_ahead(n_recv + self.lookahead)
-                req, buf = self._posted.pop((type(ins), ins.mb, ins.chunk))
-                t0 = time.perf_counter()
-                req.wait()
-                t1 = time.perf_counter()
-                times.recv_wait += t1 - t0
-                self._event("recv_wait", ins, t0, t1)
-                (inputs if isinstance(ins, RecvActivation) else dins)[key] = buf
-            elif isinstance(ins, Forward):
-                t0 = time.perf_counter()
-                x = self._micro[ins.mb][0] if self._is_first(ins.chunk) else inputs[key]
-                stages = self.chunks[ins.chunk]
-                cs = []
-                for k, st in enumerate(stages):
-                    if k == len(stages) - 1 and self._is_last(ins.chunk):
-                        _, loss, c = st.forward(x, self._micro[ins.mb][1])
-                        losses[ins.mb] = loss
-                        x = None
-                    else:
-                        x, c = st.forward(x)
-                    cs.append(c)
-                caches[key] = cs
-                if x is not None:
-                    outs[key] = x
-                self._sync()
-                t1 = time.perf_counter()
-                times.forward += t1 - t0
-                self._event("forward", ins, t0, t1)
-            elif isinstance(ins, Backward):
-                t0 = time.perf_counter()
-                stages, cs = self.chunks[ins.chunk], caches.pop(key)
-                dx = None if self._is_last(ins.chunk) else dins.pop(key)
-                dout_buf = dx
-                done = last_bwd.get(ins.chunk) == ins.mb
-                for k in range(len(stages) - 1, -1, -1):
-                    if k == len(stages) - 1 and self._is_last(ins.chunk):
-                        dx = stages[k].backward(cs[k], dloss)
-                    else:
-                        dx = stages[k].backward(dx, cs[k])
-                    cs[k] = None                             # free as we go
-                    index = self._offset[ins.chunk] + k
-                    if done and self.on_stage_backward_done:
-                        self._sync()
-                        self._fire(index, self._ready[index])
-                if dout_buf is not None and dx is not dout_buf:
-                    self._give(dout_buf)
-                xin = inputs.pop(key, None)
-                if xin is not None and outs.get(key) is not xin:
-                    self._give(xin)                          # its cache is gone: reuse
-                if not self._is_first(ins.chunk):
-                    outs[key] = dx
-                self._sync()
-                t1 = time.perf_counter()
-                times.backward += t1 - t0
-                self._event("backward", ins, t0, t1)
-            elif isinstance(ins, (SendActivation, SendGrad)):
-                x = outs.pop(key)
-                dest, _ = peer(ins, self.rank, self.P)
-                tag = message_tag(ins, self.rank, self.P, self.V)
-                sends = [s for s in sends if not s[0].test()]       # drop finished sends
-                sends.append((self.pp.isend(x, dest, tag), x))      # x must outlive the send
-            elif isinstance(ins, OptimizerStep):
-                self._finish(sends, times)
-                sends, finished = [], True
-            else:
-                raise TypeError(f"unknown pipeline instruction {ins!r}")
-        if not finished:
-            self._finish(sends, times)
-        if self._posted or inputs or dins or caches:
-            raise RuntimeError(f"pipeline rank {self.rank}: schedule left work behind "
-                               f"(receives {list(self._posted)}, caches {list(caches)})")
-
-        # the mean loss, from the last stage to every pp rank
+    def _broadcast_loss(self, s: _Step, M: int) -> float:
+        """The mean loss over the micro-batches, from the last stage to every pp rank."""
         t0 = time.perf_counter()
         buf = np.zeros(1, dtype=np.float64)
         if self.rank == self.P - 1:
-            buf[0] = sum(float(losses[mb]) for mb in range(M)) / M
+            buf[0] = sum(float(s.losses[mb]) for mb in range(M)) / M
         if self.P > 1:
             buf = self.pp.broadcast(buf, root=self.P - 1)
-        t1 = time.perf_counter()
-        times.loss_bcast = t1 - t0
-        times.step = t1 - t_start
-        self.history.append(times)
+        s.times.loss_bcast = time.perf_counter() - t0
         return float(buf[0])
-
-    def _finish(self, sends: list, times: StepTimes) -> None:
-        t0 = time.perf_counter()
-        for req, _ in sends:
-            req.wait()
-        t1 = time.perf_counter()
-        times.send_wait += t1 - t0
-        if self.tied_group is not None and self._reduce_tied:
-            self._sync()
-            for name in self.tied_names:
-                g = self.local.grads[name]
-                g[...] = self.tied_group.allreduce(g)
-        t2 = time.perf_counter()
-        times.tied_reduce = t2 - t1
-        for index, names in self._ready_at_end:
-            self._fire(index, names)
-
-
-_EXECUTORS: dict[tuple[int, int], PipelineExecutor] = {}
-_MAX_CACHED = 4
-
-
-def run_pipeline(local: Any, pp_group: Any, schedule_instructions: Sequence[Instruction],
-                 micro_batches: Sequence[tuple[Any, Any]], dloss_scale: float = 1.0) -> float:
-    """One pipeline step with a ``PipelineExecutor`` cached per (local, pp_group); returns
-    the mean loss on every pp rank. The first call for a pair is collective over the pp group
-    (it makes the tied-embedding group). Keep a ``PipelineExecutor`` yourself for hooks and
-    timings (``executor_for`` returns the cached one)."""
-    return executor_for(local, pp_group).step(schedule_instructions, micro_batches, dloss_scale)
-
-
-def executor_for(local: Any, pp_group: Any) -> PipelineExecutor:
-    key = (id(local), id(pp_group))
-    ex = _EXECUTORS.get(key)
-    if ex is None or ex.local is not local or ex.pp is not pp_group:
-        while len(_EXECUTORS) >= _MAX_CACHED:        # same calls on every rank: same evictions
-            del _EXECUTORS[next(iter(_EXECUTORS))]
-        ex = _EXECUTORS[key] = PipelineExecutor(local, pp_group)
-    return ex
 
 
 def split_micro_batches(idx: Any, targets: Any, M: int) -> list[tuple[Any, Any]]:
@@ -354,8 +353,7 @@ def split_micro_batches(idx: Any, targets: Any, M: int) -> list[tuple[Any, Any]]
     ref = idx if idx is not None else targets
     B = ref.shape[0]
     if B % M:
-        raise ValueError(f"batch of {B} rows does not split into {M} micro-batches; "
-                         f"choose --micro-batches dividing the per-rank batch")
+        raise ValueError(f"a batch of {B} rows does not split into {M} micro-batches")
     n = B // M
     return [(None if idx is None else idx[i * n:(i + 1) * n],
              None if targets is None else targets[i * n:(i + 1) * n]) for i in range(M)]

@@ -14,12 +14,21 @@ interleaved). Rank ``r`` with chunk ``c`` is virtual stage ``c * P + r`` of ``P 
 
     RecvActivation  wait for the activation (B, T, C) coming from the previous virtual stage
     Forward         run the chunk's layers forward (first virtual stage: the embedding of idx;
-                    last: the head and loss)
+                    last: the head and loss); ``keep_cache=False`` (evaluation) keeps nothing
+                    for a backward
     SendActivation  start sending the output to the next virtual stage (non-blocking)
     RecvGrad        wait for d(output) from the next virtual stage
-    Backward        run the chunk backward, accumulating parameter gradients
+    Backward        run the chunk backward, accumulating parameter gradients; ``sync=True``
+                    on the chunk's last backward of a step whose gradients are synchronised:
+                    its stages' gradients are final, so their reduction may start
     SendGrad        start sending d(input) to the previous virtual stage (non-blocking)
-    OptimizerStep   end of the step: every gradient of this rank is complete
+    OptimizerStep   end of the step: every gradient of this rank is complete; ``sync=True``
+                    when this step's gradients are synchronised (the tied embedding's two
+                    copies are summed then). A step of gradient accumulation that is not the
+                    last runs with ``sync=False`` everywhere.
+
+``make_schedule(..., sync=True)`` sets the ``sync`` fields; the schedule generators below
+yield plain instructions. ``forward_only`` is the evaluation schedule: forwards only.
 
 Schedules:
 
@@ -39,7 +48,7 @@ when forward and backward times are the same on every stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 
@@ -57,7 +66,7 @@ class RecvActivation(Instruction):
 
 @dataclass(frozen=True)
 class Forward(Instruction):
-    pass
+    keep_cache: bool = True        # False: evaluation, no backward follows
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class RecvGrad(Instruction):
 
 @dataclass(frozen=True)
 class Backward(Instruction):
-    pass
+    sync: bool = False             # the chunk's gradients are final: start their reduction
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ class SendGrad(Instruction):
 
 @dataclass(frozen=True)
 class OptimizerStep(Instruction):
-    pass
+    sync: bool = False             # gradients are synchronised after this step's work
 
 
 SENDS = (SendActivation, SendGrad)
@@ -206,19 +215,36 @@ def interleaved_1f1b(num_stages: int, stage: int, micro_batches: int,
     yield OptimizerStep()
 
 
+def forward_only(num_stages: int, stage: int, micro_batches: int) -> Iterator[Instruction]:
+    """Evaluation: every micro-batch forward through the pipeline, no caches kept."""
+    _check_args(num_stages, stage, micro_batches)
+    for mb in range(micro_batches):
+        for ins in _forward(num_stages, stage, mb):
+            yield replace(ins, keep_cache=False) if isinstance(ins, Forward) else ins
+
+
 SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved_1f1b}
 
 
 def make_schedule(name: str, num_stages: int, stage: int, micro_batches: int,
-                  chunks: int = 1) -> list[Instruction]:
-    """The instruction list of ``stage`` for ``--schedule name``."""
+                  chunks: int = 1, sync: bool = True) -> list[Instruction]:
+    """The instruction list of ``stage`` for schedule ``name``. ``sync``: this step's
+    gradients are synchronised, so each chunk's last Backward and the OptimizerStep carry
+    ``sync=True`` (False: an accumulation step that is not the last)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
     if name == "interleaved":
-        return list(interleaved_1f1b(num_stages, stage, micro_batches, chunks))
-    if chunks != 1:
+        lst = list(interleaved_1f1b(num_stages, stage, micro_batches, chunks))
+    elif chunks != 1:
         raise ValueError(f"schedule {name!r} runs one model chunk per rank (chunks=1)")
-    return list(SCHEDULES[name](num_stages, stage, micro_batches))
+    else:
+        lst = list(SCHEDULES[name](num_stages, stage, micro_batches))
+    if sync:
+        last = {ins.chunk: i for i, ins in enumerate(lst) if isinstance(ins, Backward)}
+        for i in last.values():
+            lst[i] = replace(lst[i], sync=True)
+        lst[-1] = replace(lst[-1], sync=True)                 # the OptimizerStep
+    return lst
 
 
 def all_ranks(name: str, num_stages: int, micro_batches: int, chunks: int = 1) -> list[list[Instruction]]:
@@ -251,7 +277,14 @@ def _static_checks(lists: Sequence[Sequence[Instruction]]) -> tuple[int, int]:
     M = 1 + max((mb for mb, _ in fwd_units), default=-1)
     v = 1 + max((c for _, c in fwd_units), default=-1)
     want = {(mb, c) for mb in range(M) for c in range(v)}
+    # forward-only (evaluation): no Forward keeps a cache, and no backward work at all
+    evaluation = any(isinstance(i, Forward) and not i.keep_cache for L in lists for i in L)
     for r, ins_list in enumerate(lists):
+        if evaluation:
+            bad = [i for i in ins_list if isinstance(i, (Backward, RecvGrad, SendGrad, OptimizerStep))
+                   or (isinstance(i, Forward) and i.keep_cache)]
+            if bad:
+                raise ScheduleError(f"rank {r}: {bad[0]} in a forward-only schedule")
         seen: dict[type, set] = {}
         for pos, ins in enumerate(ins_list):
             key = (ins.mb, ins.chunk)
@@ -283,12 +316,12 @@ def _static_checks(lists: Sequence[Sequence[Instruction]]) -> tuple[int, int]:
                 dest, _ = peer(ins, r, P)
                 if dest == r:
                     raise ScheduleError(f"rank {r}: {ins} would talk to itself")
-        for kind in (Forward, Backward):
+        for kind in (Forward,) if evaluation else (Forward, Backward):
             if seen.get(kind, set()) != want:
                 missing = sorted(want - seen.get(kind, set()))
                 raise ScheduleError(f"rank {r}: {kind.__name__} (mb, chunk) missing {missing[:5]} "
                                     f"or unexpected units")
-        if not ins_list or not isinstance(ins_list[-1], OptimizerStep):
+        if not evaluation and (not ins_list or not isinstance(ins_list[-1], OptimizerStep)):
             raise ScheduleError(f"rank {r}: does not end with OptimizerStep")
     # every send has exactly one receive, at the rank it is addressed to
     sends, recvs = {}, {}
@@ -342,7 +375,7 @@ def simulate(lists: Sequence[Sequence[Instruction]], f: float = 1.0, b: float = 
                 elif isinstance(ins, Forward):
                     clock[r] += f * scale[r]
                     busy[r] += f * scale[r]
-                    live[r] += 1
+                    live[r] += ins.keep_cache
                     peak[r] = max(peak[r], live[r])
                 elif isinstance(ins, Backward):
                     clock[r] += b * scale[r]
@@ -360,7 +393,7 @@ def simulate(lists: Sequence[Sequence[Instruction]], f: float = 1.0, b: float = 
 
 def check_schedule(lists: Sequence[Sequence[Instruction]]) -> SimResult:
     """Raise ScheduleError unless the per-rank lists can run together: each unit forward and
-    backward exactly once, forward before backward, sends after the compute that makes them,
+    backward exactly once (forward only, keeping no cache, in an evaluation schedule), forward before backward, sends after the compute that makes them,
     receives before the compute that needs them, every send matched by one receive on the
     rank it names, no rank talking to itself, and no deadlock with blocking receives."""
     _static_checks(lists)

@@ -33,34 +33,35 @@ and all-gather when that algorithm implements them (ring, rhd, native); otherwis
 native collective is used (what the Communicator does for a default algorithm lacking them).
 
 Memory. ZeRO-1 and -2 keep full parameters on every rank. Stage 1 keeps the model's full
-gradient buffer (gradients accumulate there over micro-steps) besides the shard. Stage 2,
-given the model's ``GradStore`` (``model.grads``) rather than a bare flat buffer, gives every
-gradient tensor storage of its own (``GradStore.use_buckets``): a tensor exists from the
+gradient buffer (gradients accumulate there over micro-steps) besides the shard. Stage 2
+gives every gradient tensor of the model's ``GradStore`` (``model.grads``) storage of its own (``GradStore.use_buckets``): a tensor exists from the
 first write of backward into it until its bucket is complete, when the bucket is gathered
 into one array that is handed to the reduce-scatter (no further copy) and the tensors are
 freed, so the full gradient never exists at once. What is held at the peak is the shard,
 the tensors of buckets backward is still filling (the tied embedding is written by the
 head, first in backward, and by the embedding, last: it lives through the whole backward)
 and the buckets in flight. With pipeline parallelism a stage's buckets fill over all
-micro-batches of a step, so they live through the step. ``memory_report`` gives what ZeRO needs (``grads``)
-and what this rank really held at its peak (``grads_allocated``).
+micro-batches of a step, so they live through the step. ``memory_report`` gives what this
+rank really held at its peak (``grads``) and what outlives a step's backward (``grads_kept``:
+stage 1 the full buffer and the shard, stage 2 the shard).
+
+``ZeroSync`` is ZeRO as a ``GradSync`` (``grad_sync.py``): the trainer drives it exactly as
+it drives plain data parallelism, and never asks which stage it is.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from mpipar import backend
 from mpipar.comm.algorithms import get_algorithm
-from mpipar.comm.background import worker
 from mpipar.comm.communicator import split_counts
 from mpipar.nn.grads import GradStore
-from mpipar.optim import OPTIMIZERS, decays_by_default
-from mpipar.parallel.data_parallel import Bucket, CommStats, GradBuckets
+from mpipar.optim import OptimizerSpec, clip_grad_norm, decays_by_default
+from mpipar.parallel.data_parallel import Bucket, CommStats, GradBuckets, TimedCollectives
 
 
 def _algorithm_for(group: Any, algorithm: str | None, collective: str) -> str | None:
@@ -74,9 +75,10 @@ def _algorithm_for(group: Any, algorithm: str | None, collective: str) -> str | 
 class ShardedGradBuckets(GradBuckets):
     """GradBuckets whose buckets are reduce-scattered (mean) into this rank's gradient shard.
 
-    With ``store`` (the model's GradStore) the gradients move into per-tensor storage; a
-    complete bucket is gathered into one array donated to its reduce-scatter, which frees
-    its tensors (stage 2 only: stage 1 accumulates micro-steps in the full buffer)."""
+    With ``reduce_every_micro_step`` (stage 2) the gradients of ``store`` (the model's
+    GradStore) move into per-tensor storage; a complete bucket is gathered into one array
+    donated to its reduce-scatter, which frees its tensors (stage 1 accumulates micro-steps
+    in the full buffer)."""
 
     def __init__(self, grad_buffer: Any, layout: Any, dp_group: Any, bucket_mb: float | None = 1.0,
                  algorithm: str | None = None, reduce_every_micro_step: bool = False,
@@ -97,7 +99,7 @@ class ShardedGradBuckets(GradBuckets):
             self.shard_offsets.append(pos)
             pos += c[r]
         self.shard_numel = pos
-        xp = _xp(grad_buffer)
+        xp = backend.array_module(grad_buffer)
         self.shard_grad = xp.zeros(pos, dtype=grad_buffer.dtype)
         self.store = store if reduce_every_micro_step else None
         if self.store is not None:
@@ -123,114 +125,102 @@ class ShardedGradBuckets(GradBuckets):
         self._shard_view(b)[...] += g
 
 
-def _xp(a: Any) -> Any:
-    from mpipar import backend
+class ZeroSync:
+    """ZeRO-1/2 over flat ``param_buffer`` / gradients laid out by ``layout``: a ``GradSync``.
 
-    return backend.array_module(a)
-
-
-class ZeroOptimizer:
-    """ZeRO-1/2 over flat ``param_buffer`` / ``grad_buffer`` laid out by ``layout``.
-
-        zero = ZeroOptimizer(model.param_buffer, model.grads, model.layout, dp_group,
-                             "adamw", stage=2, bucket_mb=1.0, lr=1e-3, weight_decay=0.1)
-        zero.zero_grad()                                   # the gradient shard
-        ... forward; backward_stages(model, cache, on_ready=zero.buckets.mark_ready)
-        zero.buckets.finish()                              # shard = mean gradient block
+        zero = ZeroSync(model.param_buffer, model.grads, model.layout, dp_group,
+                        OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1), stage=2)
+        zero.begin_step()                                  # zero the gradient shard
+        ... backward, calling zero.mark_ready(names) as stages finish
+        zero.finish()                                      # shard = mean gradient block
         norm = zero.clip_grad_norm(1.0)                    # global norm over all shards
         zero.step(lr=lr)                                   # shard update + param all-gather
 
-    (``data_parallel.dp_train_step(model, zero.buckets, zero, micro_batches)`` does all of
-    it, gradient accumulation included.) ``optimizer``: "sgd", "adamw" or an Optimizer class;
-    ``hyper``: its keyword arguments (lr, weight_decay, betas, momentum ...).
-
-    ``grads``: the model's GradStore (``model.grads``), or its flat gradient buffer. Given the
-    store, stage 2 frees the full buffer and gives each bucket storage of its own for the
-    time between backward writing it and its reduce-scatter (module docstring, Memory); given
-    a bare buffer, that buffer stays and is used as in stage 1.
+    ``grads``: the model's GradStore (``model.grads``). Stage 1 keeps its flat buffer; stage 2
+    frees it and gives each bucket storage of its own for the time between backward writing
+    it and its reduce-scatter (module docstring, Memory). ``counted``/``norm_groups``
+    as for ``DataParallelSync``; the shards differ over the dp group, so it is added to the
+    norm's groups here.
     """
 
-    def __init__(self, param_buffer: Any, grads: GradStore | Any, layout: Any, dp_group: Any,
-                 optimizer: str | type = "adamw", stage: int = 1, bucket_mb: float | None = 1.0,
-                 algorithm: str | None = None,
+    def __init__(self, param_buffer: Any, grads: GradStore, layout: Any, dp_group: Any,
+                 optimizer: OptimizerSpec, stage: int = 1, bucket_mb: float | None = 1.0,
+                 algorithm: str | None = None, counted: Callable[[str], bool] | None = None,
+                 norm_groups: Sequence[Any] = (),
                  decay: Callable[[str, Any], bool] = decays_by_default,
-                 options: dict[str, Any] | None = None, **hyper: Any) -> None:
+                 options: dict[str, Any] | None = None) -> None:
         if stage not in (1, 2):
             raise ValueError(f"ZeRO stage must be 1 or 2, got {stage}")
-        store = grads if isinstance(grads, GradStore) else None
-        grad_buffer = store.buffer if store is not None else grads
+        grad_buffer = grads.buffer
         if grad_buffer is None:
-            raise ValueError("the GradStore has no flat buffer any more (another ZeroOptimizer "
+            raise ValueError("the GradStore has no flat buffer any more (another ZeroSync "
                              "moved it into buckets): build the model afresh")
         if param_buffer.shape != grad_buffer.shape or param_buffer.shape[0] != layout.numel:
-            raise ValueError("param_buffer and grad_buffer must both be 1-D of layout.numel")
+            raise ValueError("param_buffer and the gradients must both be 1-D of layout.numel")
         self.stage = stage
+        self.every_micro_batch = stage == 2          # reduce-scatter every micro-step
         self.param_buffer, self.layout = param_buffer, layout
         self.itemsize, self.full_grad_bytes = grad_buffer.itemsize, int(grad_buffer.nbytes)
         self.group = dp_group
         self.options = dict(options or {})
         self.buckets = ShardedGradBuckets(grad_buffer, layout, dp_group, bucket_mb, algorithm,
-                                          reduce_every_micro_step=stage == 2, store=store,
+                                          reduce_every_micro_step=stage == 2, store=grads,
                                           **self.options)
-        del grad_buffer                                  # stage 2 with a store: freed now
+        del grad_buffer                                  # stage 2: freed now
         self.ag_algorithm = _algorithm_for(dp_group, algorithm, "allgather")
         self.last_param_comm = CommStats()
         self.param_comm_totals = CommStats()
 
-        # the optimiser over 1-D pieces: key "name[a:b]" -> views of params and grad shard
+        # the optimiser over 1-D pieces: key "name[a:b]" -> views of params and grad shard,
+        # in flat order (so the norm adds the squares in the single process's order)
         full = layout.views(param_buffer)
+        pieces = []
+        for b, (lo, hi), so in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.shard_offsets):
+            for name in b.names:
+                s, e = layout.offsets[name]
+                x0, x1 = max(lo, s), min(hi, e)
+                if x0 < x1:
+                    pieces.append((x0, x1, name, so + x0 - lo))
         params: dict[str, Any] = {}
         self.grads: dict[str, Any] = {}
         self.name_of: dict[str, str] = {}  # optimiser key "name[a:b]" -> parameter name
         self._place: dict[str, tuple[int, int]] = {}  # optimiser key -> its range of param_buffer
-        for b, (lo, hi), so in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.shard_offsets):
-            for name in reversed(b.names):                        # ascending flat order
-                s, e = layout.offsets[name]
-                x0, x1 = max(lo, s), min(hi, e)
-                if x0 >= x1:
-                    continue
-                key = f"{name}[{x0 - s}:{x1 - s}]"
-                params[key] = param_buffer[x0:x1]
-                self.grads[key] = self.buckets.shard_grad[so + x0 - lo:so + x1 - lo]
-                self.name_of[key] = name
-                self._place[key] = (x0, x1)
-        cls = OPTIMIZERS[optimizer] if isinstance(optimizer, str) else optimizer
+        for x0, x1, name, at in sorted(pieces):
+            s = layout.offsets[name][0]
+            key = f"{name}[{x0 - s}:{x1 - s}]"
+            params[key] = param_buffer[x0:x1]
+            self.grads[key] = self.buckets.shard_grad[at:at + x1 - x0]
+            self.name_of[key] = name
+            self._place[key] = (x0, x1)
 
         def piece_decay(key: str, p: Any) -> bool:
             name = self.name_of[key]
             return decay(name, full[name])                       # the full tensor's ndim
 
         # a rank owning nothing (fewer elements than ranks) has no optimiser
-        self.optimizer = cls(params, decay=piece_decay, **hyper) if params else None
+        self.optimizer = optimizer.build(params, decay=piece_decay) if params else None
         self._steps = 0
-        self.state_names: tuple[str, ...] = getattr(cls, "_state_names", ())
+        self.state_names: tuple[str, ...] = optimizer.state_names
+        self._count = [k for k, n in self.name_of.items() if counted is None or counted(n)]
+        self._norm_groups = tuple(norm_groups) + (dp_group,)
+
+    def param_name(self, key: str) -> str:
+        return self.name_of[key]
 
     # -- the step ----------------------------------------------------------------------------
-    def zero_grad(self) -> None:
+    def begin_step(self) -> None:
         """Zero the gradient shard (the model's own buffer is zeroed by the model)."""
         self.buckets.shard_grad.fill(0)
 
-    def mark_ready(self, names: Any) -> None:
+    def mark_ready(self, names: Iterable[str]) -> None:
         self.buckets.mark_ready(names)
 
     def finish(self) -> CommStats:
         return self.buckets.finish()
 
-    def global_norm(self) -> float:
-        """sqrt of the dp-sum of every shard's sum of squares: the full gradient's norm,
-        identical on every rank (the all-reduce gives every rank the same bits)."""
-        g = self.buckets.shard_grad
-        local = float(g @ g) if g.size else 0.0
-        if self.group.size > 1:
-            local = float(self.group.allreduce(np.array([local], dtype=np.float64), op="sum")[0])
-        return math.sqrt(local)
-
     def clip_grad_norm(self, max_norm: float) -> float:
-        """As ``mpipar.optim.clip_grad_norm`` on the full gradient; returns the norm."""
-        norm = self.global_norm()
-        if max_norm > 0 and norm > max_norm:
-            self.buckets.shard_grad *= max_norm / (norm + 1e-6)
-        return norm
+        """The global norm over every shard (``optim.clip_grad_norm``), clipping the shard."""
+        return clip_grad_norm(self.grads, max_norm, self._count, self._norm_groups)
 
     def step(self, lr: float | None = None) -> CommStats:
         """Update this rank's shard, then all-gather the parameters bucket by bucket."""
@@ -239,45 +229,28 @@ class ZeroOptimizer:
             self.optimizer.step(self.grads, lr=lr)
         stats = CommStats()
         if self.group.size > 1:
-            w = worker()
-            pending = []
+            timed = TimedCollectives()
             for b, (lo, hi), c in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.counts):
-                t0 = w.submit(time.perf_counter)
-                h = self.group.iallgather(self.param_buffer[lo:hi], counts=c,
-                                          algorithm=self.ag_algorithm, **self.options)
-                pending.append((b, h, t0, w.submit(time.perf_counter)))
-            for b, h, t0, t1 in pending:
-                tw = time.perf_counter()
-                full = h.wait()
-                t_end = t1.wait()
-                stats.exposed_s += time.perf_counter() - tw
-                stats.total_s += t_end - t0.wait()
-                stats.collectives += 1
-                stats.bytes += b.numel * self.param_buffer.itemsize
+                timed.start(lambda lo=lo, hi=hi, c=c: self.group.iallgather(
+                    self.param_buffer[lo:hi], counts=c, algorithm=self.ag_algorithm, **self.options),
+                    b.numel * self.param_buffer.itemsize, b)
+            for b, full in timed.drain(stats):
                 self.param_buffer[b.start:b.end] = full
         self.last_param_comm = stats
         self.param_comm_totals += stats
         return stats
 
     # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's shard of the optimiser state (keys ``"<state>.<name>[a:b]"``), with
-        ``zero.*`` integers saying which shard it is. Save one per dp rank."""
-        sd = self.optimizer.state_dict() if self.optimizer is not None else {"step": self._steps}
-        sd.update({"zero.stage": self.stage, "zero.dp_size": self.group.size,
-                   "zero.dp_rank": self.group.rank, "zero.shard_numel": self.buckets.shard_numel})
-        return sd
-
     @property
     def step_count(self) -> int:
         """Optimiser steps taken (as ``Optimizer.step_count``), also on a rank owning nothing."""
         return self._steps
 
-    def unsharded_state(self) -> dict[str, np.ndarray]:
-        """Every state buffer (``exp_avg`` ...) whole: one host array of ``layout.numel`` each
-        (this rank's model, laid out as ``param_buffer``), on every dp rank. Collective over
-        the dp group: each rank writes its pieces into zeros and the buffers are summed, each
-        element by exactly one rank, so the bits are the owners' (x + 0 is exact)."""
+    def state_tensors(self) -> dict[str, Mapping[str, Any]]:
+        """Every state buffer (``exp_avg`` ...) whole, as this rank's model's tensors by name
+        (host arrays), on every dp rank. Collective over the dp group: each rank writes its
+        pieces into zeros and the buffers are summed, each element by exactly one rank, so
+        the bits are the owners' (x + 0 is exact)."""
         out = {}
         for s in self.state_names:
             flat = np.zeros(self.layout.numel, dtype=self.param_buffer.dtype)
@@ -285,67 +258,49 @@ class ZeroOptimizer:
                 for key, piece in self.optimizer.state[s].items():
                     lo, hi = self._place[key]
                     flat[lo:hi] = backend.to_host(piece)
-            out[s] = self.group.allreduce(flat, op="sum") if self.group.size > 1 else flat
+            if self.group.size > 1:
+                flat = self.group.allreduce(flat, op="sum")
+            out[s] = self.layout.views(flat)
         return out
 
-    def load_unsharded_state(self, state: dict[str, Any], step: int) -> None:
-        """The inverse of ``unsharded_state`` (local, no collective): take this rank's pieces
-        of every whole state buffer; any dp size and bucket size may have written them."""
-        for s in self.state_names:
-            if s not in state:
-                raise KeyError(f"ZeRO state: no {s!r} buffer")
-            if tuple(np.shape(state[s])) != (self.layout.numel,):
-                raise ValueError(f"ZeRO state: {s!r} has shape {tuple(np.shape(state[s]))}, "
-                                 f"expected ({self.layout.numel},)")
+    def load_state_tensors(self, tensors: Mapping[str, Mapping[str, Any]], step: int) -> None:
+        """The inverse of ``state_tensors`` (local, no collective): take this rank's pieces
+        of every state tensor; any dp size and bucket size may have written them."""
         if self.optimizer is not None:
             sd: dict[str, Any] = {"step": int(step)}
             for s in self.state_names:
-                flat = backend.to_host(state[s])
+                by_name = tensors[s]
                 for key in self.optimizer.state[s]:
-                    lo, hi = self._place[key]
-                    sd[f"{s}.{key}"] = flat[lo:hi]
+                    name, (lo, hi) = self.name_of[key], self._place[key]
+                    start = self.layout.offsets[name][0]
+                    sd[f"{s}.{key}"] = backend.to_host(by_name[name]).reshape(-1)[lo - start:hi - start]
             self.optimizer.load_state_dict(sd)
         self._steps = int(step)
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for k, mine in (("zero.dp_size", self.group.size), ("zero.dp_rank", self.group.rank),
-                        ("zero.shard_numel", self.buckets.shard_numel)):
-            if int(np.asarray(sd.get(k, -1))) != mine:
-                raise ValueError(f"ZeRO state: {k} is {sd.get(k)}, this rank has {mine} (the "
-                                 f"shards are cut by dp size and bucket_mb: restore with the same)")
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict({k: v for k, v in sd.items() if not k.startswith("zero.")})
-        self._steps = int(np.asarray(sd["step"]))
-
     # -- memory ------------------------------------------------------------------------------
-    def optimizer_state_bytes(self) -> int:
-        if self.optimizer is None:
-            return 0
-        return sum(int(a.nbytes) for bufs in self.optimizer.state.values() for a in bufs.values())
-
     def memory_report(self) -> dict[str, int]:
-        """Bytes on this rank. ``grads``: the gradient storage ZeRO needs across a step
-        (stage 1: the full buffer + the shard; stage 2: the shard); ``grads_allocated``: what
+        """Bytes on this rank (see ``grad_sync.GradSync.memory_report``). ``grads``: what
         this rank held: the shard plus the model's full buffer, or under stage 2 with a
         GradStore the most bucket storage held at once so far (``GradStore.peak_bytes``);
-        ``grads_inflight_peak``: the largest bucket, copied by a reduce-scatter in flight;
-        ``*_unsharded``: what plain data parallelism holds, for comparison."""
+        ``grads_kept``: what outlives a step's backward (stage 1: the full buffer + the
+        shard; stage 2: the shard); ``*_unsharded``: what plain data parallelism holds."""
         item = self.itemsize
         shard = int(self.buckets.shard_grad.nbytes)
         full = self.full_grad_bytes
         store = self.buckets.store
-        model_grads = store.peak_bytes if store is not None else full
+        model_grads = store.peak_bytes if store is not None else full   # stage 2 / stage 1
+        state = 0 if self.optimizer is None else sum(
+            int(a.nbytes) for bufs in self.optimizer.state.values() for a in bufs.values())
         return {
             "params": int(self.param_buffer.nbytes),
-            "grads": shard if self.stage == 2 else full + shard,
-            "grads_allocated": model_grads + shard,
-            "grads_inflight_peak": max(b.numel for b in self.buckets.buckets) * item,
+            "grads": model_grads + shard,
+            "grads_kept": shard if self.stage == 2 else full + shard,
             "grads_unsharded": full,
-            "optimizer_state": self.optimizer_state_bytes(),
+            "optimizer_state": state,
             "optimizer_state_unsharded": len(self.state_names) * self.layout.numel * item,
         }
 
     def __repr__(self) -> str:
-        return (f"ZeroOptimizer(stage={self.stage}, dp={self.group.size}, "
+        return (f"ZeroSync(stage={self.stage}, dp={self.group.size}, "
                 f"shard={self.buckets.shard_numel} of {self.layout.numel} elements, "
                 f"{len(self.buckets.buckets)} buckets)")

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mpipar.parallel.mesh import LayoutError, check_layout, coordinates, layouts, make_mesh, rank_grid
+from mpipar.parallel.layout import Layout, LayoutError, layouts
+from mpipar.parallel.mesh import coordinates, make_mesh, rank_grid
 
 
 def test_grid_matches_coordinates():
@@ -19,10 +20,12 @@ def test_layouts_of_8_and_6():
     assert all(d * t * p == 6 for d, t, p in layouts(6)) and len(layouts(6)) == 9
 
 
-@pytest.mark.parametrize("bad", [(3, 1, 1), (2, 2, 3), (0, 8, 1), (-1, -8, 1)])
-def test_bad_layout_is_a_clear_error(bad):
-    with pytest.raises(LayoutError, match="world size 8|positive integer"):
-        check_layout(8, *bad)
+@pytest.mark.parametrize("bad,field", [((3, 1, 1), "grid"), ((2, 2, 3), "grid"), ((0, 8, 1), "dp"),
+                                       ((-1, -8, 1), "dp"), ((2, 0, 4), "tp"), ((2, 2, 2.0), "pp")])
+def test_bad_layout_is_a_clear_error(bad, field):
+    with pytest.raises(LayoutError, match="world of 8 ranks|positive integer") as e:
+        Layout(*bad).check(8)
+    assert e.value.field == field
 
 
 @pytest.mark.mpi(min_size=1)
@@ -45,6 +48,6 @@ def test_groups_for_every_layout(comm):
 
 @pytest.mark.mpi(min_size=2)
 def test_layout_not_fitting_world_fails_on_every_rank_before_communicating(comm):
-    with pytest.raises(LayoutError, match=f"world size {comm.size}"):
+    with pytest.raises(LayoutError, match=f"world of {comm.size} ranks"):
         make_mesh(comm, comm.size + 1, 1, 1)
     comm.barrier()  # every rank got here: nobody was left waiting in a collective

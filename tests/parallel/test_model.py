@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from mpipar.nn.gpt import GPT, PRESETS
+from mpipar.nn.block import SERIAL
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage
-from mpipar.parallel.mesh import LayoutError
-from mpipar.parallel.model import balanced_layers, build_local_model, load_full_state_dict
-from mpipar.parallel.tensor_parallel import TPBlockStage, TPEmbeddingStage, TPHeadStage
+from mpipar.parallel.layout import LayoutError
+from mpipar.parallel.model import build_local_model, load_full_state_dict
+from mpipar.parallel.tensor_parallel import TPEmbeddingStage, TPHeadStage
+from mpipar.parallel.tp_comm import TensorParallelRegion
 
 TINY = PRESETS["tiny"]
 
@@ -61,11 +63,15 @@ def test_slices_of_every_rank_reassemble_the_init_bitwise(tp, pp):
         holds_wte = local.first_stage or local.last_stage
         assert ("transformer.wte.weight" in local.params) == holds_wte
         assert local.tied_names == (["transformer.wte.weight"] if pp > 1 and holds_wte else [])
-        Emb, Blk, Head = (EmbeddingStage, BlockStage, HeadStage) if tp == 1 else \
-            (TPEmbeddingStage, TPBlockStage, TPHeadStage)
-        want = ([Emb] if local.first_stage else []) + [Blk] * len(local.layers) + \
+        Emb, Head = (EmbeddingStage, HeadStage) if tp == 1 else (TPEmbeddingStage, TPHeadStage)
+        want = ([Emb] if local.first_stage else []) + [BlockStage] * len(local.layers) + \
             ([Head] if local.last_stage else [])
         assert [type(s) for s in local.stages] == want
+        # tensor parallelism substitutes the block's communication points, not the block
+        for st in local.stages:
+            if isinstance(st, BlockStage):
+                assert st.NH == TINY.n_head // tp
+                assert st.region is SERIAL if tp == 1 else isinstance(st.region, TensorParallelRegion)
 
 
 def test_shard_shapes_at_tp4():
@@ -84,13 +90,14 @@ def test_shard_shapes_at_tp4():
 
 
 def test_custom_stage_layers_and_balanced_default():
-    assert [list(r) for r in balanced_layers(8, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    local = build_local_model(TINY, fake_mesh(1, 2, 0, 1), stage_layers=[range(0, 5), range(5, 8)])
+    local = build_local_model(TINY, fake_mesh(1, 2, 0, 1), stage_layers=[5, 3])
     assert list(local.layers) == [5, 6, 7] and local.last_stage and not local.first_stage
     assert all(n.startswith(("transformer.h.5", "transformer.h.6", "transformer.h.7",
                              "transformer.ln_f", "transformer.wte")) for n in local.params)
-    with pytest.raises(LayoutError, match="contiguous"):
-        build_local_model(TINY, fake_mesh(1, 2, 0, 0), stage_layers=[range(0, 4), range(5, 8)])
+    with pytest.raises(LayoutError, match="add up to 7"):
+        build_local_model(TINY, fake_mesh(1, 2, 0, 0), stage_layers=[4, 3])
+    # default: balanced by estimated FLOPs (the byte vocabulary's head is cheap: even here)
+    assert [len(build_local_model(TINY, fake_mesh(1, 4, 0, p)).layers) for p in range(4)] == [2] * 4
 
 
 def test_load_full_state_dict_round_trip():
@@ -106,9 +113,9 @@ def test_load_full_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("cfg,tp,pp,match", [
-    (TINY.replace(n_head=6, n_embd=48), 4, 1, "does not divide n_head=6"),
-    (TINY, 3, 1, "does not divide n_head=8"),
-    (TINY.replace(n_layer=2), 1, 4, "n_layer=2"),
+    (TINY.replace(n_head=6, n_embd=48), 4, 1, "degree 4 does not divide the 6 attention heads"),
+    (TINY, 3, 1, "degree 3 does not divide the 8 attention heads"),
+    (TINY.replace(n_layer=2), 1, 4, "4 pipeline stages for 2 blocks"),
 ])
 def test_layout_errors(cfg, tp, pp, match):
     with pytest.raises(LayoutError, match=match):

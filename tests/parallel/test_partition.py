@@ -5,8 +5,7 @@ import itertools
 import pytest
 
 from mpipar.nn.gpt import PRESETS, GPTConfig
-from mpipar.parallel.partition import (balanced_layers, gpt_stage_costs, parse_stage_layers,
-                                       stage_of_layer)
+from mpipar.parallel.partition import balanced_layers, gpt_stage_costs
 
 
 def _brute_bottleneck(costs, pp, first=0.0, last=0.0):
@@ -60,20 +59,6 @@ def test_big_head_gets_fewer_layers():
     assert len(slices[-1]) == 1 and len(slices[0]) >= 3
     # the tiny preset's byte vocabulary makes a cheap head: an even split
     assert [len(r) for r in balanced_layers(8, 4, gpt_stage_costs(PRESETS["tiny"], 8))] == [2, 2, 2, 2]
-
-
-def test_parse_stage_layers():
-    assert parse_stage_layers("3,3,2", 8, 3) == [range(0, 3), range(3, 6), range(6, 8)]
-    assert parse_stage_layers([1, 7], 8, 2) == [range(0, 1), range(1, 8)]
-    assert stage_of_layer(parse_stage_layers("3, 3, 2", 8, 3), 6) == 2
-    with pytest.raises(ValueError, match="sums to 7"):
-        parse_stage_layers("3,3,1", 8, 3)
-    with pytest.raises(ValueError, match="gives 2 stages but the pipeline has pp=3"):
-        parse_stage_layers("4,4", 8, 3)
-    with pytest.raises(ValueError, match="at least one layer"):
-        parse_stage_layers("4,0,4", 8, 3)
-    with pytest.raises(ValueError, match="comma-separated integers"):
-        parse_stage_layers("4;4", 8, 2)
 
 
 def test_bad_requests():

@@ -5,8 +5,8 @@ import pytest
 
 from mpipar.parallel.schedules import (Backward, Forward, OptimizerStep, RecvActivation, RecvGrad,
                                        ScheduleError, SendActivation, SendGrad, all_ranks,
-                                       bubble_fraction_theory, check_schedule, gpipe, make_schedule,
-                                       message_tag, one_f_one_b, simulate)
+                                       bubble_fraction_theory, check_schedule, forward_only, gpipe,
+                                       make_schedule, message_tag, one_f_one_b, simulate)
 
 PS = range(1, 9)
 MS = range(1, 13)
@@ -74,7 +74,7 @@ def _broken(lists, rank, fn):
 
 
 def test_checker_catches_mistakes():
-    good = all_ranks("1f1b", 3, 4)
+    good = [make_schedule("1f1b", 3, r, 4, sync=False) for r in range(3)]   # plain records
     check_schedule(good)
     cases = [   # rank 1 sends and receives in both directions
         (lambda L: [i for i in L if i != RecvActivation(2)], "before its RecvActivation"),
@@ -104,3 +104,33 @@ def test_unknown_schedule_is_a_clear_error():
         make_schedule("zb-h1", 2, 0, 4)
     with pytest.raises(ValueError, match="stage 2"):
         make_schedule("gpipe", 2, 2, 4)
+
+
+@pytest.mark.parametrize("name,chunks", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+def test_sync_is_carried_by_each_chunks_last_backward_and_the_step(name, chunks):
+    """make_schedule(sync=True) marks exactly the last Backward of every chunk and the
+    OptimizerStep; sync=False marks nothing; the checker accepts both."""
+    P, M = 4, 8
+    for sync in (True, False):
+        lists = [make_schedule(name, P, r, M, chunks, sync=sync) for r in range(P)]
+        check_schedule(lists)
+        for lst in lists:
+            backward = [i for i in lst if isinstance(i, Backward)]
+            last = {i.chunk: i for i in backward}            # the last Backward of each chunk
+            marked = [i for i in backward if i.sync]
+            assert marked == ([i for i in backward if last[i.chunk] is i] if sync else [])
+            assert len(last) == chunks and lst[-1] == OptimizerStep(sync=sync)
+
+
+def test_forward_only_schedule():
+    for P in range(1, 6):
+        for M in (1, 3):
+            lists = [list(forward_only(P, r, M)) for r in range(P)]
+            res = check_schedule(lists)
+            assert res.peak_activations == [0] * P          # nothing kept for a backward
+            assert all(isinstance(i, (RecvActivation, Forward, SendActivation)) for L in lists for i in L)
+            assert all(not i.keep_cache for L in lists for i in L if isinstance(i, Forward))
+    bad = [list(forward_only(2, r, 2)) for r in range(2)]
+    bad[1] = bad[1] + [OptimizerStep()]
+    with pytest.raises(ScheduleError, match="in a forward-only schedule"):
+        check_schedule(bad)

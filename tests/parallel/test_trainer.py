@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from mpipar.nn.gpt import GPT, PRESETS
-from mpipar.optim import OPTIMIZERS
-from mpipar.parallel.mesh import LayoutError, layouts
-from mpipar.parallel.trainer import ParallelTrainer, check_batch, choose_layout
+from mpipar.optim import OptimizerSpec, clip_grad_norm
+from mpipar.parallel.layout import Layout, layouts
+from mpipar.parallel.model import load_full_state_dict
+from mpipar.parallel.trainer import ParallelTrainer
 
 CONFIG = PRESETS["tiny"].replace(block_size=8)
 B, T, STEPS, LR = 8, 8, 2, 0.05
@@ -28,15 +29,16 @@ def _batches():
             for _ in range(STEPS)]
 
 
+def spec(optimizer: str) -> OptimizerSpec:
+    return OptimizerSpec(optimizer, lr=LR, weight_decay=0.1)
+
+
 def _reference(optimizer, grad_clip):
     model = GPT(CONFIG, seed=0, dtype="float64")
-    hyper = dict(lr=LR, weight_decay=0.1) | ({"betas": (0.9, 0.95)} if optimizer == "adamw" else {})
-    opt = OPTIMIZERS[optimizer](model.state_dict(), **hyper)
+    opt = spec(optimizer).build(model.state_dict())
     losses = []
     for x, y in _batches():
         loss, grads = model.loss_and_grads(x, y)
-        from mpipar.optim.clip import clip_grad_norm
-
         clip_grad_norm(grads, grad_clip)
         opt.step(grads, lr=LR)
         losses.append(loss)
@@ -62,8 +64,8 @@ def fits(dp, tp, pp):
 def run_layout(comm, dp, tp, pp, **kw):
     opt = kw.pop("optimizer", "sgd")
     clip = kw.pop("grad_clip", 0.0)
-    trainer = ParallelTrainer(comm, CONFIG, dp=dp, tp=tp, pp=pp, dtype="float64", optimizer=opt,
-                              lr=LR, weight_decay=0.1, grad_clip=clip, **kw)
+    trainer = ParallelTrainer(comm, CONFIG, Layout(dp, tp, pp, **kw), spec(opt), dtype="float64",
+                              grad_clip=clip)
     rows = B // dp
     losses = []
     for x, y in _batches():
@@ -124,29 +126,14 @@ def test_zero2_trainer_frees_gradients_between_micro_batches(comm, micro_batches
     (the executor alone would accumulate all of them in a full buffer first)."""
     if B % comm.size or (B // comm.size) % micro_batches:
         pytest.skip("the batch does not split into this many ranks and micro-batches")
-    tr = ParallelTrainer(comm, CONFIG, dp=comm.size, tp=1, pp=1, dtype="float64", zero=2,
-                         micro_batches=micro_batches, bucket_mb=0.01)
+    tr = ParallelTrainer(comm, CONFIG, Layout(dp=comm.size, zero=2, micro_batches=micro_batches,
+                                              bucket_mb=0.01), spec("adamw"), dtype="float64")
     rows = B // comm.size
     x, y = _batches()[0]
     tr.step(x[comm.rank * rows:(comm.rank + 1) * rows], y[comm.rank * rows:(comm.rank + 1) * rows])
     store, full = tr.local.grads, tr.local.layout.numel * 8
     assert tr.local.grad_buffer is None and 0 < store.peak_bytes < full / 4
-    assert tr.memory_report()["grads"] == store.peak_bytes + tr.buckets.shard_grad.nbytes
-
-
-def test_bad_layouts_are_clear_errors():
-    with pytest.raises(LayoutError, match="does not divide"):
-        check_batch(10, 4, 1, 1)
-    with pytest.raises(LayoutError, match="does not divide"):
-        check_batch(8, 2, 2, 3)
-    check_batch(24, 2, 3, 4)
-
-
-def test_choose_layout_prefers_data_parallel():
-    assert choose_layout(8, PRESETS["tiny"], 16)[:3] == (8, 1, 1)
-    assert choose_layout(8, PRESETS["tiny"], 4)[:3] == (4, 2, 1)
-    dp, tp, pp, why = choose_layout(8, PRESETS["tiny"].replace(n_head=2, n_embd=16), 2)
-    assert (dp, tp, pp) == (2, 2, 2) and "pp=2" in why
+    assert tr.memory_report()["grads"] == store.peak_bytes + tr.sync.buckets.shard_grad.nbytes
 
 
 def _step_all(trainer, batches):
@@ -158,7 +145,7 @@ def _step_all(trainer, batches):
 def _reference_optimizer_state():
     """A single process's AdamW state after STEPS steps: the checkpoint's keys and shapes."""
     model = GPT(CONFIG, seed=0, dtype="float64")
-    opt = OPTIMIZERS["adamw"](model.state_dict(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
+    opt = spec("adamw").build(model.state_dict())
     for x, y in _batches():
         _, grads = model.loss_and_grads(x, y)
         opt.step(grads, lr=LR)
@@ -192,17 +179,15 @@ def test_optimizer_state_is_the_single_process_one_in_every_layout(comm):
     more = _batches()[:1]
     for i, ((dp, tp, pp), zero) in enumerate(cases):
         what = f"dp{dp} tp{tp} pp{pp} zero{zero}"
-        a = ParallelTrainer(comm, CONFIG, dp=dp, tp=tp, pp=pp, dtype="float64", optimizer="adamw",
-                            lr=LR, weight_decay=0.1, zero=zero, bucket_mb=0.01)
+        a = ParallelTrainer(comm, CONFIG, Layout(dp, tp, pp, zero=zero, bucket_mb=0.01),
+                            spec("adamw"), dtype="float64")
         _step_all(a, _batches())
         state = a.full_optimizer_state()
         _assert_close_states(state, want, what)
         # resume in the next case's layout (a different dp/tp/pp or ZeRO stage)
         (dp2, tp2, pp2), zero2 = cases[(i + 1) % len(cases)]
-        b = ParallelTrainer(comm, CONFIG, dp=dp2, tp=tp2, pp=pp2, dtype="float64", optimizer="adamw",
-                            lr=LR, weight_decay=0.1, zero=zero2)
-        from mpipar.parallel.model import load_full_state_dict
-
+        b = ParallelTrainer(comm, CONFIG, Layout(dp2, tp2, pp2, zero=zero2), spec("adamw"),
+                            dtype="float64")
         load_full_state_dict(b.local, a.full_state_dict())
         b.load_full_optimizer_state(state)
         _assert_close_states(b.full_optimizer_state(), state, f"{what} -> dp{dp2} tp{tp2} pp{pp2} zero{zero2}")
@@ -218,8 +203,8 @@ def test_optimizer_state_is_the_single_process_one_in_every_layout(comm):
 def test_a_bad_optimizer_state_is_refused_before_any_change(comm):
     """Missing or misshapen tensors raise on every rank (no collective is involved) and
     leave the optimiser as it was."""
-    t = ParallelTrainer(comm, CONFIG, dp=comm.size, tp=1, pp=1, dtype="float64", optimizer="adamw",
-                        lr=LR, weight_decay=0.1, zero=1 if comm.size > 1 else 0)
+    t = ParallelTrainer(comm, CONFIG, Layout(dp=comm.size, zero=1 if comm.size > 1 else 0),
+                        spec("adamw"), dtype="float64")
     _step_all(t, _batches()[:1])
     good = t.full_optimizer_state()
     missing = {k: v for k, v in good.items() if k != "exp_avg.transformer.h.0.attn.c_attn.weight"}
@@ -232,3 +217,39 @@ def test_a_bad_optimizer_state_is_refused_before_any_change(comm):
         t.load_full_optimizer_state({k: v for k, v in good.items() if k != "step"})
     after = t.full_optimizer_state()
     assert all(np.array_equal(after[k], good[k]) for k in good if k != "step")
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("variant", [dict(), dict(zero=1), dict(zero=2), dict(schedule="gpipe")],
+                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) or "plain")
+def test_one_rank_is_the_single_process_bitwise(comm, variant):
+    """The layout 1 x 1 x 1 (here a group of one rank per rank) is the single process: the
+    same losses and weights to the bit, with any flag (ZeRO over one rank, a schedule)."""
+    solo = comm.split(color=comm.rank, key=0)
+    for opt, clip in (("sgd", 0.0), ("adamw", 0.5)):
+        losses, sd = run_layout(solo, 1, 1, 1, optimizer=opt, grad_clip=clip, **variant)
+        ref_losses, ref_sd = reference(opt, clip)
+        assert losses == ref_losses, (variant, opt)
+        for name, ref in ref_sd.items():
+            assert np.array_equal(sd[name], ref), (variant, opt, name)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_evaluation_runs_the_forward_only_schedule_in_every_layout(comm):
+    """``evaluate`` (the forward-only schedule through the same executor, averaged over dp)
+    gives the single process's loss of the whole batch, and changes nothing."""
+    x, y = _batches()[0]
+    model = GPT(CONFIG, seed=0, dtype="float64").eval()
+    _, want, _ = model.forward(x, y)
+    for dp, tp, pp in layouts(comm.size):
+        if B % (dp * 2) or not fits(dp, tp, pp):
+            continue
+        t = ParallelTrainer(comm, CONFIG, Layout(dp, tp, pp, micro_batches=2), spec("sgd"),
+                            dtype="float64")
+        before = t.local.param_buffer.copy()
+        rows = B // dp
+        lo = t.mesh.dp_rank * rows
+        got = t.evaluate(x[lo:lo + rows], y[lo:lo + rows])
+        assert abs(got - float(want)) <= TOL * abs(float(want)), (dp, tp, pp, got, float(want))
+        assert np.array_equal(t.local.param_buffer, before)
+        assert t.local.state.training                    # dropout back on afterwards

@@ -1,0 +1,92 @@
+"""How one rank's gradients become the update: the ``GradSync`` interface, chosen once.
+
+The trainer does not know whether it runs plain data parallelism or ZeRO: at construction it
+asks ``make_grad_sync`` for one object and from then on only calls its methods::
+
+    sync = make_grad_sync(local, mesh, layout, OptimizerSpec("adamw", lr=1e-3))
+    pipe.on_stage_backward_done.append(lambda i, names: sync.mark_ready(names))
+    sync.begin_step()
+    ... backward (accumulation steps, micro-batches); after each synchronised one:
+    comm = sync.finish()
+    norm = sync.clip_grad_norm(max_norm)
+    sync.step(lr)
+
+Implementations: ``data_parallel.DataParallelSync`` (buckets all-reduced, the whole
+optimiser on every rank) and ``zero.ZeroSync`` (buckets reduce-scattered into a shard, the
+optimiser over the shard, parameters all-gathered; stage 1 or 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from mpipar.optim import OptimizerSpec
+from mpipar.parallel.data_parallel import CommStats, DataParallelSync
+from mpipar.parallel.layout import Layout
+from mpipar.parallel.zero import ZeroSync
+
+
+class GradSync(Protocol):
+    grads: Mapping[str, Any]
+    """What the optimiser reads, by key: this rank's gradients by parameter name, or (ZeRO)
+    its shard's pieces, ``"name[a:b]"``, in flat order."""
+
+    every_micro_batch: bool
+    """True: reduce after every micro-batch's backward (ZeRO-2, so no full gradient lives
+    longer than one micro-batch); False: once per optimiser step."""
+
+    state_names: tuple[str, ...]
+    """The optimiser's per-tensor state buffers (``exp_avg`` ...)."""
+
+    @property
+    def step_count(self) -> int:
+        """Optimiser steps taken."""
+
+    def param_name(self, key: str) -> str:
+        """The parameter a key of ``grads`` belongs to."""
+
+    def begin_step(self) -> None:
+        """Before a step's first backward: zero what the sync itself accumulates into."""
+
+    def mark_ready(self, names: Iterable[str]) -> None:
+        """Backward has finished these parameters' gradients for the step: their
+        reduction may start (on the background thread)."""
+
+    def finish(self) -> CommStats:
+        """Start what is left, wait for every reduction; ``grads`` then hold the data-parallel
+        mean (or this rank's shard of it). Returns the communication's statistics."""
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The global norm of the whole model's gradient (the same on every rank), and clip
+        ``grads`` to ``max_norm`` (0: no clipping). Returns the norm before clipping."""
+
+    def step(self, lr: float | None = None) -> CommStats:
+        """Apply the optimiser (and make the parameters whole again); the statistics of any
+        parameter communication."""
+
+    def state_tensors(self) -> dict[str, Mapping[str, Any]]:
+        """Per state buffer, this rank's tensors by parameter name at the local model's
+        shapes (collective over dp for ZeRO, whose shards are put together)."""
+
+    def load_state_tensors(self, tensors: Mapping[str, Mapping[str, Any]], step: int) -> None:
+        """The inverse of ``state_tensors``; local, no collective."""
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes on this rank: ``params``; ``grads`` (the gradient storage held at its
+        peak so far), ``grads_kept`` (what outlives a step's backward), ``grads_unsharded``;
+        ``optimizer_state``, ``optimizer_state_unsharded`` (what plain data parallelism
+        holds, for comparison)."""
+
+
+def make_grad_sync(local: Any, mesh: Any, layout: Layout, optimizer: OptimizerSpec) -> GradSync:
+    """The GradSync of ``layout`` for this rank's ``local`` model (a LocalModel) on ``mesh``:
+    ZeRO when ``layout.zero`` is 1 or 2, else plain data parallelism. The global norm counts
+    each parameter once over the tp and pp groups (``LocalModel.counts_in_norm``)."""
+    common = dict(bucket_mb=layout.bucket_mb, algorithm=layout.allreduce,
+                  counted=local.counts_in_norm, norm_groups=(mesh.tp_group, mesh.pp_group))
+    if layout.zero:
+        return ZeroSync(local.param_buffer, local.grads, local.layout, mesh.dp_group, optimizer,
+                        stage=layout.zero, **common)
+    return DataParallelSync(local.params, local.grads, local.layout, mesh.dp_group, optimizer,
+                            **common)

@@ -1,0 +1,246 @@
+"""How one training step is split over ranks, and the one check that it fits.
+
+    layout = Layout(dp=2, tp=2, pp=2, micro_batches=4, schedule="1f1b", zero=1)
+    layout.check(world_size=8, config=PRESETS["tiny"], batch_size=16)   # LayoutError or None
+    layout, why = choose_layout(8, PRESETS["tiny"], batch_size=16)       # when none is given
+    layouts(8)                                                           # every dp x tp x pp
+
+A ``Layout`` is data: the data-parallel, tensor-parallel and pipeline degrees, how the
+global batch is cut (``grad_accum`` accumulation steps of ``micro_batches`` pipeline
+micro-batches on each of the ``dp`` replicas), the pipeline schedule and split of the
+blocks, ZeRO's stage and the data-parallel gradient buckets and algorithm.
+
+``Layout.check`` is the only place that decides whether a layout fits the world, the model
+and the batch: the command line, the trainer, the benchmark and ``choose_layout`` all call
+it, before any collective, and every rank reaches the same verdict from the same numbers.
+It raises ``LayoutError``, whose message names the quantities ("tensor-parallel degree 3
+does not divide the 8 attention heads") and whose ``field`` says which part of the layout is
+at fault, so a command line can name its own flag.
+
+What fits:
+
+* ``dp``, ``tp``, ``pp`` positive, ``dp * tp * pp`` equal to the world size;
+* ``tp`` divides the attention heads (attention is split by heads) and so the MLP width
+  4 n_embd, and is at most the vocabulary (whose rows are split unevenly: it need not
+  divide);
+* ``pp`` at most the number of blocks; ``stage_layers`` (blocks per stage), when given,
+  ``pp`` positive counts summing to ``n_layer``;
+* the global batch splits into ``dp x grad_accum x micro_batches`` equal parts;
+* ``schedule`` one of ``gpipe``, ``1f1b``; ``zero`` 0, 1 or 2; ``bucket_mb`` a finite
+  positive number of MiB (None: one bucket); ``allreduce`` an algorithm of ``mpipar.comm``
+  (None: the communicator's own), and with ``auto`` its tuned table, if there is one,
+  readable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+from mpipar.comm import auto
+from mpipar.comm.algorithms import algorithm_names
+from mpipar.parallel.partition import balanced_layers, gpt_stage_costs
+
+SCHEDULE_NAMES = ("gpipe", "1f1b")
+ZERO_STAGES = (0, 1, 2)
+
+
+class LayoutError(ValueError):
+    """A parallel layout that does not fit the world, the model or the batch. ``field`` is the
+    part of the layout at fault: a ``Layout`` field name, ``"batch_size"``, or ``"grid"``
+    (dp x tp x pp against the world size)."""
+
+    def __init__(self, message: str, field: str = "grid") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    micro_batches: int = 1                       # pipeline micro-batches per accumulation step
+    grad_accum: int = 1                          # accumulation steps per optimiser step
+    schedule: str = "1f1b"
+    stage_layers: tuple[int, ...] | None = None  # blocks per pipeline stage (None: balanced)
+    zero: int = 0                                # ZeRO stage: 0 none, 1 optimiser state, 2 + grads
+    bucket_mb: float | None = 1.0                # data-parallel gradient bucket size (None: one)
+    allreduce: str | None = None                 # the dp group's algorithm (None: its default)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def parts(self) -> int:
+        """Equal parts the global batch is cut into: dp x grad_accum x micro_batches."""
+        return self.dp * self.grad_accum * self.micro_batches
+
+    def replace(self, **changes: Any) -> "Layout":
+        return replace(self, **changes)
+
+    # -- the check ------------------------------------------------------------------------
+    def check(self, world_size: int, config: Any = None, batch_size: int | None = None) -> None:
+        """Raise ``LayoutError`` unless this layout fits ``world_size`` ranks, the model
+        ``config`` (a GPTConfig; None: not checked) and a global batch of ``batch_size``
+        sequences (None: not checked). Local and deterministic: no communication."""
+        self._check_grid(world_size)
+        self._check_options()
+        if config is not None:
+            self._check_model(config)
+        if batch_size is not None:
+            self.check_batch(batch_size)
+
+    def fits(self, world_size: int, config: Any = None, batch_size: int | None = None) -> bool:
+        try:
+            self.check(world_size, config, batch_size)
+        except LayoutError:
+            return False
+        return True
+
+    def _check_grid(self, world_size: int) -> None:
+        for field, what in (("dp", "data-parallel"), ("tp", "tensor-parallel"), ("pp", "pipeline")):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LayoutError(f"the {what} degree must be a positive integer, got {v!r}", field)
+        if self.world_size != world_size:
+            raise LayoutError(f"dp {self.dp} x tp {self.tp} x pp {self.pp} = {self.world_size} ranks "
+                              f"does not match the world of {world_size} ranks", "grid")
+
+    def _check_options(self) -> None:
+        for field, what in (("micro_batches", "pipeline micro-batches"),
+                            ("grad_accum", "gradient-accumulation steps")):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LayoutError(f"the number of {what} must be a positive integer, got {v!r}",
+                                  field)
+        if self.schedule not in SCHEDULE_NAMES:
+            raise LayoutError(f"pipeline schedule {self.schedule!r} is not one of "
+                              f"{', '.join(SCHEDULE_NAMES)}", "schedule")
+        if self.zero not in ZERO_STAGES:
+            raise LayoutError(f"ZeRO stage {self.zero!r} is not one of 0, 1, 2", "zero")
+        b = self.bucket_mb
+        if b is not None and not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0):
+            raise LayoutError(f"a gradient bucket of {b!r} MiB: the size must be a finite "
+                              f"positive number", "bucket_mb")
+        self._check_algorithm()
+
+    def _check_algorithm(self) -> None:
+        name = self.allreduce
+        if name is None:
+            return
+        known = algorithm_names()
+        if name != "auto" and name not in known:
+            raise LayoutError(f"collective algorithm {name!r} is not one of "
+                              f"{', '.join(known + ['auto'])}", "allreduce")
+        if name == "auto":
+            try:        # read now, on every rank alike, not inside the first all-reduce
+                auto.table_for(self.dp)
+            except (OSError, ValueError) as e:
+                raise LayoutError(f"the tuned table for algorithm 'auto' cannot be used: {e}",
+                                  "allreduce") from e
+
+    def _check_model(self, config: Any) -> None:
+        tp, pp, NH = self.tp, self.pp, config.n_head
+        # n_head divides n_embd (GPTConfig), so a tp dividing the heads divides the MLP width
+        if NH % tp:
+            raise LayoutError(f"tensor-parallel degree {tp} does not divide the {NH} attention "
+                              f"heads (attention is split by heads; degrees that do: "
+                              f"{', '.join(map(str, _divisors(NH)))})", "tp")
+        if tp > config.vocab_size:
+            raise LayoutError(f"tensor-parallel degree {tp} exceeds the vocabulary of "
+                              f"{config.vocab_size} rows", "tp")
+        if pp > config.n_layer:
+            raise LayoutError(f"{pp} pipeline stages for {config.n_layer} blocks: every stage "
+                              f"needs at least one block", "pp")
+        if self.stage_layers is not None:
+            counts = list(self.stage_layers)
+            if len(counts) != pp:
+                raise LayoutError(f"blocks per stage {_counts(counts)} name {len(counts)} stages, "
+                                  f"the pipeline has {pp}", "stage_layers")
+            if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts):
+                raise LayoutError(f"blocks per stage {_counts(counts)}: every stage needs at "
+                                  f"least one block", "stage_layers")
+            if sum(counts) != config.n_layer:
+                raise LayoutError(f"blocks per stage {_counts(counts)} add up to {sum(counts)}, "
+                                  f"the model has {config.n_layer}", "stage_layers")
+
+    def check_batch(self, batch_size: int) -> None:
+        """LayoutError unless a global batch of ``batch_size`` sequences splits into
+        dp x grad_accum x micro_batches equal parts."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 \
+                or batch_size % self.parts:
+            raise LayoutError(f"a global batch of {batch_size} sequences does not split into "
+                              f"dp {self.dp} x grad-accum {self.grad_accum} x micro-batches "
+                              f"{self.micro_batches} = {self.parts} equal parts", "batch_size")
+
+    # -- derived --------------------------------------------------------------------------
+    def stage_ranges(self, config: Any) -> list[range]:
+        """The blocks of each pipeline stage: ``stage_layers`` as contiguous ranges, or a
+        split balanced by estimated FLOPs (``partition.balanced_layers``)."""
+        if self.stage_layers is None:
+            return balanced_layers(config.n_layer, self.pp,
+                                   gpt_stage_costs(config, config.block_size))
+        out, start = [], 0
+        for c in self.stage_layers:
+            out.append(range(start, start + c))
+            start += c
+        return out
+
+    def __str__(self) -> str:
+        return f"dp={self.dp} x tp={self.tp} x pp={self.pp}"
+
+
+def _counts(counts: Sequence[Any]) -> str:
+    return ",".join(str(c) for c in counts)
+
+
+def layouts(world_size: int) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) with dp * tp * pp == world_size."""
+    out = []
+    for tp in _divisors(world_size):
+        for pp in _divisors(world_size // tp):
+            out.append((world_size // tp // pp, tp, pp))
+    return sorted(out)
+
+
+def choose_layout(world_size: int, config: Any, batch_size: int,
+                  base: Layout = Layout()) -> tuple[Layout, str]:
+    """A layout of ``world_size`` ranks for ``config`` and the global batch when none is
+    given (``base`` supplies everything but dp, tp, pp), and why it was chosen.
+
+    Data parallelism first (on CPUs and small models it moves the least data per step: one
+    gradient all-reduce, overlapped with backward), as far as the batch allows; then tensor
+    parallelism over adjacent ranks, the largest degree that fits the model; then pipeline
+    stages for what is left. Every candidate is judged by ``Layout.check``.
+    """
+    base.replace(dp=world_size).check(world_size)          # micro-batches, schedule, ZeRO ...
+    per = base.grad_accum * base.micro_batches
+    dp = max((d for d in _divisors(world_size) if batch_size % (d * per) == 0), default=1)
+    rest = world_size // dp
+    for tp in reversed(_divisors(rest)):
+        layout = base.replace(dp=dp, tp=tp, pp=rest // tp)
+        if layout.fits(world_size, config, batch_size):
+            break
+    else:
+        try:                                                 # tp 1 failed too: say why
+            base.replace(dp=dp, tp=1, pp=rest).check(world_size, config, batch_size)
+        except LayoutError as e:
+            if e.field not in ("grid", "tp", "pp"):          # not the shape: say it as it is
+                raise
+            raise LayoutError(f"no layout of {world_size} ranks fits: {e}", "grid") from e
+        raise AssertionError("unreachable: tp 1 fits but was not chosen")
+    why = (f"dp={dp} (the largest data-parallel degree that divides the batch of {batch_size} "
+           f"into {per} micro-step(s) per rank)")
+    if layout.tp > 1:
+        why += (f", tp={layout.tp} (divides {config.n_head} heads and the MLP width "
+                f"{4 * config.n_embd})")
+    if layout.pp > 1:
+        why += f", pp={layout.pp} (the rest, as pipeline stages)"
+    return layout, why

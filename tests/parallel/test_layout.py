@@ -1,0 +1,87 @@
+"""``Layout.check``: the one decision whether a layout fits the world, the model and the batch,
+with messages that name quantities and a ``field`` that names the part at fault; and
+``choose_layout``, which judges its candidates by the same check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpipar.nn.gpt import PRESETS
+from mpipar.parallel.layout import Layout, LayoutError, choose_layout, layouts
+
+TINY = PRESETS["tiny"]                          # 8 heads, 8 blocks, C = 64, V = 256
+
+
+@pytest.mark.parametrize("layout,world,config,batch,field,match", [
+    (Layout(dp=3), 2, None, None, "grid", "3 ranks does not match the world of 2 ranks"),
+    (Layout(tp=3), 3, TINY, None, "tp", "tensor-parallel degree 3 does not divide the 8 attention heads"),
+    (Layout(tp=16), 16, TINY, None, "tp", "degree 16 does not divide the 8 attention heads"),
+    (Layout(tp=8), 8, TINY.replace(vocab_size=5), None, "tp", "exceeds the vocabulary of 5 rows"),
+    (Layout(pp=4), 4, TINY.replace(n_layer=2), None, "pp", "4 pipeline stages for 2 blocks"),
+    (Layout(pp=2, stage_layers=(9, 0)), 2, TINY, None, "stage_layers", "at least one block"),
+    (Layout(pp=4, stage_layers=(9, 0, 0, 0)), 4, TINY, None, "stage_layers", "at least one block"),
+    (Layout(pp=2, stage_layers=(4, 4, 0)), 2, TINY, None, "stage_layers", "name 3 stages"),
+    (Layout(pp=2, stage_layers=(3, 3)), 2, TINY, None, "stage_layers", "add up to 6, the model has 8"),
+    (Layout(dp=4), 4, TINY, 10, "batch_size", "10 sequences does not split into dp 4"),
+    (Layout(dp=2, grad_accum=2, micro_batches=3), 2, TINY, 8, "batch_size", "= 12 equal parts"),
+    (Layout(micro_batches=0), 1, None, None, "micro_batches", "positive integer"),
+    (Layout(grad_accum=-1), 1, None, None, "grad_accum", "positive integer"),
+    (Layout(schedule="zb"), 1, None, None, "schedule", "'zb' is not one of gpipe, 1f1b"),
+    (Layout(zero=3), 1, None, None, "zero", "ZeRO stage 3"),
+    (Layout(bucket_mb=0), 1, None, None, "bucket_mb", "finite positive"),
+    (Layout(bucket_mb=-1.0), 1, None, None, "bucket_mb", "finite positive"),
+    (Layout(bucket_mb=float("inf")), 1, None, None, "bucket_mb", "finite positive"),
+    (Layout(bucket_mb=float("nan")), 1, None, None, "bucket_mb", "finite positive"),
+    (Layout(allreduce="bogus"), 1, None, None, "allreduce", "'bogus' is not one of native"),
+])
+def test_what_does_not_fit_and_why(layout, world, config, batch, field, match):
+    with pytest.raises(LayoutError, match=match) as e:
+        layout.check(world, config, batch)
+    assert e.value.field == field
+    assert not layout.fits(world, config, batch)
+
+
+def test_what_fits():
+    Layout(dp=2, tp=2, pp=2, micro_batches=4, grad_accum=2, zero=1, bucket_mb=0.5,
+           allreduce="ring", stage_layers=(5, 3)).check(8, TINY, 2 * 4 * 2 * 3)
+    # the vocabulary is split unevenly: it need not divide by tp
+    Layout(tp=8).check(8, TINY.replace(vocab_size=259))
+    assert Layout(pp=2, stage_layers=(5, 3)).stage_ranges(TINY) == [range(0, 5), range(5, 8)]
+    assert [len(r) for r in Layout(pp=4).stage_ranges(TINY)] == [2, 2, 2, 2]
+
+
+def test_a_corrupt_tune_table_is_a_layout_error_for_auto(tmp_path, monkeypatch):
+    table = tmp_path / "bad.json"
+    table.write_text("{not json")
+    monkeypatch.setenv("MPIPAR_TUNE_TABLE", str(table))
+    with pytest.raises(LayoutError, match="bad.json") as e:
+        Layout(dp=2, allreduce="auto").check(2)
+    assert e.value.field == "allreduce"
+    table.write_text(json.dumps({"format": "mpipar-tune/1", "ranks": 2, "collectives": {}}))
+    Layout(dp=2, allreduce="auto").check(2)
+
+
+def test_choose_layout_prefers_data_parallel():
+    assert choose_layout(8, TINY, 16)[0] == Layout(dp=8)
+    assert choose_layout(8, TINY, 4)[0] == Layout(dp=4, tp=2)
+    layout, why = choose_layout(8, TINY.replace(n_head=2, n_embd=16), 2)
+    assert (layout.dp, layout.tp, layout.pp) == (2, 2, 2) and "pp=2" in why
+    # the rest of the layout is kept, and the batch split counts micro-batches
+    layout, _ = choose_layout(4, TINY, 8, Layout(micro_batches=2, zero=1))
+    assert layout == Layout(dp=4, micro_batches=2, zero=1)
+    # tp now may leave the vocabulary uneven, as an explicit --tp may
+    assert choose_layout(2, TINY.replace(vocab_size=257), 1)[0] == Layout(tp=2)
+
+
+def test_choose_layout_says_why_nothing_fits():
+    with pytest.raises(LayoutError, match="no layout of 16 ranks fits: .*16 pipeline stages"):
+        choose_layout(16, TINY.replace(n_head=1, n_embd=8), 1)
+    with pytest.raises(LayoutError, match="ZeRO stage 5"):
+        choose_layout(2, TINY, 2, Layout(zero=5))
+
+
+def test_layouts_of_a_world():
+    assert len(layouts(8)) == 10 and (2, 2, 2) in layouts(8)
+    assert all(d * t * p == 12 for d, t, p in layouts(12))
