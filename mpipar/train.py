@@ -1,4 +1,4 @@
-"""python -m mpipar.train: train a byte-level GPT, on one process or data-parallel over MPI.
+"""python -m mpipar.train: train a byte-level GPT on one process or any dp x tp x pp layout.
 
 Examples::
 
@@ -16,9 +16,13 @@ batch size). Data-parallel rank r takes rows [r B/D, (r+1) B/D) of every global 
 mpipar.data.sampler), ``--grad-accum K`` cuts them into K accumulation steps and
 ``--micro-batches M`` each of those into M pipeline micro-batches, so every layout trains on
 exactly the batches of the single-process run; only floating-point summation order
-differs. A batch that does not divide is an error before any collective. With
-``--dp/--tp/--pp`` (product = world size) the run uses mpipar.parallel; with several ranks
-and no layout flags it picks one itself (data parallel first) and prints it.
+differs. One process is the layout 1 x 1 x 1 of the same trainer, so every flag means the
+same on one rank as on many. With several ranks and no layout flags the layout is chosen
+(data parallel first) and printed.
+
+Every check of the flags, the data, the layout and a checkpoint to resume happens before
+MPI is started: bad input ends with one ``mpipar.train: error: ...`` line from rank 0 and
+exit code 2, never a traceback.
 
 Losses are nats per byte token; the final validation loss is also given in bits per byte
 (loss / ln 2). Data: the pydoc help topics every CPython ships (``--data`` for a UTF-8 text
@@ -28,24 +32,28 @@ file, a 1-D ``.npy`` token array or a nanoGPT-style ``.bin`` of uint16).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
-import functools
-import glob
 import json
 import math
-import os
 import sys
 import time
-from typing import Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 
 from mpipar import backend, runtime
-from mpipar.data import VOCAB_SIZE, BatchSampler, decode, load_tokens, split_train_val
-from mpipar.data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mpipar.optim import OPTIMIZERS, clip_grad_norm, cosine_lr
+from mpipar.comm import make_communicator
+from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
+from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, load_training_checkpoint,
+                                    save_training_checkpoint, training_meta)
+from mpipar.data.corpus import VOCAB_SIZE
+from mpipar.nn.gpt import GPT, PRESETS, GPTConfig, count_parameters, flops_per_token, param_shapes
+from mpipar.optim import OPTIMIZERS, OptimizerSpec, cosine_lr
+from mpipar.parallel.layout import Layout, LayoutError, choose_layout
+from mpipar.parallel.model import load_full_state_dict
+from mpipar.parallel.trainer import ParallelTrainer
+
+PROG = "mpipar.train"
 
 # The default run (no flags) is sized to use about a minute of this 2-core machine and to
 # lower the validation loss visibly (measured on a quiet machine: 600 steps of 8 x 64 tokens
@@ -53,455 +61,290 @@ from mpipar.optim import OPTIMIZERS, clip_grad_norm, cosine_lr
 DEFAULTS = dict(model="small", steps=600, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=20,
                 weight_decay=0.1, grad_clip=1.0, eval_interval=100, eval_batches=8)
 
+# the flag behind each part of a Layout (LayoutError.field)
+LAYOUT_FLAGS = {"dp": "--dp", "tp": "--tp", "pp": "--pp", "grid": "--dp/--tp/--pp",
+                "micro_batches": "--micro-batches", "grad_accum": "--grad-accum",
+                "schedule": "--schedule", "stage_layers": "--stage-layers", "zero": "--zero",
+                "bucket_mb": "--bucket-mb", "allreduce": "--allreduce",
+                "batch_size": "--batch-size"}
+
 
 class UsageError(ValueError):
     """A bad argument or input file, reported before any training (and any collective)."""
 
 
-# ---------------------------------------------------------------------------- BLAS threads
-@functools.lru_cache(maxsize=1)
-def _openblas() -> Any:
-    """NumPy's bundled OpenBLAS as a ctypes library, or None (then threads are not managed)."""
-    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*.so*"))):
-        with contextlib.suppress(OSError):
-            return ctypes.CDLL(path)
-    return None
-
-
-_BLAS_SET = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-             "openblas_set_num_threads")
-_BLAS_GET = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-             "openblas_get_num_threads")
-
-
-def blas_threads() -> int | None:
-    """Threads NumPy's BLAS uses now (None where that cannot be asked)."""
-    lib = _openblas()
-    for name in _BLAS_GET if lib is not None else ():
-        if hasattr(lib, name):
-            return int(getattr(lib, name)())
-    return None
-
-
-def set_blas_threads(n: int) -> bool:
-    """Use ``n`` threads per rank: NumPy's BLAS (set at run time; returns False where the BLAS
-    is not OpenBLAS) and mpipar's blocked elementwise chains (GELU, softmax)."""
-    from mpipar.nn import blocking  # noqa: PLC0415
-
-    blocking.set_threads(n)
-    lib = _openblas()
-    for name in _BLAS_SET if lib is not None else ():
-        if hasattr(lib, name):
-            getattr(lib, name)(int(n))
-            return True
-    return False
-
-
 # ---------------------------------------------------------------------------- arguments
+def _number(kind: type, lowest: float, strict: bool) -> Any:
+    """An argparse type: a finite ``kind`` above (``strict``) or at least ``lowest``."""
+    bound = f"> {lowest:g}" if strict else f">= {lowest:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < lowest or (strict and value == lowest):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {bound}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, COUNT = _number(int, 0, True), _number(int, 0, False)
+POSITIVE, NON_NEGATIVE = _number(float, 0.0, True), _number(float, 0.0, False)
+
+
+def _block_counts(text: str) -> tuple[int, ...]:
+    """``--stage-layers 3,3,2``: blocks per pipeline stage."""
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected blocks per stage as comma-separated "
+                                         f"integers, such as 3,3,2") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that speaks once: errors become a UsageError (printed by ``main`` on rank 0
+    only), and help goes to rank 0's stdout only."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+        if runtime.world_rank() == 0:
+            super()._print_message(message, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    p = argparse.ArgumentParser(prog="python -m mpipar.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=d["model"], help="preset: tiny | small | shakespeare ...")
-    p.add_argument("--steps", type=int, default=d["steps"], help="optimiser steps in total")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+    p = _Parser(prog=f"python -m {PROG}", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d["model"], help=f"preset: {', '.join(PRESETS)}")
+    p.add_argument("--steps", type=POSITIVE_INT, default=d["steps"], help="optimiser steps in total")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=d["batch_size"],
                    help="GLOBAL batch: sequences per optimiser step, over all ranks")
-    p.add_argument("--micro-batches", type=int, default=1,
+    p.add_argument("--micro-batches", type=POSITIVE_INT, default=1,
                    help="pipeline micro-batches per accumulation step (one stage: a plain split)")
-    p.add_argument("--grad-accum", type=int, default=1,
+    p.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
                    help="gradient-accumulation steps per optimiser step (one reduction per step)")
-    p.add_argument("--dp", type=int, default=None, help="data-parallel degree")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (adjacent ranks)")
-    p.add_argument("--pp", type=int, default=None, help="pipeline stages")
+    p.add_argument("--dp", type=POSITIVE_INT, default=None, help="data-parallel degree")
+    p.add_argument("--tp", type=POSITIVE_INT, default=None, help="tensor-parallel degree (adjacent ranks)")
+    p.add_argument("--pp", type=POSITIVE_INT, default=None, help="pipeline stages")
     p.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"), help="pipeline schedule")
-    p.add_argument("--stage-layers", default=None,
-                   help="layers per pipeline stage, e.g. 3,3,2 (default: balanced by FLOPs)")
-    p.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB")
+    p.add_argument("--stage-layers", type=_block_counts, default=None,
+                   help="blocks per pipeline stage, e.g. 3,3,2 (default: balanced by FLOPs)")
+    p.add_argument("--bucket-mb", type=POSITIVE, default=1.0, help="gradient bucket size in MiB")
     p.add_argument("--allreduce", default=None,
                    help="collective algorithm of the data-parallel group (native, ring, rhd, "
                         "tree, dbtree, ps, hier, auto)")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
                    help="ZeRO stage: 1 shards optimiser state, 2 also gradients")
-    p.add_argument("--block-size", type=int, default=None, help="context length (preset's)")
-    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=d["min_lr"], help="learning rate at the end")
-    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up steps")
-    p.add_argument("--lr-decay-steps", type=int, default=None,
+    p.add_argument("--block-size", type=POSITIVE_INT, default=None, help="context length (preset's)")
+    p.add_argument("--lr", type=POSITIVE, default=d["lr"], help="peak learning rate")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, default=d["min_lr"], help="learning rate at the end")
+    p.add_argument("--warmup", type=COUNT, default=d["warmup"], help="linear warm-up steps")
+    p.add_argument("--lr-decay-steps", type=POSITIVE_INT, default=None,
                    help="step where the cosine reaches --min-lr (default: --steps)")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=d["weight_decay"])
+    p.add_argument("--grad-clip", type=NON_NEGATIVE, default=d["grad_clip"], help="0 disables")
     p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
-    p.add_argument("--seed", type=int, default=0, help="initialisation and batches")
+    p.add_argument("--seed", type=COUNT, default=0, help="initialisation and batches")
     p.add_argument("--device", default="cpu", choices=backend.DEVICES)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    # One BLAS thread per rank by default: mpipar uses more cores through more ranks, and
-    # OpenBLAS threads spin while they wait, so on a shared machine (or with more ranks than
-    # cores) a second thread per rank made a small-model step 2.5x SLOWER (measured on 2
-    # busy cores: 265 ms with 1 thread, 715 ms with 2).
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
-    p.add_argument("--eval-interval", type=int, default=d["eval_interval"],
+    p.add_argument("--threads", type=POSITIVE_INT, default=1,
+                   help="CPU threads per rank (BLAS and elementwise chains; see backend.py)")
+    p.add_argument("--eval-interval", type=COUNT, default=d["eval_interval"],
                    help="steps between validation evaluations (0: only before and after)")
-    p.add_argument("--eval-batches", type=int, default=d["eval_batches"],
+    p.add_argument("--eval-batches", type=POSITIVE_INT, default=d["eval_batches"],
                    help="global batches per validation estimate")
     p.add_argument("--data", default=None, help="text / .npy / .bin file (default: pydoc topics)")
     p.add_argument("--log", default=None, help="JSON-lines log file (rank 0)")
-    p.add_argument("--sample", type=int, default=0, help="print N generated bytes at the end")
+    p.add_argument("--sample", type=COUNT, default=0, help="print N generated bytes at the end")
     p.add_argument("--save", default=None, help="checkpoint to write at the end")
-    p.add_argument("--save-interval", type=int, default=0, help="also save every N steps")
+    p.add_argument("--save-interval", type=COUNT, default=0, help="also save every N steps")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     return p
 
 
-def validate(args: argparse.Namespace, presets: dict) -> None:
-    if args.model not in presets:
-        raise UsageError(f"--model {args.model!r} is not a preset; choose from "
-                         f"{', '.join(sorted(presets))}")
-    for name in ("steps", "batch_size", "micro_batches", "grad_accum", "eval_batches"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("warmup", "eval_interval", "save_interval", "sample"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-    if args.block_size is not None and args.block_size < 1:
-        raise UsageError("--block-size must be >= 1")
-    if args.threads < 1:
-        raise UsageError("--threads must be >= 1")
-    if not (args.lr > 0 and 0 <= args.min_lr <= args.lr):
-        raise UsageError(f"need --lr > 0 and 0 <= --min-lr <= --lr, got {args.lr}, {args.min_lr}")
-    if args.weight_decay < 0 or args.grad_clip < 0:
-        raise UsageError("--weight-decay and --grad-clip must be >= 0")
+# ---------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class Run:
+    """Everything a run needs, checked: made without MPI, so bad input stops every rank
+    before any collective."""
+
+    args: argparse.Namespace
+    config: GPTConfig
+    layout: Layout
+    why: str
+    optimizer: OptimizerSpec
+    xp: Any
+    train: BatchSampler
+    val: BatchSampler
+    resume: TrainingCheckpoint | None
 
 
-# ---------------------------------------------------------------------------- helpers
-def model_config(args: argparse.Namespace, presets: dict, vocab_size: int = VOCAB_SIZE) -> Any:
-    """The preset, with --block-size and the data's vocabulary (256 bytes, or more for token
-    files whose ids go beyond 255)."""
-    cfg = presets[args.model]
-    changes = {"vocab_size": vocab_size}
-    if args.block_size is not None:
-        changes["block_size"] = args.block_size
-    return cfg.replace(**changes)
-
-
-class Communication:
-    """World communicator, or None-like behaviour for one process."""
-
-    def __init__(self) -> None:
-        self.comm = None
-        self.rank, self.size = 0, 1
-        if runtime.world_size() > 1:
-            from mpipar.comm import make_communicator  # noqa: PLC0415  (initialises MPI)
-
-            self.comm = make_communicator()
-            self.rank, self.size = self.comm.rank, self.comm.size
-
-
-def checkpoint_meta(args: argparse.Namespace, config: Any, step: int) -> dict:
-    return {"format": "mpipar-checkpoint", "version": 1, "step": step, "model": args.model,
-            "config": dataclasses.asdict(config), "optimizer": args.optimizer,
-            "dtype": args.dtype, "seed": args.seed}
-
-
-def save(path: str, model_sd: dict, optim_sd: dict, meta: dict) -> None:
-    """One checkpoint: full model tensors under nanoGPT names and the optimiser's state as one
-    process keeps it (``Optimizer.state_dict()``: ``step`` and ``<state>.<name>`` arrays)."""
-    arrays = {f"model.{k}": backend.to_host(v) for k, v in model_sd.items()}
-    arrays.update({f"optim.{k}": backend.to_host(v) for k, v in optim_sd.items() if k != "step"})
-    save_checkpoint(path, arrays, {**meta, "optim_step": int(optim_sd["step"])})
-
-
-def read_resume(path: str, args: argparse.Namespace, config: Any) -> tuple[dict, dict, dict]:
-    """(model arrays, optimiser state, meta), checked against this run before any training."""
+def _layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tuple[Layout, str]:
+    base = Layout(micro_batches=args.micro_batches, grad_accum=args.grad_accum,
+                  schedule=args.schedule, stage_layers=args.stage_layers, zero=args.zero,
+                  bucket_mb=args.bucket_mb, allreduce=args.allreduce)
     try:
-        arrays, meta = load_checkpoint(path)
-    except CheckpointError as e:
-        raise UsageError(f"--resume: {e}") from e
-    if meta.get("config") != dataclasses.asdict(config):
-        raise UsageError(f"--resume: {path!r} holds a model with config {meta.get('config')}, "
-                         f"but this run builds {dataclasses.asdict(config)}")
-    if meta.get("optimizer") != args.optimizer:
-        raise UsageError(f"--resume: {path!r} was trained with --optimizer "
-                         f"{meta.get('optimizer')}, not {args.optimizer}")
-    model_sd = {k[6:]: v for k, v in arrays.items() if k.startswith("model.")}
-    optim_sd = {k[6:]: v for k, v in arrays.items() if k.startswith("optim.")}
-    optim_sd["step"] = int(meta["optim_step"])
-    return model_sd, optim_sd, meta
+        if args.dp is None and args.tp is None and args.pp is None:
+            layout, why = choose_layout(world_size, config, args.batch_size, base)
+            return layout, "1 process" if world_size == 1 else "chosen automatically: " + why
+        # as Megatron: --tp and --pp default to 1, --dp to what the world leaves
+        tp, pp = args.tp or 1, args.pp or 1
+        dp = args.dp if args.dp is not None else max(world_size // (tp * pp), 1)
+        layout = base.replace(dp=dp, tp=tp, pp=pp)
+        layout.check(world_size, config, args.batch_size)
+    except LayoutError as e:
+        raise UsageError(f"{LAYOUT_FLAGS[e.field]}: {e}") from e
+    return layout, "as given"
 
 
-class Progress:
-    """tqdm bar on a terminal, else a plain line every ``every`` steps (rank 0 only)."""
-
-    def __init__(self, start: int, total: int, enabled: bool) -> None:
-        self.bar = None
-        self.enabled = enabled
-        self.every = max(1, (total - start) // 20)
-        if enabled and sys.stdout.isatty():
-            with contextlib.suppress(ImportError):
-                from tqdm import tqdm  # noqa: PLC0415
-
-                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                                file=sys.stdout)
-
-    def update(self, step: int, total: int, loss: float, lr: float, tps: float, dt: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s", refresh=False)
-            self.bar.update(1)
-        elif (step + 1) % self.every == 0 or step + 1 == total:
-            runtime.print0(f"step {step + 1:>6}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
-                           f"{tps:>9,.0f} tok/s | {dt * 1e3:7.1f} ms/step")
-
-    def write(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            runtime.print0(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ---------------------------------------------------------------------------- runners
-class SingleRunner:
-    """One process: the reference every parallel layout must reproduce."""
-
-    def __init__(self, args: argparse.Namespace, config: Any, xp: Any, resume: Any) -> None:
-        from mpipar.nn.gpt import GPT  # noqa: PLC0415
-
-        self.args, self.xp = args, xp
-        self.model = GPT(config, seed=args.seed, dtype=args.dtype, xp=xp)
-        self.opt = OPTIMIZERS[args.optimizer](self.model.state_dict(), **optimizer_kwargs(args))
-        self.start = 0
-        if resume is not None:
-            model_sd, optim_sd, meta = resume
-            self.model.load_state_dict(model_sd)
-            self.opt.load_state_dict(optim_sd)
-            self.start = int(meta["step"])
-        self.n_params = self.model.num_parameters()
-        self.flops_per_token = self.model.flops_per_token()
-
-    def describe(self) -> str:
-        return "1 process"
-
-    def step(self, sampler: BatchSampler, step: int, lr: float) -> float:
-        xp, M = self.xp, self.args.micro_batches * self.args.grad_accum
-        loss = 0.0
-        for m in range(M):
-            x, y = sampler.batch(step, 0, 1, m, M)
-            # dloss = 1/M: the accumulated gradient is the mean over micro-batches
-            loss_m, grads = self.model.loss_and_grads(xp.asarray(x), xp.asarray(y),
-                                                      accumulate=m > 0, dloss=1.0 / M)
-            loss += loss_m / M
-        clip_grad_norm(self.model.grads, self.args.grad_clip)
-        self.opt.step(self.model.grads, lr=lr)
-        backend.synchronize(xp)
-        return loss
-
-    def evaluate(self, sampler: BatchSampler, n_batches: int) -> float:
-        total = 0.0
-        self.model.eval()                                  # dropout off
-        for k in range(n_batches):
-            x, y = sampler.batch(k, 0, 1)
-            _, loss, _ = self.model.forward(self.xp.asarray(x), self.xp.asarray(y))
-            total += float(loss)
-        self.model.train()
-        return total / n_batches
-
-    def generator(self) -> Any:
-        return self.model
-
-    def save(self, path: str, meta: dict) -> None:
-        save(path, self.model.state_dict(), self.opt.state_dict(), meta)
+def prepare(args: argparse.Namespace, world_size: int) -> Run:
+    """Check every flag, read the data and the checkpoint to resume, and fix the layout, for
+    a world of ``world_size`` ranks; UsageError naming the flag or file otherwise. No MPI."""
+    if args.model not in PRESETS:
+        raise UsageError(f"--model {args.model!r} is not a preset; choose from {', '.join(PRESETS)}")
+    if args.min_lr > args.lr:
+        raise UsageError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    try:
+        optimizer = OptimizerSpec(args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
+        xp = backend.get_xp(args.device)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from e
+    where = f"--data {args.data}" if args.data else "the default corpus"
+    try:
+        tokens = load_tokens(args.data)
+        vocab = vocab_size_of(tokens)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{where}: {e}") from e
+    config = PRESETS[args.model].replace(vocab_size=vocab)
+    if args.block_size is not None:
+        config = config.replace(block_size=args.block_size)
+    layout, why = _layout(args, world_size, config)
+    samplers = []
+    for stream, (part, tokens_of_part) in enumerate(zip(("training", "validation"),
+                                                        split_train_val(tokens))):
+        try:
+            samplers.append(BatchSampler(tokens_of_part, args.batch_size, config.block_size,
+                                         seed=args.seed, stream=stream))
+        except ValueError as e:
+            raise UsageError(f"{where}, {part} part, with --block-size {config.block_size}: "
+                             f"{e}") from e
+    resume = None
+    if args.resume:
+        try:
+            resume = load_training_checkpoint(args.resume)
+            resume.check(dataclasses.asdict(config), args.optimizer, param_shapes(config),
+                         optimizer.state_names)
+        except CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from e
+        if args.steps <= resume.step:
+            raise UsageError(f"--steps {args.steps} is not beyond the step of --resume "
+                             f"{args.resume!r} ({resume.step}): nothing to train")
+    return Run(args, config, layout, why, optimizer, xp, *samplers, resume)
 
 
-class ParallelRunner:
-    """Any dp x tp x pp layout through mpipar.parallel.trainer.ParallelTrainer."""
+class Runner:
+    """The trainer of any layout, its data and its checkpoints, for one run."""
 
-    def __init__(self, args: argparse.Namespace, config: Any, xp: Any, resume: Any, comm: Any,
-                 layout: tuple[int, int, int], why: str) -> None:
-        from mpipar.parallel.model import load_full_state_dict  # noqa: PLC0415
-        from mpipar.parallel.trainer import ParallelTrainer  # noqa: PLC0415
-
-        self.args, self.xp, self.comm, self.why = args, xp, comm, why
-        dp, tp, pp = layout
-        self.trainer = ParallelTrainer(
-            comm, config, dp=dp, tp=tp, pp=pp, seed=args.seed, dtype=args.dtype, xp=xp,
-            micro_batches=args.micro_batches, schedule=args.schedule, grad_accum=args.grad_accum,
-            bucket_mb=args.bucket_mb, allreduce=args.allreduce, zero=args.zero,
-            optimizer=args.optimizer, grad_clip=args.grad_clip, stage_layers=args.stage_layers,
-            **optimizer_kwargs(args))
+    def __init__(self, run: Run, comm: Any) -> None:
+        args, config = run.args, run.config
+        self.run, self.comm = run, comm
+        self.trainer = ParallelTrainer(comm, config, run.layout, run.optimizer, seed=args.seed,
+                                       dtype=args.dtype, xp=run.xp, grad_clip=args.grad_clip)
         self.mesh = self.trainer.mesh
-        self.config = config
         self.start = 0
-        if resume is not None:
-            model_sd, optim_sd, meta = resume
-            try:  # local on every rank: the same file fails the same way everywhere
-                load_full_state_dict(self.trainer.local, model_sd)
-                self.trainer.load_full_optimizer_state(optim_sd)
-            except (KeyError, ValueError) as e:
-                raise UsageError(f"--resume: {e.args[0] if e.args else e}") from e
-            self.start = int(meta["step"])
-        from mpipar.nn.gpt import count_parameters, flops_per_token  # noqa: PLC0415
-
-        self.n_params = count_parameters(config)
-        self.flops_per_token = flops_per_token(config)
+        if run.resume is not None:        # checked against this model in prepare()
+            load_full_state_dict(self.trainer.local, run.resume.model)
+            self.trainer.load_full_optimizer_state(run.resume.optim)
+            self.start = run.resume.step
 
     def describe(self) -> str:
-        m = self.mesh
-        return (f"{m.dp * m.tp * m.pp} ranks as dp={m.dp} x tp={m.tp} x pp={m.pp} ({self.why}); "
-                f"schedule {self.args.schedule}, {self.args.micro_batches} micro-batches, "
-                f"grad-accum {self.args.grad_accum}, buckets {self.args.bucket_mb:g} MiB, "
-                f"all-reduce {self.args.allreduce or 'native'}, ZeRO {self.args.zero}\n"
-                f"{m}")
+        a, m = self.run.args, self.mesh
+        return (f"{m.dp * m.tp * m.pp} rank(s) as dp={m.dp} x tp={m.tp} x pp={m.pp} "
+                f"({self.run.why}); schedule {a.schedule}, {a.micro_batches} micro-batches, "
+                f"grad-accum {a.grad_accum}, buckets {a.bucket_mb:g} MiB, all-reduce "
+                f"{a.allreduce or 'native'}, ZeRO {a.zero}\n{m}")
 
-    def step(self, sampler: BatchSampler, step: int, lr: float) -> float:
-        m = self.mesh
-        x, y = sampler.batch(step, m.dp_rank, m.dp)
+    def step(self, step: int, lr: float) -> float:
+        x, y = self.run.train.batch(step, self.mesh.dp_rank, self.mesh.dp)
         return self.trainer.step(x, y, lr=lr).loss
 
-    def evaluate(self, sampler: BatchSampler, n_batches: int) -> float:
-        m = self.mesh
+    def evaluate(self, n_batches: int) -> float:
         total = 0.0
         for k in range(n_batches):
-            x, y = sampler.batch(k, m.dp_rank, m.dp)
+            x, y = self.run.val.batch(k, self.mesh.dp_rank, self.mesh.dp)
             total += self.trainer.evaluate(x, y)
         return total / n_batches
 
-    def generator(self) -> Any:
-        """A single-process GPT with the trained weights, on world rank 0 (None elsewhere)."""
-        from mpipar.nn.gpt import GPT  # noqa: PLC0415
+    def save(self, path: str, step: int) -> None:
+        """The file one process writes (full tensors, nanoGPT names), whatever the layout:
+        any layout, or one process, resumes from it. Collective; rank 0 writes."""
+        a = self.run.args
+        sd = self.trainer.full_state_dict()
+        osd = self.trainer.full_optimizer_state()
+        if self.comm.rank == 0:
+            meta = training_meta(step=step, model=a.model, config=dataclasses.asdict(self.run.config),
+                                 optimizer=a.optimizer, dtype=a.dtype, seed=a.seed)
+            save_training_checkpoint(path, sd, osd, meta)
 
-        sd = self.trainer.full_state_dict()       # collective: every rank calls it
+    def generator(self) -> GPT | None:
+        """A single-process GPT with the trained weights, on world rank 0 (None elsewhere).
+        Collective."""
+        sd = self.trainer.full_state_dict()
         if self.comm.rank != 0:
             return None
-        model = GPT(self.config, seed=self.args.seed, dtype=self.args.dtype, xp=self.xp)
+        a = self.run.args
+        model = GPT(self.run.config, seed=a.seed, dtype=a.dtype, xp=self.run.xp)
         model.load_state_dict(sd)
         return model
 
-    def save(self, path: str, meta: dict) -> None:
-        """The same file one process writes (full tensors, nanoGPT names), whatever the
-        layout: any layout, or one process, resumes from it."""
-        sd = self.trainer.full_state_dict()       # collective
-        osd = self.trainer.full_optimizer_state()  # collective
-        if self.comm.rank == 0:
-            save(path, sd, osd, meta)
-
-
-def optimizer_kwargs(args: argparse.Namespace) -> dict:
-    kw: dict[str, Any] = dict(lr=args.lr, weight_decay=args.weight_decay)
-    if args.optimizer == "adamw":
-        kw["betas"] = (0.9, 0.95)
-    return kw
-
-
-def choose_runner_layout(args: argparse.Namespace, W: int, config: Any) -> tuple[tuple, str] | None:
-    """None for the single-process path; else ((dp, tp, pp), why). Raises UsageError for a
-    layout that does not fit the world, the model or the batch, on every rank alike."""
-    from mpipar.parallel.mesh import LayoutError, check_layout  # noqa: PLC0415
-    from mpipar.parallel.trainer import check_batch, choose_layout  # noqa: PLC0415
-
-    given = [args.dp, args.tp, args.pp]
-    if W == 1 and all(v is None for v in given) and not args.zero:
-        return None
-    try:
-        if all(v is None for v in given):
-            dp, tp, pp, why = choose_layout(W, config, args.batch_size, args.micro_batches,
-                                            args.grad_accum)
-            why = "chosen automatically: " + why
-        else:
-            # as Megatron: --tp and --pp default to 1, --dp to what the world leaves
-            tp, pp = args.tp or 1, args.pp or 1
-            dp = args.dp if args.dp is not None else max(W // (tp * pp), 1)
-            why = "as given"
-        check_layout(W, dp, tp, pp)
-        check_batch(args.batch_size, dp, args.grad_accum, args.micro_batches)
-        if tp > 1 or pp > 1:
-            from mpipar.parallel.model import check_model_layout  # noqa: PLC0415
-
-            check_model_layout(config, tp, pp)
-    except LayoutError as e:
-        raise UsageError(str(e)) from e
-    return (dp, tp, pp), why
-
 
 # ---------------------------------------------------------------------------- training
-def train(args: argparse.Namespace) -> dict:
-    """Run training as ``args`` say; returns {"val_loss_before", "val_loss", "steps", ...}."""
-    from mpipar.nn.gpt import PRESETS  # noqa: PLC0415  (keeps --help fast)
-
-    validate(args, PRESETS)
-    comm = Communication()
-    W, rank = comm.size, comm.rank
-    try:
-        xp = backend.get_xp(args.device)
-    except RuntimeError as e:
-        raise UsageError(str(e)) from e
-    threads = args.threads
-    set_blas_threads(threads)
-    try:
-        tokens = load_tokens(args.data)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--data: {e}") from e
-    if int(tokens.min()) < 0:
-        raise UsageError("--data holds negative token ids")
-    config = model_config(args, PRESETS, max(VOCAB_SIZE, int(tokens.max()) + 1))
-    chosen = choose_runner_layout(args, W, config)   # every check before any collective
-    if chosen is None and args.batch_size % (args.micro_batches * args.grad_accum):
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by --grad-accum "
-                         f"{args.grad_accum} x --micro-batches {args.micro_batches}")
-    train_tokens, val_tokens = split_train_val(tokens)
-    T, B = config.block_size, args.batch_size
-    try:
-        train_s = BatchSampler(train_tokens, B, T, seed=args.seed, stream=0)
-        val_s = BatchSampler(val_tokens, B, T, seed=args.seed, stream=1)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    resume = read_resume(args.resume, args, config) if args.resume else None
-
-    if chosen is None:
-        runner: Any = SingleRunner(args, config, xp, resume)
-    else:
-        runner = ParallelRunner(args, config, xp, resume, comm.comm, *chosen)
-    start = runner.start
+def train(run: Run) -> dict:
+    """Run training; returns {"val_loss_before", "val_loss", "steps", ...}."""
+    args, config = run.args, run.config
+    backend.set_cpu_threads(args.threads)
+    comm = make_communicator()                      # MPI starts here, after every check
+    runner = Runner(run, comm)
+    start, T, B = runner.start, config.block_size, args.batch_size
     decay_steps = args.lr_decay_steps or args.steps
-    meta = checkpoint_meta(args, config, start)
-
     runtime.print0(
-        f"mpipar.train | model {args.model}: {config.n_layer} layers, {config.n_head} heads, "
-        f"width {config.n_embd}, block {T}, vocab {config.vocab_size} | {runner.n_params:,} parameters\n"
+        f"{PROG} | model {args.model}: {config.n_layer} layers, {config.n_head} heads, "
+        f"width {config.n_embd}, block {T}, vocab {config.vocab_size} | "
+        f"{count_parameters(config):,} parameters\n"
         f"  layout: {runner.describe()}\n"
         f"  global batch {B} x {T} = {B * T:,} tokens/step | grad-accum {args.grad_accum} x "
         f"micro-batches {args.micro_batches}\n"
-        f"  device {backend.device_name(xp)} | dtype {args.dtype} | BLAS threads per rank "
-        f"{blas_threads() or threads} | {args.optimizer} lr {args.lr:g} -> {args.min_lr:g} "
-        f"(warm-up {args.warmup}, cosine to step {decay_steps}) | steps {start} -> {args.steps}\n"
-        f"  data {args.data or 'pydoc topics'}: {len(train_tokens):,} train / "
-        f"{len(val_tokens):,} val tokens | {runner.flops_per_token * B * T / 1e9:.2f} "
+        f"  device {backend.device_name(run.xp)} | dtype {args.dtype} | BLAS threads per rank "
+        f"{backend.blas_threads() or args.threads} | {args.optimizer} lr {args.lr:g} -> "
+        f"{args.min_lr:g} (warm-up {args.warmup}, cosine to step {decay_steps}) | steps "
+        f"{start} -> {args.steps}\n"
+        f"  data {args.data or 'pydoc topics'}: {len(run.train.tokens):,} train / "
+        f"{len(run.val.tokens):,} val tokens | {flops_per_token(config) * B * T / 1e9:.2f} "
         f"GFLOP/step")
 
-    log = open(args.log, "a" if args.resume else "w") if (args.log and rank == 0) else None
+    log = open(args.log, "a" if args.resume else "w") if (args.log and comm.rank == 0) else None
 
     def record(entry: dict) -> None:
         if log is not None:
             log.write(json.dumps(entry) + "\n")
             log.flush()
 
-    val_before = runner.evaluate(val_s, args.eval_batches)
+    val_before = runner.evaluate(args.eval_batches)
     record({"step": start, "val_loss": val_before})
     runtime.print0(f"step {start}: val loss {val_before:.4f} ({val_before / math.log(2):.3f} "
                    f"bits/byte)")
-    progress = Progress(start, args.steps, rank == 0)
+    progress = runtime.Progress(start, args.steps)
     t_start = time.perf_counter()
     val_loss, loss = val_before, float("nan")
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.min_lr, args.warmup, decay_steps)
-        loss = runner.step(train_s, step, lr)
+        loss = runner.step(step, lr)
         dt = time.perf_counter() - t0
         tps = B * T / dt
         record({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps,
@@ -509,19 +352,18 @@ def train(args: argparse.Namespace) -> dict:
         progress.update(step, args.steps, loss, lr, tps, dt)
         done = step + 1
         if args.eval_interval and done % args.eval_interval == 0 and done < args.steps:
-            val_loss = runner.evaluate(val_s, args.eval_batches)
+            val_loss = runner.evaluate(args.eval_batches)
             record({"step": done, "val_loss": val_loss})
             progress.write(f"step {done}: val loss {val_loss:.4f}")
         if args.save and args.save_interval and done % args.save_interval == 0:
-            runner.save(args.save, {**meta, "step": done})
+            runner.save(args.save, done)
     progress.close()
     elapsed = time.perf_counter() - t_start
 
-    if args.steps > start:
-        val_loss = runner.evaluate(val_s, args.eval_batches)
-        record({"step": args.steps, "val_loss": val_loss})
+    val_loss = runner.evaluate(args.eval_batches)
+    record({"step": args.steps, "val_loss": val_loss})
     if args.save:
-        runner.save(args.save, {**meta, "step": max(start, args.steps)})
+        runner.save(args.save, args.steps)
         runtime.print0(f"saved {args.save}")
     if log is not None:
         log.close()
@@ -530,9 +372,9 @@ def train(args: argparse.Namespace) -> dict:
                    f"{val_before:.4f} -> {val_loss:.4f} nats = {val_before * bpb:.3f} -> "
                    f"{val_loss * bpb:.3f} bits/byte")
     if args.sample:
-        model = runner.generator()                 # collective for parallel layouts
+        model = runner.generator()                 # collective
         if model is not None:
-            prompt = xp.asarray(np.array([[10]], dtype=np.int64))   # a newline
+            prompt = run.xp.asarray(np.array([[10]], dtype=np.int64))   # a newline
             out = model.generate(prompt, args.sample, temperature=0.8, top_k=None, seed=args.seed)
             new = backend.to_host(out)[0, 1:]
             text = decode(new) if config.vocab_size == VOCAB_SIZE else " ".join(map(str, new))
@@ -544,12 +386,13 @@ def train(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """The command line (``python -m mpipar.train``), callable in-process: returns 0 or 2."""
     runtime.install_abort_handler()
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        train(args)
+        run = prepare(build_parser().parse_args(sys.argv[1:] if argv is None else argv),
+                      runtime.world_size())
     except UsageError as e:
-        runtime.print0(f"mpipar.train: error: {e}", file=sys.stderr)
+        runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    train(run)
     return 0
 
 

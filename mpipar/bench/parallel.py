@@ -1,4 +1,4 @@
-"""Step time, overlap, pipeline bubble and memory per parallel layout (issue 5, item 8).
+"""Step time, overlap, pipeline bubble and memory per parallel layout.
 
     mpiexec -n 2 python -m mpipar.bench parallel                       # every layout of 2 ranks
     mpiexec -n 2 python -m mpipar.bench parallel --layouts 2x1x1 --zero 0,1,2
@@ -7,11 +7,11 @@
     mpiexec -n 4 python -m mpipar.bench parallel --layouts 2x1x2,1x2x2 --micro-batches 4
 
 Layouts are DPxTPxPP (``2x1x2``: dp 2, tp 1, pp 2). The default is every layout of the
-world size that fits the model (tp dividing heads, MLP width and vocabulary, pp at most the
-number of layers, dp dividing the batch). ``--schedules`` and ``--micro-batches`` apply to
+world size that fits the model and the batch (``Layout.check``, as training decides). ``--schedules`` and ``--micro-batches`` apply to
 layouts with a pipeline (pp > 1; the others run M = 1 and no schedule), ``--zero`` to layouts
-with data parallelism (dp > 1; the others run zero 0). A configuration whose batch does not
-split (``--batch-size`` over dp x grad-accum x M) is listed as skipped, with the reason.
+with data parallelism (dp > 1; the others run zero 0). A configuration that does not fit
+(``Layout.check``: e.g. ``--batch-size`` over dp x grad-accum x M) is listed as skipped,
+with the reason.
 
 Every configuration is a ``ParallelTrainer`` on COMM_WORLD (``mpipar.comm.make_communicator``);
 all of them are built first, then stepped round-robin (one step of each per round) so that a
@@ -33,8 +33,8 @@ Columns (medians over the timed steps):
   step is in the JSON as ``exposed_fraction_step_max``: on a loaded machine it mostly
   measures which rank finished backward first and waited for the other.)
 * ``bubble``: the measured pipeline bubble, the idle fraction of a stage:
-  ``1 - (forward + backward compute) / pipeline step wall time`` on one rank (``StepTimes``
-  of ``pipe.history``, summed over the step's grad-accum chunks), MEAN over all ranks (every
+  ``1 - (forward + backward compute) / pipeline step wall time`` on one rank (the step's
+  ``TrainStepResult.pipe``, summed over its grad-accum chunks), MEAN over all ranks (every
   rank is one pipeline stage), median over steps; ``max`` is the largest rank's (the
   least-loaded stage idles most when stages are uneven); ``theory`` =
   ``bubble_fraction_theory(P, M) = (P-1)/(M+P-1)`` and ``d pp`` = bubble - theory in
@@ -44,7 +44,7 @@ Columns (medians over the timed steps):
   pp = 1 the "bubble" is the executor's own overhead (theory 0);
 * memory per rank in MiB (largest over ranks): ``params``, ``grads`` (what the rank held:
   plain and ZeRO-1 the full buffer (+ the shard); ZeRO-2 the shard + the most per-bucket
-  gradient storage held at once; see ``zero.ZeroOptimizer.memory_report``), ``opt`` (optimiser
+  gradient storage held at once; see ``GradSync.memory_report``), ``opt`` (optimiser
   state) and ``act``: the peak bytes held by the pipeline's activation caches during one
   extra, untimed step, measured by wrapping this rank's stage objects' ``forward`` /
   ``backward`` (no change to ``pipeline.py``): a forward's returned cache adds its arrays,
@@ -53,7 +53,7 @@ Columns (medians over the timed steps):
   ``act sched`` in the JSON is the schedule's peak number of micro-batches in flight
   (``schedules.simulate``).
 
-After the table, one line per goal of issue 5 with the measured value: overlap (dp > 1:
+After the table, one line per goal with the measured value: overlap (dp > 1:
 exposed/total <= 30%), bubble (pp > 1: within 10 pp of the theory), ZeRO-1 optimiser state and
 ZeRO-2 gradients ~ 1/D of the unsharded bytes (within 10%). Missing a goal is reported, not an
 error (the exit code is 0 unless ``--strict``).
@@ -72,6 +72,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from mpipar import runtime
+from mpipar.comm import make_communicator
+from mpipar.comm.mpi_env import library_version, thread_level_name
+from mpipar.data import BatchSampler, load_tokens, split_train_val
+from mpipar.nn.attention import causal_mask
+from mpipar.nn.gpt import PRESETS
+from mpipar.optim import OptimizerSpec
+from mpipar.parallel.layout import SCHEDULE_NAMES, Layout, LayoutError, layouts
+from mpipar.parallel.schedules import all_ranks, bubble_fraction_theory, simulate
+from mpipar.parallel.trainer import ParallelTrainer
 
 MIB = float(1 << 20)
 OVERLAP_GOAL = 0.30       # exposed / total all-reduce time
@@ -158,21 +169,14 @@ def parse_layouts(text: str, world: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def fits(config: Any, dp: int, tp: int, pp: int, batch_size: int) -> bool:
-    """The layout suits the model (as ``trainer.choose_layout`` asks) and the batch."""
-    return (config.n_head % tp == 0 and (4 * config.n_embd) % tp == 0
-            and config.vocab_size % tp == 0 and pp <= config.n_layer and batch_size % dp == 0)
-
-
 def configurations(args: argparse.Namespace, config: Any, world: int) -> list[Config]:
-    from mpipar.parallel.mesh import layouts as all_layouts
-
     lays = (parse_layouts(args.layouts, world) if args.layouts
-            else [l for l in all_layouts(world) if fits(config, *l, args.batch_size)])
+            else [l for l in layouts(world)
+                  if Layout(*l).fits(world, config, args.batch_size)])
     schedules, Ms, zeros = _names(args.schedules), _ints(args.micro_batches), _ints(args.zero)
     for s in schedules:
-        if s not in ("gpipe", "1f1b"):
-            raise SystemExit(f"--schedules: {s!r} is not gpipe or 1f1b")
+        if s not in SCHEDULE_NAMES:
+            raise SystemExit(f"--schedules: {s!r} is not one of {', '.join(SCHEDULE_NAMES)}")
     out = []
     for dp, tp, pp in lays:
         for sched in (schedules if pp > 1 else ["-"]):
@@ -275,46 +279,37 @@ class ActivationMeter:
 
 # ---------------------------------------------------------------------------- running
 def _build(run: Run, world: Any, config: Any, args: argparse.Namespace) -> None:
-    from mpipar.parallel.mesh import LayoutError
-    from mpipar.parallel.trainer import ParallelTrainer, check_batch
-
     c = run.cfg
+    layout = Layout(c.dp, c.tp, c.pp, micro_batches=c.M, grad_accum=args.grad_accum,
+                    schedule=c.schedule if c.pp > 1 else "1f1b", zero=c.zero,
+                    bucket_mb=args.bucket_mb if args.bucket_mb > 0 else None,
+                    allreduce=args.allreduce)
     try:
-        check_batch(args.batch_size, c.dp, args.grad_accum, c.M)
         # identical on every rank: a LayoutError stops all ranks before any collective
-        run.trainer = ParallelTrainer(world, config, dp=c.dp, tp=c.tp, pp=c.pp, seed=0,
-                                      dtype=args.dtype, micro_batches=c.M,
-                                      schedule=c.schedule if c.pp > 1 else "1f1b",
-                                      grad_accum=args.grad_accum, bucket_mb=args.bucket_mb,
-                                      allreduce=args.allreduce, zero=c.zero, lr=1e-3,
-                                      weight_decay=0.1, grad_clip=1.0)
+        layout.check(world.size, config, args.batch_size)
     except LayoutError as e:
         run.skipped = str(e)
+        return
+    run.trainer = ParallelTrainer(world, config, layout, OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1),
+                                  dtype=args.dtype, grad_clip=1.0)
 
 
 def _one_step(run: Run, world: Any, sampler: Any, step: int, record: bool) -> None:
     tr = run.trainer
     mesh = tr.mesh
     x, y = sampler.batch(step, mesh.dp_rank, mesh.dp)
-    n0 = len(tr.pipe.history)
     world.barrier()
     t0 = time.perf_counter()
     res = tr.step(x, y)
     dt = time.perf_counter() - t0
-    hist = tr.pipe.history[n0:]
-    del tr.pipe.history[:n0]                  # keep only this step's entries
     if record:
-        pipe_s = sum(h.step for h in hist)
-        run.steps.append((dt, res.comm.total_s, res.comm.exposed_s,
-                          sum(h.compute for h in hist), pipe_s,
-                          sum(h.forward for h in hist), sum(h.backward for h in hist),
-                          sum(h.recv_wait for h in hist)))
+        p = res.pipe                           # summed over the step's accumulation chunks
+        run.steps.append((dt, res.comm.total_s, res.comm.exposed_s, p.compute, p.step,
+                          p.forward, p.backward, p.recv_wait))
 
 
 def _measure_memory(run: Run, world: Any, sampler: Any, step: int) -> None:
     """One extra untimed step with the activation meter installed; then the memory report."""
-    from mpipar.nn.attention import causal_mask
-
     tr = run.trainer
     local = tr.local
     exclude = [local.param_buffer, local.grad_buffer,
@@ -326,22 +321,11 @@ def _measure_memory(run: Run, world: Any, sampler: Any, step: int) -> None:
         meter.remove()
     run.act_peak = meter.peak
     mem = dict(tr.memory_report())
-    if tr.zero:
-        full = tr.optimizer.memory_report()
-        mem["grads_unsharded"] = int(full["grads_unsharded"])
-        mem["optimizer_state_unsharded"] = int(full["optimizer_state_unsharded"])
-        mem["grads_kept"] = int(full["grads"])    # what outlives a step's backward
-    else:
-        mem["grads_kept"] = mem["grads"]
-        mem["grads_unsharded"] = mem["grads"]
-        mem["optimizer_state_unsharded"] = mem["optimizer_state"]
     mem["activations"] = int(meter.peak)
     run.memory = mem
 
 
 def _summarise(run: Run, world: Any, args: argparse.Namespace, T: int) -> dict:
-    from mpipar.parallel.schedules import all_ranks, bubble_fraction_theory, simulate
-
     c = run.cfg
     row: dict[str, Any] = dict(layout=c.layout, dp=c.dp, tp=c.tp, pp=c.pp, schedule=c.schedule,
                                M=c.M, zero=c.zero)
@@ -405,9 +389,6 @@ def _summarise(run: Run, world: Any, args: argparse.Namespace, T: int) -> dict:
 
 
 def run_all(world: Any, args: argparse.Namespace) -> tuple[list[dict], Any, int]:
-    from mpipar.data import BatchSampler, load_tokens, split_train_val
-    from mpipar.nn.gpt import PRESETS
-
     if args.model not in PRESETS:
         raise SystemExit(f"--model {args.model!r}: choose from {', '.join(PRESETS)}")
     config = PRESETS[args.model]
@@ -475,7 +456,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def goal_lines(rows: list[dict]) -> list[tuple[str, bool]]:
-    """(line, met) per goal of issue 5 that the rows measure."""
+    """(line, met) per goal (overlap, bubble, ZeRO memory) that the rows measure."""
     out: list[tuple[int, str, bool]] = []       # (kind, line, met): overlap, bubble, ZeRO
     for r in rows:
         if "skipped" in r:
@@ -514,8 +495,6 @@ def goal_lines(rows: list[dict]) -> list[tuple[str, bool]]:
 
 
 def header(world: Any, args: argparse.Namespace, config: Any, T: int) -> dict:
-    from mpipar.comm.mpi_env import library_version, thread_level_name
-
     return {"mpi_library": library_version(), "thread_level": thread_level_name(), "ranks": world.size,
             "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -531,11 +510,7 @@ def header(world: Any, args: argparse.Namespace, config: Any, T: int) -> dict:
 
 def main(args: argparse.Namespace, comm: Any = None) -> int:
     """Run the benchmark; ``comm``: a Communicator over COMM_WORLD (default: made here)."""
-    from mpipar.runtime import print0
-
     if comm is None:
-        from mpipar.comm import make_communicator
-
         comm = make_communicator()
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
@@ -550,32 +525,32 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
     goals = goal_lines(rows)
     if comm.rank == 0:
         cfg = meta["config"]
-        print0(f"# mpipar parallel benchmark: {meta['ranks']} ranks, {meta['mpi_library']}, MPI thread "
+        runtime.print0(f"# mpipar parallel benchmark: {meta['ranks']} ranks, {meta['mpi_library']}, MPI thread "
                f"level {meta['thread_level']}, {meta['host']}")
-        print0(f"# model {args.model} (L={cfg['n_layer']} H={cfg['n_head']} C={cfg['n_embd']} "
+        runtime.print0(f"# model {args.model} (L={cfg['n_layer']} H={cfg['n_head']} C={cfg['n_embd']} "
                f"V={cfg['vocab_size']}), global batch {args.batch_size} x T {T}, dtype {args.dtype}, "
                f"grad-accum {args.grad_accum}, buckets {args.bucket_mb} MiB, allreduce "
                f"{meta['allreduce']}, OPENBLAS_NUM_THREADS={meta['openblas_threads']}")
-        print0(f"# {args.steps} timed steps after {args.warmup} warm-up, medians; "
+        runtime.print0(f"# {args.steps} timed steps after {args.warmup} warm-up, medians; "
                f"{'interleaved round-robin' if args.interleave else 'one configuration at a time'}; "
                f"load average {' '.join(f'{v:.2f}' for v in load0 or ())} at start, "
                f"{' '.join(f'{v:.2f}' for v in meta['loadavg_end'] or ())} at end")
-        print0(format_rows(rows))
-        print0("# step ms: slowest rank; ar/exp ms: dp gradient collectives total / not hidden by "
+        runtime.print0(format_rows(rows))
+        runtime.print0("# step ms: slowest rank; ar/exp ms: dp gradient collectives total / not hidden by "
                "backward (mean over ranks); exp% = exposed/total")
-        print0("# bubble: 1 - compute/pipeline-step per rank, mean over ranks (max: largest rank); "
+        runtime.print0("# bubble: 1 - compute/pipeline-step per rank, mean over ranks (max: largest rank); "
                "theory (P-1)/(M+P-1); d pp = bubble - theory; sim: the schedule simulated with the "
                "measured compute per stage (imbalance only, no comm/overhead)")
-        print0("# memory: MiB per rank (largest rank): params, grads, opt(imiser state), act(ivation "
+        runtime.print0("# memory: MiB per rank (largest rank): params, grads, opt(imiser state), act(ivation "
                "caches, peak during a step)")
         for line, ok in goals:
-            print0(f"# goal {'ok  ' if ok else 'MISS'} {line}")
+            runtime.print0(f"# goal {'ok  ' if ok else 'MISS'} {line}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "args": {k: v for k, v in vars(args).items()
                                                   if not k.startswith("_") and not callable(v)},
                            "rows": rows, "goals": [{"line": l, "met": ok} for l, ok in goals]},
                           f, indent=1)
-            print0(f"# saved {args.json}")
+            runtime.print0(f"# saved {args.json}")
     missed = sum(not ok for _, ok in goals)
     return 1 if args.strict and missed else 0

@@ -31,10 +31,11 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.data import VOCAB_SIZE, BatchSampler, load_tokens, split_train_val
-from mpipar.optim import AdamW
-from mpipar.train import blas_threads, set_blas_threads
+from mpipar.nn.gpt import GPT, PRESETS
+from mpipar.optim import OptimizerSpec
 
-BETAS, EPS, WD, LR = (0.9, 0.95), 1e-8, 0.1, 1e-3
+# both sides: AdamW with these numbers (betas and eps are OptimizerSpec's defaults)
+OPTIMIZER = OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,9 +132,10 @@ def torch_side(model: Any, config: Any, attention: str) -> tuple[Any, Any]:
         raise RuntimeError(f"torch GPT names differ from mpipar's: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
     params = [p for p in tm.parameters()]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WD},
+    spec = OPTIMIZER
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return tm, torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    return tm, torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
 
 
 # ---------------------------------------------------------------------------- timing
@@ -142,15 +144,12 @@ def _median_ms(times: list[float]) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpipar.nn.gpt import GPT, PRESETS  # noqa: PLC0415
-    import dataclasses  # noqa: PLC0415
-
     if args.model not in PRESETS:
         raise SystemExit(f"bench train: --model {args.model!r} is not one of "
                          f"{', '.join(sorted(PRESETS))}")
     if min(args.batch_size, args.steps, args.threads) < 1 or args.warmup < 0:
         raise SystemExit("bench train: --batch-size, --steps, --threads must be >= 1")
-    set_blas_threads(args.threads)
+    backend.set_cpu_threads(args.threads)
     torch = None
     if not args.no_torch:
         try:
@@ -159,16 +158,14 @@ def main(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         except ImportError:
             print("torch is not installed: timing mpipar only (pip install torch for the baseline)")
-    config = PRESETS[args.model]
-    changes = {"vocab_size": VOCAB_SIZE}
+    config = PRESETS[args.model].replace(vocab_size=VOCAB_SIZE)
     if args.block_size:
-        changes["block_size"] = args.block_size
-    config = dataclasses.replace(config, **changes)
+        config = config.replace(block_size=args.block_size)
     B, T = args.batch_size, config.block_size
 
     model = GPT(config, seed=args.seed, dtype="float32", xp=np)
     params = model.state_dict()
-    opt = AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    opt = OPTIMIZER.build(params)
     if torch is not None:
         tmodel, topt = torch_side(model, config, args.torch_attention)
     train, _ = split_train_val(load_tokens(None))
@@ -204,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"bench train | model {args.model}: {config.n_layer}L {config.n_head}H "
           f"C={config.n_embd} T={T} V={config.vocab_size}, {model.num_parameters():,} params | "
           f"B={B} T={T} ({B * T:,} tokens/step) | float32 | threads {args.threads} "
-          f"(numpy BLAS reports {blas_threads()}"
+          f"(numpy BLAS reports {backend.blas_threads()}"
           f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}) | "
           f"median of {args.steps} steps after {args.warmup} warm-up | "
           f"{flops_tok / 1e6:.1f} MFLOP/token")

@@ -1,0 +1,151 @@
+"""Bad input to ``python -m mpipar.train``: one ``mpipar.train: error: ...`` line from rank 0,
+exit code 2, no traceback, and MPI never started (so no collective ran).
+
+Every case runs as a new user would run it, under ``mpiexec -n 2`` (the input reaches both
+ranks); the output of both ranks is merged, so "one line" means rank 1 said nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from mpipar.data.checkpoint import save_checkpoint
+from mpipar.testing.launch import run_mpi
+
+FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads", "1",
+        "--eval-batches", "1", "--eval-interval", "0", "--steps", "2"]
+
+# the command line, and then whether MPI was started: a bad input must stop before it
+PROBE = ("import sys, mpipar.train as t; rc = t.main(sys.argv[1:]); "
+         "m = sys.modules.get('mpi4py.MPI'); "
+         "sys.stderr.write('probe: MPI started\\n' if m is not None and m.Is_initialized() else ''); "
+         "sys.exit(rc)")
+
+
+def run_train(argv: list[str], ranks: int = 2, env: dict | None = None):
+    return run_mpi(ranks, [sys.executable, "-c", PROBE, *argv], timeout=120, env=env)
+
+
+def assert_one_clean_error(job, *expected: str) -> str:
+    assert not job.timed_out, job.output
+    assert job.returncode == 2, job.output
+    errors = [line for line in job.output.splitlines() if line.startswith("mpipar.train: error: ")]
+    assert len(errors) == 1, job.output                  # once: rank 0 only
+    for text in expected:
+        assert text in errors[0], (text, job.output)
+    assert "Traceback" not in job.output and "[mpipar] rank" not in job.output, job.output
+    assert "probe: MPI started" not in job.output, job.output
+    assert "mpipar.train |" not in job.output, job.output   # no run began
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad-input")
+    huge = d / "huge.npy"
+    np.save(huge, np.array([1, 2, 3, 1 << 40], dtype=np.int64))
+    negative = d / "negative.npy"
+    np.save(negative, np.array([1, -2, 3, 4] * 100, dtype=np.int64))
+    headless = d / "headless.npz"                        # an mpipar checkpoint without a step
+    save_checkpoint(str(headless), {"model.x": np.zeros(2)}, {"format": "mpipar-checkpoint",
+                                                              "version": 1, "config": {}})
+    table = d / "tune.json"
+    table.write_text("{ this is not JSON")
+    return {"dir": str(d), "huge": str(huge), "negative": str(negative),
+            "headless": str(headless), "table": str(table)}
+
+
+CASES = [
+    # flags argparse refuses: once, not from every rank
+    (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+    (["--lr", "abc"], ["argument --lr", "'abc' is not a number"]),
+    (["--steps", "0"], ["argument --steps", "> 0"]),
+    (["--device", "tpu"], ["argument --device", "invalid choice"]),
+    # non-finite and non-positive numbers
+    (["--grad-clip", "nan"], ["argument --grad-clip", "finite"]),
+    (["--lr", "inf"], ["argument --lr", "finite"]),
+    (["--weight-decay", "nan"], ["argument --weight-decay", "finite"]),
+    (["--bucket-mb", "0"], ["argument --bucket-mb", "> 0"]),
+    (["--bucket-mb", "-1"], ["argument --bucket-mb", "> 0"]),
+    (["--min-lr", "1e-2", "--lr", "1e-3"], ["--min-lr 0.01 is above --lr 0.001"]),
+    (["--model", "huge"], ["--model 'huge' is not a preset"]),
+    # layouts: the library names the quantity, the command line the flag
+    (["--pp", "2", "--stage-layers", "a,b"], ["argument --stage-layers", "comma-separated integers"]),
+    (["--pp", "2", "--stage-layers", "9,0"], ["--stage-layers:", "at least one block"]),
+    (["--pp", "2", "--stage-layers", "9,0,0,0"], ["--stage-layers:", "name 4 stages, the pipeline has 2"]),
+    (["--allreduce", "bogus"], ["--allreduce:", "'bogus' is not one of"]),
+    (["--dp", "3"], ["--dp/--tp/--pp:", "3 ranks does not match the world of 2 ranks"]),
+    (["--pp", "2", "--micro-batches", "3"], ["--batch-size:", "micro-batches 3 = 3 equal parts"]),
+    (["--dp", "2", "--batch-size", "5"], ["--batch-size:", "5 sequences does not split into dp 2"]),
+    (["--zero", "3"], ["argument --zero", "invalid choice"]),
+]
+
+
+@pytest.mark.parametrize("argv,expected", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_flags_are_one_clean_error(argv, expected):
+    assert_one_clean_error(run_train(FAST + argv), *expected)
+
+
+def test_bad_files_are_one_clean_error_naming_the_file(files, tmp_path):
+    cases = [
+        (["--data", files["dir"]], [f"--data {files['dir']}", "is a directory"]),
+        (["--data", files["huge"]], [f"--data {files['huge']}", "1,099,511,627,776",
+                                     "beyond the limit of 16,777,216"]),
+        (["--data", files["negative"]], [f"--data {files['negative']}", "negative token id"]),
+        (["--data", "/nonexistent/corpus.txt"], ["--data /nonexistent/corpus.txt", "not found"]),
+        (["--resume", files["headless"]], ["--resume:", "headless.npz", "lacks step"]),
+        (["--resume", str(tmp_path / "none.npz")], ["--resume:", "checkpoint not found"]),
+    ]
+    for argv, expected in cases:
+        assert_one_clean_error(run_train(FAST + argv), *expected)
+
+
+def test_a_corrupt_tune_table_for_auto_is_one_clean_error(files):
+    job = run_train(FAST + ["--allreduce", "auto"], env={"MPIPAR_TUNE_TABLE": files["table"]})
+    assert_one_clean_error(job, "--allreduce:", files["table"])
+
+
+def test_resuming_at_or_beyond_the_end_is_refused(tmp_path):
+    ck = tmp_path / "ck.npz"
+    ok = run_mpi(2, [sys.executable, "-m", "mpipar.train", *FAST, "--steps", "3", "--save", str(ck)],
+                 timeout=120)
+    assert ok.returncode == 0, ok.output
+    for steps in ("3", "2"):
+        job = run_train(FAST + ["--steps", steps, "--resume", str(ck)])
+        assert_one_clean_error(job, f"--steps {steps} is not beyond the step of --resume", "(3)")
+
+
+def test_help_is_printed_once():
+    job = run_train(["--help"])
+    assert job.returncode == 0, job.output
+    assert job.output.count("usage: python -m mpipar.train") == 1, job.output
+
+
+def test_in_process_errors_return_2_with_one_line(capsys, tmp_path):
+    """``train.main`` called in-process (as tests and notebooks do) returns 2 instead of
+    raising SystemExit, and prints the same single line."""
+    from mpipar import train
+
+    for argv, text in ((["--device", "tpu"], "invalid choice"), (["--lr", "nan"], "finite"),
+                       (["--data", str(tmp_path)], "is a directory")):
+        assert train.main(FAST + argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("mpipar.train: error: ") and text in err[0], err
+
+
+def test_checkpoint_header_check_names_what_is_missing(tmp_path):
+    """The library's view of the same: load_training_checkpoint refuses an incomplete
+    header with CheckpointError, naming the keys."""
+    from mpipar.data.checkpoint import CheckpointError, load_training_checkpoint
+
+    path = tmp_path / "ck.npz"
+    save_checkpoint(str(path), {}, {"format": "mpipar-checkpoint", "version": 1, "step": 3})
+    with pytest.raises(CheckpointError, match="lacks config, optimizer, optim_step"):
+        load_training_checkpoint(str(path))
+    save_checkpoint(str(path), {}, {"format": "mpipar-checkpoint", "version": 1, "step": "x",
+                                    "config": {}, "optimizer": "sgd", "optim_step": 0})
+    with pytest.raises(CheckpointError, match="step is 'x'"):
+        load_training_checkpoint(str(path))
