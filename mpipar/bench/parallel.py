@@ -141,7 +141,6 @@ class Run:
     skipped: str = ""
     steps: list = field(default_factory=list)   # per timed step: see _STEP_FIELDS
     memory: dict = field(default_factory=dict)
-    act_peak: int = 0
 
 
 _STEP_FIELDS = ("step_s", "comm_total_s", "comm_exposed_s", "compute_s", "pipe_s",
@@ -319,7 +318,6 @@ def _measure_memory(run: Run, world: Any, sampler: Any, step: int) -> None:
         _one_step(run, world, sampler, step, record=False)
     finally:
         meter.remove()
-    run.act_peak = meter.peak
     mem = dict(tr.memory_report())
     mem["activations"] = int(meter.peak)
     run.memory = mem

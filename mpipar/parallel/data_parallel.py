@@ -261,8 +261,28 @@ class GradBuckets:
                 f"dp={self.group.size}, algorithm={self.algorithm or self.group.algorithm})")
 
 
-# -- plain data parallelism as a GradSync ---------------------------------------------------
-class DataParallelSync:
+# -- the GradSyncs ------------------------------------------------------------------------------
+class BucketedSync:
+    """What both GradSyncs (``DataParallelSync``, ``zero.ZeroSync``) share: gradients reduced
+    over the dp group in ``buckets`` as backward marks them ready, and the global norm of the
+    keys of ``grads`` in ``count``, added over ``norm_groups``."""
+
+    def __init__(self, grads: Mapping[str, Any], buckets: GradBuckets, count: Collection[str],
+                 norm_groups: Sequence[Any]) -> None:
+        self.grads, self.buckets = grads, buckets
+        self._count, self._norm_groups = count, tuple(norm_groups)
+
+    def mark_ready(self, names: Iterable[str]) -> None:
+        self.buckets.mark_ready(names)
+
+    def finish(self) -> CommStats:
+        return self.buckets.finish()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return clip_grad_norm(self.grads, max_norm, self._count, self._norm_groups)
+
+
+class DataParallelSync(BucketedSync):
     """Every rank holds the whole local model, its gradients and its optimiser state; the
     gradients are averaged over ``dp_group`` in buckets (``GradBuckets``) as backward makes
     them, then every rank applies the same update. A ``GradSync`` (see ``grad_sync.py``).
@@ -278,31 +298,19 @@ class DataParallelSync:
                  optimizer: OptimizerSpec, bucket_mb: float | None = 1.0,
                  algorithm: str | None = None, counted: Callable[[str], bool] | None = None,
                  norm_groups: Sequence[Any] = (), **options: Any) -> None:
-        self.grads = grads                   # the model's GradStore: name -> gradient
-        self.buckets = GradBuckets(grads.buffer, layout, dp_group, bucket_mb, algorithm, **options)
+        # grads: the model's GradStore, name -> gradient
+        super().__init__(grads, GradBuckets(grads.buffer, layout, dp_group, bucket_mb, algorithm,
+                                            **options),
+                         [n for n in grads if counted is None or counted(n)], norm_groups)
         self.optimizer = optimizer.build(params)
         self.state_names = optimizer.state_names
-        self._count: Collection[str] = [n for n in grads if counted is None or counted(n)]
-        self._norm_groups = tuple(norm_groups)
 
     @property
     def step_count(self) -> int:
         return self.optimizer.step_count
 
-    def param_name(self, key: str) -> str:
-        return key
-
     def begin_step(self) -> None:
         """Nothing to reset: the model zeroes its own gradients."""
-
-    def mark_ready(self, names: Iterable[str]) -> None:
-        self.buckets.mark_ready(names)
-
-    def finish(self) -> CommStats:
-        return self.buckets.finish()
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        return clip_grad_norm(self.grads, max_norm, self._count, self._norm_groups)
 
     def step(self, lr: float | None = None) -> CommStats:
         self.optimizer.step(self.grads, lr=lr)

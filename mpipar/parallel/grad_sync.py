@@ -43,9 +43,6 @@ class GradSync(Protocol):
     def step_count(self) -> int:
         """Optimiser steps taken."""
 
-    def param_name(self, key: str) -> str:
-        """The parameter a key of ``grads`` belongs to."""
-
     def begin_step(self) -> None:
         """Before a step's first backward: zero what the sync itself accumulates into."""
 

@@ -51,7 +51,7 @@ it drives plain data parallelism, and never asks which stage it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,8 +60,8 @@ from mpipar import backend
 from mpipar.comm.algorithms import get_algorithm
 from mpipar.comm.communicator import split_counts
 from mpipar.nn.grads import GradStore
-from mpipar.optim import OptimizerSpec, clip_grad_norm, decays_by_default
-from mpipar.parallel.data_parallel import Bucket, CommStats, GradBuckets, TimedCollectives
+from mpipar.optim import OptimizerSpec, decays_by_default
+from mpipar.parallel.data_parallel import Bucket, BucketedSync, CommStats, GradBuckets, TimedCollectives
 
 
 def _algorithm_for(group: Any, algorithm: str | None, collective: str) -> str | None:
@@ -125,7 +125,7 @@ class ShardedGradBuckets(GradBuckets):
         self._shard_view(b)[...] += g
 
 
-class ZeroSync:
+class ZeroSync(BucketedSync):
     """ZeRO-1/2 over flat ``param_buffer`` / gradients laid out by ``layout``: a ``GradSync``.
 
         zero = ZeroSync(model.param_buffer, model.grads, model.layout, dp_group,
@@ -163,33 +163,31 @@ class ZeroSync:
         self.itemsize, self.full_grad_bytes = grad_buffer.itemsize, int(grad_buffer.nbytes)
         self.group = dp_group
         self.options = dict(options or {})
-        self.buckets = ShardedGradBuckets(grad_buffer, layout, dp_group, bucket_mb, algorithm,
-                                          reduce_every_micro_step=stage == 2, store=grads,
-                                          **self.options)
+        buckets = ShardedGradBuckets(grad_buffer, layout, dp_group, bucket_mb, algorithm,
+                                     reduce_every_micro_step=stage == 2, store=grads,
+                                     **self.options)
         del grad_buffer                                  # stage 2: freed now
         self.ag_algorithm = _algorithm_for(dp_group, algorithm, "allgather")
-        self.last_param_comm = CommStats()
-        self.param_comm_totals = CommStats()
 
         # the optimiser over 1-D pieces: key "name[a:b]" -> views of params and grad shard,
         # in flat order (so the norm adds the squares in the single process's order)
         full = layout.views(param_buffer)
         pieces = []
-        for b, (lo, hi), so in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.shard_offsets):
+        for b, (lo, hi), so in zip(buckets.buckets, buckets.blocks, buckets.shard_offsets):
             for name in b.names:
                 s, e = layout.offsets[name]
                 x0, x1 = max(lo, s), min(hi, e)
                 if x0 < x1:
                     pieces.append((x0, x1, name, so + x0 - lo))
         params: dict[str, Any] = {}
-        self.grads: dict[str, Any] = {}
+        grads_of: dict[str, Any] = {}      # optimiser key "name[a:b]" -> view of the shard
         self.name_of: dict[str, str] = {}  # optimiser key "name[a:b]" -> parameter name
         self._place: dict[str, tuple[int, int]] = {}  # optimiser key -> its range of param_buffer
         for x0, x1, name, at in sorted(pieces):
             s = layout.offsets[name][0]
             key = f"{name}[{x0 - s}:{x1 - s}]"
             params[key] = param_buffer[x0:x1]
-            self.grads[key] = self.buckets.shard_grad[at:at + x1 - x0]
+            grads_of[key] = buckets.shard_grad[at:at + x1 - x0]
             self.name_of[key] = name
             self._place[key] = (x0, x1)
 
@@ -201,26 +199,15 @@ class ZeroSync:
         self.optimizer = optimizer.build(params, decay=piece_decay) if params else None
         self._steps = 0
         self.state_names: tuple[str, ...] = optimizer.state_names
-        self._count = [k for k, n in self.name_of.items() if counted is None or counted(n)]
-        self._norm_groups = tuple(norm_groups) + (dp_group,)
-
-    def param_name(self, key: str) -> str:
-        return self.name_of[key]
+        # the shards are distinct over dp: the norm adds over the dp group too
+        super().__init__(grads_of, buckets,
+                         [k for k, n in self.name_of.items() if counted is None or counted(n)],
+                         tuple(norm_groups) + (dp_group,))
 
     # -- the step ----------------------------------------------------------------------------
     def begin_step(self) -> None:
         """Zero the gradient shard (the model's own buffer is zeroed by the model)."""
         self.buckets.shard_grad.fill(0)
-
-    def mark_ready(self, names: Iterable[str]) -> None:
-        self.buckets.mark_ready(names)
-
-    def finish(self) -> CommStats:
-        return self.buckets.finish()
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """The global norm over every shard (``optim.clip_grad_norm``), clipping the shard."""
-        return clip_grad_norm(self.grads, max_norm, self._count, self._norm_groups)
 
     def step(self, lr: float | None = None) -> CommStats:
         """Update this rank's shard, then all-gather the parameters bucket by bucket."""
@@ -236,8 +223,6 @@ class ZeroSync:
                     b.numel * self.param_buffer.itemsize, b)
             for b, full in timed.drain(stats):
                 self.param_buffer[b.start:b.end] = full
-        self.last_param_comm = stats
-        self.param_comm_totals += stats
         return stats
 
     # -- checkpoints -------------------------------------------------------------------------
