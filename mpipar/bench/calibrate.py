@@ -3,7 +3,7 @@
 Examples::
 
     mpiexec -n 2 python -m mpipar.bench calibrate                       # -> ./profile-<host>.json
-    mpiexec -n 2 python -m mpipar.bench calibrate --output mpipar/sim/profiles/local.json \\
+    mpiexec -n 2 python -m mpipar.bench calibrate --output mpipar/comm/profiles/local.json \\
         --name local --check ring,rhd,tree,dbtree,ps,hier
     python -m mpipar.sim collectives --ranks 64 --profile ./profile-<host>.json
 
@@ -252,7 +252,7 @@ def interpolating_classes(samples: dict[int, float]) -> list[Any]:
     """Size classes through the measured points: up to the smallest size its time; between
     two measured sizes the straight line joining them; beyond the largest, proportional to
     size (the time per byte of the largest measurement)."""
-    from mpipar.sim.network import SizeClass  # noqa: PLC0415
+    from mpipar.comm.network import SizeClass  # noqa: PLC0415
 
     pts = sorted(samples.items())
     classes = [SizeClass(pts[0][0], pts[0][1], 0.0)]
@@ -266,7 +266,7 @@ def interpolating_classes(samples: dict[int, float]) -> list[Any]:
 
 def fitted_classes(samples: dict[int, float], bounds: list[int]) -> list[Any]:
     """One least-squares line per class between ``bounds``; classes with no sample dropped."""
-    from mpipar.sim.network import SizeClass  # noqa: PLC0415
+    from mpipar.comm.network import SizeClass  # noqa: PLC0415
 
     sizes = sorted(samples)
     classes = []
@@ -314,7 +314,7 @@ def split_bounds(split: str) -> list[int] | None:
 
 def build_profile(name: str, measured: dict[str, dict[int, float]], split: str, eager: int,
                   meta: dict[str, Any]) -> Any:
-    from mpipar.sim.network import Link, Profile  # noqa: PLC0415
+    from mpipar.comm.network import Link, Profile  # noqa: PLC0415
 
     bounds = split_bounds(split)
     if bounds is None:

@@ -8,7 +8,7 @@ Where the choice comes from, first found wins:
    argument (a dict or a path), else ``$MPIPAR_TUNE_TABLE``, else
    ``~/.cache/mpipar/tune-<host>-<p>.json`` (``default_table_path``); it is used only when
    its ``ranks`` equals p (a sub-group of another size falls through to 2);
-2. the cost model (``cost_model.py``) with the default profile (``mpipar/sim/profiles/local.json``,
+2. the cost model (``cost_model.py``) with the default profile (``mpipar/comm/profiles/local.json``,
    measured on the development machine): the algorithm with the least predicted time.
 
 Table format (JSON), one file per host and world size::
@@ -91,7 +91,7 @@ def _table_for(p: int) -> dict[str, Any] | None:
 
 @functools.lru_cache(maxsize=1)
 def _default_profile() -> Any:
-    from mpipar.sim.network import load_profile  # noqa: PLC0415
+    from mpipar.comm.network import load_profile  # noqa: PLC0415
 
     return load_profile(None)
 
@@ -102,7 +102,7 @@ def model_choice(collective: str, nbytes: int, p: int, profile: Any = None) -> s
     if profile is None:
         return _model_choice_default(collective, int(nbytes), p)
     if isinstance(profile, (str, Path)):
-        from mpipar.sim.network import load_profile  # noqa: PLC0415
+        from mpipar.comm.network import load_profile  # noqa: PLC0415
 
         profile = load_profile(profile)
     return _model_choice(collective, nbytes, p, profile)

@@ -301,7 +301,7 @@ def predict(algorithm: str, collective: str, p: int, nbytes: float, profile: Any
     if p <= 1 or nbytes <= 0:
         return 0.0
     if net is None:
-        from mpipar.sim.network import load_profile  # noqa: PLC0415  (comm stays import-light)
+        from mpipar.comm.network import load_profile  # noqa: PLC0415  (comm stays import-light)
 
         prof = profile if hasattr(profile, "levels") else load_profile(profile)
         net = Net.from_profile(prof, options.get("ranks_per_node"))

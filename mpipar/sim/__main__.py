@@ -16,7 +16,7 @@ Examples::
 
 Tables have the columns of ``python -m mpipar.bench collectives`` (nccl-tests style: size,
 count, type, time, algbw, busbw); ``--model`` adds the closed-form cost model's time beside
-the simulated one. A profile is a name from ``mpipar/sim/profiles/`` or a path to a JSON file
+the simulated one. A profile is a name from ``mpipar/comm/profiles/`` or a path to a JSON file
 written by ``python -m mpipar.bench calibrate``. The time is that of one collective starting
 with every rank at time 0; the simulator's own wall and CPU time per table follow it.
 """
@@ -135,7 +135,7 @@ def collectives(args: argparse.Namespace) -> int:
 
 
 def profiles(args: argparse.Namespace) -> int:
-    from mpipar.sim.network import PROFILE_DIR, load_profile, profile_names
+    from mpipar.comm.network import PROFILE_DIR, load_profile, profile_names
 
     for name in profile_names():
         prof = load_profile(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mpipar.comm import auto
-from mpipar.sim import Profile, load_profile
+from mpipar.comm.network import Profile, load_profile
 
 from simhelpers import available
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import pytest
 
 from mpipar.comm import cost_model as cm
-from mpipar.sim import Profile, simulate_collective
+from mpipar.comm.network import Profile
+from mpipar.sim import simulate_collective
 
 from simhelpers import available
 
