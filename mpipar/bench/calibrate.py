@@ -68,7 +68,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mpipar.bench.report import format_size, parse_size, parse_sizes, shuffled
+from mpipar.bench.report import shuffled
+from mpipar.sim.report import format_size, parse_size, parse_sizes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

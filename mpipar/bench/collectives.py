@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from mpipar.bench.report import format_table, parse_sizes, row, shuffled
+from mpipar.bench.report import shuffled
+from mpipar.sim.report import format_table, parse_sizes, row
 
 COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "broadcast", "reduce")
 EXTRA_COLUMNS = (("algorithm", "algorithm", 10), ("#wrong", "wrong", 7), ("x native", "vs_native", 9))

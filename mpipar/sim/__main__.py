@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from mpipar import backend
-from mpipar.bench.report import format_table, parse_sizes, row
+from mpipar.sim.report import format_table, parse_sizes, row
 
 
 def _value(text: str) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mpipar.bench.report import format_size
+from mpipar.sim.report import format_size
 
 
 def _row(collective: str, algorithm: str, p: int, nbytes: int, count: int, dtype: str, op: str,
@@ -64,7 +64,7 @@ def format_comparison(rows: list[dict[str, Any]], tolerance: float = 0.25) -> st
 
 
 def main(args: Any) -> int:
-    from mpipar.bench.report import parse_size
+    from mpipar.sim.report import parse_size
 
     with open(args.bench) as f:
         bench = json.load(f)

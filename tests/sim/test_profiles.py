@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import mpipar.sim
-from mpipar.bench import report
 from mpipar.comm import network
 from mpipar.comm.network import PROFILE_DIR, Link, Profile, SizeClass, load_profile, profile_names
+from mpipar.sim import report
 from mpipar.sim.__main__ import main as sim_main
 
 
