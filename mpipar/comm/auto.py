@@ -36,6 +36,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from mpipar.comm import cost_model
+from mpipar.comm.algorithms import algorithm_names
+from mpipar.comm.network import Profile, load_profile
+
 TABLE_FORMAT = "mpipar-tune/1"
 ENV_TABLE = "MPIPAR_TUNE_TABLE"
 
@@ -90,9 +94,7 @@ def _table_for(p: int) -> dict[str, Any] | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _default_profile() -> Any:
-    from mpipar.comm.network import load_profile  # noqa: PLC0415
-
+def _default_profile() -> Profile:
     return load_profile(None)
 
 
@@ -102,8 +104,6 @@ def model_choice(collective: str, nbytes: int, p: int, profile: Any = None) -> s
     if profile is None:
         return _model_choice_default(collective, int(nbytes), p)
     if isinstance(profile, (str, Path)):
-        from mpipar.comm.network import load_profile  # noqa: PLC0415
-
         profile = load_profile(profile)
     return _model_choice(collective, nbytes, p, profile)
 
@@ -114,8 +114,6 @@ def _model_choice_default(collective: str, nbytes: int, p: int) -> str:
 
 
 def _model_choice(collective: str, nbytes: int, p: int, prof: Any) -> str:
-    from mpipar.comm import cost_model  # noqa: PLC0415
-
     candidates = [a for a in cost_model.algorithms_for(collective)
                   if a != "hier" or (prof.ranks_per_node or 1) > 1]
     if not candidates:
@@ -139,8 +137,6 @@ def _choose_default(collective: str, nbytes: int, p: int) -> str:
 
 
 def _choose(collective: str, nbytes: int, p: int, table: Any) -> str:
-    from mpipar.comm.algorithms import algorithm_names  # noqa: PLC0415
-
     if p <= 1:
         return "native"
     if isinstance(table, (str, Path)):
