@@ -46,6 +46,7 @@ one rank per node. Profiles shipped with mpipar live in ``mpipar/comm/profiles/`
 
 from __future__ import annotations
 
+import copy as _copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -157,9 +158,7 @@ class Profile:
 
     def with_topology(self, ranks_per_node: int | None) -> "Profile":
         """This profile with ``ranks_per_node`` overridden (1 or None: flat)."""
-        import copy
-
-        p = copy.copy(self)
+        p = _copy.copy(self)
         p.ranks_per_node = ranks_per_node
         if ranks_per_node and ranks_per_node > 1 and (p.intra is None or p.inter is None):
             p.intra = p.intra or self.link
