@@ -3,7 +3,7 @@
 Examples::
 
     mpiexec -n 2 python -m mpipar.bench calibrate                       # -> ./profile-<host>.json
-    mpiexec -n 2 python -m mpipar.bench calibrate --output mpipar/sim/profiles/local.json \\
+    mpiexec -n 2 python -m mpipar.bench calibrate --output mpipar/comm/profiles/local.json \\
         --name local --check ring,rhd,tree,dbtree,ps,hier
     python -m mpipar.sim collectives --ranks 64 --profile ./profile-<host>.json
 
@@ -68,7 +68,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mpipar.bench.report import format_size, parse_size, parse_sizes, shuffled
+from mpipar.bench.report import shuffled
+from mpipar.comm import make_communicator
+from mpipar.comm.algorithms import algorithm_names, get_algorithm
+from mpipar.comm.algorithms.hier import node_of
+from mpipar.comm.communicator import Communicator
+from mpipar.comm.mpi_env import import_mpi, thread_level_name
+from mpipar.comm.network import Link, Profile, SizeClass
+from mpipar.comm.ops import SUM
+from mpipar.comm.transport.base import recv, send, sendrecv
+from mpipar.sim.compare import format_comparison, predicted_rows
+from mpipar.sim.report import format_size, parse_size, parse_sizes
+from mpipar.sim.run import simulate_collective
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,17 +130,15 @@ def _exchange(t: Any, n: int, bufs: dict, posted: bool = False) -> float:
     """Ranks 0 and 1 swap n bytes, with one sendrecv each; with
     ``posted``, as irecv + isend + two waits instead (how tree-like algorithms and chunked
     rings talk: the difference is the bookkeeping of posting requests)."""
-    from mpipar.comm.transport.base import sendrecv  # noqa: PLC0415
-
-    send, into = _fresh_copy(bufs, n), _landing(t, n)
+    out, into = _fresh_copy(bufs, n), _landing(t, n)
     peer = 1 - t.rank
     t0 = time.perf_counter()
     if posted:
         r = t.irecv(into, peer, 9)
-        t.isend(send, peer, 9).wait()
+        t.isend(out, peer, 9).wait()
         r.wait()
     else:
-        sendrecv(t, send, peer, into, peer, 8)
+        sendrecv(t, out, peer, into, peer, 8)
     dt = time.perf_counter() - t0
     t.scratch_pool.give(into)
     return dt
@@ -140,8 +149,6 @@ def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
     message is sent from a just-written copy (as algorithms send their work copy): the message of
     a tree or parameter server, with nothing coming the other way while it travels (the
     profile's one-way link); without, one reused buffer both ways (``--method pingpong``)."""
-    from mpipar.comm.transport.base import recv, send  # noqa: PLC0415
-
     peer = 1 - t.rank
     if fresh:
         out, into = _fresh_copy(bufs, n), _landing(t, n)
@@ -161,8 +168,6 @@ def _pingpong(t: Any, n: int, bufs: dict, fresh: bool = False) -> float:
 
 
 def _reduce(t: Any, n: int, bufs: dict) -> float:
-    from mpipar.comm.ops import SUM  # noqa: PLC0415
-
     a, b = bufs.setdefault(("r", n), (np.ones(max(1, n // 4), np.float32), np.ones(max(1, n // 4), np.float32)))
     dst, src = a.copy(), b.copy()  # just written, as a received block and its target are
     t0 = time.perf_counter()
@@ -171,8 +176,6 @@ def _reduce(t: Any, n: int, bufs: dict) -> float:
 
 
 def _copy(t: Any, n: int, bufs: dict) -> float:
-    from mpipar.comm.communicator import Communicator  # noqa: PLC0415
-
     x = bufs.setdefault(("c", n), np.ones(max(1, n // 4), dtype=np.float32))
     t0 = time.perf_counter()
     Communicator._work_copy(x)
@@ -225,8 +228,6 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
 
 def _from_scratch() -> list[str]:
     """The all-reduce algorithms the simulator can run (every registered one but native)."""
-    from mpipar.comm.algorithms import algorithm_names, get_algorithm  # noqa: PLC0415
-
     return [a for a in algorithm_names() if a != "native" and get_algorithm(a).supports("allreduce")]
 
 
@@ -252,8 +253,6 @@ def interpolating_classes(samples: dict[int, float]) -> list[Any]:
     """Size classes through the measured points: up to the smallest size its time; between
     two measured sizes the straight line joining them; beyond the largest, proportional to
     size (the time per byte of the largest measurement)."""
-    from mpipar.sim.network import SizeClass  # noqa: PLC0415
-
     pts = sorted(samples.items())
     classes = [SizeClass(pts[0][0], pts[0][1], 0.0)]
     for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
@@ -266,8 +265,6 @@ def interpolating_classes(samples: dict[int, float]) -> list[Any]:
 
 def fitted_classes(samples: dict[int, float], bounds: list[int]) -> list[Any]:
     """One least-squares line per class between ``bounds``; classes with no sample dropped."""
-    from mpipar.sim.network import SizeClass  # noqa: PLC0415
-
     sizes = sorted(samples)
     classes = []
     lo = 0
@@ -284,8 +281,6 @@ def fitted_classes(samples: dict[int, float], bounds: list[int]) -> list[Any]:
 
 def _metadata(MPI: Any, method: str) -> dict[str, Any]:
     import mpi4py  # noqa: PLC0415
-
-    from mpipar.comm.mpi_env import thread_level_name  # noqa: PLC0415
 
     cpu = platform.processor() or ""
     try:
@@ -313,9 +308,7 @@ def split_bounds(split: str) -> list[int] | None:
 
 
 def build_profile(name: str, measured: dict[str, dict[int, float]], split: str, eager: int,
-                  meta: dict[str, Any]) -> Any:
-    from mpipar.sim.network import Link, Profile  # noqa: PLC0415
-
+                  meta: dict[str, Any]) -> Profile:
     bounds = split_bounds(split)
     if bounds is None:
         make = interpolating_classes
@@ -352,8 +345,6 @@ def call_overheads(measured: dict[str, dict[int, float]], p: int, profile: Any) 
     ``profile``, which has no call overhead yet), at least 0. What the profile's messages,
     reductions and copy leave unexplained in a small all-reduce is the Communicator's and the
     algorithm's own Python: argument checks, choosing, building trees and sub-groups."""
-    from mpipar.sim.run import simulate_collective  # noqa: PLC0415
-
     out = {}
     for alg, per_size in measured.items():
         gaps = [t - simulate_collective("allreduce", alg, p, n // 4, "float32", profile=profile, data=False).time
@@ -367,16 +358,11 @@ def same_node(t: Any) -> bool:
     """Whether ranks 0 and 1 share memory (MPI's ``COMM_TYPE_SHARED``, as hier finds its
     nodes): then MPI moves messages by copies the receiving process makes while inside MPI,
     and the profile says ``transfers_need_cpu``. Collective over the transport's communicator."""
-    from mpipar.comm.algorithms.hier import node_of  # noqa: PLC0415
-
     nodes = t.comm.allgather(node_of(t))
     return nodes[0] == nodes[1]
 
 
 def main(args: argparse.Namespace, comm: Any = None) -> int:
-    from mpipar.comm import make_communicator  # noqa: PLC0415
-    from mpipar.comm.mpi_env import import_mpi  # noqa: PLC0415
-
     MPI = import_mpi()
     comm = comm or make_communicator()
     t = comm.transport
@@ -426,8 +412,6 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
           + ", ".join(f"{a} {v * 1e6:.1f} us" for a, v in prof.call_overhead.items()))
     print(f"# saved {out}")
     if check:
-        from mpipar.sim.compare import format_comparison, predicted_rows  # noqa: PLC0415
-
         rows = predicted_rows({alg: {n: v for n, v in measured[alg].items() if n in check_sizes}
                                for alg in check}, t.size, prof)
         print(f"# all-reduce through the Communicator, measured in the same rounds, beside its "

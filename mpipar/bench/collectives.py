@@ -29,7 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from mpipar.bench.report import format_table, parse_sizes, row, shuffled
+from mpipar import backend
+from mpipar.bench.report import shuffled
+from mpipar.comm import algorithm_names, get_algorithm, make_communicator, split_counts
+from mpipar.comm.mpi_env import library_version, thread_level_name
+from mpipar.runtime import print0
+from mpipar.sim.report import format_table, parse_sizes, row
 
 COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "broadcast", "reduce")
 EXTRA_COLUMNS = (("algorithm", "algorithm", 10), ("#wrong", "wrong", 7), ("x native", "vs_native", 9))
@@ -59,8 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _algorithms(spec: str, collective: str) -> list[str]:
-    from mpipar.comm import algorithm_names, get_algorithm
-
     names = algorithm_names() if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     names = [n for n in names if n != "native" and (n == "auto" or get_algorithm(n).supports(collective))]
     return ["native"] + names
@@ -74,8 +77,6 @@ def _inputs(collective: str, count: int, dtype: np.dtype, rank: int, p: int) -> 
 
 
 def _reference(collective: str, op: str, count: int, dtype: np.dtype, p: int, root: int) -> np.ndarray:
-    from mpipar.comm import split_counts
-
     xs = [_inputs(collective, count, dtype, r, p) for r in range(p)]
     if collective == "allgather":
         return np.concatenate(xs)
@@ -101,8 +102,6 @@ def _call(comm: Any, collective: str, x: Any, op: str, alg: str, root: int, coun
 
 
 def _expected_part(collective: str, ref: np.ndarray, rank: int, p: int, root: int) -> np.ndarray | None:
-    from mpipar.comm import split_counts
-
     if collective == "reduce_scatter":
         c = split_counts(ref.size, p)
         lo = sum(c[:rank])
@@ -113,8 +112,6 @@ def _expected_part(collective: str, ref: np.ndarray, rank: int, p: int, root: in
 
 
 def run(comm: Any, args: argparse.Namespace) -> list[dict]:
-    from mpipar import backend
-
     dtype = backend.resolve_dtype(args.dtype)
     p, rank = comm.size, comm.rank
     rows: list[dict] = []
@@ -187,8 +184,6 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict]:
 
 
 def header(comm: Any) -> dict:
-    from mpipar.comm.mpi_env import library_version, thread_level_name
-
     return {"mpi_library": library_version(), "thread_level": thread_level_name(), "ranks": comm.size,
             "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -219,9 +214,6 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 
 
 def main(args: argparse.Namespace, comm: Any = None) -> int:
-    from mpipar.comm import make_communicator
-    from mpipar.runtime import print0
-
     comm = comm or make_communicator()
     meta = header(comm)
     rows = run(comm, args)

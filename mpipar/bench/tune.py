@@ -21,6 +21,9 @@ import platform
 from typing import Any
 
 from mpipar.bench import collectives as coll_bench
+from mpipar.comm import make_communicator
+from mpipar.comm.auto import default_table_path, save_table
+from mpipar.runtime import print0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,10 +62,6 @@ def choose_best(entries: list[dict]) -> None:
 
 
 def main(args: argparse.Namespace, comm: Any = None) -> int:
-    from mpipar.comm import make_communicator
-    from mpipar.comm.auto import default_table_path, save_table
-    from mpipar.runtime import print0
-
     comm = comm or make_communicator()
     meta = coll_bench.header(comm)
     args.algorithms = ",".join(a for a in args.algorithms.split(",") if a != "auto") or "all"

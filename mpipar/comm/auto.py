@@ -8,7 +8,7 @@ Where the choice comes from, first found wins:
    argument (a dict or a path), else ``$MPIPAR_TUNE_TABLE``, else
    ``~/.cache/mpipar/tune-<host>-<p>.json`` (``default_table_path``); it is used only when
    its ``ranks`` equals p (a sub-group of another size falls through to 2);
-2. the cost model (``cost_model.py``) with the default profile (``mpipar/sim/profiles/local.json``,
+2. the cost model (``cost_model.py``) with the default profile (``mpipar/comm/profiles/local.json``,
    measured on the development machine): the algorithm with the least predicted time.
 
 Table format (JSON), one file per host and world size::
@@ -23,7 +23,9 @@ Table format (JSON), one file per host and world size::
 
 An entry's ``best`` is used when present, else the least ``time_us``. Lookup takes the
 entry whose size is nearest in log2 (a tie goes to the larger size). An algorithm the
-running code does not have falls back to ``native``.
+running code does not have falls back to ``native``. Entries have no other keys, and
+collectives are those of ``algorithms.COLLECTIVES``: ``load_table`` raises ValueError, naming
+the file, for a table of any other shape.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from mpipar.comm import cost_model
+from mpipar.comm.algorithms import COLLECTIVES, algorithm_names
+from mpipar.comm.network import Profile, load_profile
+
 TABLE_FORMAT = "mpipar-tune/1"
 ENV_TABLE = "MPIPAR_TUNE_TABLE"
+ENTRY_KEYS = ("bytes", "best", "time_us")
 
 
 def default_table_path(p: int, host: str | None = None) -> Path:
@@ -47,15 +54,62 @@ def default_table_path(p: int, host: str | None = None) -> Path:
 
 
 def load_table(path: str | Path) -> dict[str, Any]:
-    """Read and check a tuned table."""
-    table = json.loads(Path(path).read_text())
+    """Read and check a tuned table. A table that is not one (not JSON, the wrong shape, a
+    size that is not a number ...) raises one ValueError naming ``path`` and what is wrong,
+    so that ``auto`` with a corrupt ``$MPIPAR_TUNE_TABLE`` fails clearly before any collective."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a {TABLE_FORMAT} table: not JSON ({e})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: not a {TABLE_FORMAT} table: a JSON {type(table).__name__}, "
+                         "not an object")
     if table.get("format") != TABLE_FORMAT:
         raise ValueError(f"{path}: not a {TABLE_FORMAT} table (format={table.get('format')!r})")
-    for coll, entries in table.get("collectives", {}).items():
-        for e in entries:
-            if "bytes" not in e or not ("best" in e or e.get("time_us")):
-                raise ValueError(f"{path}: {coll} entry {e} needs 'bytes' and 'best' or 'time_us'")
+    _check_table(table, path)
     return table
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_table(table: dict[str, Any], path: str | Path) -> None:
+    """Everything ``lookup`` and ``choose`` read, in the shapes they read it."""
+    if "ranks" in table:
+        try:
+            int(table["ranks"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: 'ranks' must be a number of ranks, got {table['ranks']!r}") from None
+    collectives = table.get("collectives", {})
+    if not isinstance(collectives, dict):
+        raise ValueError(f"{path}: 'collectives' must map collective names to lists of entries, "
+                         f"got a JSON {type(collectives).__name__}")
+    for coll, entries in collectives.items():
+        if coll not in COLLECTIVES:
+            raise ValueError(f"{path}: unknown collective {coll!r} (known: {', '.join(COLLECTIVES)})")
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: {coll} must be a list of entries, got a JSON {type(entries).__name__}")
+        for e in entries:
+            if not isinstance(e, dict):
+                raise ValueError(f"{path}: {coll} entry {e!r} is not an object")
+            unknown = [k for k in e if k not in ENTRY_KEYS]
+            if unknown:
+                raise ValueError(f"{path}: {coll} entry {e} has unknown keys {unknown} "
+                                 f"(an entry has {', '.join(ENTRY_KEYS)})")
+            if "bytes" not in e or not (e.get("best") or e.get("time_us")):
+                raise ValueError(f"{path}: {coll} entry {e} needs 'bytes' and 'best' or 'time_us'")
+            if not _number(e["bytes"]) or e["bytes"] < 0:
+                raise ValueError(f"{path}: {coll} entry {e}: 'bytes' must be a size in bytes, "
+                                 f"got {e['bytes']!r}")
+            if e.get("best") is not None and not isinstance(e["best"], str):
+                raise ValueError(f"{path}: {coll} entry {e}: 'best' must be an algorithm name, "
+                                 f"got {e['best']!r}")
+            times = e.get("time_us")
+            if times is not None and not (isinstance(times, dict)
+                                          and all(_number(v) for v in times.values())):
+                raise ValueError(f"{path}: {coll} entry {e}: 'time_us' must map algorithm names "
+                                 f"to microseconds, got {times!r}")
 
 
 def save_table(table: dict[str, Any], path: str | Path) -> None:
@@ -82,7 +136,11 @@ def lookup(table: dict[str, Any], collective: str, nbytes: int) -> str | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _table_for(p: int) -> dict[str, Any] | None:
+def table_for(p: int) -> dict[str, Any] | None:
+    """The tuned table ``auto`` uses for ``p`` ranks by default: ``$MPIPAR_TUNE_TABLE``, else
+    ``default_table_path(p)``; None where that file does not exist. Read once per process
+    (a corrupt table raises ValueError every time it is asked for): call it before the first
+    collective to turn a bad table into a clean error there."""
     path = os.environ.get(ENV_TABLE) or default_table_path(p)
     if not Path(path).exists():
         return None
@@ -90,9 +148,7 @@ def _table_for(p: int) -> dict[str, Any] | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _default_profile() -> Any:
-    from mpipar.sim.network import load_profile  # noqa: PLC0415
-
+def _default_profile() -> Profile:
     return load_profile(None)
 
 
@@ -102,8 +158,6 @@ def model_choice(collective: str, nbytes: int, p: int, profile: Any = None) -> s
     if profile is None:
         return _model_choice_default(collective, int(nbytes), p)
     if isinstance(profile, (str, Path)):
-        from mpipar.sim.network import load_profile  # noqa: PLC0415
-
         profile = load_profile(profile)
     return _model_choice(collective, nbytes, p, profile)
 
@@ -114,8 +168,6 @@ def _model_choice_default(collective: str, nbytes: int, p: int) -> str:
 
 
 def _model_choice(collective: str, nbytes: int, p: int, prof: Any) -> str:
-    from mpipar.comm import cost_model  # noqa: PLC0415
-
     candidates = [a for a in cost_model.algorithms_for(collective)
                   if a != "hier" or (prof.ranks_per_node or 1) > 1]
     if not candidates:
@@ -139,14 +191,12 @@ def _choose_default(collective: str, nbytes: int, p: int) -> str:
 
 
 def _choose(collective: str, nbytes: int, p: int, table: Any) -> str:
-    from mpipar.comm.algorithms import algorithm_names  # noqa: PLC0415
-
     if p <= 1:
         return "native"
     if isinstance(table, (str, Path)):
         table = load_table(table)
     if table is None:
-        table = _table_for(p)
+        table = table_for(p)
     name = None
     if table is not None and int(table.get("ranks", p)) == p:
         name = lookup(table, collective, nbytes)

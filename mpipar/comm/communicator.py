@@ -27,16 +27,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpipar import backend
+from mpipar.comm import auto, background, mpi_env
 from mpipar.comm.algorithms import COLLECTIVES, Algorithm, get_algorithm
-from mpipar.comm.algorithms._util import accepted
+from mpipar.comm.algorithms._util import accepted, split_counts
 from mpipar.comm.ops import AVG, OPS, ReduceOp, finalize_avg, get_op
 from mpipar.comm.transport.base import CompletedRequest, Request
+from mpipar.comm.transport.mpi import MPITransport
+from mpipar.runtime import install_abort_handler
 
-
-def split_counts(n: int, parts: int) -> list[int]:
-    """Sizes of ``parts`` nearly equal blocks of ``n`` (larger blocks first, as array_split)."""
-    q, r = divmod(n, parts)
-    return [q + 1 if i < r else q for i in range(parts)]
+__all__ = ["Communicator", "make_communicator", "split_counts", "CollectiveMismatchError"]
 
 
 _DTYPE_CODES = {name: i for i, name in enumerate(backend.SUPPORTED_DTYPES)}
@@ -87,11 +86,9 @@ class Communicator:
             # bytes) for this group: resolved once (3.7 us a call otherwise, measured)
             key = (collective, nbytes)
             alg = self._auto_cache.get(key)
-            if alg is None:
-                from mpipar.comm.auto import choose  # cost model / tuned table
-
+            if alg is None:  # the cost model or a tuned table
                 alg = self._auto_cache[key] = self._resolve(
-                    collective, choose(collective, nbytes, self.size, table=self.auto_table), nbytes)
+                    collective, auto.choose(collective, nbytes, self.size, table=self.auto_table), nbytes)
             return alg
         alg = get_algorithm(name)
         if not alg.supports(collective):
@@ -136,9 +133,7 @@ class Communicator:
                          _DTYPE_CODES.get(np.dtype(dtype).name, -1) if dtype is not None else -1,
                          root, extra], dtype=np.int64)
         table = np.empty((self.size, mine.size), dtype=np.int64)
-        from mpipar.comm.mpi_env import collective
-
-        collective(self.transport.comm, "Allgather", mine, table)
+        mpi_env.collective(self.transport.comm, "Allgather", mine, table)
         bad = [r for r in range(self.size) if not np.array_equal(table[r], table[0])]
         if bad:
             def describe(row: np.ndarray) -> str:
@@ -280,11 +275,9 @@ class Communicator:
         ``x`` is copied now, so the caller may overwrite it at once. Background collectives
         run one at a time in call order; do not call blocking collectives on this same
         communicator until they are waited for."""
-        from mpipar.comm.background import worker
-
         self._check_array(x)
         self._check_algorithm(algorithm)
-        return worker().submit(self._allreduce_owned, self._work_copy(x), x.shape, get_op(op),
+        return background.worker().submit(self._allreduce_owned, self._work_copy(x), x.shape, get_op(op),
                                algorithm, options)
 
     def ireduce_scatter(self, x: Any, op: str | ReduceOp = "sum", algorithm: str | None = None,
@@ -293,21 +286,17 @@ class Communicator:
 
         ``donate=True`` hands ``x`` itself over (no copy; it must be contiguous): the caller
         must neither read nor write it again, since the algorithm works in it."""
-        from mpipar.comm.background import worker
-
         self._check_array(x)
         if donate and not x.flags.c_contiguous:
             raise ValueError("ireduce_scatter(donate=True) needs a contiguous array")
         buf = x if donate else self._work_copy(x).reshape(x.shape)
-        return worker().submit(self._reduce_scatter_owned, buf, op, algorithm, options)
+        return background.worker().submit(self._reduce_scatter_owned, buf, op, algorithm, options)
 
     def iallgather(self, x: Any, counts: Sequence[int] | None = None, algorithm: str | None = None,
                    **options: Any) -> Any:
         """Start ``allgather`` on a copy of ``x``; ``wait()`` gives the concatenation."""
-        from mpipar.comm.background import worker
-
         self._check_array(x)
-        return worker().submit(self.allgather, self._work_copy(x).reshape(x.shape), counts, algorithm,
+        return background.worker().submit(self.allgather, self._work_copy(x).reshape(x.shape), counts, algorithm,
                                **options)
 
     def barrier(self) -> None:
@@ -383,11 +372,7 @@ def make_communicator(mpi_comm: Any = None, algorithm: str = "native", *,
     ``ranks_per_node=4`` for ``hier`` ...). Unless ``abort_on_exception=False``, an uncaught
     exception on any rank then aborts the whole job, naming the rank.
     """
-    from mpipar.comm.mpi_env import import_mpi
-    from mpipar.comm.transport.mpi import MPITransport
-    from mpipar.runtime import install_abort_handler
-
-    MPI = import_mpi()
+    MPI = mpi_env.import_mpi()
     comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
     p2p = MPITransport(comm)
     if abort_on_exception:

@@ -37,36 +37,29 @@ segments (fill and drain plus per-segment port contention), and the in-port book
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-# Fallbacks for the algorithms' defaults; the live values are read from the modules.
-RING_CHUNK_BYTES = 1 << 20
-RHD_SMALL_BYTES = 32 * 1024
-TREE_SEGMENT_BYTES = 1 << 20
+from mpipar.comm.algorithms import dbtree, rhd, ring, tree
+from mpipar.comm.network import load_profile
 
-
-def _default(algorithm: str, name: str, fallback: int) -> int:
-    """The algorithm module's own default (``ring.CHUNK_BYTES`` ...), so the formulas follow
-    the code when its defaults change."""
-    try:
-        import importlib  # noqa: PLC0415
-
-        return int(getattr(importlib.import_module(f"mpipar.comm.algorithms.{algorithm}"), name))
-    except (ImportError, AttributeError):
-        return fallback
+# The algorithms' own defaults (``ring.CHUNK_BYTES``, ``rhd.SMALL_BYTES``, ``tree.SEGMENT_BYTES``,
+# ``dbtree.SEGMENT_BYTES``) are read from their modules at each call, so the formulas follow
+# the code when a default changes.
+_SEGMENTED = {"tree": tree, "dbtree": dbtree}
 
 
 def _chunk(p: int, chunk_bytes: int | None) -> float:
     """ring's chunk: its default is 1 MiB for p > 2 and no chunking for p = 2."""
     if chunk_bytes is not None:
         return chunk_bytes
-    return _default("ring", "CHUNK_BYTES", RING_CHUNK_BYTES) if p > 2 else math.inf
+    return ring.CHUNK_BYTES if p > 2 else math.inf
 
 
 def _seg(algorithm: str, segment_bytes: int | None) -> int:
-    return segment_bytes or _default(algorithm, "SEGMENT_BYTES", TREE_SEGMENT_BYTES)
+    return segment_bytes or _SEGMENTED[algorithm].SEGMENT_BYTES
 
 ALGORITHMS = ("ring", "rhd", "tree", "dbtree", "ps", "hier")
 COSTED: dict[str, tuple[str, ...]] = {
@@ -139,14 +132,14 @@ def ring_allgather(p: int, n: float, net: Net) -> float:
 
 
 def ring_broadcast(p: int, n: float, net: Net, chunk_bytes: int | None = None) -> float:
-    c = max(1, math.ceil(n / (chunk_bytes or _default("ring", "CHUNK_BYTES", RING_CHUNK_BYTES))))
+    c = max(1, math.ceil(n / (chunk_bytes or ring.CHUNK_BYTES)))
     return (p - 1 + c - 1) * net.m(math.ceil(n / c), p)
 
 
 # -- recursive halving / doubling ---------------------------------------------------------------
 def rhd_allreduce(p: int, n: float, net: Net, small_bytes: int | None = None,
                   itemsize: int = 4) -> float:
-    small_bytes = small_bytes or _default("rhd", "SMALL_BYTES", RHD_SMALL_BYTES)
+    small_bytes = small_bytes or rhd.SMALL_BYTES
     k = p.bit_length() - 1  # log2 of the power-of-two core
     pof2 = 1 << k
     extra = 0.0 if p == pof2 else 2 * net.m(n, p) + net.reduce(n)
@@ -301,12 +294,8 @@ def predict(algorithm: str, collective: str, p: int, nbytes: float, profile: Any
     if p <= 1 or nbytes <= 0:
         return 0.0
     if net is None:
-        from mpipar.sim.network import load_profile  # noqa: PLC0415  (comm stays import-light)
-
         prof = profile if hasattr(profile, "levels") else load_profile(profile)
         net = Net.from_profile(prof, options.get("ranks_per_node"))
-    import inspect  # noqa: PLC0415
-
     names = set(inspect.signature(fn).parameters)
     kw = {k: v for k, v in options.items() if k in names or ("options" in names and k in _OPTION_NAMES)}
     if algorithm == "ring" and collective == "broadcast":

@@ -19,9 +19,10 @@ from mpipar import backend
 from mpipar.comm.algorithms import Algorithm
 from mpipar.comm.mpi_env import collective
 from mpipar.comm.ops import ReduceOp
+from mpipar.comm.transport.mpi import MPITransport
 
 
-def _mpi_op(t: Any, op: ReduceOp) -> Any:
+def _mpi_op(t: MPITransport, op: ReduceOp) -> Any:
     MPI = t.MPI
     return {"sum": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op.name]
 
@@ -29,7 +30,7 @@ def _mpi_op(t: Any, op: ReduceOp) -> Any:
 class _Host:
     """The host-side view of a work buffer for one native call (staged if it is on the GPU)."""
 
-    def __init__(self, t: Any, buf: Any, upcast_half: bool = False) -> None:
+    def __init__(self, t: MPITransport, buf: Any, upcast_half: bool = False) -> None:
         self.buf = buf
         self.staged = backend.is_device_array(buf) and not t.cuda_aware
         self.upcast = upcast_half and buf.dtype == np.float16
@@ -61,13 +62,13 @@ class _Host:
         return data
 
 
-def allreduce(t: Any, buf: Any, op: ReduceOp) -> Any:
+def allreduce(t: MPITransport, buf: Any, op: ReduceOp) -> Any:
     h = _Host(t, buf, upcast_half=True)
     collective(t.comm, "Allreduce", t.MPI.IN_PLACE, h.data, op=_mpi_op(t, op))
     return h.back(h.data)
 
 
-def reduce(t: Any, buf: Any, op: ReduceOp, root: int) -> Any:
+def reduce(t: MPITransport, buf: Any, op: ReduceOp, root: int) -> Any:
     h = _Host(t, buf, upcast_half=True)
     if t.rank == root:
         collective(t.comm, "Reduce", t.MPI.IN_PLACE, h.data, op=_mpi_op(t, op), root=root)
@@ -76,20 +77,20 @@ def reduce(t: Any, buf: Any, op: ReduceOp, root: int) -> Any:
     return h.back(h.data)
 
 
-def broadcast(t: Any, buf: Any, root: int) -> Any:
+def broadcast(t: MPITransport, buf: Any, root: int) -> Any:
     h = _Host(t, buf)
     collective(t.comm, "Bcast", h.data, root=root)
     return h.back(h.data)
 
 
-def reduce_scatter(t: Any, buf: Any, op: ReduceOp, counts: list[int]) -> Any:
+def reduce_scatter(t: MPITransport, buf: Any, op: ReduceOp, counts: list[int]) -> Any:
     h = _Host(t, buf, upcast_half=True)
     out = h.new(counts[t.rank])
     collective(t.comm, "Reduce_scatter", h.data, out, recvcounts=list(counts), op=_mpi_op(t, op))
     return h.back(out)
 
 
-def allgather(t: Any, block: Any, counts: list[int]) -> Any:
+def allgather(t: MPITransport, block: Any, counts: list[int]) -> Any:
     h = _Host(t, block)
     out = h.new(sum(counts))
     displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
@@ -97,7 +98,7 @@ def allgather(t: Any, block: Any, counts: list[int]) -> Any:
     return h.back(out)
 
 
-def alltoall(t: Any, buf: Any) -> Any:
+def alltoall(t: MPITransport, buf: Any) -> Any:
     h = _Host(t, buf)
     out = h.new(buf.size)
     collective(t.comm, "Alltoall", h.data, out)

@@ -16,7 +16,7 @@ Examples::
 
 Tables have the columns of ``python -m mpipar.bench collectives`` (nccl-tests style: size,
 count, type, time, algbw, busbw); ``--model`` adds the closed-form cost model's time beside
-the simulated one. A profile is a name from ``mpipar/sim/profiles/`` or a path to a JSON file
+the simulated one. A profile is a name from ``mpipar/comm/profiles/`` or a path to a JSON file
 written by ``python -m mpipar.bench calibrate``. The time is that of one collective starting
 with every rank at time 0; the simulator's own wall and CPU time per table follow it.
 """
@@ -29,7 +29,12 @@ import time
 from typing import Any
 
 from mpipar import backend
-from mpipar.bench.report import format_table, parse_sizes, row
+from mpipar.comm import cost_model
+from mpipar.comm.algorithms import algorithm_names
+from mpipar.comm.network import PROFILE_DIR, load_profile, profile_names
+from mpipar.sim.compare import main as compare_main
+from mpipar.sim.report import format_table, parse_sizes, row
+from mpipar.sim.run import load_algorithm, resolve_profile, simulate_collective
 
 
 def _value(text: str) -> Any:
@@ -61,10 +66,6 @@ def add_collectives_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _default_algorithms(collective: str) -> list[str]:
-    from mpipar.comm import cost_model
-    from mpipar.comm.algorithms import algorithm_names
-    from mpipar.sim.run import load_algorithm
-
     names = [n for n in dict.fromkeys(list(cost_model.ALGORITHMS) + algorithm_names()) if n != "native"]
     out = []
     for n in names:
@@ -77,9 +78,6 @@ def _default_algorithms(collective: str) -> list[str]:
 
 
 def collectives(args: argparse.Namespace) -> int:
-    from mpipar.comm import cost_model
-    from mpipar.sim.run import resolve_profile, simulate_collective
-
     prof = resolve_profile(args.profile, args.ranks_per_node)
     p = args.ranks
     itemsize = backend.resolve_dtype(args.dtype).itemsize
@@ -135,8 +133,6 @@ def collectives(args: argparse.Namespace) -> int:
 
 
 def profiles(args: argparse.Namespace) -> int:
-    from mpipar.sim.network import PROFILE_DIR, load_profile, profile_names
-
     for name in profile_names():
         prof = load_profile(name)
         rpn = prof.ranks_per_node or 1
@@ -161,13 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--min-bytes", default="64K", help="leave out smaller messages (default 64K)")
     cmp_.add_argument("--tolerance", type=float, default=0.25)
     cmp_.add_argument("--json", default=None, help="save the comparison")
-
-    def _compare(a: argparse.Namespace) -> int:
-        from mpipar.sim.compare import main as compare_main
-
-        return compare_main(a)
-
-    cmp_.set_defaults(_main=_compare)
+    cmp_.set_defaults(_main=compare_main)
     args = parser.parse_args(argv)
     return int(args._main(args) or 0)
 

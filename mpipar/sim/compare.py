@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from mpipar.bench.report import format_size
+from mpipar.sim.report import format_size, parse_size
+from mpipar.sim.run import simulate_collective
 
 
 def _row(collective: str, algorithm: str, p: int, nbytes: int, count: int, dtype: str, op: str,
          measured: float, profile: Any) -> dict[str, Any]:
-    from mpipar.sim.run import simulate_collective
-
     sim = simulate_collective(collective, algorithm, p, count, dtype=dtype, op=op, profile=profile, data=False)
     return {"collective": collective, "algorithm": algorithm, "size": nbytes, "ranks": p,
             "measured_us": measured * 1e6, "predicted_us": sim.time * 1e6,
@@ -64,8 +63,6 @@ def format_comparison(rows: list[dict[str, Any]], tolerance: float = 0.25) -> st
 
 
 def main(args: Any) -> int:
-    from mpipar.bench.report import parse_size
-
     with open(args.bench) as f:
         bench = json.load(f)
     rows = compare(bench, args.profile, parse_size(args.min_bytes))

@@ -23,11 +23,10 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.comm.algorithms import Algorithm, get_algorithm
-from mpipar.comm.algorithms._util import accepted
-from mpipar.comm.communicator import split_counts
+from mpipar.comm.algorithms._util import accepted, split_counts
+from mpipar.comm.network import Network, Profile, load_profile
 from mpipar.comm.ops import get_op
 from mpipar.comm.transport.sim import Engine, SimResult, placeholder
-from mpipar.sim.network import Network, Profile, load_profile
 
 # Above this many elements in total over all ranks, runs default to size-only buffers.
 DATA_LIMIT = 1 << 24

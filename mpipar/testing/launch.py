@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import selectors
 import shutil
 import signal
 import subprocess
@@ -91,8 +92,6 @@ def run_mpi(n: int, args: Sequence[str], timeout: float, env: dict[str, str] | N
         if stream:
             assert proc.stdout is not None
             deadline = start + timeout
-            import selectors
-
             sel = selectors.DefaultSelector()
             sel.register(proc.stdout, selectors.EVENT_READ)
             while True:

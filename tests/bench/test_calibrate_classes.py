@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mpipar.bench.calibrate import build_profile, fitted_classes, interpolating_classes
-from mpipar.sim import Link, Profile, load_profile
+from mpipar.comm.network import Link, Profile, load_profile
 
 # made-up medians (seconds): not linear, and given out of order on purpose
 SAMPLES = {1024: 3e-6, 8: 1e-6, 64: 1.5e-6, 65536: 40e-6, 16384: 9e-6, 1 << 20: 500e-6}
@@ -223,7 +223,8 @@ def test_call_overheads_are_measured_minus_simulated():
     """call_overheads: per algorithm, the median over the overhead sizes of measured minus
     simulated time on the profile (never negative); other sizes are ignored."""
     from mpipar.bench.calibrate import OVERHEAD_SIZES, call_overheads
-    from mpipar.sim import Profile, simulate_collective
+    from mpipar.comm.network import Profile
+    from mpipar.sim import simulate_collective
 
     prof = Profile.simple(2e-6, 1e-9, 1e-10, eager_limit=65536)
     sim = {n: simulate_collective("allreduce", "ring", 2, n // 4, "float32", profile=prof, data=False).time

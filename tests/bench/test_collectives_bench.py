@@ -10,7 +10,8 @@ import pytest
 
 from mpipar.bench import collectives as coll_bench
 from mpipar.bench import tune
-from mpipar.bench.report import busbw_factor
+from mpipar.bench.report import shuffled
+from mpipar.sim.report import busbw_factor
 
 
 def _args(module, argv: list[str]) -> argparse.Namespace:
@@ -73,8 +74,6 @@ def test_collectives_and_tune_run_validate_and_save(comm, tmp_path, capsys):
 
 def test_shuffled_is_a_permutation_fixed_by_its_seed():
     """Every rank draws the same order for the same round, and the rounds differ."""
-    from mpipar.bench.report import shuffled
-
     items = ["native", "ring", "rhd", "tree", "dbtree", "ps", "hier"]
     orders = [shuffled(items, seed) for seed in range(20)]
     for seed, order in enumerate(orders):

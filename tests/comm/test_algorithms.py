@@ -322,6 +322,16 @@ def test_tree_shapes(p):
 
 
 # -- shared per-p tables (serial) -------------------------------------------------------------
+def test_split_counts_has_one_definition():
+    """The Communicator's blocks and the algorithms' are cut by one function, as array_split."""
+    from mpipar.comm import communicator
+    from mpipar.comm.algorithms import _util
+
+    assert split_counts is communicator.split_counts is _util.split_counts
+    for n, parts in ((10, 3), (0, 4), (7, 7), (5, 8), (10007, 6)):
+        assert split_counts(n, parts) == [len(a) for a in np.array_split(np.arange(n), parts)]
+
+
 def test_cached_tables():
     """The tables every rank shares (cached by their arguments, built once in the simulator)
     are what the per-rank computations gave, and are shared, not rebuilt."""

@@ -14,10 +14,13 @@ network, or hier on its own topology. The differences elsewhere, and why:
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from mpipar.comm import cost_model as cm
-from mpipar.sim import Profile, simulate_collective
+from mpipar.comm.network import Profile
+from mpipar.sim import simulate_collective
 
 from simhelpers import available
 
@@ -85,11 +88,23 @@ def test_one_class_closed_forms():
     assert cm.ring_allgather(p, n, net) == pytest.approx((p - 1) * ALPHA + f * n * BETA)
 
 
-def test_defaults_follow_the_algorithms():
-    """The formulas read the algorithms' own defaults, so a changed default cannot drift."""
-    for alg, name in [("ring", "CHUNK_BYTES"), ("rhd", "SMALL_BYTES"), ("tree", "SEGMENT_BYTES"),
-                      ("dbtree", "SEGMENT_BYTES")]:
-        if available(alg) is None:
-            continue
-        mod = __import__(f"mpipar.comm.algorithms.{alg}", fromlist=[name])
-        assert cm._default(alg, name, -1) == getattr(mod, name)
+@pytest.mark.parametrize("alg, default, option, formula", [
+    ("ring", "CHUNK_BYTES", "chunk_bytes", "ring_broadcast"),
+    ("rhd", "SMALL_BYTES", "small_bytes", "rhd_allreduce"),
+    ("tree", "SEGMENT_BYTES", "segment_bytes", "tree_allreduce"),
+    ("dbtree", "SEGMENT_BYTES", "segment_bytes", "dbtree_allreduce")])
+def test_defaults_follow_the_algorithms(monkeypatch, alg, default, option, formula):
+    """The formulas read the algorithms' own defaults when called, so a changed default cannot
+    drift: with the module's default changed, the formula without the option is the formula
+    with the option set to the new value, and differs from before."""
+    mod = importlib.import_module(f"mpipar.comm.algorithms.{alg}")
+    fn = getattr(cm, formula)
+    net = cm.Net.simple(ALPHA, BETA, GAMMA)
+    p, n, old = 8, 4 << 20, getattr(mod, default)
+    assert fn(p, n, net) == fn(p, n, net, **{option: old})
+    # a new default that changes the cost: ring and the trees cut n into 16 times as many
+    # pieces; rhd's small-message limit moves above a message of twice the old limit
+    new, n = (old * 4, old * 2) if alg == "rhd" else (old // 16, n)
+    before = fn(p, n, net)
+    monkeypatch.setattr(mod, default, new)
+    assert fn(p, n, net) == fn(p, n, net, **{option: new}) != before

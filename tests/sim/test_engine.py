@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mpipar.comm.network import Profile
 from mpipar.comm.ops import SUM
 from mpipar.comm.transport.base import recv, send, sendrecv
 from mpipar.comm.transport.sim import DeadlockError, RankError, placeholder
-from mpipar.sim import Profile, simulate
+from mpipar.sim import simulate
 
 A, B, G = 3e-6, 1e-9, 2e-10
 FLAT = Profile.simple(A, B, G)

@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from mpipar.comm.network import Link, Profile, SizeClass, load_profile
 from mpipar.comm.transport.base import sendrecv
 from mpipar.comm.transport.sim import placeholder
-from mpipar.sim import Link, Profile, SizeClass, load_profile, simulate, simulate_collective
+from mpipar.sim import simulate, simulate_collective
 
 from simhelpers import one_message
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from mpipar.comm import cost_model as cm
+from mpipar.comm.network import Link, Network, Profile, SizeClass, load_profile
 from mpipar.comm.ops import SUM
 from mpipar.comm.transport.base import sendrecv
 from mpipar.comm.transport.sim import placeholder
-from mpipar.sim import Link, Network, Profile, SizeClass, load_profile, simulate, simulate_collective
+from mpipar.sim import simulate, simulate_collective
 
 from simhelpers import available, one_message
 

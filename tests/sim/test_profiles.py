@@ -1,14 +1,17 @@
-"""Profiles (JSON round trip, shipped ones), the report helpers shared with the benchmark,
-and the command line."""
+"""Profiles (JSON round trip, shipped ones, shipped as package data), the report helpers shared
+with the benchmark, and the command line."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from mpipar.bench import report
-from mpipar.sim import Link, Profile, SizeClass, load_profile, profile_names
+import mpipar.sim
+from mpipar.comm import network
+from mpipar.comm.network import PROFILE_DIR, Link, Profile, SizeClass, load_profile, profile_names
+from mpipar.sim import report
 from mpipar.sim.__main__ import main as sim_main
 
 
@@ -36,6 +39,29 @@ def test_shipped_profiles_load_by_name():
     assert local.name == "local" and "measured" in local.metadata["source"]
     with pytest.raises(FileNotFoundError, match="dgx-h100"):
         load_profile("no-such-profile")
+
+
+def test_profiles_live_in_comm_and_sim_re_exports_them():
+    """One definition: the network model is comm's (the cost model, auto and the simulated
+    transport use it); mpipar.sim hands out the same objects."""
+    assert PROFILE_DIR.parent == Path(network.__file__).parent
+    assert PROFILE_DIR.parts[-2:] == ("comm", "profiles")
+    for name in ("Link", "Network", "Profile", "SizeClass", "load_profile", "profile_names"):
+        assert getattr(mpipar.sim, name) is getattr(network, name)
+
+
+def test_shipped_profiles_are_package_data():
+    """A wheel install has the profiles: pyproject.toml declares every shipped JSON file."""
+    tomllib = pytest.importorskip("tomllib")
+    root = PROFILE_DIR.parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("not a source checkout")
+    data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p.relative_to(PROFILE_DIR.parent).as_posix() for p in PROFILE_DIR.glob("*.json")}
+    declared = {p.relative_to(PROFILE_DIR.parent).as_posix()
+                for pattern in data.get("mpipar.comm", []) for p in PROFILE_DIR.parent.glob(pattern)}
+    assert shipped and shipped <= declared
 
 
 def test_size_classes_must_be_ordered():

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from mpipar.comm import cost_model as cm
-from mpipar.sim import load_profile, simulate_collective
+from mpipar.comm.network import load_profile
+from mpipar.sim import simulate_collective
 
 from simhelpers import available
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mpipar.comm.algorithms import COLLECTIVES
-from mpipar.sim import Profile, simulate_collective
+from mpipar.comm.network import Profile
+from mpipar.sim import simulate_collective
 from mpipar.sim.run import rank_inputs
 
 from simhelpers import FROM_SCRATCH, available, reference

@@ -10,8 +10,9 @@ import json
 import numpy as np
 import pytest
 
+from mpipar.comm.network import Profile
 from mpipar.comm.ops import SUM
-from mpipar.sim import Profile, simulate, simulate_collective
+from mpipar.sim import simulate, simulate_collective
 
 A, B, GAMMA = 4e-6, 2e-9, 1e-9
 EAGER = 4096

@@ -10,9 +10,10 @@ caller (the Communicator has already copied the user's input):
     allgather(t, block, counts, **options) -> full            (sum(counts) elements)
     alltoall(t, buf, **options) -> buf                        (size equal blocks)
 
-``t`` is a Transport (``rank``, ``size``, ``isend``, ``irecv``, ``reduce_local``, ``split``,
-``cache``). ``op`` is a ReduceOp (sum, max or min: ``avg`` is finished by the caller).
-A function may be missing where the algorithm has no natural form of that collective.
+``t`` is a ``Transport`` (``transport/base.py``: ``rank``, ``size``, ``isend``, ``irecv``,
+``reduce_local``, ``split``, ``cache`` and optional members such as ``sendrecv`` and
+``scratch_pool``; nothing else). ``op`` is a ReduceOp (sum, max or min: ``avg`` is finished
+by the caller). A function may be missing where the algorithm has no natural form of that collective.
 Modules are imported on first use, so a name costs nothing until chosen.
 """
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from mpipar.comm.algorithms._util import give_scratch, segment_table, take_scratch
+from mpipar.comm.transport.base import Transport
 
 WINDOW = 2
 
@@ -40,7 +41,7 @@ class TreeSpec:
 class _State:
     """Progress of one tree on this rank during one call."""
 
-    def __init__(self, t: Any, spec: TreeSpec, buf: Any, seg: int, tag: int, reduce: bool,
+    def __init__(self, t: Transport, spec: TreeSpec, buf: Any, seg: int, tag: int, reduce: bool,
                  window: int) -> None:
         self.spec = spec
         self.segs = segment_table(spec.lo, spec.hi, seg)  # shared by all ranks (cached)
@@ -63,12 +64,12 @@ class _State:
                 for s in range(min(window, len(self.segs))):
                     self._post_kid(t, c, child, s)
 
-    def _post_kid(self, t: Any, c: int, child: int, s: int) -> None:
+    def _post_kid(self, t: Transport, c: int, child: int, s: int) -> None:
         a, b = self.segs[s]
         view = self.slots[c][s % self.window][:b - a]
         self.kids[c][s] = (t.irecv(view, child, self.tag), view)
 
-    def reduce_step(self, t: Any, buf: Any, op: Any, s: int) -> None:
+    def reduce_step(self, t: Transport, buf: Any, op: Any, s: int) -> None:
         a, b = self.segs[s]
         mine = buf[a:b]
         for c, child in enumerate(self.spec.children):
@@ -82,14 +83,14 @@ class _State:
             self.up[s] = t.isend(mine, self.spec.parent, self.tag)
         self.reduced = s + 1
 
-    def _post_down(self, t: Any, buf: Any, s: int) -> None:
+    def _post_down(self, t: Transport, buf: Any, s: int) -> None:
         if self.up[s] is not None:  # buf[a:b] may still be going up: finish that first
             self.up[s].wait()
             self.up[s] = None
         a, b = self.segs[s]
         self.down[s] = t.irecv(buf[a:b], self.spec.parent, self.tag + 1)
 
-    def bcast_step(self, t: Any, buf: Any, s: int) -> None:
+    def bcast_step(self, t: Transport, buf: Any, s: int) -> None:
         a, b = self.segs[s]
         if self.spec.parent is not None:
             if self.down[s] is None:
@@ -102,7 +103,7 @@ class _State:
         for child in self.spec.bcast_order:
             self.sends.append(t.isend(buf[a:b], child, self.tag + 1))
 
-    def finish(self, t: Any) -> None:
+    def finish(self, t: Transport) -> None:
         for req in self.up:
             if req is not None:
                 req.wait()
@@ -113,7 +114,7 @@ class _State:
             self.scratch = None
 
 
-def run(t: Any, buf: Any, op: Any, specs: list[TreeSpec], seg: int, tag: int,
+def run(t: Transport, buf: Any, op: Any, specs: list[TreeSpec], seg: int, tag: int,
         reduce: bool = True, bcast: bool = True, window: int = WINDOW) -> None:
     """Reduce to each tree's root and/or broadcast from it, pipelined over segments of ``seg``
     elements. Tree k uses tags ``tag + 2k`` (up) and ``tag + 2k + 1`` (down)."""

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mpipar.backend import array_module
+from mpipar.comm.transport.base import Transport
 
 __all__ = ["array_module", "split_counts", "offsets", "split_offsets", "segments",
            "segment_table", "seg_elems", "accepted", "take_scratch", "give_scratch"]
@@ -70,7 +71,7 @@ def segment_table(lo: int, hi: int, seg: int) -> tuple[tuple[int, int], ...]:
     return tuple(segments(lo, hi, seg))
 
 
-def take_scratch(t: Any, like: Any, n: int) -> Any:
+def take_scratch(t: Transport, like: Any, n: int) -> Any:
     """``n`` elements of ``like``'s dtype and array module for one call's own use (received
     blocks waiting to be reduced): from the transport's ``scratch_pool`` when it has one and
     the array is on the host, so that its pages were touched by an earlier call (see
@@ -83,7 +84,7 @@ def take_scratch(t: Any, like: Any, n: int) -> Any:
     return pool.take(n * like.itemsize).view(like.dtype)
 
 
-def give_scratch(t: Any, buf: Any) -> None:
+def give_scratch(t: Transport, buf: Any) -> None:
     """Return ``take_scratch``'s buffer to the transport's pool (nothing without one)."""
     pool = getattr(t, "scratch_pool", None)
     if pool is not None and isinstance(buf, np.ndarray):

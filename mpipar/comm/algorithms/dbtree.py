@@ -36,6 +36,7 @@ from typing import Any
 from mpipar.comm.algorithms import Algorithm
 from mpipar.comm.algorithms import _treepipe
 from mpipar.comm.algorithms._util import seg_elems
+from mpipar.comm.transport.base import Transport
 
 TAG = 0x44  # 'D'
 SEGMENT_BYTES = 1 << 20
@@ -88,7 +89,7 @@ def trees(p: int) -> list[list[tuple[int | None, list[int]]]]:
     return [[(par[v], list(kids[v])) for v in range(p)] for par, kids in _tables(p)]
 
 
-def _specs(t: Any, n: int) -> list[_treepipe.TreeSpec]:
+def _specs(t: Transport, n: int) -> list[_treepipe.TreeSpec]:
     (par_a, kids_a), (par_b, kids_b) = _tables(t.size)
     r = t.rank
     half = (n + 1) // 2
@@ -97,7 +98,7 @@ def _specs(t: Any, n: int) -> list[_treepipe.TreeSpec]:
             _treepipe.TreeSpec(par_b[r], kids_b[r], half, n, depth)]
 
 
-def allreduce(t: Any, buf: Any, op: Any, segment_bytes: int = SEGMENT_BYTES) -> Any:
+def allreduce(t: Transport, buf: Any, op: Any, segment_bytes: int = SEGMENT_BYTES) -> Any:
     if t.size == 1 or buf.size == 0:
         return buf
     _treepipe.run(t, buf, op, _specs(t, buf.size), seg_elems(segment_bytes, buf.itemsize), TAG)

@@ -33,25 +33,23 @@ from typing import Any
 
 from mpipar.comm.algorithms import Algorithm, get_algorithm
 from mpipar.comm.algorithms._util import accepted
+from mpipar.comm.transport.base import Transport
 
 
-def node_of(t: Any, ranks_per_node: int | None = None) -> int:
+def node_of(t: Transport, ranks_per_node: int | None = None) -> int:
     """This rank's node, named after the node's lowest rank: from ``ranks_per_node`` (or the
-    transport's own), else MPI's shared-memory split (collective), else 0 (one node)."""
+    transport's own), else the transport's ``shared_node`` (MPI's shared-memory split;
+    collective), else 0 (one node)."""
     rpn = ranks_per_node or getattr(t, "ranks_per_node", None)
     if rpn:
         return t.rank // int(rpn)
-    comm, MPI = getattr(t, "comm", None), getattr(t, "MPI", None)
-    if comm is not None and MPI is not None:
-        # one collective at set-up time; the node is named after its lowest rank
-        shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=t.rank)
-        node = shared.bcast(t.rank, root=0)
-        shared.Free()
-        return node
+    shared_node = getattr(t, "shared_node", None)
+    if shared_node is not None:
+        return shared_node()  # one collective, at set-up time
     return 0
 
 
-def groups(t: Any, ranks_per_node: int | None = None) -> tuple[Any, Any]:
+def groups(t: Transport, ranks_per_node: int | None = None) -> tuple[Transport, Transport | None]:
     """(this rank's node group, the leaders' group or None), built once per transport."""
     key = ("hier", ranks_per_node)
     found = t.cache.get(key)
@@ -63,7 +61,7 @@ def groups(t: Any, ranks_per_node: int | None = None) -> tuple[Any, Any]:
     return found
 
 
-def allreduce(t: Any, buf: Any, op: Any, inter: str = "ring", intra: str = "tree",
+def allreduce(t: Transport, buf: Any, op: Any, inter: str = "ring", intra: str = "tree",
               ranks_per_node: int | None = None, **options: Any) -> Any:
     """``options`` are passed on to the ``inter`` and ``intra`` algorithms that take them."""
     if t.size == 1 or buf.size == 0:

@@ -28,12 +28,13 @@ from typing import Any
 
 from mpipar.comm.algorithms import Algorithm
 from mpipar.comm.algorithms._util import give_scratch, split_offsets, take_scratch
+from mpipar.comm.transport.base import Transport
 
 TAG = 0x50  # 'P'
 WINDOW = 4
 
 
-def allreduce(t: Any, buf: Any, op: Any, servers: int = 1, window: int = WINDOW) -> Any:
+def allreduce(t: Transport, buf: Any, op: Any, servers: int = 1, window: int = WINDOW) -> Any:
     p, r = t.size, t.rank
     if p == 1 or buf.size == 0:
         return buf

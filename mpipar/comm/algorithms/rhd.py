@@ -37,7 +37,7 @@ from typing import Any
 
 from mpipar.comm.algorithms import Algorithm
 from mpipar.comm.algorithms._util import array_module, give_scratch, offsets, split_offsets, take_scratch
-from mpipar.comm.transport.base import sendrecv
+from mpipar.comm.transport.base import Transport, sendrecv
 
 TAG = 0x48  # 'H'
 SMALL_BYTES = 32 * 1024
@@ -62,12 +62,12 @@ class _Layout:
         return 2 * i + 1 if i < self.rem else i + self.rem
 
 
-def _exchange(t: Any, send: Any, peer: int, recv: Any) -> None:
+def _exchange(t: Transport, send: Any, peer: int, recv: Any) -> None:
     if send.size or recv.size:
         sendrecv(t, send, peer, recv, peer, TAG)
 
 
-def _halving(t: Any, L: _Layout, buf: Any, op: Any, soff: Any, scratch: Any) -> None:
+def _halving(t: Transport, L: _Layout, buf: Any, op: Any, soff: Any, scratch: Any) -> None:
     """Recursive halving over the pof2 super-blocks ``soff``: place nr ends with block nr."""
     blo, bhi, mask = 0, L.pof2, L.pof2 >> 1
     while mask:
@@ -84,7 +84,7 @@ def _halving(t: Any, L: _Layout, buf: Any, op: Any, soff: Any, scratch: Any) -> 
         mask >>= 1
 
 
-def _doubling_gather(t: Any, L: _Layout, buf: Any, soff: Any) -> None:
+def _doubling_gather(t: Transport, L: _Layout, buf: Any, soff: Any) -> None:
     """Recursive doubling all-gather over the pof2 super-blocks: place nr starts with block nr."""
     mask = 1
     while mask < L.pof2:
@@ -94,7 +94,7 @@ def _doubling_gather(t: Any, L: _Layout, buf: Any, soff: Any) -> None:
         mask <<= 1
 
 
-def _doubling_reduce(t: Any, L: _Layout, buf: Any, op: Any, other: Any) -> Any:
+def _doubling_reduce(t: Transport, L: _Layout, buf: Any, op: Any, other: Any) -> Any:
     """Recursive doubling of the whole vector; returns the array holding the result."""
     mask = 1
     while mask < L.pof2:
@@ -109,7 +109,7 @@ def _doubling_reduce(t: Any, L: _Layout, buf: Any, op: Any, other: Any) -> Any:
     return buf
 
 
-def allreduce(t: Any, buf: Any, op: Any, small_bytes: int = SMALL_BYTES) -> Any:
+def allreduce(t: Transport, buf: Any, op: Any, small_bytes: int = SMALL_BYTES) -> Any:
     p, r = t.size, t.rank
     if p == 1 or buf.size == 0:
         return buf
@@ -158,7 +158,7 @@ def _super_offsets(L: _Layout, off: list[int]) -> _SuperOffsets:
     return _SuperOffsets(off, L.rem)
 
 
-def reduce_scatter(t: Any, buf: Any, op: Any, counts: list[int], small_bytes: int = SMALL_BYTES) -> Any:
+def reduce_scatter(t: Transport, buf: Any, op: Any, counts: list[int], small_bytes: int = SMALL_BYTES) -> Any:
     p, r = t.size, t.rank
     off = offsets(counts)
     mine = buf[off[r]:off[r + 1]]
@@ -185,7 +185,7 @@ def reduce_scatter(t: Any, buf: Any, op: Any, counts: list[int], small_bytes: in
     return buf[off[r]:off[r + 1]]
 
 
-def allgather(t: Any, block: Any, counts: list[int], small_bytes: int = SMALL_BYTES) -> Any:
+def allgather(t: Transport, block: Any, counts: list[int], small_bytes: int = SMALL_BYTES) -> Any:
     p, r = t.size, t.rank
     off = offsets(counts)
     full = array_module(block).empty(off[-1], dtype=block.dtype)

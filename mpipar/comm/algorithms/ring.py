@@ -41,14 +41,14 @@ from typing import Any, Callable, Iterator, Sequence
 from mpipar.comm.algorithms import Algorithm
 from mpipar.comm.algorithms._util import (array_module, give_scratch, offsets, seg_elems, segment_table,
                                           segments, split_offsets, take_scratch)
-from mpipar.comm.transport.base import sendrecv
+from mpipar.comm.transport.base import Transport, sendrecv
 
 TAG = 0x52  # 'R'
 CHUNK_BYTES = 1 << 20  # default chunk for p > 2; p = 2 has one hop per phase: no chunks
 WINDOW = 2  # receives in flight per ring (scratch slots)
 
 
-def _sendrecv_of(t: Any) -> Callable[..., Any]:
+def _sendrecv_of(t: Transport) -> Callable[..., Any]:
     """The transport's own ``sendrecv`` bound once (the hop loop calls it 2(p-1) times), or the
     generic irecv/isend/wait form."""
     own = getattr(t, "sendrecv", None)
@@ -79,7 +79,7 @@ def _recv_chunks(p: int, r: int, off: Sequence[int], rs: bool, ag: bool,
                 yield a, b, red, fwd
 
 
-def _ring(t: Any, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, ag: bool,
+def _ring(t: Transport, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, ag: bool,
           chunk_bytes: int | None, window: int = WINDOW) -> None:
     """Reduce-scatter (``rs``) and/or all-gather (``ag``) of ``buf`` in place over the blocks
     starting at ``off`` (p + 1 offsets; ``widest`` the largest block): after ``rs`` rank r's
@@ -169,7 +169,7 @@ def _ring(t: Any, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, 
         give_scratch(t, scratch)
 
 
-def allreduce(t: Any, buf: Any, op: Any, chunk_bytes: int | None = None) -> Any:
+def allreduce(t: Transport, buf: Any, op: Any, chunk_bytes: int | None = None) -> Any:
     if t.size == 1 or buf.size == 0:
         return buf
     off = split_offsets(buf.size, t.size)  # shared by all ranks (cached); block 0 is widest
@@ -177,14 +177,14 @@ def allreduce(t: Any, buf: Any, op: Any, chunk_bytes: int | None = None) -> Any:
     return buf
 
 
-def reduce_scatter(t: Any, buf: Any, op: Any, counts: list[int], chunk_bytes: int | None = None) -> Any:
+def reduce_scatter(t: Transport, buf: Any, op: Any, counts: list[int], chunk_bytes: int | None = None) -> Any:
     off = offsets(counts)
     if t.size > 1 and buf.size > 0:
         _ring(t, buf, op, off, max(counts), True, False, chunk_bytes)
     return buf[off[t.rank]:off[t.rank + 1]]
 
 
-def allgather(t: Any, block: Any, counts: list[int], chunk_bytes: int | None = None) -> Any:
+def allgather(t: Transport, block: Any, counts: list[int], chunk_bytes: int | None = None) -> Any:
     off = offsets(counts)
     full = array_module(block).empty(off[-1], dtype=block.dtype)
     full[off[t.rank]:off[t.rank + 1]] = block
@@ -193,7 +193,7 @@ def allgather(t: Any, block: Any, counts: list[int], chunk_bytes: int | None = N
     return full
 
 
-def broadcast(t: Any, buf: Any, root: int, chunk_bytes: int | None = None) -> Any:
+def broadcast(t: Transport, buf: Any, root: int, chunk_bytes: int | None = None) -> Any:
     """Pipelined chain root -> root+1 -> ... -> root-1: each chunk is passed on as it lands."""
     p = t.size
     if p == 1 or buf.size == 0:

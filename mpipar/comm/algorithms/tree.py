@@ -38,6 +38,7 @@ from typing import Any
 from mpipar.comm.algorithms import Algorithm
 from mpipar.comm.algorithms import _treepipe
 from mpipar.comm.algorithms._util import seg_elems
+from mpipar.comm.transport.base import Transport
 
 TAG = 0x54  # 'T'
 SEGMENT_BYTES = 1 << 20
@@ -62,7 +63,7 @@ def binomial(p: int, rank: int, root: int, lo: int, hi: int, largest_first: bool
                               bcast_order=down)
 
 
-def allreduce(t: Any, buf: Any, op: Any, segment_bytes: int = SEGMENT_BYTES) -> Any:
+def allreduce(t: Transport, buf: Any, op: Any, segment_bytes: int = SEGMENT_BYTES) -> Any:
     if t.size == 1 or buf.size == 0:
         return buf
     spec = binomial(t.size, t.rank, 0, 0, buf.size)
@@ -70,7 +71,7 @@ def allreduce(t: Any, buf: Any, op: Any, segment_bytes: int = SEGMENT_BYTES) -> 
     return buf
 
 
-def reduce(t: Any, buf: Any, op: Any, root: int, segment_bytes: int = SEGMENT_BYTES) -> Any:
+def reduce(t: Transport, buf: Any, op: Any, root: int, segment_bytes: int = SEGMENT_BYTES) -> Any:
     if t.size == 1 or buf.size == 0:
         return buf
     spec = binomial(t.size, t.rank, root, 0, buf.size)
@@ -78,7 +79,7 @@ def reduce(t: Any, buf: Any, op: Any, root: int, segment_bytes: int = SEGMENT_BY
     return buf
 
 
-def broadcast(t: Any, buf: Any, root: int, segment_bytes: int = SEGMENT_BYTES) -> Any:
+def broadcast(t: Transport, buf: Any, root: int, segment_bytes: int = SEGMENT_BYTES) -> Any:
     if t.size == 1 or buf.size == 0:
         return buf
     spec = binomial(t.size, t.rank, root, 0, buf.size, largest_first=True)

@@ -1,8 +1,11 @@
 """The point-to-point interface every collective algorithm is written against.
 
-An algorithm sees only ``rank``, ``size``, ``isend``, ``irecv``, ``Request.wait`` and
-``reduce_local``; it never learns whether bytes cross MPI, a staged GPU copy or a simulated
-network, which is what lets one implementation be tested, benchmarked and simulated.
+An algorithm sees only the ``Transport`` below (``rank``, ``size``, ``isend``, ``irecv``,
+``Request.wait``, ``reduce_local``, ``split`` and a few optional members); it never learns
+whether bytes cross MPI, a staged GPU copy or a simulated network, which is what lets one
+implementation be tested, benchmarked and simulated. ``MPITransport`` (``mpi.py``) and
+``SimTransport`` (``sim.py``) implement all of it; tests/comm/test_transport_contract.py
+checks that the algorithms use nothing else and that both implement every member.
 
 Buffers are 1-D contiguous xp arrays (slices of one are fine). Messages between the same pair
 of ranks with the same tag arrive in the order they were sent (MPI's non-overtaking rule).
@@ -10,9 +13,10 @@ of ranks with the same tag arrive in the order they were sent (MPI's non-overtak
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from mpipar.comm.ops import ReduceOp
+from mpipar.comm.transport.pool import BufferPool
 
 
 @runtime_checkable
@@ -37,18 +41,67 @@ class CompletedRequest:
         return True
 
 
+class SendRecv(Protocol):
+    """A transport's own pairwise exchange (``Transport.sendrecv``)."""
+
+    def __call__(self, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0) -> Any: ...
+
+
+@runtime_checkable
 class Transport(Protocol):
+    """Point-to-point messages among the ranks of one group, as the algorithms and the
+    Communicator use them.
+
+    Optional members are typed ``... | None``: a transport without that capability sets them
+    to None. Algorithms read them with ``getattr(t, name, None)``, so an object that lacks
+    them altogether (a test's stand-in) behaves as one that sets them to None.
+    """
+
     rank: int
+    """This rank's index in the group, ``0 <= rank < size``."""
     size: int
+    """Ranks in the group."""
+    cache: dict[Any, Any]
+    """State that algorithms keep per transport across calls (hier: its node sub-groups)."""
+    scratch_pool: BufferPool | None
+    """Optional: reusable host buffers for an algorithm's scratch (``_util.take_scratch``),
+    so that a call's received blocks land in pages an earlier call touched; None: scratch is
+    allocated anew each call (the simulator keeps no memory between calls)."""
+    ranks_per_node: int | None
+    """Optional: ranks per node when the transport knows its group's topology (consecutive
+    ranks; the simulator's world group on a two-level network); None: unknown."""
 
-    def isend(self, buf: Any, dest: int, tag: int = 0) -> Request: ...
+    @property
+    def sendrecv(self) -> SendRecv | None:
+        """Optional fast path: send ``sendbuf`` to ``dest`` and receive ``recvbuf`` from
+        ``source`` in one call (one MPI_Sendrecv; the simulator's hot loop). None: callers
+        post the receive, then the send, and wait for both (``sendrecv`` below)."""
 
-    def irecv(self, buf: Any, source: int, tag: int = 0) -> Request: ...
+    @property
+    def shared_node(self) -> Callable[[], int] | None:
+        """Optional, collective over the group: the node this rank is on, named after the
+        group rank of its lowest member, among ranks that share memory (MPI's
+        ``COMM_TYPE_SHARED`` split; hier's nodes when no ``ranks_per_node`` is given). None:
+        the transport cannot tell (hier then takes all ranks as one node)."""
+
+    def isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        """Start sending ``buf``; keep it unchanged until the request completes."""
+
+    def irecv(self, buf: Any, source: int, tag: int = 0) -> Request:
+        """Start receiving into ``buf``; the request's ``wait()`` returns ``buf``."""
 
     def reduce_local(self, op: ReduceOp, dst: Any, src: Any) -> None:
         """dst <- dst (op) src; the simulator charges its per-byte reduction cost here."""
 
-    def split(self, color: int, key: int) -> "Transport | None": ...
+    def split(self, color: int | None, key: int = 0) -> Transport | None:
+        """Collective, as MPI_Comm_split: the ranks that passed the same ``color``, ordered by
+        ``key``; ``color=None``: this rank joins none and gets None."""
+
+    def dup(self) -> Transport:
+        """Collective: the same group on a private channel (messages never match this one's)."""
+
+    def barrier(self) -> None:
+        """Collective: return once every rank of the group has entered."""
 
 
 def waitall(requests: Sequence[Request]) -> None:

@@ -84,17 +84,21 @@ class MPIRequest:
 
 
 class MPITransport:
-    """Point-to-point messages between the ranks of one MPI communicator."""
+    """Point-to-point messages between the ranks of one MPI communicator (a ``Transport``)."""
+
+    # MPI does not say how ranks are laid out on nodes; shared_node() asks the library instead
+    ranks_per_node: int | None = None
 
     def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None) -> None:
         self.MPI = import_mpi()
         self.comm = mpi_comm
-        self.rank = mpi_comm.Get_rank()
-        self.size = mpi_comm.Get_size()
+        self.rank: int = mpi_comm.Get_rank()
+        self.size: int = mpi_comm.Get_size()
         self.cuda_aware = is_cuda_aware() if cuda_aware is None else cuda_aware
         self.pool = PinnedPool()
-        self.scratch_pool = BufferPool(max_bytes=_scratch_limit())  # algorithms' host scratch
-        self.cache: dict[str, Any] = {}  # per-transport state of algorithms (sub-groups, tables)
+        # the algorithms' host scratch (see Transport.scratch_pool)
+        self.scratch_pool: BufferPool | None = BufferPool(max_bytes=_scratch_limit())
+        self.cache: dict[Any, Any] = {}  # per-transport state of algorithms (sub-groups, tables)
 
     # -- helpers -------------------------------------------------------------------------
     def _needs_staging(self, buf: Any) -> bool:
@@ -173,3 +177,11 @@ class MPITransport:
 
     def dup(self) -> "MPITransport":
         return MPITransport(self.comm.Dup(), cuda_aware=self.cuda_aware)
+
+    def shared_node(self) -> int:
+        """Collective: this rank's node among the ranks that share memory with it (MPI's
+        ``COMM_TYPE_SHARED`` split), named after the group rank of its lowest member."""
+        shared = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        node = shared.bcast(self.rank, root=0)
+        shared.Free()
+        return node

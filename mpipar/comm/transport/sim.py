@@ -65,6 +65,7 @@ import numpy as np
 from greenlet import GreenletExit, getcurrent, greenlet
 
 from mpipar.comm.ops import ReduceOp
+from mpipar.comm.transport.pool import BufferPool
 
 
 # Busy intervals remembered per receive port. Messages are booked into the earliest gap at or
@@ -402,6 +403,11 @@ def _ranges(ranks: list[int]) -> str:
 class SimTransport:
     """One virtual rank's view of one group: the Transport interface over the Engine."""
 
+    # No memory is kept between calls (scratch is allocated anew: buffers are often
+    # zero-stride placeholders), and nodes come from the network's ranks_per_node alone.
+    scratch_pool: BufferPool | None = None
+    shared_node: Callable[[], int] | None = None
+
     def __init__(self, engine: Engine, ctx: int, rank: int, ranks: list[int]) -> None:
         self.engine = engine
         self.ctx = ctx
@@ -409,7 +415,7 @@ class SimTransport:
         self.size = len(ranks)
         self.ranks = ranks            # group rank -> global rank
         self.grank = ranks[rank]
-        self.cache: dict[str, Any] = {}
+        self.cache: dict[Any, Any] = {}
         self._gathers = 0
         # The node layout, for topology-aware algorithms (hier): only the world group of a
         # two-level network has one (a sub-group's ranks need not be consecutive).

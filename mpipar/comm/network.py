@@ -1,5 +1,10 @@
 """Network profiles: the alpha-beta-gamma numbers the simulator and the cost model share.
 
+They belong to ``comm``, the lowest layer that uses them: the cost model and
+``algorithm="auto"`` (``comm/cost_model.py``, ``comm/auto.py``) and the simulated transport
+(``comm/transport/sim.py``, which prices messages with ``Network``); ``mpipar.sim``, above,
+re-exports them.
+
 A message of ``n`` bytes costs ``alpha + n * beta`` seconds (Hockney's model), with ``alpha``
 and ``beta`` chosen by the message's size class (small messages go eagerly, large ones by
 rendezvous and often at another bandwidth); combining ``n`` bytes locally costs
@@ -35,12 +40,13 @@ A profile is a JSON file (all times in seconds, ``beta``/``gamma`` in seconds pe
                   "intra": {"classes": [...]}, "inter": {"classes": [...]}}}
 
 ``classes`` (the flat network) is used when there is no topology, or when the run asks for
-one rank per node. Profiles shipped with mpipar live in ``mpipar/sim/profiles/``; a name
+one rank per node. Profiles shipped with mpipar live in ``mpipar/comm/profiles/``; a name
 (``dgx-h100``) or a path both load.
 """
 
 from __future__ import annotations
 
+import copy as _copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -152,9 +158,7 @@ class Profile:
 
     def with_topology(self, ranks_per_node: int | None) -> "Profile":
         """This profile with ``ranks_per_node`` overridden (1 or None: flat)."""
-        import copy
-
-        p = copy.copy(self)
+        p = _copy.copy(self)
         p.ranks_per_node = ranks_per_node
         if ranks_per_node and ranks_per_node > 1 and (p.intra is None or p.inter is None):
             p.intra = p.intra or self.link
