@@ -211,9 +211,12 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         raise UsageError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     try:
         optimizer = OptimizerSpec(args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
+    except ValueError as e:
+        raise UsageError(f"--optimizer {args.optimizer}: {e}") from e
+    try:
         xp = backend.get_xp(args.device)
-    except (ValueError, RuntimeError) as e:
-        raise UsageError(str(e)) from e
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device}: {e}") from e
     where = f"--data {args.data}" if args.data else "the default corpus"
     try:
         tokens = load_tokens(args.data)
