@@ -197,18 +197,23 @@ def test_stage_hooks_report_each_gradient_once_when_final(comm):
     assert all(isinstance(s, (EmbeddingStage, BlockStage, HeadStage)) for s in pipe.stages)
 
 
+def _two_stages(comm):
+    """(mesh, executor) of a 2-stage pipeline (dp = world / 2) of the tiny model."""
+    from mpipar.parallel.model import build_local_model
+
+    if comm.size % 2:
+        pytest.skip("needs an even world size")
+    mesh = make_mesh(comm, comm.size // 2, 1, 2)
+    local = build_local_model(CONFIG, mesh, seed=SEED, dtype="float64")
+    return mesh, PipelineExecutor(local, mesh.pp_group)
+
+
 @pytest.mark.mpi(min_size=2)
 def test_measured_bubble_is_recorded(comm):
     """Timings exist on every rank; the bubble is not asserted against theory here (an
     oversubscribed CI machine says little about it; ``python -m mpipar.bench`` measures)."""
-    from mpipar.parallel.model import build_local_model
-
     pp = 2
-    if comm.size % pp:
-        pytest.skip("needs an even world size")
-    mesh = make_mesh(comm, comm.size // pp, 1, pp)
-    local = build_local_model(CONFIG, mesh, seed=SEED, dtype="float64")
-    pipe = PipelineExecutor(local, mesh.pp_group)
+    mesh, pipe = _two_stages(comm)
     M = 4
     idx, targets = _batch(0, B)
     pipe.step(make_schedule("gpipe", pp, mesh.pp_rank, M), split_micro_batches(idx, targets, M))
@@ -274,15 +279,8 @@ def test_executor_keeps_nothing_from_step_to_step(comm):
     that kept each step's timings grew about 0.8 KiB a step)."""
     import tracemalloc
 
-    from mpipar.parallel.model import build_local_model
-
-    pp = 2
-    if comm.size % pp:
-        pytest.skip("needs an even world size")
-    mesh = make_mesh(comm, comm.size // pp, 1, pp)
-    local = build_local_model(CONFIG, mesh, seed=SEED, dtype="float64")
-    pipe = PipelineExecutor(local, mesh.pp_group)
-    ins = make_schedule("1f1b", pp, mesh.pp_rank, 2)
+    mesh, pipe = _two_stages(comm)
+    ins = make_schedule("1f1b", 2, mesh.pp_rank, 2)
     mbs = split_micro_batches(*_batch(0, 2), 2)
     tracemalloc.start()
     try:
