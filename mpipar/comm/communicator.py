@@ -28,10 +28,10 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.comm import auto, background, mpi_env
-from mpipar.comm.algorithms import COLLECTIVES, Algorithm, get_algorithm
+from mpipar.comm.algorithms import Algorithm, get_algorithm
 from mpipar.comm.algorithms._util import accepted, split_counts
 from mpipar.comm.ops import AVG, OPS, ReduceOp, finalize_avg, get_op
-from mpipar.comm.transport.base import CompletedRequest, Request
+from mpipar.comm.transport.base import Request
 from mpipar.comm.transport.mpi import MPITransport
 from mpipar.runtime import install_abort_handler
 

@@ -20,8 +20,7 @@ import pytest
 import mpipar.comm
 from mpipar.comm.network import Network, Profile
 from mpipar.comm.transport.base import SendRecv, Transport
-from mpipar.comm.transport.mpi import MPITransport
-from mpipar.comm.transport.sim import Engine, SimTransport
+from mpipar.comm.transport.sim import Engine
 
 COMM_DIR = Path(mpipar.comm.__file__).resolve().parent
 ALGORITHM_FILES = sorted((COMM_DIR / "algorithms").glob("*.py")) + [COMM_DIR / "native.py",

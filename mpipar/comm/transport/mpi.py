@@ -15,13 +15,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-import numpy as np
-
 from mpipar import backend
 from mpipar.comm import mpi_env
 from mpipar.comm.mpi_env import MPI_LOCK, import_mpi, is_cuda_aware
 from mpipar.comm.ops import ReduceOp
-from mpipar.comm.transport.base import CompletedRequest
 from mpipar.comm.transport.pool import BufferPool
 from mpipar.comm.transport.staging import PinnedPool
 
