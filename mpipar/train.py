@@ -266,11 +266,10 @@ class Runner:
             self.start = run.resume.step
 
     def describe(self) -> str:
-        a, m = self.run.args, self.mesh
-        return (f"{m.dp * m.tp * m.pp} rank(s) as dp={m.dp} x tp={m.tp} x pp={m.pp} "
-                f"({self.run.why}); schedule {a.schedule}, {a.micro_batches} micro-batches, "
-                f"grad-accum {a.grad_accum}, buckets {a.bucket_mb:g} MiB, all-reduce "
-                f"{a.allreduce or 'native'}, ZeRO {a.zero}\n{m}")
+        lay, m = self.run.layout, self.mesh
+        return (f"{lay.world_size} rank(s) as {lay} ({self.run.why}); schedule {lay.schedule}, "
+                f"{lay.micro_batches} micro-batches, grad-accum {lay.grad_accum}, buckets "
+                f"{lay.bucket_mb:g} MiB, all-reduce {lay.allreduce or 'native'}, ZeRO {lay.zero}\n{m}")
 
     def step(self, step: int, lr: float) -> float:
         x, y = self.run.train.batch(step, self.mesh.dp_rank, self.mesh.dp)

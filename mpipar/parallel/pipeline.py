@@ -201,9 +201,7 @@ class PipelineExecutor:
         req, buf = s.posted.pop((type(ins), ins.mb, ins.chunk))
         t0 = time.perf_counter()
         req.wait()
-        t1 = time.perf_counter()
-        s.times.recv_wait += t1 - t0
-        self._event(s, "recv_wait", ins, t0, t1)
+        self._record(s, "recv_wait", ins, t0)
         (s.inputs if isinstance(ins, RecvActivation) else s.dins)[(ins.chunk, ins.mb)] = buf
 
     def _forward(self, ins: Forward, s: _Step) -> None:
@@ -228,9 +226,7 @@ class PipelineExecutor:
         if x is not None:
             s.outs[key] = x
         self._sync()
-        t1 = time.perf_counter()
-        s.times.forward += t1 - t0
-        self._event(s, "forward", ins, t0, t1)
+        self._record(s, "forward", ins, t0)
 
     def _backward(self, ins: Backward, s: _Step) -> None:
         t0 = time.perf_counter()
@@ -253,9 +249,7 @@ class PipelineExecutor:
         if not self._is_first(ins.chunk):
             s.outs[key] = dx
         self._sync()
-        t1 = time.perf_counter()
-        s.times.backward += t1 - t0
-        self._event(s, "backward", ins, t0, t1)
+        self._record(s, "backward", ins, t0)
 
     def _send(self, ins: Instruction, s: _Step) -> None:
         x = s.outs.pop((ins.chunk, ins.mb))
@@ -311,7 +305,11 @@ class PipelineExecutor:
         if self._gpu:
             backend.synchronize(self.xp)
 
-    def _event(self, s: _Step, kind: str, ins: Instruction, t0: float, t1: float) -> None:
+    def _record(self, s: _Step, kind: str, ins: Instruction, t0: float) -> None:
+        """Charge the time since ``t0`` to the ``kind`` field of the step's StepTimes
+        (recv_wait, forward, backward), and log it as an event."""
+        t1 = time.perf_counter()
+        setattr(s.times, kind, getattr(s.times, kind) + t1 - t0)
         if self.record_events:
             s.times.events.append((kind, ins.mb, ins.chunk, t0 - s.t0, t1 - s.t0))
 
