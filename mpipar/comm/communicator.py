@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpipar import backend
-from mpipar.comm import auto, background, mpi_env
+from mpipar.comm import auto, mpi_env
 from mpipar.comm.algorithms import Algorithm, get_algorithm
 from mpipar.comm.algorithms._util import accepted, split_counts
 from mpipar.comm.ops import AVG, OPS, ReduceOp, finalize_avg, get_op
@@ -277,7 +277,7 @@ class Communicator:
         communicator until they are waited for."""
         self._check_array(x)
         self._check_algorithm(algorithm)
-        return background.worker().submit(self._allreduce_owned, self._work_copy(x), x.shape, get_op(op),
+        return self.transport.background().submit(self._allreduce_owned, self._work_copy(x), x.shape, get_op(op),
                                algorithm, options)
 
     def ireduce_scatter(self, x: Any, op: str | ReduceOp = "sum", algorithm: str | None = None,
@@ -290,13 +290,13 @@ class Communicator:
         if donate and not x.flags.c_contiguous:
             raise ValueError("ireduce_scatter(donate=True) needs a contiguous array")
         buf = x if donate else self._work_copy(x).reshape(x.shape)
-        return background.worker().submit(self._reduce_scatter_owned, buf, op, algorithm, options)
+        return self.transport.background().submit(self._reduce_scatter_owned, buf, op, algorithm, options)
 
     def iallgather(self, x: Any, counts: Sequence[int] | None = None, algorithm: str | None = None,
                    **options: Any) -> Any:
         """Start ``allgather`` on a copy of ``x``; ``wait()`` gives the concatenation."""
         self._check_array(x)
-        return background.worker().submit(self.allgather, self._work_copy(x).reshape(x.shape), counts, algorithm,
+        return self.transport.background().submit(self.allgather, self._work_copy(x).reshape(x.shape), counts, algorithm,
                                **options)
 
     def barrier(self) -> None:
@@ -305,6 +305,15 @@ class Communicator:
             self.transport.barrier()
 
     # -- point to point --------------------------------------------------------------------
+    def clock(self) -> float:
+        """Seconds on this rank's clock (``Transport.clock``: wall time under MPI, virtual
+        time in the simulator)."""
+        return self.transport.clock()
+
+    def background(self) -> Any:
+        """This rank's queue of non-blocking collectives (``Transport.background``)."""
+        return self.transport.background()
+
     def _check_peer(self, peer: int) -> None:
         if not 0 <= peer < self.size:
             raise ValueError(f"rank {peer} is not in this group of size {self.size}")

@@ -47,12 +47,10 @@ communication not hidden by backward.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mpipar.comm.background import worker
 from mpipar.optim import OptimizerSpec, clip_grad_norm
 
 
@@ -143,17 +141,21 @@ class TimedCollectives:
             ...                                        # stats: counts, bytes, total, exposed
     """
 
-    def __init__(self) -> None:
+    def __init__(self, group: Any) -> None:
+        # group: the Communicator whose non-blocking collectives these are; its clock is wall
+        # time under MPI and virtual time in the simulator, so both report the same way
+        self._clock = group.clock
+        self._background = group.background()
         self._inflight: list[_InFlight] = []
 
     def start(self, begin: Callable[[], Any], nbytes: int, key: Any) -> None:
         """Queue ``begin()`` (which starts one collective and returns its handle) between two
         clock reads on the worker. ``begin`` copies or takes its input: the caller's buffer
         may be reused at once."""
-        w = worker()
-        t0 = w.submit(time.perf_counter)
+        w = self._background
+        t0 = w.submit(self._clock)
         handle = begin()
-        self._inflight.append(_InFlight(key, handle, t0, w.submit(time.perf_counter), nbytes))
+        self._inflight.append(_InFlight(key, handle, t0, w.submit(self._clock), nbytes))
 
     def drain(self, stats: CommStats) -> Iterator[tuple[Any, Any]]:
         """Wait for every collective in start order, yielding ``(key, result)``; adds each
@@ -161,10 +163,10 @@ class TimedCollectives:
         result, is exposed time)."""
         inflight, self._inflight = self._inflight, []
         for f in inflight:
-            tw = time.perf_counter()
+            tw = self._clock()
             result = f.handle.wait()
             t1 = f.t1.wait()
-            stats.exposed_s += time.perf_counter() - tw
+            stats.exposed_s += self._clock() - tw
             stats.total_s += t1 - f.t0.wait()
             stats.collectives += 1
             stats.bytes += f.nbytes
@@ -210,7 +212,7 @@ class GradBuckets:
     def _reset(self) -> None:
         self._waiting = [set(b.names) for b in self.buckets]   # names not yet marked
         self._next = 0                                         # next bucket to start
-        self._timed = TimedCollectives()
+        self._timed = TimedCollectives(self.group)
 
     def mark_ready(self, names: Iterable[str]) -> None:
         """Backward has finished producing the gradients of ``names`` (for this step): start

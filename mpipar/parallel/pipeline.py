@@ -61,7 +61,6 @@ stages only, so interleaving needs a model built per chunk (see tests/parallel/t
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -139,6 +138,8 @@ class PipelineExecutor:
                  record_events: bool = True) -> None:
         self.local, self.pp = local, pp_group
         self.P, self.rank = pp_group.size, pp_group.rank
+        # wall time under MPI, the rank's virtual clock in the simulator
+        self.clock: Callable[[], float] = pp_group.clock
         self.chunks = [list(c) for c in chunks] if chunks is not None else [list(local.stages)]
         self.V = len(self.chunks)
         self.stages = [st for c in self.chunks for st in c]
@@ -173,7 +174,7 @@ class PipelineExecutor:
             raise ValueError("need at least one micro-batch")
         instructions = list(instructions)
         self._sync()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         s = _Step(micro=[tuple(mb) for mb in micro_batches], dloss=dloss_scale / M,
                   times=StepTimes(), t0=t0,
                   recvs=[i for i in instructions if isinstance(i, (RecvActivation, RecvGrad))])
@@ -190,7 +191,7 @@ class PipelineExecutor:
             raise RuntimeError(f"pipeline rank {self.rank}: schedule left work behind "
                                f"(receives {list(s.posted)}, caches {list(s.caches)})")
         loss = self._broadcast_loss(s, M)
-        s.times.step = time.perf_counter() - t0
+        s.times.step = self.clock() - t0
         self.last = s.times
         return loss
 
@@ -199,13 +200,13 @@ class PipelineExecutor:
         s.n_recv += 1
         self._post_ahead(s, s.n_recv + self.lookahead)
         req, buf = s.posted.pop((type(ins), ins.mb, ins.chunk))
-        t0 = time.perf_counter()
+        t0 = self.clock()
         req.wait()
         self._record(s, "recv_wait", ins, t0)
         (s.inputs if isinstance(ins, RecvActivation) else s.dins)[(ins.chunk, ins.mb)] = buf
 
     def _forward(self, ins: Forward, s: _Step) -> None:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         key = (ins.chunk, ins.mb)
         idx, targets = s.micro[ins.mb]
         x = idx if self._is_first(ins.chunk) else s.inputs[key]
@@ -229,7 +230,7 @@ class PipelineExecutor:
         self._record(s, "forward", ins, t0)
 
     def _backward(self, ins: Backward, s: _Step) -> None:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         key = (ins.chunk, ins.mb)
         stages, caches = self.chunks[ins.chunk], s.caches.pop(key)
         received = None if self._is_last(ins.chunk) else s.dins.pop(key)
@@ -262,11 +263,11 @@ class PipelineExecutor:
         self._wait_sends(s)
         if not ins.sync:
             return
-        t0 = time.perf_counter()
+        t0 = self.clock()
         if self.tied_group is not None:
             self._sync()
             allreduce_tied_grads(self.local, self.tied_group)
-        s.times.tied_reduce += time.perf_counter() - t0
+        s.times.tied_reduce += self.clock() - t0
         for index, names in self._ready_at_end:
             self._report(index, names)
 
@@ -308,7 +309,7 @@ class PipelineExecutor:
     def _record(self, s: _Step, kind: str, ins: Instruction, t0: float) -> None:
         """Charge the time since ``t0`` to the ``kind`` field of the step's StepTimes
         (recv_wait, forward, backward), and log it as an event."""
-        t1 = time.perf_counter()
+        t1 = self.clock()
         setattr(s.times, kind, getattr(s.times, kind) + t1 - t0)
         if self.record_events:
             s.times.events.append((kind, ins.mb, ins.chunk, t0 - s.t0, t1 - s.t0))
@@ -328,21 +329,21 @@ class PipelineExecutor:
             fn(index, names)
 
     def _wait_sends(self, s: _Step) -> None:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         for req, _ in s.sends:
             req.wait()
         s.sends = []
-        s.times.send_wait += time.perf_counter() - t0
+        s.times.send_wait += self.clock() - t0
 
     def _broadcast_loss(self, s: _Step, M: int) -> float:
         """The mean loss over the micro-batches, from the last stage to every pp rank."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         buf = np.zeros(1, dtype=np.float64)
         if self.rank == self.P - 1:
             buf[0] = sum(float(s.losses[mb]) for mb in range(M)) / M
         if self.P > 1:
             buf = self.pp.broadcast(buf, root=self.P - 1)
-        s.times.loss_bcast = time.perf_counter() - t0
+        s.times.loss_bcast = self.clock() - t0
         return float(buf[0])
 
 

@@ -216,7 +216,7 @@ class ZeroSync(BucketedSync):
             self.optimizer.step(self.grads, lr=lr)
         stats = CommStats()
         if self.group.size > 1:
-            timed = TimedCollectives()
+            timed = TimedCollectives(self.group)
             for b, (lo, hi), c in zip(self.buckets.buckets, self.buckets.blocks, self.buckets.counts):
                 timed.start(lambda lo=lo, hi=hi, c=c: self.group.iallgather(
                     self.param_buffer[lo:hi], counts=c, algorithm=self.ag_algorithm, **self.options),

@@ -41,6 +41,15 @@ class CompletedRequest:
         return True
 
 
+class Background(Protocol):
+    """Where a rank's non-blocking collectives run, one after another in submission order
+    (``Transport.background``): MPI's is the process's communication thread
+    (``comm/background.py``), the simulator's a second virtual thread of the rank."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Request:
+        """Queue ``fn(*args, **kwargs)``; the request's ``wait()`` returns its result."""
+
+
 class SendRecv(Protocol):
     """A transport's own pairwise exchange (``Transport.sendrecv``)."""
 
@@ -102,6 +111,15 @@ class Transport(Protocol):
 
     def barrier(self) -> None:
         """Collective: return once every rank of the group has entered."""
+
+    def clock(self) -> float:
+        """Seconds on this rank's clock: wall time (``time.perf_counter``) under MPI, the
+        virtual clock of the running thread in the simulator. Layers above time their work
+        with it, so the same code reports real and simulated times."""
+
+    def background(self) -> Background:
+        """This rank's queue of non-blocking collectives (shared by every group of the rank,
+        so that they run in one order on every rank)."""
 
 
 def waitall(requests: Sequence[Request]) -> None:

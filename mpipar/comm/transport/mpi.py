@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable
 
 from mpipar import backend
 from mpipar.comm import mpi_env
+from mpipar.comm.background import BackgroundWorker, worker
 from mpipar.comm.mpi_env import MPI_LOCK, import_mpi, is_cuda_aware
 from mpipar.comm.ops import ReduceOp
 from mpipar.comm.transport.pool import BufferPool
@@ -164,6 +166,12 @@ class MPITransport:
 
     def barrier(self) -> None:
         mpi_env.collective(self.comm, "Barrier")
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def background(self) -> BackgroundWorker:
+        return worker()
 
     def split(self, color: int | None, key: int = 0) -> "MPITransport | None":
         MPI = self.MPI

@@ -65,6 +65,7 @@ import numpy as np
 from greenlet import GreenletExit, getcurrent, greenlet
 
 from mpipar.comm.ops import ReduceOp
+from mpipar.comm.transport.base import CompletedRequest
 from mpipar.comm.transport.pool import BufferPool
 
 
@@ -576,12 +577,31 @@ class SimTransport:
         assert sub is not None
         return sub
 
+    def clock(self) -> float:
+        """This rank's virtual clock (``now``)."""
+        return self.engine.clock[self.grank]
+
+    def background(self) -> "_Inline":
+        """Non-blocking collectives run at once on the calling rank's clock (no overlap with
+        what the rank does next)."""
+        return _INLINE
+
     def barrier(self) -> None:
         """Every rank leaves at the latest arrival time (no network cost charged)."""
         e = self.engine
         latest = e._gather(self, e.clock[self.grank], lambda v: max(v.values()))
         if latest > e.clock[self.grank]:
             e.clock[self.grank] = latest
+
+
+class _Inline:
+    """A ``Background`` that runs each call when it is submitted."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return CompletedRequest(fn(*args, **kwargs))
+
+
+_INLINE = _Inline()
 
 
 def _copy(dst: Any, src: Any) -> None:
