@@ -1,0 +1,102 @@
+"""What a simulated training step is of: a GPT, a batch and a layout (``TrainSpec``).
+
+    spec = TrainSpec(n_layer=128, n_embd=25600, n_head=160, block_size=2048, vocab_size=51200,
+                     global_batch=512, micro_batch=1, dp=1, tp=8, pp=64,
+                     precision="fp16", recompute="selective", sequence_parallel=True)
+    spec.micro_batches        # 512 micro-batches per optimiser step on each pipeline
+    spec.gpus                 # 512
+
+The same knobs as the trainer's ``Layout`` (dp, tp, pp, schedule, zero, bucket_mb,
+allreduce) plus those the simulator has before the trainer (``precision``, ``recompute``,
+``sequence_parallel``, ``virtual_stages``): the trainer's later flags must mean exactly these.
+
+* ``global_batch``: sequences per optimiser step over all data-parallel ranks;
+  ``micro_batch``: sequences per micro-batch on one data-parallel rank; so each pipeline
+  runs ``global_batch / (dp * micro_batch)`` micro-batches per step (gradient accumulation
+  when pp = 1).
+* ``precision``: ``fp32``; or ``bf16`` / ``fp16`` (mixed precision: matmul inputs,
+  activations and gradients in 16 bits, fp32 master weights and optimiser state).
+* ``recompute``: ``none``; ``selective`` (attention scores and softmax recomputed in backward,
+  Korthikanti et al. 2022); ``full`` (each block's forward rerun from its input).
+* ``virtual_stages`` v > 1 with ``schedule="1f1b"``: interleaved 1F1B, v model chunks per
+  pipeline rank (Narayanan et al. 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE = ("none", "selective", "full")
+# the array dtype of activations and matmul inputs under each precision
+COMPUTE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    # the model (nanoGPT's GPTConfig names)
+    n_layer: int
+    n_embd: int
+    n_head: int
+    block_size: int
+    vocab_size: int
+    # the batch
+    global_batch: int
+    micro_batch: int = 1
+    # the layout
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    virtual_stages: int = 1
+    schedule: str = "1f1b"
+    zero: int = 0
+    bucket_mb: float | None = 25.0
+    allreduce: str = "native"
+    # what the simulator knows before the trainer
+    precision: str = "fp32"
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    bias: bool = True
+    optimizer: str = "adamw"
+
+    @property
+    def gpus(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimiser step on one pipeline (``global_batch / (dp * micro_batch)``)."""
+        return self.global_batch // (self.dp * self.micro_batch)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.block_size
+
+    @property
+    def compute_dtype(self) -> str:
+        return COMPUTE_DTYPE[self.precision]
+
+    def check(self) -> None:
+        """Raise ValueError naming the quantity when the spec is not a training step."""
+        for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab_size", "global_batch",
+                     "micro_batch", "dp", "tp", "pp", "virtual_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute {self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{self.n_head} heads do not divide width {self.n_embd}")
+        per_step = self.dp * self.micro_batch
+        if self.global_batch % per_step:
+            raise ValueError(f"global batch {self.global_batch} is not a multiple of dp {self.dp} "
+                             f"x micro-batch {self.micro_batch} = {per_step}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_(self, **changes: Any) -> "TrainSpec":
+        return replace(self, **changes)
