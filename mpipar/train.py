@@ -37,11 +37,12 @@ import json
 import math
 import sys
 import time
-from typing import IO, Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 from mpipar import backend, runtime
+from mpipar.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError
 from mpipar.comm import make_communicator
 from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
 from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, load_training_checkpoint,
@@ -69,32 +70,6 @@ LAYOUT_FLAGS = {"dp": "--dp", "tp": "--tp", "pp": "--pp", "grid": "--dp/--tp/--p
                 "batch_size": "--batch-size"}
 
 
-class UsageError(ValueError):
-    """A bad argument or input file, reported before any training (and any collective)."""
-
-
-# ---------------------------------------------------------------------------- arguments
-def _number(kind: type, lowest: float, strict: bool) -> Any:
-    """An argparse type: a finite ``kind`` above (``strict``) or at least ``lowest``."""
-    bound = f"> {lowest:g}" if strict else f">= {lowest:g}"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value) or value < lowest or (strict and value == lowest):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {bound}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-POSITIVE_INT, COUNT = _number(int, 0, True), _number(int, 0, False)
-POSITIVE, NON_NEGATIVE = _number(float, 0.0, True), _number(float, 0.0, False)
-
-
 def _block_counts(text: str) -> tuple[int, ...]:
     """``--stage-layers 3,3,2``: blocks per pipeline stage."""
     try:
@@ -104,21 +79,9 @@ def _block_counts(text: str) -> tuple[int, ...]:
                                          f"integers, such as 3,3,2") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that speaks once: errors become a UsageError (printed by ``main`` on rank 0
-    only), and help goes to rank 0's stdout only."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
-        if runtime.world_rank() == 0:
-            super()._print_message(message, file)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    p = _Parser(prog=f"python -m {PROG}", description=__doc__,
+    p = Parser(prog=f"python -m {PROG}", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d["model"], help=f"preset: {', '.join(PRESETS)}")
     p.add_argument("--steps", type=POSITIVE_INT, default=d["steps"], help="optimiser steps in total")

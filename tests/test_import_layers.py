@@ -8,7 +8,8 @@ Layers, bottom to top (see mpipar/__init__.py and docs/architecture.md)::
     3  mpipar.parallel
     4  mpipar.sim
     5  mpipar.bench
-    6  command lines: mpipar.train, mpipar.testing*, every ``__main__``
+    6  command lines: mpipar.train, mpipar.plan, mpipar.cli (their shared argument
+       helpers), mpipar.testing*, every ``__main__``
 
 Every module of ``mpipar/`` is parsed (never imported) and every import is found: at module
 level, inside functions, under ``if TYPE_CHECKING:``, relative ones (resolved against the
@@ -43,7 +44,8 @@ import mpipar
 PACKAGE_DIR = Path(mpipar.__file__).resolve().parent
 
 LAYER_OF_PACKAGE = {"backend": 0, "runtime": 0, "comm": 1, "nn": 2, "optim": 2, "data": 2,
-                    "parallel": 3, "sim": 4, "bench": 5, "train": 6, "testing": 6}
+                    "parallel": 3, "sim": 4, "bench": 5, "train": 6, "testing": 6, "cli": 6,
+                    "plan": 6}
 LAYER_NAMES = {0: "backend/runtime", 1: "comm", 2: "nn/optim/data", 3: "parallel", 4: "sim",
                5: "bench", 6: "command line"}
 

@@ -137,7 +137,7 @@ class LocalModel:
     """This rank's stages and flat parameter/gradient buffers (see the module docstring)."""
 
     def __init__(self, config: GPTConfig, mesh: Any, seed: int, dtype: Any, xp: ModuleType,
-                 stage_layers: Sequence[int] | None):
+                 stage_layers: Sequence[int] | None, init: bool = True):
         dp = 1 if mesh is None else mesh.dp
         tp = 1 if mesh is None else mesh.tp
         pp = 1 if mesh is None else mesh.pp
@@ -161,12 +161,17 @@ class LocalModel:
                                        self.layers)
         self.layout = FlatLayout((n, _local_shape(self.full_layout.shapes[n], s))
                                  for n, s in self.shard_spec.items())
-        full = self.full_layout.views(init_host(config, self.full_layout, seed))  # float64 host
-        host = np.empty(self.layout.numel, dtype=np.float64)
-        for name, v in self.layout.views(host).items():
-            spec = self.shard_spec[name]
-            v[...] = full[name] if spec is None else spec.take(full[name])
-        self.param_buffer = to_device(host.astype(self.dtype), xp)
+        if init:
+            full = self.full_layout.views(init_host(config, self.full_layout, seed))  # float64 host
+            host = np.empty(self.layout.numel, dtype=np.float64)
+            for name, v in self.layout.views(host).items():
+                spec = self.shard_spec[name]
+                v[...] = full[name] if spec is None else spec.take(full[name])
+            self.param_buffer = to_device(host.astype(self.dtype), xp)
+        else:
+            # zeros, and no host copy of the whole model: for the simulator (whose arrays hold
+            # no data) and for a run whose parameters are loaded next
+            self.param_buffer = xp.zeros(self.layout.numel, dtype=self.dtype)
         self.params = self.layout.views(self.param_buffer)
         self.grads = GradStore(self.layout, self.dtype, xp)   # views of grads.buffer
         self.tied_names: list[str] = [WTE] if pp > 1 and WTE in self.params else []
@@ -226,15 +231,19 @@ class LocalModel:
 
 
 def build_local_model(config: GPTConfig, mesh: Any, seed: int = 0, dtype: Any = "float64",
-                      xp: ModuleType = np, stage_layers: Sequence[int] | None = None) -> LocalModel:
+                      xp: ModuleType = np, stage_layers: Sequence[int] | None = None,
+                      init: bool = True) -> LocalModel:
     """This rank's part of ``GPT(config, seed, dtype)`` under ``mesh`` (None: one process).
+
+    ``init=False`` leaves the parameters zero instead of initialising the whole model on the
+    host first (which a model that does not fit one process cannot afford).
 
     ``stage_layers[s]``: the number of blocks of pipeline stage s (default: balanced by
     FLOPs). Raises LayoutError (``Layout.check``), identically on every rank and before any
     communication, when the mesh's layout does not fit the model. Collective only in that
     every rank should call it (it communicates nothing itself).
     """
-    return LocalModel(config, mesh, seed, dtype, xp, stage_layers)
+    return LocalModel(config, mesh, seed, dtype, xp, stage_layers, init)
 
 
 # ---- tied embedding (pp > 1) --------------------------------------------------------------

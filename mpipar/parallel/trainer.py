@@ -82,7 +82,7 @@ class ParallelTrainer:
     def __init__(self, world: Any, config: Any, layout: Layout = Layout(),
                  optimizer: OptimizerSpec = OptimizerSpec(), *, seed: int = 0,
                  dtype: str = "float32", xp: ModuleType = np, grad_clip: float = 0.0,
-                 hooks: bool = True) -> None:
+                 hooks: bool = True, init: bool = True) -> None:
         # every check here and in make_mesh / build_local_model is local and identical on
         # every rank, so a bad layout stops all ranks before any collective
         layout.check(world.size, config)
@@ -93,7 +93,7 @@ class ParallelTrainer:
         self.mesh = mesh = make_mesh(world, layout.dp, layout.tp, layout.pp,
                                      algorithms={"dp": layout.allreduce} if layout.allreduce else None)
         self.local = build_local_model(config, mesh, seed=seed, dtype=dtype, xp=xp,
-                                       stage_layers=layout.stage_layers)
+                                       stage_layers=layout.stage_layers, init=init)
         self.pipe = PipelineExecutor(self.local, mesh.pp_group)
         self.sync = make_grad_sync(self.local, mesh, layout, optimizer)
         if hooks:

@@ -1,0 +1,52 @@
+"""What every mpipar command line shares: argument types and a parser that speaks once.
+
+A bad argument ends a command with one ``PROG: error: ...`` line from rank 0 and exit code
+2, never a traceback and never the same message from every rank: ``Parser.error`` raises
+``UsageError`` instead of exiting, and the command's ``main`` prints it on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import IO, Any, NoReturn
+
+from mpipar import runtime
+
+
+class UsageError(ValueError):
+    """A bad argument or input file, reported before any training (and any collective)."""
+
+
+# ---------------------------------------------------------------------------- arguments
+def _number(kind: type, lowest: float, strict: bool) -> Any:
+    """An argparse type: a finite ``kind`` above (``strict``) or at least ``lowest``."""
+    bound = f"> {lowest:g}" if strict else f">= {lowest:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < lowest or (strict and value == lowest):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {bound}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, COUNT = _number(int, 0, True), _number(int, 0, False)
+POSITIVE, NON_NEGATIVE = _number(float, 0.0, True), _number(float, 0.0, False)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that speaks once: errors become a UsageError (printed by ``main`` on rank 0
+    only), and help goes to rank 0's stdout only."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+        if runtime.world_rank() == 0:
+            super()._print_message(message, file)
