@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from mpipar import runtime
@@ -50,3 +52,17 @@ class Parser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: IO[str] | None = None) -> None:
         if runtime.world_rank() == 0:
             super()._print_message(message, file)
+
+
+def check_output_path(path: str, flag: str) -> Path:
+    """``path`` as a file this process can create or overwrite, checked before any work
+    starts: its directory exists and is writable, and it is not itself a directory."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, not a file")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
+    return p

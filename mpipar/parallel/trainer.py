@@ -44,7 +44,7 @@ from mpipar.optim import OptimizerSpec
 from mpipar.parallel.data_parallel import CommStats
 from mpipar.parallel.grad_sync import make_grad_sync
 from mpipar.parallel.layout import Layout
-from mpipar.parallel.mesh import make_mesh
+from mpipar.parallel.mesh import Mesh, make_mesh
 from mpipar.parallel.model import build_local_model, gather_full_state_dict, local_pieces
 from mpipar.parallel.pipeline import PipelineExecutor, StepTimes, split_micro_batches
 from mpipar.parallel.schedules import Instruction, forward_only, make_schedule
@@ -77,12 +77,16 @@ class _Chunk:
 
 class ParallelTrainer:
     """This rank's share of training one GPT under ``layout`` on ``world`` (a Communicator
-    of ``layout.world_size`` ranks; one rank for the single process)."""
+    of ``layout.world_size`` ranks; one rank for the single process).
+
+    ``mesh``: the groups to use instead of splitting ``world`` (the simulator's reduced runs
+    give groups whose peers are mirrored, ``sim/mirror.py``); ``init=False``: parameters
+    start at zero, without initialising the whole model on the host (``build_local_model``)."""
 
     def __init__(self, world: Any, config: Any, layout: Layout = Layout(),
                  optimizer: OptimizerSpec = OptimizerSpec(), *, seed: int = 0,
                  dtype: str = "float32", xp: ModuleType = np, grad_clip: float = 0.0,
-                 hooks: bool = True, init: bool = True) -> None:
+                 hooks: bool = True, init: bool = True, mesh: Mesh | None = None) -> None:
         # every check here and in make_mesh / build_local_model is local and identical on
         # every rank, so a bad layout stops all ranks before any collective
         layout.check(world.size, config)
@@ -90,8 +94,13 @@ class ParallelTrainer:
             raise ValueError(f"the clipping norm must be a finite number >= 0, got {grad_clip}")
         self.layout, self.config, self.xp = layout, config, xp
         self.grad_clip = float(grad_clip)
-        self.mesh = mesh = make_mesh(world, layout.dp, layout.tp, layout.pp,
-                                     algorithms={"dp": layout.allreduce} if layout.allreduce else None)
+        if mesh is None:
+            mesh = make_mesh(world, layout.dp, layout.tp, layout.pp,
+                             algorithms={"dp": layout.allreduce} if layout.allreduce else None)
+        elif (mesh.dp, mesh.tp, mesh.pp) != (layout.dp, layout.tp, layout.pp):
+            raise ValueError(f"mesh {mesh.dp} x {mesh.tp} x {mesh.pp} is not the layout's "
+                             f"{layout.dp} x {layout.tp} x {layout.pp}")
+        self.mesh = mesh
         self.local = build_local_model(config, mesh, seed=seed, dtype=dtype, xp=xp,
                                        stage_layers=layout.stage_layers, init=init)
         self.pipe = PipelineExecutor(self.local, mesh.pp_group)

@@ -13,6 +13,13 @@ Examples::
     python -m mpipar.sim collectives --ranks 256 --profile dgx-h100 --algorithms ps \\
         --option servers=4
     python -m mpipar.sim profiles                      # the shipped profiles
+    python -m mpipar.sim train --cluster dgx-a100 --gpus 512 --tp 8 --pp 64 --model megatron-1t \\
+        --global-batch 512 --micro-batch 1 --precision fp16 --recompute selective \\
+        --sequence-parallel --json step.json --trace step.trace.json
+
+``train`` predicts one optimiser step of a GPT on a simulated cluster by running the trainer
+itself on virtual ranks (``mpipar/sim/train.py``): step time, tokens/s, model FLOP/s per GPU,
+MFU, where the time goes and the memory of the most loaded rank.
 
 Tables have the columns of ``python -m mpipar.bench collectives`` (nccl-tests style: size,
 count, type, time, algbw, busbw); ``--model`` adds the closed-form cost model's time beside
@@ -24,17 +31,24 @@ with every rank at time 0; the simulator's own wall and CPU time per table follo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from mpipar import backend
+from mpipar.cli import POSITIVE, POSITIVE_INT, Parser, UsageError, check_output_path
 from mpipar.comm import cost_model
 from mpipar.comm.algorithms import algorithm_names
 from mpipar.comm.network import PROFILE_DIR, load_profile, profile_names
+from mpipar.parallel.layout import LayoutError
 from mpipar.sim.compare import main as compare_main
 from mpipar.sim.report import format_table, parse_sizes, row
 from mpipar.sim.run import load_algorithm, resolve_profile, simulate_collective
+from mpipar.sim.spec import MODEL_FIELDS, MODELS, PRECISIONS, RECOMPUTE, TrainSpec
+from mpipar.sim.trace import write_trace
+from mpipar.sim.train import check_spec, simulate_train
 
 
 def _value(text: str) -> Any:
@@ -144,8 +158,16 @@ def profiles(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m mpipar.sim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
+    parser = Parser(prog="python -m mpipar.sim", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collectives", help="predicted time and busbw per size and algorithm")
     add_collectives_arguments(c)
@@ -158,8 +180,146 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--tolerance", type=float, default=0.25)
     cmp_.add_argument("--json", default=None, help="save the comparison")
     cmp_.set_defaults(_main=compare_main)
+    tr = sub.add_parser("train", help="predict one training step of a GPT on a simulated cluster")
+    add_train_arguments(tr)
+    tr.set_defaults(_main=train_command)
     args = parser.parse_args(argv)
     return int(args._main(args) or 0)
+
+
+# ---------------------------------------------------------------------------- train
+PROG = "mpipar.sim"
+# the flag behind each part of a Layout (LayoutError.field) as this command spells it
+LAYOUT_FLAGS = {"dp": "--dp", "tp": "--tp", "pp": "--pp", "grid": "--gpus/--dp/--tp/--pp",
+                "micro_batches": "--global-batch/--micro-batch", "schedule": "--schedule",
+                "zero": "--zero", "bucket_mb": "--bucket-mb", "allreduce": "--allreduce",
+                "batch_size": "--global-batch", "virtual_stages": "--virtual-stages",
+                "recompute": "--recompute", "sequence_parallel": "--sequence-parallel"}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", required=True, help="cluster profile: a name (see `profiles`) or a JSON path")
+    p.add_argument("--gpus", type=POSITIVE_INT, required=True, help="GPUs (ranks) of the run")
+    p.add_argument("--dp", type=POSITIVE_INT, default=None,
+                   help="data-parallel degree (default: gpus / (tp x pp))")
+    p.add_argument("--tp", type=POSITIVE_INT, default=1, help="tensor-parallel degree")
+    p.add_argument("--pp", type=POSITIVE_INT, default=1, help="pipeline stages")
+    p.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="a model preset; the model flags below override its fields")
+    for flag, what in (("--n-layer", "blocks"), ("--n-embd", "width"), ("--n-head", "attention heads"),
+                       ("--block-size", "sequence length"), ("--vocab-size", "vocabulary")):
+        p.add_argument(flag, type=POSITIVE_INT, default=None, help=what)
+    p.add_argument("--global-batch", type=POSITIVE_INT, required=True,
+                   help="sequences per optimiser step over all data-parallel ranks")
+    p.add_argument("--micro-batch", type=POSITIVE_INT, default=1,
+                   help="sequences per micro-batch on one data-parallel rank")
+    p.add_argument("--virtual-stages", type=POSITIVE_INT, default=1,
+                   help="model chunks per pipeline rank (> 1 with 1f1b: interleaved 1F1B)")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--recompute", choices=RECOMPUTE, default="none")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=0)
+    p.add_argument("--bucket-mb", type=POSITIVE, default=25.0, help="data-parallel bucket MiB")
+    p.add_argument("--allreduce", default="native",
+                   help="data-parallel all-reduce algorithm (native: the cluster's own, e.g. NCCL)")
+    p.add_argument("--json", default=None, help="write the prediction as JSON")
+    p.add_argument("--trace", default=None, help="write the timeline as a Chrome/Perfetto trace")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", dest="reduced", action="store_false", default=None,
+                      help="simulate every rank (default up to 64 GPUs)")
+    mode.add_argument("--reduced", dest="reduced", action="store_true",
+                      help="simulate one rank per pipeline stage, tp and dp peers mirrored")
+
+
+def spec_from_args(args: argparse.Namespace) -> TrainSpec:
+    """The TrainSpec the flags describe; UsageError names the flag at fault."""
+    model = dict(zip(MODEL_FIELDS, MODELS[args.model])) if args.model else {}
+    for f in MODEL_FIELDS:
+        v = getattr(args, f)
+        if v is not None:
+            model[f] = v
+    missing = [f"--{f.replace('_', '-')}" for f in MODEL_FIELDS if f not in model]
+    if missing:
+        raise UsageError(f"the model needs {', '.join(missing)} (or --model NAME)")
+    grid = args.tp * args.pp
+    if args.dp is None and args.gpus % grid:
+        raise UsageError(f"--gpus {args.gpus} is not a multiple of --tp {args.tp} x --pp {args.pp}")
+    dp = args.dp if args.dp is not None else args.gpus // grid
+    if dp * grid != args.gpus:
+        raise UsageError(f"--dp {dp} x --tp {args.tp} x --pp {args.pp} = {dp * grid} is not --gpus {args.gpus}")
+    spec = TrainSpec(**model, global_batch=args.global_batch, micro_batch=args.micro_batch,
+                     dp=dp, tp=args.tp, pp=args.pp, virtual_stages=args.virtual_stages,
+                     schedule=args.schedule, zero=args.zero, bucket_mb=args.bucket_mb,
+                     allreduce=args.allreduce, precision=args.precision, recompute=args.recompute,
+                     sequence_parallel=args.sequence_parallel)
+    if spec.global_batch % (dp * spec.micro_batch):
+        raise UsageError(f"--global-batch {spec.global_batch} is not a multiple of dp {dp} x "
+                         f"--micro-batch {spec.micro_batch}")
+    try:
+        spec.check()
+        check_spec(spec)
+    except LayoutError as e:
+        raise UsageError(f"{LAYOUT_FLAGS.get(e.field, '--' + e.field)}: {e}") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return spec
+
+
+def _cluster(name: str) -> Any:
+    try:
+        return load_profile(name)
+    except FileNotFoundError as e:
+        raise UsageError(f"--cluster: {e}") from None
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--cluster {name}: not a valid profile ({e})") from None
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:10.2f} GiB"
+
+
+def print_prediction(pred: Any) -> None:
+    s = pred.spec
+    opts = [s.schedule + (f" x {s.virtual_stages} virtual stages" if s.virtual_stages > 1 else ""),
+            s.precision, f"recompute {s.recompute}"] + (["sequence parallel"] if s.sequence_parallel else []) \
+        + ([f"ZeRO-{s.zero}"] if s.zero else [])
+    print(f"# mpipar.sim train: {s.n_layer} layers x {s.n_embd} wide, {s.n_head} heads, sequence "
+          f"{s.block_size}, vocabulary {s.vocab_size}; global batch {s.global_batch}, micro-batch "
+          f"{s.micro_batch} ({s.micro_batches} per pipeline)")
+    print(f"# {s.gpus} GPUs of {pred.profile}: dp {s.dp} x tp {s.tp} x pp {s.pp}; {', '.join(opts)}")
+    how = "reduced: one rank per stage, tp and dp peers mirrored" if pred.reduced else "every rank"
+    print(f"# simulated {len(pred.ranks)} virtual ranks ({how}) in {pred.wall_s:.2f} s wall, "
+          f"{pred.cpu_s:.2f} s CPU")
+    print(f"step_time_s           {pred.step_time_s:12.4f}")
+    print(f"tokens_per_s          {pred.tokens_per_s:12.1f}")
+    print(f"model_flops_per_gpu   {pred.model_flops_per_gpu / 1e12:12.2f} TFLOP/s")
+    print(f"mfu                   {100 * pred.mfu:12.1f} %")
+    print(f"breakdown (rank {pred.critical_rank}, the last to finish)    seconds      share")
+    for k, v in pred.breakdown.items():
+        print(f"  {k:24s}  {v:14.4f}  {100 * v / pred.step_time_s if pred.step_time_s else 0:8.1f} %")
+    m = pred.memory_per_rank_bytes
+    print(f"memory_per_rank_bytes (most loaded rank: pipeline stage {pred.memory_stage})")
+    for k in ("params", "grads", "optimizer", "activations", "peak"):
+        print(f"  {k:24s}{_fmt_bytes(m[k])}")
+    cap = pred.gpu_memory_bytes
+    if cap:
+        print(f"fits                  {'yes' if pred.fits else 'NO'} ({_fmt_bytes(cap).strip()} per GPU)")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    prof = _cluster(args.cluster)
+    for flag in ("json", "trace"):
+        if getattr(args, flag):
+            check_output_path(getattr(args, flag), f"--{flag}")
+    pred = simulate_train(spec, prof, reduced=args.reduced)
+    print_prediction(pred)
+    if args.json:
+        Path(args.json).write_text(json.dumps(pred.to_json(), indent=1) + "\n")
+    if args.trace:
+        write_trace(args.trace, pred.ranks)
+    return 0
 
 
 if __name__ == "__main__":

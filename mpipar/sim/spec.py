@@ -27,10 +27,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from mpipar.nn.gpt import PRESETS
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE = ("none", "selective", "full")
 # the array dtype of activations and matmul inputs under each precision
 COMPUTE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# Well-known models: (n_layer, n_embd, n_head, block_size, vocab_size). GPT-2: Radford et al.
+# 2019 (Table 2; vocabulary 50,257, context 1,024); GPT-3 175B: Brown et al. 2020, Table 2.1;
+# the Megatron-LM models: Korthikanti et al. 2022, Table 3 (sequence 2,048, vocabulary 51,200;
+# also in Narayanan et al. 2021, Table 1).
+MODEL_FIELDS = ("n_layer", "n_embd", "n_head", "block_size", "vocab_size")
+MODELS: dict[str, tuple[int, int, int, int, int]] = {
+    # the trainer's own presets (nn/gpt.py), so a prediction can be checked by training
+    **{name: tuple(getattr(c, f) for f in MODEL_FIELDS) for name, c in PRESETS.items()},
+    "gpt2": (12, 768, 12, 1024, 50257),
+    "gpt2-medium": (24, 1024, 16, 1024, 50257),
+    "gpt2-large": (36, 1280, 20, 1024, 50257),
+    "gpt2-xl": (48, 1600, 25, 1024, 50257),
+    "gpt3-175b": (96, 12288, 96, 2048, 50257),
+    "megatron-22b": (48, 6144, 64, 2048, 51200),
+    "megatron-175b": (96, 12288, 96, 2048, 51200),
+    "megatron-530b": (105, 20480, 128, 2048, 51200),
+    "megatron-1t": (128, 25600, 160, 2048, 51200),
+}
 
 
 @dataclass(frozen=True)

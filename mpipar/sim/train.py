@@ -38,12 +38,16 @@ from mpipar.comm.transport.sim import Engine, SimTransport
 from mpipar.nn.gpt import GPTConfig
 from mpipar.optim import OptimizerSpec
 from mpipar.parallel.layout import Layout
+from mpipar.parallel.mesh import Mesh
 from mpipar.parallel.schedules import make_schedule, simulate as simulate_schedule
 from mpipar.parallel.trainer import ParallelTrainer
+from mpipar.sim.mirror import CollectiveTimes, MirroredCommunicator
 from mpipar.sim.spec import TrainSpec
 
 # Phases a kernel's time is charged to (see the module docstring).
 PHASES = ("compute", "recompute", "tp_comm", "dp_comm", "optimizer")
+# Above this many GPUs the step is simulated reduced by default (one rank per stage).
+FULL_LIMIT = 64
 BREAKDOWN = ("compute", "recompute", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer", "other")
 
 
@@ -69,6 +73,7 @@ class Span:
     t0: float
     t1: float
     args: dict = field(default_factory=dict)
+    phase: str = ""  # what the time counts as in the breakdown ("" for nested spans)
 
 
 @dataclass
@@ -90,70 +95,148 @@ class RankStep:
 
 
 class _Observer:
-    """Per virtual rank: charges kernel time to the clock and to the current phase, and keeps
-    the spans of the rank's timeline. Installed around a real trainer's objects by wrapping
-    their methods on the instance (the trainer's code is not changed)."""
+    """Per virtual rank: charges kernel time to the clock and to the current phase, keeps the
+    spans of the rank's timeline, and memoises stage calls. Installed around a real trainer's
+    objects by wrapping their methods on the instance (the trainer's code is not changed)."""
 
-    def __init__(self, engine: Engine, rank: int, clock: Callable[[], float]) -> None:
-        self.engine, self.rank, self.clock = engine, rank, clock
+    def __init__(self, engine: Engine, clock: Callable[[], float]) -> None:
+        self.engine, self.clock = engine, clock
         self.phase = "compute"
         self.phases = dict.fromkeys(PHASES, 0.0)
         self.spans: list[Span] = []
         self.t0 = 0.0
         self.recording = False
+        self._recorder: list | None = None   # the events of the stage call being memoised
+        self._in_comm = 0
+        self._depth = {"main": 0, "comm": 0}  # wrapped calls in progress per track
 
     def charge(self, kind: str, seconds: float) -> None:
+        """A kernel of ``kind`` took ``seconds`` (the symbolic namespace calls this)."""
         self.engine.advance(seconds)
         self.phases[self.phase] += seconds
+        rec = self._recorder
+        if rec is not None and not self._in_comm:
+            if rec and rec[-1][0] is _KERNELS and rec[-1][1] == self.phase:
+                rec[-1][2] += seconds
+            else:
+                rec.append([_KERNELS, self.phase, seconds])
 
     def wrap(self, obj: Any, method: str, phase: str, track: str = "main",
-             name: str | None = None) -> None:
+             name: str | None = None, collective: bool = False) -> None:
+        """Charge what ``obj.method`` does to ``phase`` and log it as a span; ``collective``:
+        a stage call being memoised replays it (with an input of the same shape)."""
         fn = getattr(obj, method)
         label = name or method
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if collective and self._recorder is not None and not self._in_comm:
+                x = args[0]
+                self._recorder.append((wrapped, x.shape, x.dtype, args[1:], kwargs))
             before, self.phase = self.phase, phase
+            self._in_comm += collective
+            outer = self._depth[track] == 0
+            self._depth[track] += 1
             t0 = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self._depth[track] -= 1
+                self._in_comm -= collective
                 if self.recording:
-                    self.spans.append(Span(track, label, t0 - self.t0, self.clock() - self.t0))
+                    self.spans.append(Span(track, label, t0 - self.t0, self.clock() - self.t0,
+                                           phase=phase if outer else ""))
                 self.phase = before
 
         setattr(obj, method, wrapped)
 
+    def memoize(self, stage: Any, method: str, xp: Any) -> None:
+        """After its first call for given input shapes, ``stage.method`` is replayed: its
+        kernels' times charged again and its collectives called again on inputs of the same
+        shapes, returning the first call's result. Exact for a symbolic namespace, where a
+        call's kernels depend only on shapes (tests/sim/test_train.py compares both ways)."""
+        fn = getattr(stage, method)
+        table: dict[tuple, tuple[list, Any]] = {}
 
-def _rank_main(t: SimTransport, run: "_Run") -> RankStep:
-    world = Communicator(t, t.dup(), algorithm=run.algorithm)
-    obs = _Observer(t.engine, t.rank, world.clock)
+        def wrapped(*args: Any) -> Any:
+            key = tuple((a.shape, a.dtype) if hasattr(a, "shape") else
+                        id(a) if isinstance(a, tuple) else type(a) for a in args)
+            hit = table.get(key)
+            if hit is None:
+                outer, self._recorder = self._recorder, []
+                try:
+                    out = fn(*args)
+                    table[key] = (self._recorder, out)
+                finally:
+                    self._recorder = outer
+                return out
+            events, out = hit
+            for ev in events:
+                if ev[0] is _KERNELS:
+                    before, self.phase = self.phase, ev[1]
+                    self.engine.advance(ev[2])
+                    self.phases[ev[1]] += ev[2]
+                    self.phase = before
+                else:
+                    call, shape, dtype, rest, kwargs = ev
+                    call(xp.empty(shape, dtype=dtype), *rest, **kwargs)
+            return out
+
+        setattr(stage, method, wrapped)
+
+
+_KERNELS = object()   # marks a kernel-time entry among a memoised call's events
+
+
+def _sim_mesh(t: SimTransport, run: "_Run", times: CollectiveTimes) -> tuple[Any, Mesh | None]:
+    """The world and mesh of one virtual rank: the real split of the world in the full
+    simulation; in the reduced one, this pipeline stage's real pp group and mirrored tp and dp
+    groups (``sim/mirror.py``)."""
+    lay = run.layout
+    if not run.reduced:
+        return Communicator(t, t.dup(), algorithm=run.algorithm), None
+    stage = t.rank
+    world = MirroredCommunicator(t, stage * lay.dp * lay.tp, lay.world_size, 1, times, run.algorithm)
+    pp = Communicator(t, t.dup(), algorithm=run.algorithm)
+    tp = MirroredCommunicator(t, 0, lay.tp, 1, times, run.algorithm)
+    dp = MirroredCommunicator(t, 0, lay.dp, lay.tp, times, lay.allreduce or run.algorithm)
+    return world, Mesh(lay.dp, lay.tp, lay.pp, world.rank, 0, 0, stage, world, dp, tp, pp)
+
+
+def _rank_main(t: SimTransport, run: "_Run", times: CollectiveTimes) -> RankStep:
+    world, mesh = _sim_mesh(t, run, times)
+    obs = _Observer(t.engine, t.clock)
     xp = run.namespace(obs)
     tr = ParallelTrainer(world, run.config, run.layout, run.optimizer, dtype=run.dtype, xp=xp,
-                         grad_clip=1.0, init=False)
+                         grad_clip=1.0, init=False, mesh=mesh)
     mesh = tr.mesh
     if mesh.tp > 1:
         for m in ("allreduce", "reduce_scatter", "allgather"):
-            obs.wrap(mesh.tp_group, m, "tp_comm", name=f"tp {m}")
-    for m in ("_allreduce_owned", "_reduce_scatter_owned", "allgather"):
-        if mesh.dp > 1:
-            obs.wrap(mesh.dp_group, m, "dp_comm", track="comm", name=f"dp {m.strip('_').split('_')[0]}")
+            obs.wrap(mesh.tp_group, m, "tp_comm", name=f"tp {m}", collective=True)
+    if mesh.dp > 1:
+        for m, label in (("_allreduce_owned", "allreduce"), ("_reduce_scatter_owned", "reduce_scatter"),
+                         ("allgather", "allgather")):
+            obs.wrap(mesh.dp_group, m, "dp_comm", track="comm", name=f"dp {label}")
     obs.wrap(tr.sync, "clip_grad_norm", "optimizer", name="clip")
     obs.wrap(tr.sync, "step", "optimizer", name="optimizer")
+    if run.memoize:
+        for st in tr.pipe.stages:
+            obs.memoize(st, "forward", xp)
+            obs.memoize(st, "backward", xp)
     rows = run.spec.global_batch // mesh.dp
     idx = xp.zeros((rows, run.spec.block_size), dtype="int64")
-    world.barrier()                       # every rank starts the step at the same time
-    obs.t0 = start = world.clock()
+    t.barrier()                           # every rank starts the step at the same time
+    obs.t0 = start = t.clock()
     obs.recording = True
     res = tr.step(idx, idx, lr=1e-4)
-    end = world.clock()
+    end = t.clock()
     obs.recording = False
     p = res.pipe
     for kind, mb, chunk, a, b in p.events:
         obs.spans.append(Span("main", f"{kind} mb{mb}" + (f" c{chunk}" if chunk else ""), a, b,
                               {"mb": mb, "chunk": chunk}))
-    opt = sum(s.t1 - s.t0 for s in obs.spans if s.name in ("clip", "optimizer"))
+    opt = sum(s.t1 - s.t0 for s in obs.spans if s.phase == "optimizer")
     return RankStep(
-        rank=t.rank, coords=(mesh.dp_rank, mesh.tp_rank, mesh.pp_rank), step_s=end - start,
+        rank=mesh.rank, coords=(mesh.dp_rank, mesh.tp_rank, mesh.pp_rank), step_s=end - start,
         phases=dict(obs.phases),
         waits={"recv": p.recv_wait, "send": p.send_wait, "tied": p.tied_reduce, "loss": p.loss_bcast},
         forward_s=p.forward, backward_s=p.backward, dp_exposed_s=res.comm.exposed_s,
@@ -170,6 +253,8 @@ class _Run:
     dtype: str
     algorithm: str
     namespace: Callable[[_Observer], Any]
+    reduced: bool
+    memoize: bool
 
 
 @dataclass
@@ -178,17 +263,32 @@ class TrainPrediction:
     profile: str
     step_time_s: float
     tokens_per_s: float
+    model_flops_per_gpu: float          # model FLOP/s per GPU (no recompute counted)
+    mfu: float                          # model_flops_per_gpu / the GPU's peak
     breakdown: dict[str, float]
     critical_rank: int
+    memory_per_rank_bytes: dict[str, int]
+    memory_stage: int                   # the pipeline stage of the most loaded rank
+    gpu_memory_bytes: int | None        # the profile's GPU memory (None: not given)
     ranks: list[RankStep]
+    reduced: bool
     wall_s: float
     cpu_s: float
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_memory_bytes is None or self.memory_per_rank_bytes["peak"] <= self.gpu_memory_bytes
 
     def to_json(self) -> dict[str, Any]:
         return {"spec": self.spec.to_json(), "profile": self.profile,
                 "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+                "model_flops_per_gpu": self.model_flops_per_gpu, "mfu": self.mfu,
                 "breakdown": self.breakdown, "critical_rank": self.critical_rank,
-                "simulator": {"ranks": len(self.ranks), "wall_s": self.wall_s, "cpu_s": self.cpu_s}}
+                "memory_per_rank_bytes": self.memory_per_rank_bytes,
+                "memory_stage": self.memory_stage, "gpu_memory_bytes": self.gpu_memory_bytes,
+                "fits": self.fits,
+                "simulator": {"ranks": len(self.ranks), "reduced": self.reduced,
+                              "wall_s": self.wall_s, "cpu_s": self.cpu_s}}
 
 
 def _bubble(run: _Run, ranks: list[RankStep], crit: RankStep) -> float:
@@ -217,30 +317,76 @@ def breakdown_of(run: _Run, ranks: list[RankStep], crit: RankStep) -> dict[str, 
            "pp_comm": waits - bubble, "bubble": bubble, "dp_comm": crit.dp_exposed_s,
            "optimizer": crit.optimizer_s}
     # the phases above count kernel time; tensor-parallel time is the span, messages included
-    out["tp_comm"] = sum(s.t1 - s.t0 for s in crit.spans if s.name.startswith("tp "))
+    # (outside the optimiser's spans, whose norm all-reduce over tp counts as optimiser)
+    out["tp_comm"] = sum(s.t1 - s.t0 for s in crit.spans if s.phase == "tp_comm")
     out["other"] = max(crit.step_s - sum(out.values()), 0.0)
     return out
 
 
+def check_spec(spec: TrainSpec) -> None:
+    """Raise LayoutError (``Layout.check``, the one fit check) or ValueError unless ``spec``
+    is a step the trainer can run on ``spec.gpus`` ranks."""
+    spec.check()
+    layout_of(spec).check(spec.gpus, config_of(spec), spec.global_batch)
+
+
 def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
                    namespace: Callable[[_Observer], Any] | None = None,
-                   algorithm: str = "ring") -> TrainPrediction:
-    """Simulate one optimiser step of ``spec`` on ``profile``'s cluster (see the module doc)."""
-    spec.check()
+                   algorithm: str = "ring", reduced: bool | None = None,
+                   memoize: bool = True) -> TrainPrediction:
+    """Simulate one optimiser step of ``spec`` on ``profile``'s cluster (see the module doc).
+
+    ``reduced``: one rank per pipeline stage with mirrored tp and dp peers (``sim/mirror.py``);
+    None: reduced above ``FULL_LIMIT`` GPUs. ``memoize``: replay stage calls after the first
+    per input shape (``_Observer.memoize``)."""
+    check_spec(spec)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     config, layout = config_of(spec), layout_of(spec)
-    layout.check(spec.gpus, config, spec.global_batch)
     if namespace is None:
         raise NotImplementedError("the symbolic namespace is not wired yet")
+    if reduced is None:
+        reduced = spec.gpus > FULL_LIMIT
     run = _Run(spec, config, layout, OptimizerSpec(spec.optimizer, lr=1e-4), spec.compute_dtype,
-               algorithm, namespace)
-    n = spec.gpus
-    engine = Engine(Network(prof, n), n, data=False)
+               algorithm, namespace, reduced, memoize)
+    n = spec.pp if reduced else spec.gpus
+    net_prof = prof
+    if reduced:  # stage s is global rank s * dp * tp: stages per node, if more than one
+        net_prof = prof.with_topology(CollectiveTimes(prof).ranks_per_node(spec.dp * spec.tp))
+    engine = Engine(Network(net_prof, n), n, data=False)
+    times = CollectiveTimes(prof)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = engine.run(_rank_main, [(run,)] * n)
+    res = engine.run(_rank_main, [(run, times)] * n)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ranks: list[RankStep] = res.results
     crit = max(ranks, key=lambda r: (r.step_s, r.coords[2]))
     step = crit.step_s
+    flops = model_flops_per_step(spec) / step / spec.gpus if step else 0.0
+    peak = peak_flops(prof, spec.compute_dtype)
+    mem, mem_stage = _memory(ranks)
+    cap = prof.metadata.get("gpu_memory_bytes")
     return TrainPrediction(spec, prof.name, step, spec.tokens_per_step / step if step else 0.0,
-                           breakdown_of(run, ranks, crit), crit.rank, ranks, wall, cpu)
+                           flops, flops / peak if peak else 0.0, breakdown_of(run, ranks, crit),
+                           crit.rank, mem, mem_stage, cap, ranks, reduced, wall, cpu)
+
+
+def model_flops_per_step(spec: TrainSpec) -> float:
+    """Model FLOPs of one step, no recompute counted (Korthikanti et al. 2022, section 6:
+    72 B s l h^2 (1 + s / 6h + V / 12 l h))."""
+    B, s, l, h, V = spec.global_batch, spec.block_size, spec.n_layer, spec.n_embd, spec.vocab_size
+    return 72.0 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+
+
+def peak_flops(prof: Profile, dtype: str) -> float:
+    return 0.0
+
+
+def _memory(ranks: list[RankStep]) -> tuple[dict[str, int], int]:
+    def total(m: dict[str, int]) -> int:
+        return m["params"] + m["grads"] + m["optimizer_state"]
+
+    worst = max(ranks, key=lambda r: total(r.memory))
+    m = worst.memory
+    out = {"params": m["params"], "grads": m["grads"], "optimizer": m["optimizer_state"],
+           "activations": 0}
+    out["peak"] = sum(out.values())
+    return out, worst.coords[2]
