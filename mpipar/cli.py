@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from mpipar import runtime
+from mpipar.sim.spec import MODEL_FIELDS, MODELS
 
 
 class UsageError(ValueError):
@@ -66,3 +67,28 @@ def check_output_path(path: str, flag: str) -> Path:
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise UsageError(f"{flag} {path}: not writable")
     return p
+
+
+# ---------------------------------------------------------------------------- the simulator's model
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The GPT and batch of ``python -m mpipar.sim train`` and ``python -m mpipar.plan``."""
+    p.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="a model preset; the model flags below override its fields")
+    for flag, what in (("--n-layer", "blocks"), ("--n-embd", "width"), ("--n-head", "attention heads"),
+                       ("--block-size", "sequence length"), ("--vocab-size", "vocabulary")):
+        p.add_argument(flag, type=POSITIVE_INT, default=None, help=what)
+    p.add_argument("--global-batch", type=POSITIVE_INT, required=True,
+                   help="sequences per optimiser step over all data-parallel ranks")
+
+
+def model_from_args(args: argparse.Namespace) -> dict[str, int]:
+    """The model fields (``MODEL_FIELDS``): the preset's, overridden by the flags given."""
+    model = dict(zip(MODEL_FIELDS, MODELS[args.model])) if args.model else {}
+    for f in MODEL_FIELDS:
+        v = getattr(args, f)
+        if v is not None:
+            model[f] = v
+    missing = [f"--{f.replace('_', '-')}" for f in MODEL_FIELDS if f not in model]
+    if missing:
+        raise UsageError(f"the model needs {', '.join(missing)} (or --model NAME)")
+    return model

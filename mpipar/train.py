@@ -53,6 +53,9 @@ from mpipar.optim import OPTIMIZERS, OptimizerSpec, cosine_lr
 from mpipar.parallel.layout import Layout, LayoutError, choose_layout
 from mpipar.parallel.model import load_full_state_dict
 from mpipar.parallel.trainer import ParallelTrainer
+from mpipar.sim.plan import describe, plan
+from mpipar.sim.spec import TrainSpec
+from mpipar.sim.train import layout_of
 
 PROG = "mpipar.train"
 
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allreduce", default=None,
                    help="collective algorithm of the data-parallel group (native, ring, rhd, "
                         "tree, dbtree, ps, hier, auto)")
+    p.add_argument("--plan", action="store_true",
+                   help="train with the planner's first choice of layout for this machine")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
                    help="ZeRO stage: 1 shards optimiser state, 2 also gradients")
     p.add_argument("--block-size", type=POSITIVE_INT, default=None, help="context length (preset's)")
@@ -147,7 +152,26 @@ class Run:
     resume: TrainingCheckpoint | None
 
 
+def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tuple[Layout, str]:
+    """The planner's first choice for this machine (the ``local`` profile)."""
+    if args.dp is not None or args.tp is not None or args.pp is not None:
+        raise UsageError("--plan chooses the layout: give it without --dp, --tp or --pp")
+    base = TrainSpec(n_layer=config.n_layer, n_embd=config.n_embd, n_head=config.n_head,
+                     block_size=config.block_size, vocab_size=config.vocab_size,
+                     global_batch=args.batch_size, bias=config.bias, bucket_mb=args.bucket_mb,
+                     allreduce=args.allreduce or "native")
+    rows = plan(base, "local", world_size, top=1)
+    if not rows:
+        raise UsageError(f"--plan: no layout of {world_size} ranks fits --batch-size {args.batch_size}")
+    best = rows[0]
+    layout = layout_of(best.spec)
+    return layout, (f"planned: {describe(best.spec)}, predicted {best.step_time_s * 1e3:.1f} ms "
+                    f"a step on this machine (python -m mpipar.plan --cluster local)")
+
+
 def _layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tuple[Layout, str]:
+    if args.plan:
+        return _planned_layout(args, world_size, config)
     base = Layout(micro_batches=args.micro_batches, grad_accum=args.grad_accum,
                   schedule=args.schedule, stage_layers=args.stage_layers, zero=args.zero,
                   bucket_mb=args.bucket_mb, allreduce=args.allreduce)

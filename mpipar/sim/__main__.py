@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from mpipar import backend
-from mpipar.cli import POSITIVE, POSITIVE_INT, Parser, UsageError, check_output_path
+from mpipar.cli import (POSITIVE, POSITIVE_INT, Parser, UsageError, add_model_arguments,
+                        check_output_path, model_from_args)
 from mpipar.comm import cost_model
 from mpipar.comm.algorithms import algorithm_names
 from mpipar.comm.network import PROFILE_DIR, load_profile, profile_names
@@ -46,7 +47,7 @@ from mpipar.parallel.layout import LayoutError
 from mpipar.sim.compare import main as compare_main
 from mpipar.sim.report import format_table, parse_sizes, row
 from mpipar.sim.run import load_algorithm, resolve_profile, simulate_collective
-from mpipar.sim.spec import MODEL_FIELDS, MODELS, PRECISIONS, RECOMPUTE, TrainSpec
+from mpipar.sim.spec import PRECISIONS, RECOMPUTE, TrainSpec
 from mpipar.sim.trace import write_trace
 from mpipar.sim.train import check_spec, simulate_train
 
@@ -204,13 +205,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="data-parallel degree (default: gpus / (tp x pp))")
     p.add_argument("--tp", type=POSITIVE_INT, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=POSITIVE_INT, default=1, help="pipeline stages")
-    p.add_argument("--model", choices=sorted(MODELS), default=None,
-                   help="a model preset; the model flags below override its fields")
-    for flag, what in (("--n-layer", "blocks"), ("--n-embd", "width"), ("--n-head", "attention heads"),
-                       ("--block-size", "sequence length"), ("--vocab-size", "vocabulary")):
-        p.add_argument(flag, type=POSITIVE_INT, default=None, help=what)
-    p.add_argument("--global-batch", type=POSITIVE_INT, required=True,
-                   help="sequences per optimiser step over all data-parallel ranks")
+    add_model_arguments(p)
     p.add_argument("--micro-batch", type=POSITIVE_INT, default=1,
                    help="sequences per micro-batch on one data-parallel rank")
     p.add_argument("--virtual-stages", type=POSITIVE_INT, default=1,
@@ -234,14 +229,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> TrainSpec:
     """The TrainSpec the flags describe; UsageError names the flag at fault."""
-    model = dict(zip(MODEL_FIELDS, MODELS[args.model])) if args.model else {}
-    for f in MODEL_FIELDS:
-        v = getattr(args, f)
-        if v is not None:
-            model[f] = v
-    missing = [f"--{f.replace('_', '-')}" for f in MODEL_FIELDS if f not in model]
-    if missing:
-        raise UsageError(f"the model needs {', '.join(missing)} (or --model NAME)")
+    model = model_from_args(args)
     grid = args.tp * args.pp
     if args.dp is None and args.gpus % grid:
         raise UsageError(f"--gpus {args.gpus} is not a multiple of --tp {args.tp} x --pp {args.pp}")
