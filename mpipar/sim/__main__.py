@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,8 @@ from mpipar.parallel.layout import LayoutError
 from mpipar.sim.compare import main as compare_main
 from mpipar.sim.report import format_table, parse_sizes, row
 from mpipar.sim.run import load_algorithm, resolve_profile, simulate_collective
-from mpipar.sim.spec import PRECISIONS, RECOMPUTE, TrainSpec
+from mpipar.data.corpus import VOCAB_SIZE
+from mpipar.sim.spec import MODELS, PRECISIONS, RECOMPUTE, TrainSpec
 from mpipar.sim.trace import write_trace
 from mpipar.sim.train import check_spec, simulate_train
 
@@ -181,6 +185,11 @@ def _main(argv: list[str]) -> int:
     cmp_.add_argument("--tolerance", type=float, default=0.25)
     cmp_.add_argument("--json", default=None, help="save the comparison")
     cmp_.set_defaults(_main=compare_main)
+    va = sub.add_parser("validate", help="predicted beside measured step times of real runs here")
+    va.add_argument("--profile", default="local", help="profile to predict with (default local)")
+    va.add_argument("--steps", type=POSITIVE_INT, default=6, help="timed steps per measured layout")
+    va.add_argument("--json", default=None, help="write the ledger as JSON")
+    va.set_defaults(_main=validate_command)
     tr = sub.add_parser("train", help="predict one training step of a GPT on a simulated cluster")
     add_train_arguments(tr)
     tr.set_defaults(_main=train_command)
@@ -307,6 +316,71 @@ def train_command(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(pred.to_json(), indent=1) + "\n")
     if args.trace:
         write_trace(args.trace, pred.ranks)
+    return 0
+
+
+# ---------------------------------------------------------------------------- validate
+# The validation ledger: real layouts of the trainer's "small" model on 1 and 2 ranks (never
+# more ranks than this machine's 2 cores), each measured by `python -m mpipar.bench parallel`
+# and predicted by `simulate_train` from the profile. The profile is fitted to none of these
+# runs: its network part comes from `bench calibrate` (message exchanges, reductions, copies)
+# and its compute part from `bench calibrate --compute` (kernels timed one by one).
+VALIDATION_MODEL, VALIDATION_BATCH, VALIDATION_BUCKET_MB = "small", 8, 1.0
+VALIDATION_RUNS = (  # (ranks, bench parallel arguments)
+    (1, ["--layouts", "1x1x1"]),
+    (2, ["--layouts", "2x1x1", "--zero", "0,1"]),
+    (2, ["--layouts", "1x2x1"]),
+    (2, ["--layouts", "1x1x2", "--schedules", "gpipe,1f1b", "--micro-batches", "4"]),
+)
+
+
+def _measure(ranks: int, extra: list[str], steps: int, out: Path) -> list[dict]:
+    cmd = [str(Path(sys.executable).with_name("mpiexec")) if Path(sys.executable).with_name("mpiexec").exists()
+           else "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpipar.bench", "parallel",
+           "--model", VALIDATION_MODEL, "--batch-size", str(VALIDATION_BATCH), "--steps", str(steps),
+           "--bucket-mb", str(VALIDATION_BUCKET_MB), "--json", str(out)] + extra
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=900)
+    return [r for r in json.loads(out.read_text())["rows"] if "skipped" not in r]
+
+
+def validation_spec(row: dict) -> TrainSpec:
+    n_layer, n_embd, n_head, block, _ = MODELS[VALIDATION_MODEL]
+    dp, M = row["dp"], row["M"]
+    return TrainSpec(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block,
+                     vocab_size=VOCAB_SIZE, global_batch=VALIDATION_BATCH,
+                     micro_batch=VALIDATION_BATCH // (dp * M), dp=dp, tp=row["tp"], pp=row["pp"],
+                     schedule=row["schedule"] or "1f1b", zero=row["zero"],
+                     bucket_mb=VALIDATION_BUCKET_MB)
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    prof = _cluster(args.profile)
+    if args.json:
+        check_output_path(args.json, "--json")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (ranks, extra) in enumerate(VALIDATION_RUNS):
+            for r in _measure(ranks, extra, args.steps, Path(tmp) / f"run{i}.json"):
+                spec = validation_spec(r)
+                pred = simulate_train(spec, prof)
+                err = pred.step_time_s / r["step_s"] - 1.0
+                rows.append({"layout": r["layout"], "schedule": r["schedule"], "M": r["M"],
+                             "zero": r["zero"], "measured_s": r["step_s"],
+                             "predicted_s": pred.step_time_s, "error": err,
+                             "breakdown": pred.breakdown})
+    print(f"# mpipar.sim validate: model {VALIDATION_MODEL}, global batch {VALIDATION_BATCH}, "
+          f"profile {prof.name} ({prof.metadata.get('source', '').split(' (')[0]})")
+    print(f"{'layout':8s} {'sched':6s} {'M':>2s} {'zero':>4s} {'measured ms':>12s} {'predicted ms':>13s} {'error':>8s}")
+    for r in rows:
+        print(f"{r['layout']:8s} {r['schedule'] or '-':6s} {r['M']:2d} {r['zero']:4d} "
+              f"{1e3 * r['measured_s']:12.2f} {1e3 * r['predicted_s']:13.2f} {100 * r['error']:+7.1f}%")
+    errs = sorted(abs(r["error"]) for r in rows)
+    med, worst = statistics.median(errs), errs[-1]
+    print(f"# |error|: median {100 * med:.1f}% (goal <= 15%), worst {100 * worst:.1f}% (goal <= 30%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"profile": prof.name, "rows": rows,
+                                               "median_abs_error": med, "worst_abs_error": worst},
+                                              indent=1) + "\n")
     return 0
 
 
