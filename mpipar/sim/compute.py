@@ -27,7 +27,8 @@ of ``compute_profiles.json`` here, keyed by profile name)::
      "peak_flops": {"bfloat16": 312e12, "float32": 19.5e12, ...},
      "gemm": {"batched": "fused", "curves": {
          "bfloat16": {"points": [{"m": 4096, "n": 4096, "k": 4096, "batch": 1, "tflops": 270}, ...]},
-         "float16": {"same_as": "bfloat16"}}},
+         "float16": {"same_as": "bfloat16"},                      (the same kernels)
+         "float32": {"same_as": "tf32", "scale_to_max": 0.72}}},   (tf32's shape, fp32's top)
      "memory": {"elementwise": {"points": [{"bytes": 1e8, "gbps": 1700}]}, "exp": {...}},
      "sources": {...}}                     where every number came from
 
@@ -93,20 +94,32 @@ class _GemmCurve:
 
     NEAREST = 4
 
-    def __init__(self, points: list[dict[str, Any]], peak: float, launch_s: float,
-                 fused: bool) -> None:
+    def __init__(self, curve: dict[str, Any], peak: float, launch_s: float, fused: bool,
+                 scale_to_max: float | None = None) -> None:
+        # "includes_launch": the points are wall times per call (take the launch out); false
+        # for kernel durations from a profiler
+        launch = launch_s if curve.get("includes_launch", True) else 0.0
         keys, effs = [], []
-        for p in points:
+        for p in curve["points"]:
             m, n, k, b = int(p["m"]), int(p["n"]), int(p["k"]), int(p.get("batch", 1))
             f = flops(m, n, k, b)
             t = f / (float(p["tflops"]) * 1e12)
-            t_kernel = max(t - launch_s, 0.25 * t)
+            t_kernel = max(t - launch, 0.25 * t)
             keys.append(_key(m, n, k, b, fused))
-            effs.append(min(f / (peak * t_kernel), 1.0))
+            effs.append(f / (peak * t_kernel))
         if not keys:
             raise ValueError("a GEMM curve needs at least one point")
-        self.keys, self.effs = np.array(keys), np.array(effs)
+        effs_a = np.array(effs)
+        if scale_to_max is not None:          # another dtype's shape dependence, this one's top
+            effs_a *= float(scale_to_max) / effs_a.max()
+        self.keys, self.effs = np.array(keys), np.minimum(effs_a, 1.0)
         self.fused = fused
+
+    @classmethod
+    def of(cls, keys: np.ndarray, effs: np.ndarray, fused: bool) -> "_GemmCurve":
+        c = cls.__new__(cls)
+        c.keys, c.effs, c.fused = keys, effs, fused
+        return c
 
     def efficiency(self, m: int, n: int, k: int, batch: int) -> float:
         q = np.array(_key(m, n, k, batch, self.fused))
@@ -142,17 +155,37 @@ class ComputeModel:
         self.batched = mode
         curves = gemm.get("curves", {})
         self._gemm: dict[str, _GemmCurve] = {}
-        for dt, c in curves.items():
-            src = curves[c["same_as"]] if "same_as" in c else c
-            peak = self._peak.get(dt)
-            if peak is None:
-                raise ValueError(f"GEMM curve for {dt} but no peak_flops[{dt!r}]")
-            self._gemm[dt] = _GemmCurve(src["points"], peak, self.launch_s, mode == "fused")
+        for dt in curves:
+            self._build_gemm(dt, curves, mode == "fused", ())
         self._memory = {kind: _Curve(c["points"], self.launch_s, self.memory_bytes_per_s)
                         for kind, c in section.get("memory", {}).items()}
         if "elementwise" not in self._memory:
             raise ValueError("the compute section needs a memory.elementwise curve")
         self._resolved: dict[str, _Curve] = {}
+
+    def _build_gemm(self, dt: str, curves: dict[str, Any], fused: bool,
+                    seen: tuple[str, ...]) -> "_GemmCurve":
+        """The curve of ``dt``: its own points, or ``"same_as"`` another dtype's curve (the
+        same achieved FLOP/s, or with ``"scale_to_max"`` its shape dependence scaled so that
+        this dtype's best efficiency is the given fraction of its own peak)."""
+        if dt in self._gemm:
+            return self._gemm[dt]
+        if dt in seen:
+            raise ValueError(f"GEMM curves refer to each other in a cycle: {' -> '.join(seen + (dt,))}")
+        c = curves[dt]
+        peak = self._peak.get(dt)
+        if peak is None:
+            raise ValueError(f"GEMM curve for {dt} but no peak_flops[{dt!r}]")
+        if "same_as" in c:
+            src = self._build_gemm(c["same_as"], curves, fused, seen + (dt,))
+            effs = src.effs * self._peak[c["same_as"]] / peak
+            if "scale_to_max" in c:
+                effs = src.effs * float(c["scale_to_max"]) / src.effs.max()
+            curve = _GemmCurve.of(src.keys, np.minimum(effs, 1.0), fused)
+        else:
+            curve = _GemmCurve(c, peak, self.launch_s, fused, c.get("scale_to_max"))
+        self._gemm[dt] = curve
+        return curve
 
     # -- construction -------------------------------------------------------------------------
     @staticmethod
