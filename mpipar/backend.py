@@ -83,9 +83,18 @@ def is_device_array(x: Any) -> bool:
     return cp is not None and isinstance(x, cp.ndarray)
 
 
-def array_module(x: Any) -> ModuleType:
-    """numpy or cupy, whichever ``x`` belongs to."""
-    return cupy_module() if is_device_array(x) else np
+def array_module(x: Any) -> Any:
+    """The array module ``x`` belongs to: numpy, cupy, or the namespace an array of another
+    kind declares (``x.__array_namespace__()``, the array API's rule), which is how the
+    simulator's shape-only arrays (``mpipar.sim.symbolic``) run the same layers as NumPy."""
+    if type(x) is np.ndarray or isinstance(x, np.generic):
+        return np
+    if is_device_array(x):
+        return cupy_module()
+    declared = getattr(type(x), "__array_namespace__", None)
+    if declared is not None and not isinstance(x, np.ndarray):
+        return declared(x)
+    return np
 
 
 def resolve_dtype(dtype: Any) -> np.dtype:
