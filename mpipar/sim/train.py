@@ -42,7 +42,9 @@ from mpipar.parallel.mesh import Mesh
 from mpipar.parallel.schedules import make_schedule, simulate as simulate_schedule
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.sim.mirror import CollectiveTimes, MirroredCommunicator
+from mpipar.sim.compute import ComputeModel
 from mpipar.sim.spec import TrainSpec
+from mpipar.sim.symbolic import SymbolicNamespace
 
 # Phases a kernel's time is charged to (see the module docstring).
 PHASES = ("compute", "recompute", "tp_comm", "dp_comm", "optimizer")
@@ -99,7 +101,7 @@ class _Observer:
     spans of the rank's timeline, and memoises stage calls. Installed around a real trainer's
     objects by wrapping their methods on the instance (the trainer's code is not changed)."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], float]) -> None:
+    def __init__(self, engine: Engine | None, clock: Callable[[], float]) -> None:
         self.engine, self.clock = engine, clock
         self.phase = "compute"
         self.phases = dict.fromkeys(PHASES, 0.0)
@@ -202,12 +204,9 @@ def _sim_mesh(t: SimTransport, run: "_Run", times: CollectiveTimes) -> tuple[Any
     return world, Mesh(lay.dp, lay.tp, lay.pp, world.rank, 0, 0, stage, world, dp, tp, pp)
 
 
-def _rank_main(t: SimTransport, run: "_Run", times: CollectiveTimes) -> RankStep:
-    world, mesh = _sim_mesh(t, run, times)
-    obs = _Observer(t.engine, t.clock)
-    xp = run.namespace(obs)
-    tr = ParallelTrainer(world, run.config, run.layout, run.optimizer, dtype=run.dtype, xp=xp,
-                         grad_clip=1.0, init=False, mesh=mesh)
+def instrument(tr: ParallelTrainer, obs: _Observer) -> None:
+    """Install ``obs`` around a trainer's collectives and optimiser (real or simulated: the
+    spans are the same, which tests/sim/test_train.py checks against a real two-rank run)."""
     mesh = tr.mesh
     if mesh.tp > 1:
         for m in ("allreduce", "reduce_scatter", "allgather"):
@@ -218,30 +217,48 @@ def _rank_main(t: SimTransport, run: "_Run", times: CollectiveTimes) -> RankStep
             obs.wrap(mesh.dp_group, m, "dp_comm", track="comm", name=f"dp {label}")
     obs.wrap(tr.sync, "clip_grad_norm", "optimizer", name="clip")
     obs.wrap(tr.sync, "step", "optimizer", name="optimizer")
+
+
+def observed_step(tr: ParallelTrainer, obs: _Observer, idx: Any, targets: Any,
+                  barrier: Callable[[], None]) -> tuple[Any, float]:
+    """One ``tr.step`` from a common start (after ``barrier``), with its spans recorded in
+    ``obs`` from that start; returns the step's result and its duration on this rank."""
+    barrier()
+    obs.t0 = start = obs.clock()
+    obs.recording = True
+    res = tr.step(idx, targets, lr=1e-4)
+    end = obs.clock()
+    obs.recording = False
+    for kind, mb, chunk, a, b in res.pipe.events:
+        obs.spans.append(Span("main", f"{kind} mb{mb}" + (f" c{chunk}" if chunk else ""), a, b,
+                              {"mb": mb, "chunk": chunk}))
+    obs.spans.sort(key=lambda s: (s.t0, s.t1))
+    return res, end - start
+
+
+def _rank_main(t: SimTransport, run: "_Run", times: CollectiveTimes) -> RankStep:
+    world, mesh = _sim_mesh(t, run, times)
+    obs = _Observer(t.engine, t.clock)
+    xp = run.namespace(obs)
+    tr = ParallelTrainer(world, run.config, run.layout, run.optimizer, dtype=run.dtype, xp=xp,
+                         grad_clip=1.0, init=False, mesh=mesh)
+    mesh = tr.mesh
+    instrument(tr, obs)
     if run.memoize:
         for st in tr.pipe.stages:
             obs.memoize(st, "forward", xp)
             obs.memoize(st, "backward", xp)
-    rows = run.spec.global_batch // mesh.dp
-    idx = xp.zeros((rows, run.spec.block_size), dtype="int64")
-    t.barrier()                           # every rank starts the step at the same time
-    obs.t0 = start = t.clock()
-    obs.recording = True
-    res = tr.step(idx, idx, lr=1e-4)
-    end = t.clock()
-    obs.recording = False
+    idx = xp.zeros((run.spec.global_batch // mesh.dp, run.spec.block_size), dtype="int64")
+    res, step_s = observed_step(tr, obs, idx, idx, t.barrier)
     p = res.pipe
-    for kind, mb, chunk, a, b in p.events:
-        obs.spans.append(Span("main", f"{kind} mb{mb}" + (f" c{chunk}" if chunk else ""), a, b,
-                              {"mb": mb, "chunk": chunk}))
     opt = sum(s.t1 - s.t0 for s in obs.spans if s.phase == "optimizer")
     return RankStep(
-        rank=mesh.rank, coords=(mesh.dp_rank, mesh.tp_rank, mesh.pp_rank), step_s=end - start,
+        rank=mesh.rank, coords=(mesh.dp_rank, mesh.tp_rank, mesh.pp_rank), step_s=step_s,
         phases=dict(obs.phases),
         waits={"recv": p.recv_wait, "send": p.send_wait, "tied": p.tied_reduce, "loss": p.loss_bcast},
         forward_s=p.forward, backward_s=p.backward, dp_exposed_s=res.comm.exposed_s,
         dp_total_s=res.comm.total_s, optimizer_s=opt, memory=dict(tr.memory_report()),
-        spans=sorted(obs.spans, key=lambda s: (s.t0, s.t1)))
+        spans=obs.spans)
 
 
 @dataclass
@@ -343,7 +360,8 @@ def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     config, layout = config_of(spec), layout_of(spec)
     if namespace is None:
-        raise NotImplementedError("the symbolic namespace is not wired yet")
+        compute = ComputeModel.from_profile(prof)
+        namespace = lambda obs: SymbolicNamespace(compute, obs.charge)  # noqa: E731
     if reduced is None:
         reduced = spec.gpus > FULL_LIMIT
     run = _Run(spec, config, layout, OptimizerSpec(spec.optimizer, lr=1e-4), spec.compute_dtype,
@@ -377,7 +395,7 @@ def model_flops_per_step(spec: TrainSpec) -> float:
 
 
 def peak_flops(prof: Profile, dtype: str) -> float:
-    return 0.0
+    return ComputeModel.from_profile(prof).peak_flops(dtype)
 
 
 def _memory(ranks: list[RankStep]) -> tuple[dict[str, int], int]:
