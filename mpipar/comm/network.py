@@ -392,6 +392,8 @@ class Network:
             rpn = max((self.node.count(n) for n in set(self.node)), default=1)
         else:
             self.node = [r // rpn for r in range(size)]
+        # whether nodes are runs of ranks_per_node consecutive ranks (what hier assumes)
+        self.consecutive = all(n == r // rpn for r, n in enumerate(self.node))
         self.ranks_per_node = rpn
         self.links = (intra, inter)
         seen: dict[int, int] = {}

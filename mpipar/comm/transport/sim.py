@@ -780,8 +780,8 @@ class _SimNative:
     """``algorithm="native"`` on the simulator (``Transport.native``): the cluster's own
     collective as one rendezvous of the group, not thousands of messages. Every member waits
     for the last to arrive; all finish at that arrival plus the network's ``native_time``
-    (the profile's measured busbw tables, see ``network.NativeTables``) plus the profile's
-    ``call_overhead_s["native"]``. With ``data=True`` the result is computed with NumPy in
+    (the profile's measured busbw tables, see ``network.NativeTables``: measured end to end,
+    so they include the library's per-call cost). With ``data=True`` the result is computed with NumPy in
     rank order, so tests can check it."""
 
     def __init__(self, t: "SimTransport") -> None:
@@ -795,7 +795,6 @@ class _SimNative:
             self._shape = e.net.shape([t.ranks[i] for i in range(t.size)])
         per_node, nodes = self._shape
         seconds = e.net.native_time(collective, nbytes, t.size, per_node, nodes)
-        seconds += e.net.profile.call_overhead.get("native", 0.0)
 
         def finish(values: dict) -> tuple[float, Any]:
             latest = max(v[0] for v in values.values())
