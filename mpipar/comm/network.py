@@ -468,8 +468,13 @@ class Network:
             return 0.0
         if self.profile.native is not None:
             return self.profile.native.time(collective, nbytes, p, per_node, nodes)
-        link = self.links[1 if nodes > 1 else 0]
         block = nbytes if collective in ("broadcast", "reduce") else nbytes / p
         hops = 2 * (p - 1) if collective == "allreduce" else p - 1
         reduces = p - 1 if collective in ("allreduce", "reduce_scatter", "reduce") else 0
-        return hops * link.time(int(block)) + reduces * self.reduce_cost(int(block))
+        intra, inter = self.links
+        if nodes == 1:
+            hop = intra.time(int(block))
+        else:  # k rings, one per rail: a NIC carries block / k, NVLink the other (k-1) / k
+            k = max(1, min(per_node, self.profile.nics_per_node or 1))
+            hop = max(inter.time(int(block / k)), intra.time(int(block * (k - 1) / k)) if k > 1 else 0.0)
+        return hops * hop + reduces * self.reduce_cost(int(block))

@@ -223,29 +223,41 @@ def _channels(t: Transport, buf: Any, op: Any, off: Sequence[int], rs: bool, ag:
     widest = max(off[b + 1] - off[b] for b in range(p)) // k + 1
     scratch = take_scratch(t, buf, k * widest) if rs else None
     isend, irecv = t.isend, t.irecv
-    for reducing in (True, False):
-        if not (rs if reducing else ag):
-            continue
+    hops = [(True, h) for h in range(p - 1) if rs] + [(False, h) for h in range(p - 1) if ag]
+    sends: list[list[Any]] = [[] for _ in range(k)]  # per ring, not yet waited for
+
+    def post(c: int, i: int) -> tuple[Any, int, int, Any]:
+        """Post ring c's hop i: its receive (returned) and its send."""
+        reducing, h = hops[i]
+        order, pos = rings[c]
+        q = pos[r]
         first = 1 if reducing else 0  # reduce-scatter hop h sends position q-h-1
-        for h in range(p - 1):
-            recvs, sends = [], []
-            for c, (order, pos) in enumerate(rings):
-                q = pos[r]
-                slo, shi = sub(c, order[(q - h - first) % p])
-                rlo, rhi = sub(c, order[(q - h - first - 1) % p])
-                tag = CHANNEL_TAG + c
-                if reducing:
-                    got = scratch[c * widest:c * widest + rhi - rlo]
-                    recvs.append((irecv(got, order[(q - 1) % p], tag), rlo, rhi, got))
-                else:
-                    recvs.append((irecv(buf[rlo:rhi], order[(q - 1) % p], tag), rlo, rhi, None))
-                sends.append(isend(buf[slo:shi], order[(q + 1) % p], tag))
-            for req, rlo, rhi, got in recvs:
-                req.wait()
-                if got is not None:
-                    t.reduce_local(op, buf[rlo:rhi], got)
-            for req in sends:
-                req.wait()
+        slo, shi = sub(c, order[(q - h - first) % p])
+        rlo, rhi = sub(c, order[(q - h - first - 1) % p])
+        tag = CHANNEL_TAG + c
+        got = scratch[c * widest:c * widest + rhi - rlo] if reducing else None
+        req = irecv(got if reducing else buf[rlo:rhi], order[(q - 1) % p], tag)
+        sends[c].append(isend(buf[slo:shi], order[(q + 1) % p], tag))
+        return req, rlo, rhi, got
+
+    # Each ring goes on to its next hop as soon as its own block is in (and reduced), so one
+    # ring's reduction overlaps the others' transfers.
+    pending = [post(c, 0) for c in range(k)] if hops else []
+    for i in range(len(hops)):
+        for c in range(k):
+            req, rlo, rhi, got = pending[c]
+            req.wait()
+            if got is not None:
+                t.reduce_local(op, buf[rlo:rhi], got)
+            if i + 1 < len(hops):
+                if hops[i + 1][0] != hops[i][0]:  # into the all-gather: this ring's sends done,
+                    for s_ in sends[c]:           # as its receives now land in buf
+                        s_.wait()
+                    sends[c].clear()
+                pending[c] = post(c, i + 1)
+    for ring_sends in sends:
+        for req in ring_sends:
+            req.wait()
     if scratch is not None:
         give_scratch(t, scratch)
 
