@@ -63,12 +63,16 @@ class _Host:
 
 
 def allreduce(t: MPITransport, buf: Any, op: ReduceOp) -> Any:
+    if t.native is not None:  # a transport with its own (the simulator's)
+        return t.native.allreduce(buf, op)
     h = _Host(t, buf, upcast_half=True)
     collective(t.comm, "Allreduce", t.MPI.IN_PLACE, h.data, op=_mpi_op(t, op))
     return h.back(h.data)
 
 
 def reduce(t: MPITransport, buf: Any, op: ReduceOp, root: int) -> Any:
+    if t.native is not None:  # a transport with its own (the simulator's)
+        return t.native.reduce(buf, op, root)
     h = _Host(t, buf, upcast_half=True)
     if t.rank == root:
         collective(t.comm, "Reduce", t.MPI.IN_PLACE, h.data, op=_mpi_op(t, op), root=root)
@@ -78,12 +82,16 @@ def reduce(t: MPITransport, buf: Any, op: ReduceOp, root: int) -> Any:
 
 
 def broadcast(t: MPITransport, buf: Any, root: int) -> Any:
+    if t.native is not None:  # a transport with its own (the simulator's)
+        return t.native.broadcast(buf, root)
     h = _Host(t, buf)
     collective(t.comm, "Bcast", h.data, root=root)
     return h.back(h.data)
 
 
 def reduce_scatter(t: MPITransport, buf: Any, op: ReduceOp, counts: list[int]) -> Any:
+    if t.native is not None:  # a transport with its own (the simulator's)
+        return t.native.reduce_scatter(buf, op, counts)
     h = _Host(t, buf, upcast_half=True)
     out = h.new(counts[t.rank])
     collective(t.comm, "Reduce_scatter", h.data, out, recvcounts=list(counts), op=_mpi_op(t, op))
@@ -91,6 +99,8 @@ def reduce_scatter(t: MPITransport, buf: Any, op: ReduceOp, counts: list[int]) -
 
 
 def allgather(t: MPITransport, block: Any, counts: list[int]) -> Any:
+    if t.native is not None:  # a transport with its own (the simulator's)
+        return t.native.allgather(block, counts)
     h = _Host(t, block)
     out = h.new(sum(counts))
     displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
@@ -99,6 +109,8 @@ def allgather(t: MPITransport, block: Any, counts: list[int]) -> Any:
 
 
 def alltoall(t: MPITransport, buf: Any) -> Any:
+    if t.native is not None:  # a transport with its own (the simulator's)
+        return t.native.alltoall(buf)
     h = _Host(t, buf)
     out = h.new(buf.size)
     collective(t.comm, "Alltoall", h.data, out)

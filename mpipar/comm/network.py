@@ -51,7 +51,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = "local"  # measured on the development machine by ``bench calibrate``
@@ -60,15 +60,21 @@ DEFAULT_PROFILE = "local"  # measured on the development machine by ``bench cali
 @dataclass(frozen=True)
 class SizeClass:
     max_bytes: int | None  # inclusive upper bound; None: no bound (the last class)
-    alpha: float           # seconds per message
-    beta: float            # seconds per byte
+    alpha: float           # seconds per message that occupy the ports (LogGP's gap g)
+    beta: float            # seconds per byte (occupy the ports too: LogGP's G)
+    latency: float = 0.0   # seconds in flight that do not occupy a port (LogGP's L)
 
     def to_json(self) -> dict[str, Any]:
-        return {"max_bytes": self.max_bytes, "alpha_s": self.alpha, "beta_s_per_byte": self.beta}
+        d: dict[str, Any] = {"max_bytes": self.max_bytes, "alpha_s": self.alpha,
+                             "beta_s_per_byte": self.beta}
+        if self.latency:
+            d["latency_s"] = self.latency
+        return d
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "SizeClass":
-        return SizeClass(d.get("max_bytes"), float(d["alpha_s"]), float(d["beta_s_per_byte"]))
+        return SizeClass(d.get("max_bytes"), float(d["alpha_s"]), float(d["beta_s_per_byte"]),
+                         float(d.get("latency_s", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -84,16 +90,31 @@ class Link:
         if bounds[-1] is not None or any(b is None for b in bounds[:-1]) or bounds[:-1] != sorted(bounds[:-1]):
             raise ValueError(f"size classes must be sorted with only the last unbounded, got {bounds}")
 
-    def params(self, nbytes: int) -> tuple[float, float]:
-        """(alpha, beta) for a message of ``nbytes``."""
+    def size_class(self, nbytes: int) -> SizeClass:
+        """The class that prices a message of ``nbytes``."""
         for c in self.classes:
             if c.max_bytes is None or nbytes <= c.max_bytes:
-                return c.alpha, c.beta
+                return c
         raise AssertionError("unreachable: the last class is unbounded")
 
+    def params(self, nbytes: int) -> tuple[float, float]:
+        """(alpha, beta) for a message of ``nbytes``."""
+        c = self.size_class(nbytes)
+        return c.alpha, c.beta
+
+    def occupancy(self, nbytes: int) -> float:
+        """Seconds a message of ``nbytes`` holds its ports: alpha + nbytes * beta."""
+        c = self.size_class(nbytes)
+        return c.alpha + nbytes * c.beta
+
+    def latency(self, nbytes: int) -> float:
+        """Seconds in flight beyond the ports (0 in a profile that gives none)."""
+        return self.size_class(nbytes).latency
+
     def time(self, nbytes: int) -> float:
-        a, b = self.params(nbytes)
-        return a + nbytes * b
+        """One message alone: alpha + latency + nbytes * beta."""
+        c = self.size_class(nbytes)
+        return c.alpha + c.latency + nbytes * c.beta
 
     @staticmethod
     def simple(alpha: float, beta: float) -> "Link":
@@ -115,6 +136,93 @@ def _local_time(link: Link | None, per_byte: float, nbytes: float) -> float:
     if link is not None:
         return link.time(nbytes) if nbytes > 0 else 0.0
     return per_byte * nbytes
+
+
+# nccl-tests' bus-bandwidth factors (nccl-tests doc/PERFORMANCE.md): busbw = algbw * factor(p),
+# algbw = bytes / seconds, bytes the whole buffer as mpipar counts it (allgather's output).
+BUSBW_FACTOR: dict[str, Callable[[int], float]] = {
+    "allreduce": lambda p: 2 * (p - 1) / p,
+    "reduce_scatter": lambda p: (p - 1) / p, "allgather": lambda p: (p - 1) / p,
+    "alltoall": lambda p: (p - 1) / p,
+    "broadcast": lambda p: 1.0, "reduce": lambda p: 1.0,
+}
+
+
+@dataclass(frozen=True)
+class BusbwTable:
+    """One measured nccl-tests table: bytes -> bus bandwidth (bytes/s) for a group of
+    ``nodes`` x ``ranks_per_node`` ranks. ``busbw(n)`` interpolates linearly in log(bytes);
+    below the smallest size the time of the smallest size holds (a latency floor), above the
+    largest its bandwidth."""
+
+    ranks_per_node: int
+    nodes: int
+    points: tuple[tuple[int, float], ...]  # (bytes, busbw in bytes/s), by bytes
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError(f"a busbw table of {self.nodes} x {self.ranks_per_node} needs points")
+
+    def busbw(self, nbytes: float) -> float:
+        pts = self.points
+        n0, b0 = pts[0]
+        if nbytes <= n0:
+            return b0 * nbytes / n0  # the smallest size's time: a floor
+        for (na, ba), (nb, bb) in zip(pts, pts[1:]):
+            if nbytes <= nb:
+                w = math.log(nbytes / na) / math.log(nb / na)
+                return ba + w * (bb - ba)
+        return pts[-1][1]
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"ranks_per_node": self.ranks_per_node, "nodes": self.nodes,
+                             "busbw_GBps": {str(n): b / 1e9 for n, b in self.points}}
+        if self.source:
+            d["source"] = self.source
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "BusbwTable":
+        pts = sorted((int(n), float(b) * 1e9) for n, b in d["busbw_GBps"].items())
+        return BusbwTable(int(d["ranks_per_node"]), int(d["nodes"]), tuple(pts), d.get("source", ""))
+
+
+@dataclass(frozen=True)
+class NativeTables:
+    """The cluster's own collectives (NCCL's, as nccl-tests measured them), by collective.
+
+    A group of p ranks, at most ``per_node`` on any of its ``nodes`` nodes, is priced from the
+    table of the nearest shape: one-node tables for a group inside a node, multi-node tables
+    (nearest node count) otherwise. The table's busbw is taken as that shape's, and converted
+    to seconds with the group's own factor (2(p-1)/p for all-reduce); across nodes, a group
+    with fewer ranks per node than the table drives proportionally fewer NICs (one rail per
+    rank), so its busbw is scaled by per_node / the table's ranks_per_node. A collective
+    without a table of its own uses the all-reduce table's busbw (a ring moves each byte at
+    the same rate in reduce-scatter, all-gather and all-reduce: an estimate)."""
+
+    tables: dict[str, tuple[BusbwTable, ...]]
+
+    def time(self, collective: str, nbytes: float, p: int, per_node: int, nodes: int) -> float:
+        """Seconds for ``collective`` of ``nbytes`` over ``p`` ranks of that shape."""
+        if p <= 1 or nbytes <= 0:
+            return 0.0
+        tables = self.tables.get(collective) or self.tables.get("allreduce")
+        if not tables:
+            raise ValueError(f"no native busbw table for {collective} (nor for allreduce)")
+        same = [t for t in tables if (t.nodes == 1) == (nodes == 1)] or list(tables)
+        table = min(same, key=lambda t: (abs(math.log(t.nodes / nodes)), abs(t.ranks_per_node - per_node)))
+        bw = table.busbw(nbytes)
+        if nodes > 1 and per_node < table.ranks_per_node:
+            bw *= per_node / table.ranks_per_node
+        return BUSBW_FACTOR[collective](p) * nbytes / bw
+
+    def to_json(self) -> dict[str, Any]:
+        return {c: [t.to_json() for t in ts] for c, ts in self.tables.items()}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "NativeTables":
+        return NativeTables({c: tuple(BusbwTable.from_json(t) for t in ts) for c, ts in d.items()})
 
 
 @dataclass
@@ -140,7 +248,14 @@ class Profile:
     ranks_per_node: int | None = None
     intra: Link | None = None
     inter: Link | None = None
+    # Rails: inter-node NICs per node (local rank i uses NIC i % nics_per_node, as on a DGX
+    # where each GPU has its own) and ports per NIC (ranks sharing a NIC spread over them);
+    # None: one NIC per rank. Each NIC port sends one message and receives one at a time.
+    nics_per_node: int | None = None
+    ports_per_nic: int = 1
+    native: NativeTables | None = None  # algorithm="native" on the simulator, by busbw table
     metadata: dict[str, Any] = field(default_factory=dict)
+    compute: dict[str, Any] = field(default_factory=dict)  # kept for the compute model, unread here
 
     @staticmethod
     def simple(alpha: float, beta: float, gamma: float = 0.0, name: str = "simple",
@@ -194,6 +309,14 @@ class Profile:
         if self.ranks_per_node and self.intra is not None and self.inter is not None:
             d["topology"] = {"ranks_per_node": self.ranks_per_node,
                              "intra": self.intra.to_json(), "inter": self.inter.to_json()}
+            if self.nics_per_node:
+                d["topology"]["nics_per_node"] = self.nics_per_node
+            if self.ports_per_nic != 1:
+                d["topology"]["ports_per_nic"] = self.ports_per_nic
+        if self.native is not None:
+            d["native"] = self.native.to_json()
+        if self.compute:
+            d["compute"] = self.compute
         return d
 
     @staticmethod
@@ -213,7 +336,10 @@ class Profile:
             ranks_per_node=int(topo["ranks_per_node"]) if topo else None,
             intra=Link.from_json(topo["intra"]) if topo else None,
             inter=Link.from_json(topo["inter"]) if topo else None,
-            metadata=dict(d.get("metadata", {})))
+            nics_per_node=int(topo["nics_per_node"]) if topo and topo.get("nics_per_node") else None,
+            ports_per_nic=int(topo.get("ports_per_nic", 1)) if topo else 1,
+            native=NativeTables.from_json(d["native"]) if d.get("native") else None,
+            metadata=dict(d.get("metadata", {})), compute=dict(d.get("compute", {})))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -237,21 +363,54 @@ def load_profile(name_or_path: str | Path | None = None) -> Profile:
 
 
 class Network:
-    """A profile laid over ``size`` ranks: per-message (alpha, beta) by level and size class.
+    """A profile laid over ``size`` ranks: per-message port occupancy and latency by level and
+    size class, and the ports each rank's messages use.
 
-    Rank r lives on node ``r // ranks_per_node``. Lookups are cached per (level, size): a
-    simulated collective sends few distinct sizes, and this sits on the simulator's hot path.
+    Rank r lives on node ``nodes[r]`` (default ``r // ranks_per_node``: consecutive ranks);
+    its local rank is its index among the ranks of its node. Inside a node every rank has its
+    own port (NVLink through a switch, or shared memory); between nodes a rank uses NIC
+    ``local % nics_per_node`` of its node, and ranks sharing a NIC spread over its
+    ``ports_per_nic`` ports (no ``nics_per_node``: one NIC per rank). ``nodes`` lets a group
+    whose members sit on given nodes (a data-parallel group one rank per node, say) be
+    simulated with the right levels and rails: ``Network(prof, 4, nodes=[0, 1, 2, 3])``.
+
+    Lookups are cached per (level, size): a simulated collective sends few distinct sizes,
+    and this sits on the simulator's hot path.
     """
 
-    def __init__(self, profile: Profile, size: int, nic_serialization: bool = True) -> None:
+    def __init__(self, profile: Profile, size: int, nic_serialization: bool = True,
+                 nodes: list[int] | None = None) -> None:
         self.profile = profile
         self.size = size
-        self.ranks_per_node, intra, inter = profile.levels(size)
+        rpn, intra, inter = profile.levels(size)
+        if nodes is not None:
+            if len(nodes) != size:
+                raise ValueError(f"nodes names {len(nodes)} ranks' nodes for a network of {size} ranks")
+            if intra is inter and rpn == 1 and profile.intra is not None and profile.inter is not None:
+                intra, inter = profile.intra, profile.inter
+            self.node = [int(n) for n in nodes]
+            rpn = max((self.node.count(n) for n in set(self.node)), default=1)
+        else:
+            self.node = [r // rpn for r in range(size)]
+        # whether nodes are runs of ranks_per_node consecutive ranks (what hier assumes)
+        self.consecutive = all(n == r // rpn for r, n in enumerate(self.node))
+        self.ranks_per_node = rpn
         self.links = (intra, inter)
+        seen: dict[int, int] = {}
+        self.local = []
+        for n in self.node:
+            self.local.append(seen.get(n, 0))
+            seen[n] = seen.get(n, 0) + 1
+        # ports: level 0 one per rank; level 1 one per (node, NIC, port)
+        nics = profile.nics_per_node
+        ports = max(1, profile.ports_per_nic)
+        self.port = (list(range(size)), self._nic_ports(nics, ports))
+        self.ports = (size, 1 + max(self.port[1], default=0))
+        flat = self.ranks_per_node == 1 and nodes is None
         # one-way messages priced apart: only on a flat network (every message on ``link``)
-        self.oneway = profile.oneway_link if self.ranks_per_node == 1 else None
+        self.oneway = profile.oneway_link if flat else None
         # like ``oneway``, a property of the one flat network it was measured on
-        self.transfers_need_cpu = profile.transfers_need_cpu and self.ranks_per_node == 1
+        self.transfers_need_cpu = profile.transfers_need_cpu and flat
         self.gamma = profile.gamma
         self.reduce_link = profile.reduce_link  # None: gamma per byte
         self.post_overhead = profile.post_overhead
@@ -260,10 +419,19 @@ class Network:
         self._cache: tuple[dict[int, tuple[float, float]], ...] = ({}, {}, {})
         self._reduce_cache: dict[int, float] = {}
 
+    def _nic_ports(self, nics: int | None, ports: int) -> list[int]:
+        """Each rank's inter-node port index."""
+        if not nics:
+            return list(range(self.size))
+        out = []
+        for n, i in zip(self.node, self.local):
+            nic, share = i % nics, i // nics
+            out.append((n * nics + nic) * ports + share % ports)
+        return out
+
     def level(self, src: int, dst: int) -> int:
         """0 inside a node, 1 between nodes."""
-        rpn = self.ranks_per_node
-        return 0 if src // rpn == dst // rpn else 1
+        return 0 if self.node[src] == self.node[dst] else 1
 
     def reduce_cost(self, nbytes: int) -> float:
         """Seconds to combine ``nbytes`` (reduce_local), cached per size."""
@@ -273,12 +441,40 @@ class Network:
         return c
 
     def cost(self, level: int, nbytes: int) -> tuple[float, float]:
-        """(alpha, nbytes * beta) on ``level``; level 2 is a one-way message of the flat
-        network (``oneway``, when the profile has one)."""
+        """(port occupancy alpha + nbytes * beta, latency) on ``level``; level 2 is a one-way
+        message of the flat network (``oneway``, when the profile has one)."""
         cache = self._cache[level]
         c = cache.get(nbytes)
         if c is None:
             link = self.oneway if level == 2 else self.links[level]
-            a, b = link.params(nbytes)
-            c = cache[nbytes] = (a, nbytes * b)
+            k = link.size_class(nbytes)
+            c = cache[nbytes] = (k.alpha + nbytes * k.beta, k.latency)
         return c
+
+    def shape(self, granks: list[int]) -> tuple[int, int]:
+        """(most ranks on one node, nodes) of a group of global ranks."""
+        count: dict[int, int] = {}
+        for g in granks:
+            count[self.node[g]] = count.get(self.node[g], 0) + 1
+        return max(count.values()), len(count)
+
+    def native_time(self, collective: str, nbytes: float, p: int, per_node: int, nodes: int) -> float:
+        """Seconds of the cluster's own ``collective`` over a group of ``p`` ranks, at most
+        ``per_node`` on any of its ``nodes`` nodes (after the last member arrives): the
+        profile's busbw tables (``NativeTables``), else, for a profile without any, the
+        ring's closed form on the level the group spans (p - 1 or 2(p - 1) hops of nbytes / p,
+        each alpha + latency + bytes * beta, and the reductions)."""
+        if p <= 1 or nbytes <= 0:
+            return 0.0
+        if self.profile.native is not None:
+            return self.profile.native.time(collective, nbytes, p, per_node, nodes)
+        block = nbytes if collective in ("broadcast", "reduce") else nbytes / p
+        hops = 2 * (p - 1) if collective == "allreduce" else p - 1
+        reduces = p - 1 if collective in ("allreduce", "reduce_scatter", "reduce") else 0
+        intra, inter = self.links
+        if nodes == 1:
+            hop = intra.time(int(block))
+        else:  # k rings, one per rail: a NIC carries block / k, NVLink the other (k-1) / k
+            k = max(1, min(per_node, self.profile.nics_per_node or 1))
+            hop = max(inter.time(int(block / k)), intra.time(int(block * (k - 1) / k)) if k > 1 else 0.0)
+        return hops * hop + reduces * self.reduce_cost(int(block))

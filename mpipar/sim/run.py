@@ -68,7 +68,12 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
                         *, root: int = 0, data: bool | None = None,
                         inputs: Sequence[np.ndarray] | None = None,
                         ranks_per_node: int | None = None, nic_serialization: bool = True,
-                        options: dict[str, Any] | None = None) -> SimResult:
+                        options: dict[str, Any] | None = None,
+                        nodes: Sequence[int] | None = None) -> SimResult:
+    """Simulate one ``collective`` by ``algorithm`` (``native``: the profile's busbw tables)
+    over ``size`` ranks. ``nodes``: the node of each rank (default: consecutive ranks fill
+    nodes of the profile's ``ranks_per_node``), e.g. ``[0, 1, 2, 3]`` for a data-parallel
+    group of one rank per node."""
     alg = load_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
     fn = getattr(alg, collective, None)
     if fn is None:
@@ -93,7 +98,9 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
                 "reduce_scatter": (buf, rop, counts), "allgather": (buf, counts),
                 "alltoall": (buf,)}[collective]
 
-    engine = Engine(Network(prof, size, nic_serialization=nic_serialization), size, data=data)
+    net = Network(prof, size, nic_serialization=nic_serialization,
+                  nodes=list(nodes) if nodes is not None else None)
+    engine = Engine(net, size, data=data)
     res = engine.run(fn, args, accepted(fn, dict(options or {})))
     # Every rank copies its input into a fresh work buffer before the algorithm starts
     # (Communicator._work_copy) and pays the call's fixed cost (argument checks, the
@@ -109,8 +116,12 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
 
 def simulate(fn: Any, size: int, profile: Profile | str | None = None, *, args: Any = (),
              kwargs: dict[str, Any] | None = None, data: bool = True,
-             ranks_per_node: int | None = None, nic_serialization: bool = True) -> SimResult:
-    """Run any ``fn(transport, *args(rank), **kwargs)`` on ``size`` virtual ranks."""
+             ranks_per_node: int | None = None, nic_serialization: bool = True,
+             nodes: Sequence[int] | None = None) -> SimResult:
+    """Run any ``fn(transport, *args(rank), **kwargs)`` on ``size`` virtual ranks
+    (``nodes`` as for ``simulate_collective``)."""
     prof = resolve_profile(profile, ranks_per_node)
-    engine = Engine(Network(prof, size, nic_serialization=nic_serialization), size, data=data)
+    net = Network(prof, size, nic_serialization=nic_serialization,
+                  nodes=list(nodes) if nodes is not None else None)
+    engine = Engine(net, size, data=data)
     return engine.run(fn, args, kwargs)

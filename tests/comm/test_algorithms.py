@@ -35,9 +35,13 @@ VARIANTS = [
     ("tree", {"segment_bytes": 256}),
     ("dbtree", {"segment_bytes": 256}),
     ("ring", {"chunk_bytes": 256}),
+    ("ring", {"channels": 3}),
+    ("ring", {"channels": 4, "ranks_per_node": 2}),
     ("rhd", {"small_bytes": 0}),
     ("rhd", {"small_bytes": 1 << 30}),
     ("hier", {"ranks_per_node": 1}),
+    ("hier", {"ranks_per_node": 2, "rails": True}),
+    ("hier", {"ranks_per_node": 2, "rails": True, "intra": "rhd", "inter": "rhd"}),
     ("hier", {"ranks_per_node": 2, "inter": "rhd"}),
     ("hier", {"ranks_per_node": 3, "inter": "dbtree", "segment_bytes": 256}),
     ("hier", {"ranks_per_node": 2, "inter": "ps", "servers": 2}),
@@ -209,7 +213,7 @@ def test_broadcast_every_root(comm, alg, opts):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("alg,opts", [(a, {}) for a in _supporting("reduce_scatter")]
-                         + [("ring", {"chunk_bytes": 64})])
+                         + [("ring", {"chunk_bytes": 64}), ("ring", {"channels": 3, "ranks_per_node": 2})])
 def test_reduce_scatter(comm, alg, opts):
     digest = Digest()
     p = comm.size
@@ -231,7 +235,7 @@ def test_reduce_scatter(comm, alg, opts):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("alg,opts", [(a, {}) for a in _supporting("allgather")]
-                         + [("ring", {"chunk_bytes": 64})])
+                         + [("ring", {"chunk_bytes": 64}), ("ring", {"channels": 3, "ranks_per_node": 2})])
 def test_allgather_uneven(comm, alg, opts):
     p = comm.size
     patterns = [[1] * p, [(3 * r + 1) % 4 for r in range(p)], [0] * (p - 1) + [5],

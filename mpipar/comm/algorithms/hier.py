@@ -22,6 +22,20 @@ default tree intra and ring inter::
     2 log m alpha_l + 2 log m n beta_l + log m n gamma            (unsegmented trees)
     + 2(N-1) alpha + 2((N-1)/N) n beta + ((N-1)/N) n gamma        (ring across leaders)
 
+With ``rails=True`` every rank of a node puts bytes on the network, each on its own NIC (a
+DGX's rails), instead of one leader: the node reduce-scatters (``intra`` must have
+reduce_scatter and allgather: ring, rhd), rank i of every node all-reduces its block with
+rank i of the other nodes (the rail group, ``inter``), and the node all-gathers::
+
+      1. intra reduce-scatter: rank i of each node holds block i of its node's sum
+      2. inter allreduce of block i among the ranks i of all nodes (N rail groups at once)
+      3. intra allgather of the blocks
+
+Rails need nodes of equal size (``ranks_per_node``, the option or the transport's, dividing
+the group); otherwise ``rails=True`` falls back to the leaders' form above.
+
+    cost ~ 2 (m-1)/m n beta_l + (m-1)/m n gamma + ring over N nodes on n/m bytes
+
 As in Horovod's hierarchical all-reduce and NCCL's intra/inter-node split; the two-level idea
 for SMP clusters: Sistare, vandeVaart and Loh, "Optimization of MPI collectives on clusters of
 large-scale SMPs", SC 1999.
@@ -32,7 +46,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpipar.comm.algorithms import Algorithm, get_algorithm
-from mpipar.comm.algorithms._util import accepted
+from mpipar.comm.algorithms._util import accepted, split_counts
 from mpipar.comm.transport.base import Transport
 
 
@@ -61,15 +75,50 @@ def groups(t: Transport, ranks_per_node: int | None = None) -> tuple[Transport, 
     return found
 
 
+def rail_groups(t: Transport, ranks_per_node: int | None = None) -> tuple[Transport, Transport]:
+    """(this rank's node group, its rail group: local rank i of every node), built once."""
+    key = ("hier-rails", ranks_per_node)
+    found = t.cache.get(key)
+    if found is None:
+        local = t.split(node_of(t, ranks_per_node), t.rank)
+        rail = t.split(local.rank, t.rank)
+        found = t.cache[key] = (local, rail)
+    return found
+
+
+def _rails(t: Transport, buf: Any, op: Any, inter: str, intra: str, ranks_per_node: int | None,
+           options: dict[str, Any]) -> Any:
+    local, rail = rail_groups(t, ranks_per_node)
+    inner, outer = get_algorithm(intra), get_algorithm(inter)
+    if not (inner.supports("reduce_scatter") and inner.supports("allgather")):
+        raise ValueError(f"hier rails=True: intra={intra!r} needs reduce_scatter and allgather")
+    if not outer.supports("allreduce"):
+        raise ValueError(f"hier: inter={inter!r} has no allreduce")
+    counts = split_counts(buf.size, local.size)
+    block = buf[:counts[0]] if local.size == 1 else \
+        inner.reduce_scatter(local, buf, op, counts, **accepted(inner.reduce_scatter, options))
+    if rail.size > 1 and block.size:
+        block = outer.allreduce(rail, block, op, **accepted(outer.allreduce, options))
+    if local.size == 1:
+        buf[...] = block
+        return buf
+    return inner.allgather(local, block, counts, **accepted(inner.allgather, options))
+
+
 def allreduce(t: Transport, buf: Any, op: Any, inter: str = "ring", intra: str = "tree",
-              ranks_per_node: int | None = None, **options: Any) -> Any:
+              ranks_per_node: int | None = None, rails: bool = False, **options: Any) -> Any:
     """``options`` are passed on to the ``inter`` and ``intra`` algorithms that take them."""
     if t.size == 1 or buf.size == 0:
         return buf
     if inter == "hier" or intra == "hier":
         raise ValueError("hier cannot nest itself; choose inter/intra from the flat algorithms")
+    rpn = ranks_per_node or getattr(t, "ranks_per_node", None)
+    if rails and rpn and t.size % int(rpn) == 0:  # rails line up only on equal nodes
+        return _rails(t, buf, op, inter, "ring" if intra == "tree" else intra, ranks_per_node, options)
     local, leaders = groups(t, ranks_per_node)
     inner, outer = get_algorithm(intra), get_algorithm(inter)
+    if rails and not (inner.supports("reduce") and inner.supports("broadcast")):
+        inner = get_algorithm("tree")  # the leaders' fallback of rails=True
     if not (inner.supports("reduce") and inner.supports("broadcast")):
         raise ValueError(f"hier: intra={intra!r} needs reduce and broadcast")
     if not outer.supports("allreduce"):

@@ -30,10 +30,24 @@ Cost (p ranks, n bytes; alpha latency, beta per byte moved, gamma per byte reduc
 
 Bandwidth-optimal for all-reduce (Patarasuk and Yuan, "Bandwidth optimal all-reduce
 algorithms for clusters of workstations", JPDC 2009); latency grows linearly in p.
+
+Channels (``channels=k``, NCCL's rings): the buffer is split over k rings that run at once,
+each block r cut into k sub-blocks, ring c carrying sub-block c of every block. Ring c visits
+the nodes in order and, inside each node, the local ranks rotated by c (c, c+1, ... mod m,
+for m ``ranks_per_node``, the option or the transport's; one node otherwise), so ring c
+leaves every node from local rank c-1 and enters the next at local rank c: on a node with a
+NIC per rank (a DGX's rails) the k rings' inter-node hops use k different NICs, where one
+ring drives one NIC per node. Hops run in lockstep over the channels (every ring's hop h is
+posted before any is waited for); each rank's result is the same as with one ring (every
+sub-block folded in its ring's order), so MPI and the simulator check it alike::
+
+      2 nodes x 4, ring c = 1:  r1 r2 r3 r0 | r5 r6 r7 r4 | (back to r1)
+                                       r0 ----> r5   (leaves on NIC 0, enters on NIC 1)
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from itertools import chain
 from typing import Any, Callable, Iterator, Sequence
@@ -169,27 +183,119 @@ def _ring(t: Transport, buf: Any, op: Any, off: Sequence[int], widest: int, rs: 
         give_scratch(t, scratch)
 
 
-def allreduce(t: Transport, buf: Any, op: Any, chunk_bytes: int | None = None) -> Any:
+CHANNEL_TAG = 0x100  # ring c's messages: CHANNEL_TAG + c
+
+
+@functools.lru_cache(maxsize=64)
+def channel_orders(p: int, ranks_per_node: int, k: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """Per ring c: (its rank order, each rank's position in it). Nodes of ``ranks_per_node``
+    consecutive ranks in order, the local ranks of each rotated by c (a last, smaller node
+    rotated within itself). Shared by all ranks (cached)."""
+    m = max(1, min(ranks_per_node, p))
+    out = []
+    for c in range(k):
+        order: list[int] = []
+        for lo in range(0, p, m):
+            w = min(m, p - lo)
+            order.extend(lo + (c + i) % w for i in range(w))
+        pos = [0] * p
+        for q, rank in enumerate(order):
+            pos[rank] = q
+        out.append((tuple(order), tuple(pos)))
+    return tuple(out)
+
+
+def _channels(t: Transport, buf: Any, op: Any, off: Sequence[int], rs: bool, ag: bool, k: int,
+              ranks_per_node: int | None) -> None:
+    """The k-ring form of ``_ring`` (see the module's docstring): sub-block c of block b is
+    ring c's block b; position q of a ring sends at reduce-scatter hop h the block of position
+    q-h-1 and receives q-h-2's (all-gather: q-h and q-h-1), so after the reduce-scatter every
+    rank holds its own block's sub-blocks reduced, as with one ring."""
+    p, r = t.size, t.rank
+    rpn = ranks_per_node or getattr(t, "ranks_per_node", None) or p
+    rings = channel_orders(p, int(rpn), k)
+    subs = [split_offsets(off[b + 1] - off[b], k) for b in range(p)] if p <= 64 else None
+
+    def sub(c: int, b: int) -> tuple[int, int]:
+        so = subs[b] if subs is not None else split_offsets(off[b + 1] - off[b], k)
+        return off[b] + so[c], off[b] + so[c + 1]
+
+    widest = max(off[b + 1] - off[b] for b in range(p)) // k + 1
+    scratch = take_scratch(t, buf, k * widest) if rs else None
+    isend, irecv = t.isend, t.irecv
+    hops = [(True, h) for h in range(p - 1) if rs] + [(False, h) for h in range(p - 1) if ag]
+    sends: list[list[Any]] = [[] for _ in range(k)]  # per ring, not yet waited for
+
+    def post(c: int, i: int) -> tuple[Any, int, int, Any]:
+        """Post ring c's hop i: its receive (returned) and its send."""
+        reducing, h = hops[i]
+        order, pos = rings[c]
+        q = pos[r]
+        first = 1 if reducing else 0  # reduce-scatter hop h sends position q-h-1
+        slo, shi = sub(c, order[(q - h - first) % p])
+        rlo, rhi = sub(c, order[(q - h - first - 1) % p])
+        tag = CHANNEL_TAG + c
+        got = scratch[c * widest:c * widest + rhi - rlo] if reducing else None
+        req = irecv(got if reducing else buf[rlo:rhi], order[(q - 1) % p], tag)
+        sends[c].append(isend(buf[slo:shi], order[(q + 1) % p], tag))
+        return req, rlo, rhi, got
+
+    # Each ring goes on to its next hop as soon as its own block is in (and reduced), so one
+    # ring's reduction overlaps the others' transfers.
+    pending = [post(c, 0) for c in range(k)] if hops else []
+    for i in range(len(hops)):
+        for c in range(k):
+            req, rlo, rhi, got = pending[c]
+            req.wait()
+            if got is not None:
+                t.reduce_local(op, buf[rlo:rhi], got)
+            if i + 1 < len(hops):
+                if hops[i + 1][0] != hops[i][0]:  # into the all-gather: this ring's sends done,
+                    for s_ in sends[c]:           # as its receives now land in buf
+                        s_.wait()
+                    sends[c].clear()
+                pending[c] = post(c, i + 1)
+    for ring_sends in sends:
+        for req in ring_sends:
+            req.wait()
+    if scratch is not None:
+        give_scratch(t, scratch)
+
+
+def _run(t: Transport, buf: Any, op: Any, off: Sequence[int], widest: int, rs: bool, ag: bool,
+         chunk_bytes: int | None, channels: int, ranks_per_node: int | None) -> None:
+    if channels < 1:
+        raise ValueError(f"ring: channels must be at least 1, got {channels}")
+    if channels == 1:
+        _ring(t, buf, op, off, widest, rs, ag, chunk_bytes)
+    else:
+        _channels(t, buf, op, off, rs, ag, channels, ranks_per_node)
+
+
+def allreduce(t: Transport, buf: Any, op: Any, chunk_bytes: int | None = None, channels: int = 1,
+              ranks_per_node: int | None = None) -> Any:
     if t.size == 1 or buf.size == 0:
         return buf
     off = split_offsets(buf.size, t.size)  # shared by all ranks (cached); block 0 is widest
-    _ring(t, buf, op, off, off[1], True, True, chunk_bytes)
+    _run(t, buf, op, off, off[1], True, True, chunk_bytes, channels, ranks_per_node)
     return buf
 
 
-def reduce_scatter(t: Transport, buf: Any, op: Any, counts: list[int], chunk_bytes: int | None = None) -> Any:
+def reduce_scatter(t: Transport, buf: Any, op: Any, counts: list[int], chunk_bytes: int | None = None,
+                   channels: int = 1, ranks_per_node: int | None = None) -> Any:
     off = offsets(counts)
     if t.size > 1 and buf.size > 0:
-        _ring(t, buf, op, off, max(counts), True, False, chunk_bytes)
+        _run(t, buf, op, off, max(counts), True, False, chunk_bytes, channels, ranks_per_node)
     return buf[off[t.rank]:off[t.rank + 1]]
 
 
-def allgather(t: Transport, block: Any, counts: list[int], chunk_bytes: int | None = None) -> Any:
+def allgather(t: Transport, block: Any, counts: list[int], chunk_bytes: int | None = None,
+              channels: int = 1, ranks_per_node: int | None = None) -> Any:
     off = offsets(counts)
     full = array_module(block).empty(off[-1], dtype=block.dtype)
     full[off[t.rank]:off[t.rank + 1]] = block
     if t.size > 1 and off[-1] > 0:
-        _ring(t, full, None, off, max(counts), False, True, chunk_bytes)
+        _run(t, full, None, off, max(counts), False, True, chunk_bytes, channels, ranks_per_node)
     return full
 
 

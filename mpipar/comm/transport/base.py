@@ -80,6 +80,12 @@ class Transport(Protocol):
     """Optional: ranks per node when the transport knows its group's topology (consecutive
     ranks; the simulator's world group on a two-level network); None: unknown."""
 
+    native: Any
+    """Optional: the transport's own collectives, replacing MPI's where ``algorithm="native"``
+    cannot call MPI (the simulator's, priced by measured busbw tables: ``allreduce(buf, op)``,
+    ``reduce``, ``broadcast``, ``reduce_scatter``, ``allgather``, ``alltoall`` with the
+    signatures of an algorithm's functions less the transport); None: native is MPI's."""
+
     @property
     def sendrecv(self) -> SendRecv | None:
         """Optional fast path: send ``sendbuf`` to ``dest`` and receive ``recvbuf`` from

@@ -65,7 +65,6 @@ import numpy as np
 from greenlet import GreenletExit, getcurrent, greenlet
 
 from mpipar.comm.ops import ReduceOp
-from mpipar.comm.transport.base import CompletedRequest
 from mpipar.comm.transport.pool import BufferPool
 
 
@@ -151,7 +150,7 @@ class SimRequest:
         self.done = False
         self.t = t
         self.buf = buf
-        self.waiting = False
+        self.waiting: Any = None  # the virtual thread (greenlet) blocked on it
         self.peer = peer
         self.tag = tag
         self.is_send = is_send
@@ -163,8 +162,9 @@ class SimRequest:
 
     def wait(self) -> Any:
         if not self.done:
-            self.waiting = True
-            self.engine._block(self.grank, self)
+            e = self.engine
+            self.waiting = e.threads[e.cur]
+            e._block(self.grank, self)
         if self.start is not None:
             self._settle()
         clock = self.engine.clock
@@ -212,7 +212,15 @@ class SimResult:
 
 
 class Engine:
-    """The discrete-event core shared by every SimTransport of one run (sub-groups too)."""
+    """The discrete-event core shared by every SimTransport of one run (sub-groups too).
+
+    Virtual threads: each rank's main function (thread id ``rank``) and, once the rank asks
+    for one, its communication stream (thread id ``size + rank``). ``clock[rank]`` always
+    holds the clock of the rank's thread that ran last: when the other resumes, the two are
+    swapped (``_resume``), so every SimTransport of the rank, in any group, times its work on
+    the running thread's clock at no cost to the hot path. Messages are addressed and ports
+    are booked by rank, so the two threads of a rank share its ports.
+    """
 
     def __init__(self, network: Any, size: int, data: bool = True) -> None:
         self.net = network
@@ -222,18 +230,29 @@ class Engine:
         self.sends: dict[tuple, deque] = {}     # (ctx, src, dst, tag) -> unmatched sends
         self.recvs: dict[tuple, deque] = {}     # (ctx, src, dst, tag) -> unmatched receives
         self.runnable: deque = deque()
-        self.greenlets: list[Any] = []
-        self.blocked: dict[int, Any] = {}       # global rank -> what it waits for
-        self.gathers: dict[tuple, list] = {}    # (ctx, seq) -> [values, waiting ranks, result]
+        self.greenlets: list[Any] = []          # the main threads, by rank
+        self.threads: list[Any] = []            # every virtual thread, by thread id
+        self.cur = 0                            # the running thread's id
+        self.streams: dict[int, _Stream] = {}   # rank -> its communication stream
+        self.owner: list[int] = []              # rank -> thread whose clock is in clock[rank]
+        self.saved: list[float] = []            # thread id -> its clock while swapped out
+        self.blocked: dict[int, Any] = {}       # thread id -> what it waits for
+        self.gathers: dict[tuple, list] = {}    # (ctx, seq) -> [values, waiting threads, result]
         self.next_ctx = 1
         self.messages = 0                       # sent through the general path
         self.fast_counts: list[Callable[[], int]] = []  # each fast sendrecv's own count
         self.main: Any = None
-        self.error: tuple[int, BaseException] | None = None
-        rpn = getattr(network, "ranks_per_node", 1)
-        self.node = [r // rpn for r in range(size)]
-        self.nic_out = ([0.0] * size, [0.0] * size)
-        self.nic_in: tuple[list[list], ...] = ([[] for _ in range(size)], [[] for _ in range(size)])
+        self.error: tuple[str, BaseException] | None = None
+        node = getattr(network, "node", None)
+        if node is None:
+            rpn = getattr(network, "ranks_per_node", 1)
+            node = [r // rpn for r in range(size)]
+        self.node = node
+        port = getattr(network, "port", None)
+        self.port = port if port is not None else (list(range(size)), list(range(size)))
+        nports = getattr(network, "ports", (size, size))
+        self.nic_out: tuple[list[list], ...] = tuple([[] for _ in range(n)] for n in nports)
+        self.nic_in: tuple[list[list], ...] = tuple([[] for _ in range(n)] for n in nports)
         self.serialize = bool(getattr(network, "nic_serialization", True))
         self.eager_limit = network.eager_limit
         self.gamma = network.gamma
@@ -247,39 +266,47 @@ class Engine:
         self.cpu = bool(getattr(network, "transfers_need_cpu", False))
         self.computing: list[list] = [[] for _ in range(size)] if self.cpu else []
         self.last_in = [0.0] * size if self.cpu else []
-        self.last_cost = 0.0  # alpha + n beta of the message _arrival priced last
+        self.last_cost = 0.0  # occupancy + latency of the message _arrival priced last
         self._cost = network.cost
-        self._cost_cache = network._cache  # (level -> {nbytes: (alpha, n * beta)}), filled by cost()
+        self._cost_cache = network._cache  # (level -> {nbytes: (occupancy, latency)}), filled by cost()
 
     # -- timing ----------------------------------------------------------------------------
-    def _arrival(self, src: int, dst: int, nbytes: int, start: float, lone: bool = False) -> float:
+    def _arrival(self, src: int, dst: int, nbytes: int, start: float, lone: bool = False,
+                 level: int | None = None) -> float:
         """When ``nbytes`` leaving ``src`` no earlier than ``start`` are all at ``dst``;
-        ``lone``: priced as a one-way message (the network's level 2)."""
+        ``lone``: priced as a one-way message (the network's level 2); ``level``: given by a
+        transport that knows it (else from the two ranks' nodes). The message holds a free
+        gap of the sender's out-port and then of the receiver's in-port for its occupancy
+        (alpha + n beta), and lands its latency after that: back-to-back messages pay the
+        latency once."""
         self.messages += 1
         if src == dst:
             return start
-        node = self.node
-        level = 0 if node[src] == node[dst] else 1
+        if level is None:
+            level = 0 if self.node[src] == self.node[dst] else 1
         price = 2 if lone else level
         c = self._cost_cache[price].get(nbytes)
         if c is None:
             c = self._cost(price, nbytes)
-        alpha, nbeta = c
-        self.last_cost = alpha + nbeta
+        occ, lat = c
+        self.last_cost = occ + lat
         if not self.serialize:
-            return start + alpha + nbeta
-        cost = alpha + nbeta
-        out = self.nic_out[level]
-        if out[src] > start:
-            start = out[src]
-        out[src] = start + cost
-        busy = self.nic_in[level][dst]
+            return start + occ + lat
+        port = self.port[level]
+        out = self.nic_out[level][port[src]]
+        if not out or start >= out[-1][1]:
+            out.append((start, start + occ))
+            if len(out) > _IN_PORT_LIMIT:
+                _forget(out)
+        else:
+            start = _book(out, start, occ) - occ
+        busy = self.nic_in[level][port[dst]]
         if not busy or start >= busy[-1][1]:  # the usual case: after everything booked
-            busy.append((start, start + cost))
+            busy.append((start, start + occ))
             if len(busy) > _IN_PORT_LIMIT:
                 _forget(busy)
-            return start + cost
-        return _book(busy, start, cost)
+            return start + occ + lat
+        return _book(busy, start, occ) + lat
 
     def _stalled(self, grank: int, start: float, arrival: float) -> float:
         """When a transfer into ``grank`` that began on the port at ``start`` and would have
@@ -298,30 +325,69 @@ class Engine:
             pos = s1
         return pos + remaining
 
+    # -- virtual threads -------------------------------------------------------------------
+    def current_rank(self) -> int:
+        """The global rank whose thread (main or stream) is running."""
+        return self.cur % self.size if self.size else 0
+
+    def advance(self, seconds: float) -> None:
+        """Advance the running virtual thread's clock by ``seconds`` (a kernel's time, say:
+        the compute model calls this for every one)."""
+        self.clock[self.cur % self.size] += seconds
+
+    def now(self) -> float:
+        """The running virtual thread's clock."""
+        return self.clock[self.cur % self.size]
+
+    def _resume(self, tid: int) -> None:
+        """Thread ``tid`` runs again: make ``clock[rank]`` its clock."""
+        self.cur = tid
+        if self.streams:
+            r = tid % self.size
+            o = self.owner[r]
+            if o != tid:
+                self.saved[o] = self.clock[r]
+                self.clock[r] = self.saved[tid]
+                self.owner[r] = tid
+
+    def stream(self, rank: int) -> "_Stream":
+        """Rank ``rank``'s communication stream, made on first use."""
+        st = self.streams.get(rank)
+        if st is None:
+            if not self.owner:
+                self.owner = list(range(self.size))
+                self.saved = [0.0] * (2 * self.size)
+                self.threads.extend([None] * self.size)
+            tid = self.size + rank
+            st = self.streams[rank] = _Stream(self, rank, tid)
+            self.threads[tid] = st.greenlet
+        return st
+
     # -- scheduling ------------------------------------------------------------------------
     def _block(self, grank: int, what: Any) -> None:
-        """Switch away from rank ``grank`` until something wakes it."""
-        self.blocked[grank] = what
+        """Switch away from the running thread (of rank ``grank``) until something wakes it."""
+        tid = self.cur
+        self.blocked[tid] = what
         rq = self.runnable
-        if rq and rq[0]:  # a started rank: switch straight to it (one switch, not two)
+        if rq and rq[0]:  # a started thread: switch straight to it (one switch, not two)
             rq.popleft().switch()
         else:
-            # Nothing can run (the scheduler reports the deadlock), or the next rank has not
+            # Nothing can run (the scheduler reports the deadlock), or the next thread has not
             # started: start it from the scheduler, since a greenlet started from here would
-            # inherit this rank's recursion depth and thousands of them would overflow it.
+            # inherit this thread's recursion depth and thousands of them would overflow it.
             self.main.switch()
-        del self.blocked[grank]
-
-    def _wake(self, grank: int) -> None:
-        self.runnable.append(self.greenlets[grank])
+        del self.blocked[tid]
+        self._resume(tid)
 
     def _yield(self, grank: int, req: Any) -> None:
-        """Let every other runnable rank run once (a polling ``test()``)."""
+        """Let every other runnable thread run once (a polling ``test()``)."""
+        tid = self.cur
         if not self.runnable:  # nobody else can run: this request can never complete
             raise DeadlockError(f"deadlock: virtual rank {grank} polls with test() for "
                                 f"{req.describe()}, and no other rank can run to complete it")
-        self.runnable.append(self.greenlets[grank])
+        self.runnable.append(self.threads[tid])
         self.main.switch()
+        self._resume(tid)
 
     def _gather(self, t: "SimTransport", value: Any, finish: Callable[[dict], Any]) -> Any:
         """Collective rendezvous of ``t``'s group: every rank deposits ``value``; the last to
@@ -335,16 +401,21 @@ class Engine:
         if len(st[0]) == t.size:
             del self.gathers[key]
             st[2] = finish(st[0])
-            for g in st[1]:
-                self._wake(g)
+            self.runnable.extend(st[1])
         else:
-            st[1].append(t.grank)
-            self._block(t.grank, f"split/barrier of group ctx {t.ctx}")
+            st[1].append(self.threads[self.cur])
+            self._block(t.grank, f"collective (split/barrier/native) of group ctx {t.ctx}")
         return st[2]
 
+    def _thread_name(self, tid: int) -> str:
+        return f"rank {tid}" if tid < self.size else f"rank {tid - self.size} (stream)"
+
     def run(self, fn: Callable[..., Any], args: Callable[[int], tuple] | Sequence[tuple] = (),
-            kwargs: dict[str, Any] | None = None) -> SimResult:
-        """Run ``fn(transport, *args(rank), **kwargs)`` on every virtual rank."""
+            kwargs: dict[str, Any] | None = None,
+            transport: Callable[["Engine", int], "SimTransport"] | None = None) -> SimResult:
+        """Run ``fn(transport, *args(rank), **kwargs)`` on every virtual rank; returns once
+        every main function has returned and every stream is idle. ``transport``: makes
+        rank r's world transport (default: ``SimTransport`` over all ranks)."""
         kwargs = kwargs or {}
         t0, c0 = _time.perf_counter(), _time.process_time()
         self.main = getcurrent()
@@ -352,41 +423,139 @@ class Engine:
         results: list[Any] = [None] * self.size
         finish = [0.0] * self.size
         get_args = args if callable(args) else (lambda r: args[r] if args else ())
+        make = transport or (lambda e, r: SimTransport(e, 0, r, ranks))
 
         def body(r: int) -> None:
-            t = SimTransport(self, 0, r, ranks)
+            self._resume(r)
+            t = make(self, r)
             try:
                 results[r] = fn(t, *get_args(r), **kwargs)
             except BaseException as exc:  # noqa: BLE001  (reported by the scheduler below)
                 if isinstance(exc, GreenletExit):
                     raise
-                self.error = (r, exc)
+                self.error = (f"virtual rank {r} of {self.size}", exc)
                 return
             finish[r] = self.clock[r]
 
         self.greenlets = [greenlet(lambda r=r: body(r), parent=self.main) for r in ranks]
+        self.threads = list(self.greenlets)
+        self.streams, self.owner, self.saved = {}, [], []
         self.runnable.extend(self.greenlets)
         try:
             while self.runnable:
                 self.runnable.popleft().switch()
                 if self.error is not None:
-                    rank, exc = self.error
-                    raise RankError(f"virtual rank {rank} of {self.size} raised "
-                                    f"{type(exc).__name__}: {exc}") from exc
+                    who, exc = self.error
+                    raise RankError(f"{who} raised {type(exc).__name__}: {exc}") from exc
             stuck = [r for r in ranks if not self.greenlets[r].dead]
-            if stuck:
-                lines = [f"  rank {r}: waits for " + (w.describe() if isinstance(w, SimRequest) else str(w))
-                         for r, w in sorted(self.blocked.items())[:16]]
-                more = f"\n  ... and {len(stuck) - 16} more" if len(stuck) > 16 else ""
+            busy = [r for r, st in sorted(self.streams.items()) if not st.idle]
+            if stuck or busy:
+                lines = [f"  {self._thread_name(tid)}: waits for "
+                         + (w.describe() if hasattr(w, "describe") else str(w))
+                         for tid, w in sorted(self.blocked.items())[:16]]
+                n = len(self.blocked)
+                more = f"\n  ... and {n - 16} more" if n > 16 else ""
+                streams = f"; streams of ranks {_ranges(busy)} busy" if busy else ""
                 raise DeadlockError(f"deadlock: {len(stuck)} of {self.size} virtual ranks are blocked "
                                     f"and no message in flight can wake them: ranks "
-                                    f"{_ranges(stuck)}\n" + "\n".join(lines) + more)
+                                    f"{_ranges(stuck) or 'none'}{streams}\n" + "\n".join(lines) + more)
         finally:
             self.runnable.clear()
             self.greenlets = []  # blocked greenlets are unwound (GreenletExit) when collected
+            self.threads = []
+        for r, st in self.streams.items():  # a rank is done once its stream is too
+            if st.end > finish[r]:
+                finish[r] = st.end
+        self.streams = {}
         messages = self.messages + sum(count() for count in self.fast_counts)
         return SimResult(max(finish) if finish else 0.0, finish, results, messages,
                          _time.perf_counter() - t0, _time.process_time() - c0)
+
+
+class _StreamRequest:
+    """A call queued on a stream: ``wait()`` gives its result and moves the waiter's clock to
+    its finish."""
+
+    __slots__ = ("engine", "rank", "fn", "done", "t", "result", "waiting")
+
+    def __init__(self, engine: Engine, rank: int, fn: Any) -> None:
+        self.engine = engine
+        self.rank = rank
+        self.fn = fn
+        self.done = False
+        self.t = 0.0
+        self.result: Any = None
+        self.waiting: Any = None
+
+    def wait(self) -> Any:
+        e = self.engine
+        if not self.done:
+            self.waiting = e.threads[e.cur]
+            e._block(self.rank, self)
+        r = e.cur % e.size
+        if self.t > e.clock[r]:
+            e.clock[r] = self.t
+        return self.result
+
+    def test(self) -> bool:
+        if not self.done:
+            self.engine._yield(self.rank, self)
+        if self.done:
+            self.wait()
+        return self.done
+
+    def describe(self) -> str:
+        name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+        return f"its stream's call {name}"
+
+
+class _Stream:
+    """A rank's communication stream (``Background``): a second virtual thread that runs the
+    submitted calls one after another, each from max(the submitter's clock at submission, the
+    previous call's finish), on its own clock."""
+
+    def __init__(self, engine: Engine, rank: int, tid: int) -> None:
+        self.engine = engine
+        self.rank = rank
+        self.tid = tid
+        self.queue: deque = deque()
+        self.idle = True
+        self.end = 0.0  # when its last call finished
+        self.greenlet = greenlet(self._loop, parent=engine.main)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> _StreamRequest:
+        e = self.engine
+        req = _StreamRequest(e, self.rank, fn)
+        self.queue.append((e.clock[e.cur % e.size], fn, args, kwargs, req))
+        if self.idle:
+            self.idle = False
+            e.runnable.append(self.greenlet)
+        return req
+
+    def _loop(self) -> None:
+        e = self.engine
+        r = self.rank
+        e._resume(self.tid)
+        while True:
+            while self.queue:
+                t_submit, fn, args, kwargs, req = self.queue.popleft()
+                if t_submit > e.clock[r]:
+                    e.clock[r] = t_submit
+                try:
+                    req.result = fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001  (reported by the scheduler)
+                    if isinstance(exc, GreenletExit):
+                        raise
+                    e.error = (f"the stream of virtual rank {r} of {e.size}", exc)
+                    e.main.switch()
+                    return
+                req.t = self.end = e.clock[r]
+                req.done = True
+                if req.waiting is not None:
+                    e.runnable.append(req.waiting)
+            self.idle = True
+            e.main.switch()  # woken by the next submit
+            e._resume(self.tid)
 
 
 def _ranges(ranks: list[int]) -> str:
@@ -409,19 +578,26 @@ class SimTransport:
     scratch_pool: BufferPool | None = None
     shared_node: Callable[[], int] | None = None
 
-    def __init__(self, engine: Engine, ctx: int, rank: int, ranks: list[int]) -> None:
+    def __init__(self, engine: Engine, ctx: int, rank: int, ranks: Sequence[int],
+                 nodes: Sequence[int] | None = None) -> None:
         self.engine = engine
         self.ctx = ctx
         self.rank = rank
         self.size = len(ranks)
         self.ranks = ranks            # group rank -> global rank
         self.grank = ranks[rank]
+        # group rank -> node: the level of a message is decided from these (a reduced,
+        # periodic world passes the nodes of its logical ranks)
+        self.nodes = nodes if nodes is not None else (
+            engine.node if ctx == 0 else [engine.node[g] for g in ranks])
         self.cache: dict[Any, Any] = {}
         self._gathers = 0
         # The node layout, for topology-aware algorithms (hier): only the world group of a
-        # two-level network has one (a sub-group's ranks need not be consecutive).
+        # two-level network of consecutive nodes has one (a sub-group's ranks need not be).
         rpn = getattr(engine.net, "ranks_per_node", 1)
-        self.ranks_per_node = rpn if ctx == 0 and rpn > 1 else None
+        consecutive = getattr(engine.net, "consecutive", True)
+        self.ranks_per_node = rpn if ctx == 0 and rpn > 1 and consecutive else None
+        self.native = _SimNative(self)
         # The hot path, as closures over this rank's constants (see _fast_sendrecv).
         self.sendrecv = _fast_sendrecv(self)
         self.reduce_local = _fast_reduce_local(self)
@@ -467,6 +643,8 @@ class SimTransport:
         if lone is None:
             lone = e.oneway and not self._receiving()
         key = (self.ctx, src, dst, tag)
+        nodes = self.nodes
+        level = 0 if nodes[dest] == nodes[self.rank] else 1
         q = e.recvs.get(key)
         if q:  # the receive is posted: transfer now
             r = q.popleft()
@@ -476,16 +654,16 @@ class SimTransport:
             if e.data and nbytes:
                 _copy(r.buf, buf)
             if nbytes <= e.eager_limit:
-                r.t = e._arrival(src, dst, nbytes, now, lone)
+                r.t = e._arrival(src, dst, nbytes, now, lone, level)
                 r.done = True
-                if r.waiting:
-                    e._wake(r.grank)
+                if r.waiting is not None:
+                    e.runnable.append(r.waiting)
                 return _DONE
             start = r.t if r.t > now else now
-            r.t = arrival = e._arrival(src, dst, nbytes, start, lone)
+            r.t = arrival = e._arrival(src, dst, nbytes, start, lone, level)
             r.done = True
-            if r.waiting:
-                e._wake(r.grank)
+            if r.waiting is not None:
+                e.runnable.append(r.waiting)
             s = SimRequest(e, src, arrival, None, dst, tag, True)
             s.done = True
             if e.cpu:  # settled at the receiver's wait
@@ -493,7 +671,7 @@ class SimTransport:
             return s
         if nbytes <= e.eager_limit:  # buffered: the arrival time is fixed now
             snap = buf.copy() if e.data and nbytes else buf
-            pend = (e._arrival(src, dst, nbytes, now, lone), snap, nbytes, None)
+            pend = (e._arrival(src, dst, nbytes, now, lone, level), snap, nbytes, None)
             ret: Any = _DONE
         else:
             ret = SimRequest(e, src, now, None, dst, tag, True)
@@ -526,12 +704,14 @@ class SimTransport:
                 r.t = p_t
             else:
                 start = p_t if p_t > now else now
-                r.t = s.t = e._arrival(src, dst, p_nbytes, start, s.lone)
+                nodes = self.nodes
+                level = 0 if nodes[source] == nodes[self.rank] else 1
+                r.t = s.t = e._arrival(src, dst, p_nbytes, start, s.lone, level)
                 s.done = True
                 if e.cpu:  # settled at this rank's wait
                     r.start, r.sender = r.t - e.last_cost, s
-                if s.waiting:
-                    e._wake(s.grank)
+                if s.waiting is not None:
+                    e.runnable.append(s.waiting)
             r.done = True
             return r
         q = e.recvs.get(key)
@@ -581,10 +761,10 @@ class SimTransport:
         """This rank's virtual clock (``now``)."""
         return self.engine.clock[self.grank]
 
-    def background(self) -> "_Inline":
-        """Non-blocking collectives run at once on the calling rank's clock (no overlap with
-        what the rank does next)."""
-        return _INLINE
+    def background(self) -> "_Stream":
+        """This rank's communication stream (one per rank, shared by all its groups): calls
+        run in submission order on a second virtual thread, overlapping the main thread."""
+        return self.engine.stream(self.grank)
 
     def barrier(self) -> None:
         """Every rank leaves at the latest arrival time (no network cost charged)."""
@@ -594,14 +774,87 @@ class SimTransport:
             e.clock[self.grank] = latest
 
 
-class _Inline:
-    """A ``Background`` that runs each call when it is submitted."""
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return CompletedRequest(fn(*args, **kwargs))
 
 
-_INLINE = _Inline()
+class _SimNative:
+    """``algorithm="native"`` on the simulator (``Transport.native``): the cluster's own
+    collective as one rendezvous of the group, not thousands of messages. Every member waits
+    for the last to arrive; all finish at that arrival plus the network's ``native_time``
+    (the profile's measured busbw tables, see ``network.NativeTables``: measured end to end,
+    so they include the library's per-call cost). With ``data=True`` the result is computed with NumPy in
+    rank order, so tests can check it."""
+
+    def __init__(self, t: "SimTransport") -> None:
+        self.t = t
+        self._shape: tuple[int, int] | None = None
+
+    def _run(self, collective: str, nbytes: int, value: Any, combine: Callable[[dict], Any]) -> Any:
+        t = self.t
+        e = t.engine
+        if self._shape is None:
+            self._shape = e.net.shape([t.ranks[i] for i in range(t.size)])
+        per_node, nodes = self._shape
+        seconds = e.net.native_time(collective, nbytes, t.size, per_node, nodes)
+
+        def finish(values: dict) -> tuple[float, Any]:
+            latest = max(v[0] for v in values.values())
+            return latest + seconds, (combine({r: v[1] for r, v in values.items()}) if e.data else None)
+
+        end, out = e._gather(t, (e.clock[t.grank], value), finish)
+        if end > e.clock[t.grank]:
+            e.clock[t.grank] = end
+        return out
+
+    def _reduced(self, values: dict, op: ReduceOp) -> Any:
+        acc = np.array(values[0], copy=True)
+        for r in range(1, len(values)):
+            op.combine(acc, values[r])
+        return acc
+
+    def allreduce(self, buf: Any, op: ReduceOp) -> Any:
+        out = self._run("allreduce", buf.nbytes, buf, lambda v: self._reduced(v, op))
+        if out is not None:
+            buf[...] = out
+        return buf
+
+    def reduce(self, buf: Any, op: ReduceOp, root: int) -> Any:
+        out = self._run("reduce", buf.nbytes, buf, lambda v: self._reduced(v, op))
+        if out is not None and self.t.rank == root:
+            buf[...] = out
+        return buf
+
+    def broadcast(self, buf: Any, root: int) -> Any:
+        out = self._run("broadcast", buf.nbytes, buf, lambda v: np.array(v[root], copy=True))
+        if out is not None:
+            buf[...] = out
+        return buf
+
+    def reduce_scatter(self, buf: Any, op: ReduceOp, counts: list[int]) -> Any:
+        out = self._run("reduce_scatter", buf.nbytes, buf, lambda v: self._reduced(v, op))
+        lo = sum(counts[:self.t.rank])
+        mine = buf[lo:lo + counts[self.t.rank]]
+        if out is None:
+            return mine
+        return np.array(out[lo:lo + counts[self.t.rank]], copy=True)
+
+    def allgather(self, block: Any, counts: list[int]) -> Any:
+        total = sum(counts)
+        out = self._run("allgather", total * block.itemsize, block,
+                        lambda v: np.concatenate([np.asarray(v[r]).reshape(-1) for r in range(len(v))]))
+        if out is None:
+            return placeholder(total, block.dtype)
+        return np.array(out, copy=True)
+
+    def alltoall(self, buf: Any) -> Any:
+        p = self.t.size
+
+        def transpose(v: dict) -> Any:
+            return np.stack([np.asarray(v[j]).reshape(p, -1) for j in range(p)])  # [from, to, :]
+
+        out = self._run("alltoall", buf.nbytes, buf, transpose)
+        if out is not None:
+            buf[...] = out[:, self.t.rank, :].reshape(buf.shape)
+        return buf
 
 
 def _copy(dst: Any, src: Any) -> None:
@@ -664,11 +917,11 @@ def _fast_sendrecv(t: SimTransport) -> Callable[..., Any]:
     same two neighbours every time); anything else takes the three-call path. Same semantics
     and the same virtual times either way (tests/sim check both)."""
     e = t.engine
-    me, ctx, ranks = t.grank, t.ctx, t.ranks
+    me, ctx, ranks, nodes, my_node = t.grank, t.ctx, t.ranks, t.nodes, t.nodes[t.rank]
     general = t._sendrecv_general
     fast_limit = -1 if e.data else e.eager_limit  # no fast path when bytes are carried
     clock, sends, recvs = e.clock, e.sends, e.recvs
-    node = e.node
+    port_of = e.port
     cost = e._cost
     serialize = e.serialize
     nic_out, nic_in = e.nic_out, e.nic_in
@@ -682,15 +935,15 @@ def _fast_sendrecv(t: SimTransport) -> Callable[..., Any]:
     out_port: list = []
     out_busy: list = []
     out_sends = out_recvs = deque()
-    # the last message cost: (level, nbytes) -> alpha + nbytes * beta
+    # the last message cost: (level, nbytes) -> occupancy alpha + nbytes * beta, latency
     cost_level = cost_n = -1
-    cost_s = cost_a = cost_b = 0.0
+    cost_s = cost_l = 0.0
     sent = 0  # messages sent here (the engine sums these at the end of the run)
     e.fast_counts.append(lambda: sent)
 
     def sendrecv(sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0) -> Any:
         nonlocal in_src, in_tag, in_sends, in_recvs, out_dest, out_tag, out_dst, out_level
-        nonlocal out_port, out_busy, out_sends, out_recvs, cost_level, cost_n, cost_s, cost_a, cost_b
+        nonlocal out_port, out_busy, out_sends, out_recvs, cost_level, cost_n, cost_s, cost_l
         nonlocal sent
         nbytes = sendbuf.nbytes
         rbytes = recvbuf.nbytes
@@ -717,33 +970,39 @@ def _fast_sendrecv(t: SimTransport) -> Callable[..., Any]:
         if dest != out_dest or tag != out_tag:
             out_dest, out_tag = dest, tag
             out_dst = ranks[dest]
-            out_level = 0 if node[out_dst] == node[me] else 1
-            out_port = nic_out[out_level]
-            out_busy = nic_in[out_level][out_dst]
+            out_level = 0 if nodes[dest] == my_node else 1
+            pt = port_of[out_level]
+            out_port = nic_out[out_level][pt[me]]
+            out_busy = nic_in[out_level][pt[out_dst]]
             key = (ctx, me, out_dst, tag)
             out_sends = sends.setdefault(key, deque())
             out_recvs = recvs.setdefault(key, deque())
         sent += 1
         if nbytes != cost_n or out_level != cost_level:
             cost_level, cost_n = out_level, nbytes
-            cost_a, cost_b = cost(out_level, nbytes)
-            cost_s = cost_a + cost_b
+            cost_s, cost_l = cost(out_level, nbytes)
         if out_dst == me:
             t_arr = now
         elif serialize:
-            start = out_port[me]
-            if start < now:
+            busy = out_port
+            if not busy or now >= busy[-1][1]:
                 start = now
-            t_arr = out_port[me] = start + cost_s
-            busy = out_busy
-            if not busy or start >= busy[-1][1]:
-                busy.append((start, t_arr))
+                busy.append((start, start + cost_s))
                 if len(busy) > _IN_PORT_LIMIT:
                     _forget(busy)
             else:
-                t_arr = _book(busy, start, cost_s)
+                start = _book(busy, now, cost_s) - cost_s
+            busy = out_busy
+            if not busy or start >= busy[-1][1]:
+                t_arr = start + cost_s
+                busy.append((start, t_arr))
+                if len(busy) > _IN_PORT_LIMIT:
+                    _forget(busy)
+                t_arr += cost_l
+            else:
+                t_arr = _book(busy, start, cost_s) + cost_l
         else:
-            t_arr = now + cost_a + cost_b
+            t_arr = now + cost_s + cost_l
         if out_recvs:
             r = out_recvs.popleft()
             if nbytes > r.buf.nbytes:
@@ -751,14 +1010,14 @@ def _fast_sendrecv(t: SimTransport) -> Callable[..., Any]:
                                  f"which posted a {r.buf.nbytes}-byte receive (tag {tag})")
             r.t = t_arr
             r.done = True
-            if r.waiting:
-                runnable.append(e.greenlets[r.grank])
+            if r.waiting is not None:
+                runnable.append(r.waiting)
         else:
             out_sends.append((t_arr, None, nbytes, None))  # no data: nothing to keep
         # -- wait for the receive ---------------------------------------------------------------
         if req is not None:
             if not req.done:
-                req.waiting = True
+                req.waiting = e.threads[e.cur]
                 block(me, req)
             arrival = req.t
         if arrival > clock[me]:
