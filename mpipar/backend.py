@@ -193,3 +193,13 @@ def set_cpu_threads(n: int) -> bool:
             getattr(lib, name)(int(n))
             return True
     return False
+
+
+def fused(xp: Any, rows: int | None = None, block_rows: int | None = None) -> Any:
+    """A context marking a chain of elementwise passes that a GPU runs as one fused kernel
+    (as mpipar's GPU path is to, and as Megatron-LM does: fused layer norm, bias-GELU, scaled
+    masked softmax, Adam). Nothing changes for NumPy or CuPy; an array module that prices
+    kernels (the simulator's symbolic namespace, ``sim/symbolic.py``) prices the chain as
+    one, or, for NumPy's run of it, block by block (``rows`` in ``block_rows`` at a time)."""
+    region = getattr(xp, "region", None)
+    return region(rows, block_rows) if region is not None else contextlib.nullcontext()

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mpipar.backend import cpu_threads
+from mpipar.backend import cpu_threads, fused
 
 BLOCK = 1 << 16  # elements per block on the CPU: 256 KiB of float32
 
@@ -47,8 +47,13 @@ def _workers(n: int) -> ThreadPoolExecutor:
 
 def for_each_block(xp: Any, rows: int, row_size: int, fn: Any) -> None:
     """Call ``fn(slice)`` for every row block (``row_blocks``); blocks are disjoint, so with
-    several threads they may run at once: ``fn`` must only write its own block."""
+    several threads they may run at once: ``fn`` must only write its own block. The chain is
+    one fusion region (``fused``)."""
     threads = cpu_threads()
+    if getattr(xp, "region", None) is not None:   # priced, not run: the chain at once
+        with fused(xp, rows, max(1, BLOCK // max(row_size, 1))):
+            fn(slice(0, rows))
+        return
     if xp is not np or threads == 1 or rows < 2 * threads:
         for s in row_blocks(xp, rows, row_size):
             fn(s)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from mpipar import backend
+from mpipar.backend import fused
 
 
 def decays_by_default(name: str, p: Any) -> bool:
@@ -58,12 +59,13 @@ class Optimizer:
         if missing:
             raise KeyError(f"no gradient for {sorted(missing)[:3]}")
         self.step_count += 1
-        for name, p in self.params.items():
-            g = grads[name]
-            if g.shape != p.shape:
-                raise ValueError(f"gradient of {name} has shape {g.shape}, parameter {p.shape}")
-            buf = self._scratch[:p.size].reshape(p.shape)
-            self._update(name, p, g, lr, self.decay[name], buf)
+        with fused(self.xp):           # a GPU runs it as one multi-tensor kernel (fused Adam)
+            for name, p in self.params.items():
+                g = grads[name]
+                if g.shape != p.shape:
+                    raise ValueError(f"gradient of {name} has shape {g.shape}, parameter {p.shape}")
+                buf = self._scratch[:p.size].reshape(p.shape)
+                self._update(name, p, g, lr, self.decay[name], buf)
 
     def _update(self, name: str, p: Any, g: Any, lr: float, decay: bool, buf: Any) -> None:
         raise NotImplementedError

@@ -54,6 +54,7 @@ FALLBACK = {"exp": "transcendental", "tanh": "transcendental", "log": "transcend
             "fill": "elementwise", "rng": "elementwise", "reduction": "elementwise",
             "gather": "copy", "scatter": "gather", "copy": "elementwise"}
 BATCH_MODES = ("loop", "fused")
+FUSION_MODES = ("none", "fused", "blocked")
 
 
 def flops(m: int, n: int, k: int, batch: int = 1) -> int:
@@ -162,6 +163,11 @@ class ComputeModel:
         if "elementwise" not in self._memory:
             raise ValueError("the compute section needs a memory.elementwise curve")
         self._resolved: dict[str, _Curve] = {}
+        # how a fusion region's kernels run (SymbolicNamespace.region): "fused" on a GPU (one
+        # kernel per region), "blocked" for NumPy (every pass, block by block in cache)
+        self.fusion = str(section.get("fusion", "none"))
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
 
     def _build_gemm(self, dt: str, curves: dict[str, Any], fused: bool,
                     seen: tuple[str, ...]) -> "_GemmCurve":

@@ -753,6 +753,58 @@ class _Generator:
         return self._draw(size, dtype)
 
 
+class _Region:
+    """The kernels of one fusion region (``SymbolicNamespace.region``), priced on exit."""
+
+    __slots__ = ("ns", "rows", "block_rows", "mode", "touched", "passes", "outer")
+
+    def __init__(self, ns: "SymbolicNamespace", rows: int | None, block_rows: int | None) -> None:
+        self.ns, self.rows, self.block_rows = ns, rows, block_rows
+        self.mode = getattr(ns.cost, "fusion", "none")   # a cost model may not say: unfused
+        self.touched: dict[int, tuple[Any, int]] = {}   # storage id -> (array, bytes)
+        self.passes: list[tuple[str, str, int]] = []
+        self.outer: _Region | None = None
+
+    def take(self, kind: str, op: str, nbytes: int, operands: tuple) -> bool:
+        """Keep a kernel for pricing at the region's end (False: price it now)."""
+        if self.mode == "none" or (self.mode == "blocked" and not self.block_rows):
+            return False
+        if self.mode == "blocked":
+            self.passes.append((kind, op, nbytes))
+            return True
+        for a in operands:
+            if type(a) is SymbolicArray:
+                owner = a.base if a.base is not None else a
+                prev = self.touched.get(id(owner))
+                if prev is None or prev[1] < a.nbytes:
+                    self.touched[id(owner)] = (owner, a.nbytes)
+        return True
+
+    def __enter__(self) -> "_Region":
+        self.outer, self.ns._region = self.ns._region, self if self.ns._region is None else self.ns._region
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        ns = self.ns
+        ns._region = self.outer
+        if self.outer is not None or exc[0] is not None:
+            return                                    # nested: the outer region prices it all
+        if self.touched:
+            ns._kernel("elementwise", "elementwise", sum(b for _, b in self.touched.values()))
+        if self.passes:
+            blocks = -(-self.rows // self.block_rows) if self.rows else 1
+            for kind, op, nbytes in self.passes:
+                block = max(nbytes // blocks, 1)
+                key = (op, block)
+                t = ns._mem_cache.get(key)
+                if t is None:
+                    t = ns._mem_cache[key] = ns.cost.memory_time(block, op)
+                ns.kernels[kind] += blocks
+                ns.seconds[kind] += t * blocks
+                ns.bytes_moved += nbytes
+                ns.charge(kind, t * blocks)
+
+
 class SymbolicNamespace:
     """An array module (``xp``) of shape-only arrays whose kernels charge ``cost``.
 
@@ -781,6 +833,7 @@ class SymbolicNamespace:
         self.bytes_moved = 0
         self._gemm_cache: dict[tuple, float] = {}
         self._mem_cache: dict[tuple, float] = {}
+        self._region: _Region | None = None
         self.random = SimpleNamespace(default_rng=lambda seed=None: _Generator(self))
         for name, nin in (("add", 2), ("subtract", 2), ("multiply", 2), ("divide", 2),
                           ("floor_divide", 2), ("maximum", 2), ("minimum", 2),
@@ -806,8 +859,22 @@ class SymbolicNamespace:
         self.seconds = dict.fromkeys(KINDS, 0.0)
         self.gemm_flops = self.bytes_moved = 0
 
-    def _kernel(self, kind: str, op: str, nbytes: int) -> None:
-        """Charge one memory-bound kernel moving ``nbytes``, priced as ``op``."""
+    def region(self, rows: int | None = None, block_rows: int | None = None) -> "_Region":
+        """A fusion region (``nn/blocking.py``: ``fused`` and ``for_each_block``): the
+        memory-bound kernels inside it are priced as the compute model's ``fusion`` says:
+        ``"fused"`` (a GPU, as mpipar's GPU path and Megatron run such chains): one kernel
+        that reads and writes each array it touches once; ``"blocked"`` (NumPy on a CPU):
+        every pass still runs, but over blocks of ``block_rows`` of the ``rows`` rows at a
+        time, each block priced at its own (cache-resident) size; ``"none"``: every pass
+        over the whole array, as outside a region."""
+        return _Region(self, rows, block_rows)
+
+    def _kernel(self, kind: str, op: str, nbytes: int, operands: tuple = ()) -> None:
+        """Charge one memory-bound kernel moving ``nbytes``, priced as ``op``; inside a
+        region (``region``), ``operands`` are the arrays it reads and writes."""
+        reg = self._region
+        if reg is not None and operands and reg.take(kind, op, nbytes, operands):
+            return
         key = (op, nbytes)
         t = self._mem_cache.get(key)
         if t is None:
@@ -845,7 +912,7 @@ class SymbolicNamespace:
         elif out.shape != shape and broadcast_shapes(shape, out.shape) != out.shape:
             raise ValueError(f"non-broadcastable output operand with shape {_fmt(out.shape)} "
                              f"doesn't match the broadcast shape {_fmt(broadcast_shapes(shape, out.shape))}")
-        self._kernel(_ELEMENTWISE[op], op, na + nb + out.nbytes)
+        self._kernel(_ELEMENTWISE[op], op, na + nb + out.nbytes, (a, b, out))
         return out
 
     def _unary(self, op: str, a: Any, out: Any) -> SymbolicArray:
@@ -858,7 +925,7 @@ class SymbolicNamespace:
         elif out.shape != sa and broadcast_shapes(sa, out.shape) != out.shape:
             raise ValueError(f"non-broadcastable output operand with shape {_fmt(out.shape)} "
                              f"doesn't match the broadcast shape {_fmt(broadcast_shapes(sa, out.shape))}")
-        self._kernel(_ELEMENTWISE[op], op, na + out.nbytes)
+        self._kernel(_ELEMENTWISE[op], op, na + out.nbytes, (a, out))
         return out
 
     def power(self, a: Any, b: Any, out: Any = None) -> SymbolicArray:
@@ -877,7 +944,7 @@ class SymbolicNamespace:
         if isinstance(dt, type):
             dt = np.result_type(dt(0))
         out = SymbolicArray(self, shape, dt)
-        self._kernel("elementwise", "where", nc + na + nb + out.nbytes)
+        self._kernel("elementwise", "where", nc + na + nb + out.nbytes, (cond, a, b, out))
         return out
 
     def matmul(self, a: Any, b: Any, out: Any = None) -> SymbolicArray:
@@ -906,7 +973,7 @@ class SymbolicNamespace:
             raise ValueError(f"matmul: Output operand 0 has a mismatch in its core dimension, "
                              f"shape {_fmt(out.shape)} is not {_fmt(shape)}")
         if va and vb:                          # a dot product: a memory-bound reduction
-            self._kernel("reduction", "reduction", a.nbytes + b.nbytes + out.nbytes)
+            self._kernel("reduction", "reduction", a.nbytes + b.nbytes + out.nbytes, (a, b, out))
         else:
             self._gemm(m, n, k, math.prod(batch_shape), dt)
         return out
@@ -940,9 +1007,9 @@ class SymbolicNamespace:
         elif out.shape != shape:
             raise ValueError(f"output parameter for reduction operation {op} has the wrong "
                              f"number of dimensions or shape {_fmt(out.shape)}, expected {_fmt(shape)}")
-        self._kernel("reduction", "reduction", a.nbytes + out.nbytes)
+        self._kernel("reduction", "reduction", a.nbytes + out.nbytes, (a, out))
         if op == "mean":                      # NumPy divides the sums in a second pass
-            self._kernel("elementwise", "divide", 2 * out.nbytes)
+            self._kernel("elementwise", "divide", 2 * out.nbytes, (out,))
         return out
 
     def sum(self, a: SymbolicArray, axis: Any = None, dtype: Any = None, out: Any = None,

@@ -225,6 +225,7 @@ def observed_step(tr: ParallelTrainer, obs: _Observer, idx: Any, targets: Any,
     ``obs`` from that start; returns the step's result and its duration on this rank."""
     barrier()
     obs.t0 = start = obs.clock()
+    obs.phases = dict.fromkeys(PHASES, 0.0)   # what building the trainer charged is not the step's
     obs.recording = True
     res = tr.step(idx, targets, lr=1e-4)
     end = obs.clock()
