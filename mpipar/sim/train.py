@@ -350,7 +350,7 @@ def check_spec(spec: TrainSpec) -> None:
 
 def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
                    namespace: Callable[[_Observer], Any] | None = None,
-                   algorithm: str = "ring", reduced: bool | None = None,
+                   algorithm: str = "native", reduced: bool | None = None,
                    memoize: bool = True) -> TrainPrediction:
     """Simulate one optimiser step of ``spec`` on ``profile``'s cluster (see the module doc).
 
