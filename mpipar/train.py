@@ -55,7 +55,6 @@ from mpipar.parallel.model import load_full_state_dict
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.sim.plan import describe, plan
 from mpipar.sim.spec import TrainSpec
-from mpipar.sim.train import layout_of
 
 PROG = "mpipar.train"
 
@@ -164,7 +163,7 @@ def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig
     if not rows:
         raise UsageError(f"--plan: no layout of {world_size} ranks fits --batch-size {args.batch_size}")
     best = rows[0]
-    layout = layout_of(best.spec)
+    layout = best.spec.layout
     return layout, (f"planned: {describe(best.spec)}, predicted {best.step_time_s * 1e3:.1f} ms "
                     f"a step on this machine (python -m mpipar.plan --cluster local)")
 

@@ -131,6 +131,13 @@ def _local_shape(full: tuple[int, ...], spec: Shard | None) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def shard_layout(full_layout: FlatLayout, shard_spec: dict[str, Shard | None]) -> FlatLayout:
+    """The flat layout of this rank's tensors (``local_shards``) at their shard shapes, in
+    the single-process order: ``LocalModel.layout``, computable without building the model
+    (the memory model sizes every buffer from it)."""
+    return FlatLayout((n, _local_shape(full_layout.shapes[n], s)) for n, s in shard_spec.items())
+
+
 # ---- the local model --------------------------------------------------------------------------
 
 class LocalModel:
@@ -159,8 +166,7 @@ class LocalModel:
         self.full_layout = FlatLayout(param_shapes(config).items())
         self.shard_spec = local_shards(config, tp, tp_rank, self.first_stage, self.last_stage,
                                        self.layers)
-        self.layout = FlatLayout((n, _local_shape(self.full_layout.shapes[n], s))
-                                 for n, s in self.shard_spec.items())
+        self.layout = shard_layout(self.full_layout, self.shard_spec)
         if init:
             full = self.full_layout.views(init_host(config, self.full_layout, seed))  # float64 host
             host = np.empty(self.layout.numel, dtype=np.float64)

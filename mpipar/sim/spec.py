@@ -20,6 +20,12 @@ allreduce) plus those the simulator has before the trainer (``precision``, ``rec
   Korthikanti et al. 2022); ``full`` (each block's forward rerun from its input).
 * ``virtual_stages`` v > 1 with ``schedule="1f1b"``: interleaved 1F1B, v model chunks per
   pipeline rank (Narayanan et al. 2021).
+* ``dropout`` (the model's, as ``GPTConfig.dropout``: masks are cached only when > 0) and
+  ``stage_layers`` (blocks per pipeline stage, as ``Layout.stage_layers``; None: balanced by
+  FLOPs) come last, with defaults, so the fields above keep their positions.
+* ``gpt_config`` and ``layout`` are the same step as the trainer's ``GPTConfig`` and
+  ``Layout`` (the pipeline's micro-batches are ``micro_batches``, one accumulation step), so
+  the memory model sizes what the trainer would build from the trainer's own functions.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from mpipar.nn.gpt import PRESETS
+from mpipar.nn.gpt import PRESETS, GPTConfig
+from mpipar.parallel.layout import Layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE = ("none", "selective", "full")
@@ -81,6 +88,8 @@ class TrainSpec:
     sequence_parallel: bool = False
     bias: bool = True
     optimizer: str = "adamw"
+    dropout: float = 0.0
+    stage_layers: tuple[int, ...] | None = None
 
     @property
     def gpus(self) -> int:
@@ -99,6 +108,26 @@ class TrainSpec:
     def compute_dtype(self) -> str:
         return COMPUTE_DTYPE[self.precision]
 
+    @property
+    def mixed_precision(self) -> bool:
+        """16-bit parameters and gradients with fp32 master weights (bf16, fp16)."""
+        return self.precision != "fp32"
+
+    @property
+    def gpt_config(self) -> GPTConfig:
+        """The model as the trainer's ``GPTConfig``."""
+        return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size,
+                         n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                         bias=self.bias, dropout=self.dropout)
+
+    @property
+    def layout(self) -> Layout:
+        """The step as the trainer's ``Layout``: ``micro_batches`` pipeline micro-batches of
+        one accumulation step (the interleaving knob ``virtual_stages`` has no Layout field)."""
+        return Layout(dp=self.dp, tp=self.tp, pp=self.pp, micro_batches=self.micro_batches,
+                      schedule=self.schedule, stage_layers=self.stage_layers, zero=self.zero,
+                      bucket_mb=self.bucket_mb, allreduce=self.allreduce)
+
     def check(self) -> None:
         """Raise ValueError naming the quantity when the spec is not a training step."""
         for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab_size", "global_batch",
@@ -110,6 +139,8 @@ class TrainSpec:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute {self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout!r} is not in [0, 1)")
         if self.n_embd % self.n_head:
             raise ValueError(f"{self.n_head} heads do not divide width {self.n_embd}")
         per_step = self.dp * self.micro_batch

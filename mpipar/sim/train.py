@@ -53,19 +53,6 @@ FULL_LIMIT = 64
 BREAKDOWN = ("compute", "recompute", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer", "other")
 
 
-def config_of(spec: TrainSpec) -> GPTConfig:
-    return GPTConfig(vocab_size=spec.vocab_size, block_size=spec.block_size, n_layer=spec.n_layer,
-                     n_head=spec.n_head, n_embd=spec.n_embd, bias=spec.bias, dropout=0.0)
-
-
-def layout_of(spec: TrainSpec) -> Layout:
-    """The trainer's Layout for ``spec``: every micro-batch of the step goes through the
-    pipeline (gradient accumulation over micro-batches when pp = 1, as Megatron does)."""
-    return Layout(dp=spec.dp, tp=spec.tp, pp=spec.pp, micro_batches=spec.micro_batches,
-                  schedule=spec.schedule, zero=spec.zero, bucket_mb=spec.bucket_mb,
-                  allreduce=spec.allreduce)
-
-
 @dataclass
 class Span:
     """One interval of a rank's timeline (a trace event)."""
@@ -345,7 +332,7 @@ def check_spec(spec: TrainSpec) -> None:
     """Raise LayoutError (``Layout.check``, the one fit check) or ValueError unless ``spec``
     is a step the trainer can run on ``spec.gpus`` ranks."""
     spec.check()
-    layout_of(spec).check(spec.gpus, config_of(spec), spec.global_batch)
+    spec.layout.check(spec.gpus, spec.gpt_config, spec.global_batch)
 
 
 def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
@@ -359,7 +346,7 @@ def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
     per input shape (``_Observer.memoize``)."""
     check_spec(spec)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    config, layout = config_of(spec), layout_of(spec)
+    config, layout = spec.gpt_config, spec.layout
     if namespace is None:
         compute = ComputeModel.from_profile(prof)
         namespace = lambda obs: SymbolicNamespace(compute, obs.charge)  # noqa: E731
