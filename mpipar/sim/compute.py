@@ -165,6 +165,9 @@ class ComputeModel:
         self._resolved: dict[str, _Curve] = {}
         # how a fusion region's kernels run (SymbolicNamespace.region): "fused" on a GPU (one
         # kernel per region), "blocked" for NumPy (every pass, block by block in cache)
+        # the GPU's memory (None: not given, as for this machine's own profile)
+        cap = section.get("gpu_memory_bytes")
+        self.memory_capacity_bytes: int | None = None if cap is None else int(cap)
         self.fusion = str(section.get("fusion", "none"))
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")

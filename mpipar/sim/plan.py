@@ -27,6 +27,7 @@ from typing import Any, Iterator
 from mpipar.comm.network import Profile, load_profile
 from mpipar.parallel.layout import LayoutError, layouts
 from mpipar.sim import analytic, memory
+from mpipar.sim.compute import ComputeModel
 from mpipar.sim.spec import TrainSpec
 from mpipar.sim.train import TrainPrediction, check_spec, simulate_train
 
@@ -101,13 +102,14 @@ def plan(base: TrainSpec, profile: Profile | str, gpus: int, *, top: int = 10,
     """The ``top`` layouts, best first (see the module docstring); ``choices`` restrict the
     enumeration (``candidates``' keywords)."""
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    cap = prof.metadata.get("gpu_memory_bytes")
+    compute = ComputeModel.from_profile(prof)
+    cap = compute.memory_capacity_bytes
     rows = []
     for spec in candidates(base, gpus, **choices):
         mem = memory.estimate(spec)
         if cap is not None and mem.peak > cap:
             continue
-        rows.append(PlanRow(spec, analytic.step_time(spec, prof).total, mem.peak, None))
+        rows.append(PlanRow(spec, analytic.step_time(spec, prof, compute).total, mem.peak, None))
     rows.sort(key=lambda r: (r.analytic_s, _simplicity(r.spec)))
     for r in rows[:simulate]:
         r.prediction = simulate_train(r.spec, prof)

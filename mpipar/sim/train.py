@@ -42,6 +42,7 @@ from mpipar.parallel.mesh import Mesh
 from mpipar.parallel.schedules import make_schedule, simulate as simulate_schedule
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.sim.mirror import CollectiveTimes, MirroredCommunicator
+from mpipar.sim import analytic, memory
 from mpipar.sim.compute import ComputeModel
 from mpipar.sim.spec import TrainSpec
 from mpipar.sim.symbolic import SymbolicNamespace
@@ -366,33 +367,16 @@ def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
     ranks: list[RankStep] = res.results
     crit = max(ranks, key=lambda r: (r.step_s, r.coords[2]))
     step = crit.step_s
-    flops = model_flops_per_step(spec) / step / spec.gpus if step else 0.0
+    flops = analytic.model_flops_per_step(spec) / step / spec.gpus if step else 0.0
     peak = peak_flops(prof, spec.compute_dtype)
-    mem, mem_stage = _memory(ranks)
-    cap = prof.metadata.get("gpu_memory_bytes")
+    est = memory.estimate(spec)
+    mem = {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
+           "activations": est.activations, "peak": est.peak}
+    cap = ComputeModel.from_profile(prof).memory_capacity_bytes
     return TrainPrediction(spec, prof.name, step, spec.tokens_per_step / step if step else 0.0,
                            flops, flops / peak if peak else 0.0, breakdown_of(run, ranks, crit),
-                           crit.rank, mem, mem_stage, cap, ranks, reduced, wall, cpu)
-
-
-def model_flops_per_step(spec: TrainSpec) -> float:
-    """Model FLOPs of one step, no recompute counted (Korthikanti et al. 2022, section 6:
-    72 B s l h^2 (1 + s / 6h + V / 12 l h))."""
-    B, s, l, h, V = spec.global_batch, spec.block_size, spec.n_layer, spec.n_embd, spec.vocab_size
-    return 72.0 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+                           crit.rank, mem, est.stage, cap, ranks, reduced, wall, cpu)
 
 
 def peak_flops(prof: Profile, dtype: str) -> float:
     return ComputeModel.from_profile(prof).peak_flops(dtype)
-
-
-def _memory(ranks: list[RankStep]) -> tuple[dict[str, int], int]:
-    def total(m: dict[str, int]) -> int:
-        return m["params"] + m["grads"] + m["optimizer_state"]
-
-    worst = max(ranks, key=lambda r: total(r.memory))
-    m = worst.memory
-    out = {"params": m["params"], "grads": m["grads"], "optimizer": m["optimizer_state"],
-           "activations": 0}
-    out["peak"] = sum(out.values())
-    return out, worst.coords[2]
