@@ -343,16 +343,20 @@ def _static_checks(lists: Sequence[Sequence[Instruction]]) -> tuple[int, int]:
     return M, v
 
 
-def simulate(lists: Sequence[Sequence[Instruction]], f: float = 1.0, b: float = 2.0,
-             comm: float = 0.0, stage_scale: Sequence[float] | None = None) -> SimResult:
+def simulate(lists: Sequence[Sequence[Instruction]], f: float | Sequence[float] = 1.0,
+             b: float | Sequence[float] = 2.0, comm: float = 0.0,
+             stage_scale: Sequence[float] | None = None) -> SimResult:
     """Run every rank's list with blocking receives and non-blocking sends on virtual clocks.
 
-    A Forward takes ``f`` and a Backward ``b`` (times ``stage_scale[r]`` on rank r); a message
-    arrives ``comm`` after its send starts. Raises ScheduleError on a deadlock (ranks waiting
-    for messages nobody will send). Ranks start at 0; the step ends when the last rank does.
+    A Forward takes ``f`` and a Backward ``b`` (either one number, or one per rank), times
+    ``stage_scale[r]`` on rank r; a message arrives ``comm`` after its send starts. Raises
+    ScheduleError on a deadlock (ranks waiting for messages nobody will send). Ranks start at
+    0; the step ends when the last rank does.
     """
     P = len(lists)
     scale = list(stage_scale) if stage_scale is not None else [1.0] * P
+    fs = [float(f)] * P if isinstance(f, (int, float)) else [float(x) for x in f]
+    bs = [float(b)] * P if isinstance(b, (int, float)) else [float(x) for x in b]
     pos = [0] * P
     clock = [0.0] * P
     busy = [0.0] * P
@@ -373,13 +377,13 @@ def simulate(lists: Sequence[Sequence[Instruction]], f: float = 1.0, b: float = 
                 elif isinstance(ins, SENDS):
                     arrivals[message_key(ins, r, P)] = clock[r] + comm
                 elif isinstance(ins, Forward):
-                    clock[r] += f * scale[r]
-                    busy[r] += f * scale[r]
+                    clock[r] += fs[r] * scale[r]
+                    busy[r] += fs[r] * scale[r]
                     live[r] += ins.keep_cache
                     peak[r] = max(peak[r], live[r])
                 elif isinstance(ins, Backward):
-                    clock[r] += b * scale[r]
-                    busy[r] += b * scale[r]
+                    clock[r] += bs[r] * scale[r]
+                    busy[r] += bs[r] * scale[r]
                     live[r] -= 1
                 pos[r] += 1
                 progressed = True
