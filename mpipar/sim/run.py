@@ -74,8 +74,8 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
     over ``size`` ranks. ``nodes``: the node of each rank (default: consecutive ranks fill
     nodes of the profile's ``ranks_per_node``), e.g. ``[0, 1, 2, 3]`` for a data-parallel
     group of one rank per node. ``symmetric``: None (default) simulates one period of a
-    shift-invariant run where ``symmetry_period`` finds one (same times, ``finish`` then
-    lists the period's ranks only); False: always every rank."""
+    shift-invariant run where ``symmetry_period`` finds one (the same times; ``finish`` and
+    ``results`` repeat the period's for the other ranks); False: always every rank."""
     alg = load_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
     fn = getattr(alg, collective, None)
     if fn is None:
@@ -110,6 +110,8 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
         engine = Engine(net, period, data=False)
         ranks = Periodic(size, period)
         res = engine.run(fn, args, opts, transport=lambda e, r: SimTransport(e, 0, r, ranks, logical))
+        res.finish = [res.finish[r % period] for r in range(size)]  # rank r + m is rank r
+        res.results = [res.results[r % period] for r in range(size)]
     else:
         net = Network(prof, size, nic_serialization=nic_serialization,
                       nodes=list(nodes) if nodes is not None else None)

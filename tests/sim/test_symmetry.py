@@ -21,6 +21,7 @@ def test_reduced_ring_equals_full(prof, p, collective, nbytes):
     full = simulate_collective(collective, "ring", p, count, profile=prof, data=False, symmetric=False)
     reduced = simulate_collective(collective, "ring", p, count, profile=prof, data=False)
     assert reduced.time == pytest.approx(full.time, rel=1e-12)
+    assert reduced.finish == pytest.approx(full.finish, rel=1e-12)
 
 
 def test_symmetry_is_used_only_where_it_holds():
