@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mpipar.comm.algorithms import dbtree, rhd, ring, tree
-from mpipar.comm.network import load_profile
+from mpipar.comm.network import Network, load_profile
 
 # The algorithms' own defaults (``ring.CHUNK_BYTES``, ``rhd.SMALL_BYTES``, ``tree.SEGMENT_BYTES``,
 # ``dbtree.SEGMENT_BYTES``) are read from their modules at each call, so the formulas follow
@@ -117,8 +117,16 @@ def _pof2(p: int) -> bool:
 
 
 # -- ring ---------------------------------------------------------------------------------------
-def ring_allreduce(p: int, n: float, net: Net) -> float:
+def ring_allreduce(p: int, n: float, net: Net, channels: int = 1) -> float:
     b = math.ceil(n / p)
+    if channels > 1:  # k rings, each hop waits for its slowest port (estimate)
+        k = channels
+        rpn = min(p, net.ranks_per_node)
+        if p > rpn:  # one ring per rail leaves each node: a NIC carries b/k, NVLink the rest
+            hop = max(net.inter(int(b / k)), net.intra(int(b * (k - 1) / k)) if rpn > 1 else 0.0)
+        else:
+            hop = net.intra(int(b))
+        return (p - 1) * (2 * hop + max(net.reduce(b / k), 0.0) * 1)
     return (p - 1) * (2 * net.m(b, p) + net.reduce(b))
 
 
@@ -279,28 +287,51 @@ _FORMULAS: dict[tuple[str, str], Callable[..., float]] = {
     ("hier", "allreduce"): hier_allreduce,
 }
 
-_OPTION_NAMES = {"chunk_bytes", "small_bytes", "segment_bytes", "servers", "ranks_per_node",
+_OPTION_NAMES = {"chunk_bytes", "channels", "small_bytes", "segment_bytes", "servers", "ranks_per_node",
                  "inter", "intra", "itemsize"}
+
+
+def native(collective: str, p: int, nbytes: float, profile: Any, ranks_per_node: int | None = None) -> float:
+    """The cluster's own collective, as the simulator prices it (``Network.native_time``:
+    the profile's busbw tables, else the ring estimate), for p consecutive ranks."""
+    prof = profile if hasattr(profile, "levels") else load_profile(profile)
+    if ranks_per_node is not None:
+        prof = prof.with_topology(ranks_per_node)
+    rpn = max(1, min(p, prof.levels(p)[0]))
+    return Network(prof, p).native_time(collective, nbytes, p, rpn, math.ceil(p / rpn))
 
 
 def predict(algorithm: str, collective: str, p: int, nbytes: float, profile: Any = None,
             net: Net | None = None, **options: Any) -> float:
     """Predicted seconds of ``collective`` by ``algorithm`` over ``p`` ranks for ``nbytes``
     (the whole buffer, as nccl-tests counts it). ``profile``: a Profile, a name or path (None:
-    the default profile); ``options``: the algorithm's (``servers``, ``segment_bytes`` ...)."""
+    the default profile); ``options``: the algorithm's (``servers``, ``segment_bytes`` ...).
+    With a profile (not a bare ``net``) the time includes, as the simulator's does, the
+    profile's per-call overhead of the algorithm and the Communicator's input copy;
+    ``algorithm="native"`` is the profile's busbw tables."""
+    if p <= 1 or nbytes <= 0:
+        return 0.0
+    prof = None
+    if net is None:
+        prof = profile if hasattr(profile, "levels") else load_profile(profile)
+    if algorithm == "native":
+        if prof is None:
+            raise ValueError("native needs a profile (its busbw tables), not a bare Net")
+        return native(collective, p, nbytes, prof, options.get("ranks_per_node")) \
+            + prof.call_overhead.get("native", 0.0) + prof.copy_time(nbytes)
     fn = _FORMULAS.get((algorithm, collective))
     if fn is None:
         raise ValueError(f"no cost formula for {algorithm} {collective}")
-    if p <= 1 or nbytes <= 0:
-        return 0.0
+    fixed = 0.0
     if net is None:
-        prof = profile if hasattr(profile, "levels") else load_profile(profile)
         net = Net.from_profile(prof, options.get("ranks_per_node"))
+        fixed = prof.call_overhead.get(algorithm, 0.0) + prof.copy_time(
+            nbytes / p if collective == "allgather" else nbytes)
     names = set(inspect.signature(fn).parameters)
     kw = {k: v for k, v in options.items() if k in names or ("options" in names and k in _OPTION_NAMES)}
     if algorithm == "ring" and collective == "broadcast":
         kw = {k: v for k, v in kw.items() if k == "chunk_bytes"}
-    return fn(p, nbytes, net, **kw)
+    return fn(p, nbytes, net, **kw) + fixed
 
 
 def algorithms_for(collective: str) -> tuple[str, ...]:
@@ -314,6 +345,8 @@ def exact(algorithm: str, collective: str, p: int, nbytes: int, itemsize: int = 
     count = nbytes // itemsize
     pof2 = _pof2(p)
     if algorithm == "ring":
+        if options.get("channels", 1) > 1:
+            return False
         if collective == "broadcast":
             return True
         return count % p == 0 and nbytes // p <= _chunk(p, options.get("chunk_bytes"))

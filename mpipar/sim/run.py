@@ -26,7 +26,7 @@ from mpipar.comm.algorithms import Algorithm, get_algorithm
 from mpipar.comm.algorithms._util import accepted, split_counts
 from mpipar.comm.network import Network, Profile, load_profile
 from mpipar.comm.ops import get_op
-from mpipar.comm.transport.sim import Engine, SimResult, placeholder
+from mpipar.comm.transport.sim import Engine, Periodic, SimResult, SimTransport, placeholder
 
 # Above this many elements in total over all ranks, runs default to size-only buffers.
 DATA_LIMIT = 1 << 24
@@ -69,11 +69,13 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
                         inputs: Sequence[np.ndarray] | None = None,
                         ranks_per_node: int | None = None, nic_serialization: bool = True,
                         options: dict[str, Any] | None = None,
-                        nodes: Sequence[int] | None = None) -> SimResult:
+                        nodes: Sequence[int] | None = None, symmetric: bool | None = None) -> SimResult:
     """Simulate one ``collective`` by ``algorithm`` (``native``: the profile's busbw tables)
     over ``size`` ranks. ``nodes``: the node of each rank (default: consecutive ranks fill
     nodes of the profile's ``ranks_per_node``), e.g. ``[0, 1, 2, 3]`` for a data-parallel
-    group of one rank per node."""
+    group of one rank per node. ``symmetric``: None (default) simulates one period of a
+    shift-invariant run where ``symmetry_period`` finds one (the same times; ``finish`` and
+    ``results`` repeat the period's for the other ranks); False: always every rank."""
     alg = load_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
     fn = getattr(alg, collective, None)
     if fn is None:
@@ -98,10 +100,23 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
                 "reduce_scatter": (buf, rop, counts), "allgather": (buf, counts),
                 "alltoall": (buf,)}[collective]
 
-    net = Network(prof, size, nic_serialization=nic_serialization,
-                  nodes=list(nodes) if nodes is not None else None)
-    engine = Engine(net, size, data=data)
-    res = engine.run(fn, args, accepted(fn, dict(options or {})))
+    opts = accepted(fn, dict(options or {}))
+    period = symmetry_period(alg.name, collective, size, count, prof, data, nodes, opts) \
+        if symmetric is not False else None
+    if period is not None:  # a ring is shift-invariant by whole nodes: simulate one period
+        rpn = prof.levels(size)[0]
+        logical = [r // rpn for r in range(size)]
+        net = Network(prof, period, nic_serialization=nic_serialization, nodes=logical[:period])
+        engine = Engine(net, period, data=False)
+        ranks = Periodic(size, period)
+        res = engine.run(fn, args, opts, transport=lambda e, r: SimTransport(e, 0, r, ranks, logical))
+        res.finish = [res.finish[r % period] for r in range(size)]  # rank r + m is rank r
+        res.results = [res.results[r % period] for r in range(size)]
+    else:
+        net = Network(prof, size, nic_serialization=nic_serialization,
+                      nodes=list(nodes) if nodes is not None else None)
+        engine = Engine(net, size, data=data)
+        res = engine.run(fn, args, opts)
     # Every rank copies its input into a fresh work buffer before the algorithm starts
     # (Communicator._work_copy) and pays the call's fixed cost (argument checks, the
     # algorithm's set-up; measured per algorithm by bench calibrate): all clocks start that
@@ -112,6 +127,25 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
         res.time += shift
         res.finish = [f + shift for f in res.finish]
     return res
+
+
+def symmetry_period(algorithm: str, collective: str, size: int, count: int, prof: Profile,
+                    data: bool, nodes: Any, options: dict[str, Any]) -> int | None:
+    """The period of ranks a run can be reduced to, or None. The one-ring ``ring`` (no
+    channels) on equal blocks (count % size == 0) with time only (no data) is invariant under
+    a shift by a whole node: rank r + m does at every hop what r does, on the same kind of
+    links and ports, so the m ranks of one node (two ranks on a flat network), with the ring
+    closed over them, see the times of all (tests/sim/test_symmetry.py checks reduced = full
+    up to 64 ranks). Not with one-way pricing or transfers_need_cpu (their state is not
+    shift-invariant as recorded), given nodes, or a last partial node."""
+    if data or nodes is not None or algorithm != "ring" or options.get("channels", 1) != 1:
+        return None
+    if collective not in ("allreduce", "reduce_scatter", "allgather") or count % size:
+        return None
+    if prof.oneway_link is not None or prof.transfers_need_cpu:
+        return None
+    m = max(2, prof.levels(size)[0])
+    return m if size % m == 0 and size >= 4 * m else None
 
 
 def simulate(fn: Any, size: int, profile: Profile | str | None = None, *, args: Any = (),

@@ -30,11 +30,18 @@ def test_profile_round_trip(tmp_path):
 
 def test_shipped_profiles_load_by_name():
     names = profile_names()
-    assert {"local", "dgx-h100"} <= set(names)
+    assert {"local", "dgx-h100", "dgx-a100"} <= set(names)
     dgx = load_profile("dgx-h100")
     assert dgx.ranks_per_node == 8 and "datasheet" in dgx.metadata["source"]
-    assert 1 / dgx.intra.params(1 << 20)[1] == pytest.approx(450e9)  # NVLink 4, each way
-    assert 1 / dgx.inter.params(1 << 20)[1] == pytest.approx(50e9)  # 400 Gb/s NDR
+    # ring's ~370 GB/s on NVLink 4 (G3/G4), 48 GB/s per NDR NIC (G6), one NIC per GPU
+    assert 1 / dgx.intra.params(1 << 20)[1] == pytest.approx(370e9)
+    assert 1 / dgx.inter.params(1 << 20)[1] == pytest.approx(48e9)
+    assert dgx.nics_per_node == 8 and dgx.native is not None
+    a100 = load_profile("dgx-a100")
+    assert 1 / a100.inter.params(1 << 20)[1] == pytest.approx(24e9)  # HDR 200 Gb/s, measured
+    for prof in (dgx, a100):  # every number labelled: the metadata names its sources
+        for key in ("intra_beta", "intra_latency", "inter_beta", "inter_latency", "gamma", "call_overhead"):
+            assert prof.metadata.get(key), f"{prof.name} has no label for {key}"
     local = load_profile(None)
     assert local.name == "local" and "measured" in local.metadata["source"]
     with pytest.raises(FileNotFoundError, match="dgx-h100"):

@@ -570,6 +570,22 @@ def _ranges(ranks: list[int]) -> str:
     return ", ".join(out)
 
 
+class Periodic:
+    """The ranks of a periodic world: group rank i is engine rank i % period (a reduced
+    simulation of a shift-invariant algorithm, see ``mpipar.sim.run``)."""
+
+    __slots__ = ("size", "period")
+
+    def __init__(self, size: int, period: int) -> None:
+        self.size, self.period = size, period
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> int:
+        return i % self.period
+
+
 class SimTransport:
     """One virtual rank's view of one group: the Transport interface over the Engine."""
 
