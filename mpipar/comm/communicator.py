@@ -108,6 +108,8 @@ class Communicator:
              **call_options: Any) -> Any:
         alg = self._resolve(collective, algorithm, nbytes)
         fn = getattr(alg, collective)
+        if self.transport.begin_collective is not None:
+            self.transport.begin_collective(alg.name)
         options = {**self.options, **call_options} if call_options else self.options
         # communicator-wide options (servers=, ranks_per_node=) reach only the algorithms
         # that declare them

@@ -51,8 +51,10 @@ class CollectiveTimes:
                   itemsize: int) -> float:
         count = max(nbytes // itemsize, 1)
         dtype = {2: "float16", 4: "float32", 8: "float64"}[itemsize]
+        # the input copy is the Communicator's own, priced by the compute model already
         res = simulate_collective(collective, algorithm, size, count, dtype, "sum", self.profile,
-                                  data=False, ranks_per_node=self.ranks_per_node(stride))
+                                  data=False, ranks_per_node=self.ranks_per_node(stride),
+                                  input_copy=False)
         return res.time
 
 
@@ -65,6 +67,8 @@ class MirrorTransport:
     shared_node = None
     sendrecv = None
     ranks_per_node = None
+    native = None
+    begin_collective = None          # the whole group's time, overhead included: CollectiveTimes
 
     def __init__(self, real: SimTransport, rank: int, size: int) -> None:
         self.real, self.rank, self.size = real, rank, size

@@ -69,7 +69,8 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
                         inputs: Sequence[np.ndarray] | None = None,
                         ranks_per_node: int | None = None, nic_serialization: bool = True,
                         options: dict[str, Any] | None = None,
-                        nodes: Sequence[int] | None = None, symmetric: bool | None = None) -> SimResult:
+                        nodes: Sequence[int] | None = None, symmetric: bool | None = None,
+                        input_copy: bool = True) -> SimResult:
     """Simulate one ``collective`` by ``algorithm`` (``native``: the profile's busbw tables)
     over ``size`` ranks. ``nodes``: the node of each rank (default: consecutive ranks fill
     nodes of the profile's ``ranks_per_node``), e.g. ``[0, 1, 2, 3]`` for a data-parallel
@@ -121,8 +122,11 @@ def simulate_collective(collective: str, algorithm: str | Algorithm, size: int, 
     # (Communicator._work_copy) and pays the call's fixed cost (argument checks, the
     # algorithm's set-up; measured per algorithm by bench calibrate): all clocks start that
     # much later, the same on every rank.
+    # (``input_copy=False``: a caller that prices the copy itself, as the training simulator's
+    # compute model does)
     shift = prof.call_overhead.get(alg.name, 0.0)
-    shift += prof.copy_time((counts[0] if collective == "allgather" else count) * dt.itemsize)
+    if input_copy:
+        shift += prof.copy_time((counts[0] if collective == "allgather" else count) * dt.itemsize)
     if shift:
         res.time += shift
         res.finish = [f + shift for f in res.finish]

@@ -80,6 +80,10 @@ class Transport(Protocol):
     """Optional: ranks per node when the transport knows its group's topology (consecutive
     ranks; the simulator's world group on a two-level network); None: unknown."""
 
+    begin_collective: Callable[[str], None] | None
+    """Optional: called by the Communicator as each collective starts, with the algorithm's
+    name (the simulator charges the profile's per-call overhead, ``call_overhead_s``, which a
+    real call pays in argument checks and set-up); None: nothing to do."""
     native: Any
     """Optional: the transport's own collectives, replacing MPI's where ``algorithm="native"``
     cannot call MPI (the simulator's, priced by measured busbw tables: ``allreduce(buf, op)``,

@@ -88,6 +88,7 @@ class MPITransport:
     # MPI does not say how ranks are laid out on nodes; shared_node() asks the library instead
     ranks_per_node: int | None = None
     native: Any = None  # MPI's own collectives are native.py's: no replacement here
+    begin_collective = None  # a real call pays its own overhead
 
     def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None) -> None:
         self.MPI = import_mpi()

@@ -614,6 +614,7 @@ class SimTransport:
         consecutive = getattr(engine.net, "consecutive", True)
         self.ranks_per_node = rpn if ctx == 0 and rpn > 1 and consecutive else None
         self.native = _SimNative(self)
+        self._call_overhead = engine.net.profile.call_overhead
         # The hot path, as closures over this rank's constants (see _fast_sendrecv).
         self.sendrecv = _fast_sendrecv(self)
         self.reduce_local = _fast_reduce_local(self)
@@ -772,6 +773,13 @@ class SimTransport:
         sub = self.split(0, self.rank)
         assert sub is not None
         return sub
+
+    def begin_collective(self, algorithm: str) -> None:
+        """A collective starts: the profile's per-call overhead of ``algorithm`` (argument
+        checks and set-up, ``call_overhead_s``) passes on this rank's clock."""
+        seconds = self._call_overhead.get(algorithm, 0.0)
+        if seconds:
+            self.engine.advance(seconds)
 
     def clock(self) -> float:
         """This rank's virtual clock (``now``)."""
