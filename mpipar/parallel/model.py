@@ -3,15 +3,21 @@
     from mpipar.parallel.mesh import make_mesh
     from mpipar.parallel.model import build_local_model, gather_full_state_dict
     mesh = make_mesh(comm, dp=2, tp=2, pp=2)
-    local = build_local_model(PRESETS["tiny"], mesh, seed=0, dtype="float64")
+    local = build_local_model(PRESETS["tiny"], mesh, seed=0, dtype="float64",
+                              layout=Layout(dp=2, tp=2, pp=2))   # default: the mesh's degrees
     local.stages            # [TPEmbeddingStage?, BlockStage..., TPHeadStage?] of this rank
+    local.chunks            # the same stages per model chunk (one unless virtual_stages > 1)
     local.param_buffer      # flat: only this rank's tensors (its layers, its tp shards)
     local.params["transformer.h.0.attn.c_attn.weight"].shape   # (3C/tp, C)
     sd = gather_full_state_dict(local, mesh)                   # full nanoGPT dict, every rank
 
 What a rank holds: pipeline stage s owns a contiguous slice of the blocks, ``stage_layers[s]``
 of them (default: a split balanced by estimated FLOPs, ``Layout.stage_ranges``); stage 0
-also owns the embeddings (wte, wpe), the last stage ln_f and the head. The head is tied to wte (Press & Wolf 2017), so with pp > 1 **wte lives on both the
+also owns the embeddings (wte, wpe), the last stage ln_f and the head. With
+``layout.virtual_stages`` v > 1 the blocks are cut into pp v contiguous virtual stages and
+rank r builds v model chunks, ``local.chunks[c]`` being virtual stage c pp + r (interleaved
+1F1B, Narayanan et al. 2021); the embedding is the start of rank 0's chunk 0, the head the
+end of rank pp-1's chunk v-1. ``local.stages`` is every chunk's stages in chunk order. The head is tied to wte (Press & Wolf 2017), so with pp > 1 **wte lives on both the
 first and the last stage** (Megatron's "embedding group"): both start from the same slice
 of the same init, and the executor must all-reduce the gradient of every name in
 ``local.tied_names`` between the two (``tied_embedding_group`` + ``allreduce_tied_grads``)
@@ -42,7 +48,7 @@ every layout starts from exactly the bits of ``GPT(config, seed, dtype)``.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Collection, NamedTuple
 
 import numpy as np
 
@@ -82,7 +88,7 @@ class Shard(NamedTuple):
 # ---- which tensors, and which slice of each, this rank holds --------------------------------
 
 def local_shards(config: GPTConfig, tp: int, tp_rank: int, first: bool, last: bool,
-                 layers: range) -> dict[str, Shard | None]:
+                 layers: Collection[int]) -> dict[str, Shard | None]:
     """name -> Shard (or None: the full tensor) for every tensor of this rank, in the
     single-process order. Pure: no communication, usable without MPI."""
     C, NH, V = config.n_embd, config.n_head, config.vocab_size
@@ -137,21 +143,24 @@ class LocalModel:
     """This rank's stages and flat parameter/gradient buffers (see the module docstring)."""
 
     def __init__(self, config: GPTConfig, mesh: Any, seed: int, dtype: Any, xp: ModuleType,
-                 stage_layers: Sequence[int] | None):
+                 layout: Layout | None):
         dp = 1 if mesh is None else mesh.dp
         tp = 1 if mesh is None else mesh.tp
         pp = 1 if mesh is None else mesh.pp
         tp_rank = 0 if mesh is None else mesh.tp_rank
         pp_rank = 0 if mesh is None else mesh.pp_rank
         dp_rank = 0 if mesh is None else mesh.dp_rank
-        layout = Layout(dp, tp, pp, stage_layers=None if stage_layers is None else tuple(stage_layers))
+        layout = Layout(dp, tp, pp) if layout is None else layout
+        if (layout.dp, layout.tp, layout.pp) != (dp, tp, pp):
+            raise ValueError(f"layout {layout} does not match the mesh dp={dp} x tp={tp} x pp={pp}")
         layout.check(layout.world_size, config)
-        self.stage_layers = layout.stage_ranges(config)
+        self.stage_layers = layout.stage_ranges(config)      # every virtual stage's blocks
+        self.chunk_layers = layout.chunk_ranges(config, pp_rank)
         self.config, self.mesh, self.xp, self.seed = config, mesh, xp, seed
         self.dtype = resolve_dtype(dtype)
         self.tp, self.pp, self.tp_rank, self.pp_rank = tp, pp, tp_rank, pp_rank
         self.first_stage, self.last_stage = pp_rank == 0, pp_rank == pp - 1
-        self.layers: range = self.stage_layers[pp_rank]
+        self.layers: tuple[int, ...] = tuple(i for r in self.chunk_layers for i in r)
         self.vocab = vocab_range(config.vocab_size, tp, tp_rank)
         self.tp_group = None if mesh is None else mesh.tp_group
 
@@ -182,14 +191,21 @@ class LocalModel:
         # and the tp group's f and g, and the vocabulary-parallel embedding and head
         P, G, st, grp = self.params, self.grads, self.state, self.tp_group
         region = TensorParallelRegion(grp) if tp > 1 else SERIAL
-        self.stages: list[Any] = []
-        if self.first_stage:
-            self.stages.append(TPEmbeddingStage(P, G, st, grp, self.vocab) if tp > 1
-                               else EmbeddingStage(P, G, st))
-        self.stages += [BlockStage(i, P, G, config.n_head // tp, st, region) for i in self.layers]
-        if self.last_stage:
-            self.stages.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size) if tp > 1
-                               else HeadStage(P, G))
+        # chunk c (virtual stage c * pp + pp_rank): the embedding leads the first virtual
+        # stage (chunk 0 of pp rank 0), the head ends the last (chunk v-1 of rank pp-1)
+        v = len(self.chunk_layers)
+        self.chunks: list[list[Any]] = []
+        for c, layers in enumerate(self.chunk_layers):
+            chunk: list[Any] = []
+            if self.first_stage and c == 0:
+                chunk.append(TPEmbeddingStage(P, G, st, grp, self.vocab) if tp > 1
+                             else EmbeddingStage(P, G, st))
+            chunk += [BlockStage(i, P, G, config.n_head // tp, st, region) for i in layers]
+            if self.last_stage and c == v - 1:
+                chunk.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size) if tp > 1
+                             else HeadStage(P, G))
+            self.chunks.append(chunk)
+        self.stages: list[Any] = [st_ for chunk in self.chunks for st_ in chunk]
 
     @property
     def grad_buffer(self) -> Any:
@@ -220,21 +236,25 @@ class LocalModel:
         return self.layout.numel
 
     def __repr__(self) -> str:
+        blocks = ", ".join(f"{r.start}..{r.stop - 1}" for r in self.chunk_layers)
         return (f"LocalModel(tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, "
-                f"layers {self.layers.start}..{self.layers.stop - 1}, "
+                f"layers {blocks}, "
                 f"{self.layout.numel:,} params, {self.dtype.name})")
 
 
 def build_local_model(config: GPTConfig, mesh: Any, seed: int = 0, dtype: Any = "float64",
-                      xp: ModuleType = np, stage_layers: Sequence[int] | None = None) -> LocalModel:
+                      xp: ModuleType = np, layout: Layout | None = None) -> LocalModel:
     """This rank's part of ``GPT(config, seed, dtype)`` under ``mesh`` (None: one process).
 
-    ``stage_layers[s]``: the number of blocks of pipeline stage s (default: balanced by
-    FLOPs). Raises LayoutError (``Layout.check``), identically on every rank and before any
-    communication, when the mesh's layout does not fit the model. Collective only in that
-    every rank should call it (it communicates nothing itself).
+    ``layout`` (default: the mesh's degrees and nothing else) says what the model is built
+    with beyond the mesh: ``stage_layers`` (blocks per virtual stage; default balanced by
+    FLOPs) and ``virtual_stages`` (``local.chunks``: one list of stages per model chunk,
+    what ``PipelineExecutor(chunks=...)`` runs); its dp, tp and pp must be the mesh's.
+    Raises LayoutError (``Layout.check``), identically on every rank and before any
+    communication, when the layout does not fit the model. Collective only in that every
+    rank should call it (it communicates nothing itself).
     """
-    return LocalModel(config, mesh, seed, dtype, xp, stage_layers)
+    return LocalModel(config, mesh, seed, dtype, xp, layout)
 
 
 # ---- tied embedding (pp > 1) --------------------------------------------------------------

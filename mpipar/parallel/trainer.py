@@ -12,8 +12,9 @@ single-process reference and every parallel run are this code. Per step, on ever
 
 1. this data-parallel rank's rows of the global batch are cut into ``grad_accum`` chunks,
    and each chunk into ``micro_batches`` pipeline micro-batches;
-2. the pipeline executor runs the schedule (GPipe or 1F1B) over this rank's stages, which
-   are tensor-parallel when tp > 1; gradients accumulate in the local gradients, each
+2. the pipeline executor runs the schedule (GPipe, 1F1B, or interleaved 1F1B over
+   ``layout.virtual_stages`` model chunks: ``Layout.schedule_for``) over this rank's
+   stages, which are tensor-parallel when tp > 1; gradients accumulate in the local gradients, each
    micro-batch's loss scaled by 1 / (grad_accum x micro_batches);
 3. during the last chunk's backward (the instructions say so: ``sync=True``), each stage's
    gradients are handed to the gradient synchronisation (``GradSync``: plain data-parallel
@@ -47,7 +48,7 @@ from mpipar.parallel.layout import Layout
 from mpipar.parallel.mesh import make_mesh
 from mpipar.parallel.model import build_local_model, gather_full_state_dict, local_pieces
 from mpipar.parallel.pipeline import PipelineExecutor, StepTimes, split_micro_batches
-from mpipar.parallel.schedules import Instruction, forward_only, make_schedule
+from mpipar.parallel.schedules import Instruction
 
 
 @dataclass
@@ -92,14 +93,13 @@ class ParallelTrainer:
         self.grad_clip = float(grad_clip)
         self.mesh = mesh = make_mesh(world, layout.dp, layout.tp, layout.pp,
                                      algorithms={"dp": layout.allreduce} if layout.allreduce else None)
-        self.local = build_local_model(config, mesh, seed=seed, dtype=dtype, xp=xp,
-                                       stage_layers=layout.stage_layers)
-        self.pipe = PipelineExecutor(self.local, mesh.pp_group)
+        self.local = build_local_model(config, mesh, seed=seed, dtype=dtype, xp=xp, layout=layout)
+        self.pipe = PipelineExecutor(self.local, mesh.pp_group, chunks=self.local.chunks)
         self.sync = make_grad_sync(self.local, mesh, layout, optimizer)
         if hooks:
             self.pipe.on_stage_backward_done.append(lambda i, names: self.sync.mark_ready(names))
         self._plan = self._make_plan()
-        self._evaluation = list(forward_only(mesh.pp, mesh.pp_rank, layout.micro_batches))
+        self._evaluation = layout.evaluation_schedule_for(mesh.pp_rank)
 
     def _make_plan(self) -> list[_Chunk]:
         """The chunks of one step. Only the last accumulation chunk synchronises, unless the
@@ -111,8 +111,8 @@ class ParallelTrainer:
         K, M, every = lay.grad_accum, lay.micro_batches, self.sync.every_micro_batch
         if every and mesh.pp == 1 and M > 1:
             K, M = K * M, 1
-        last = make_schedule(lay.schedule, mesh.pp, mesh.pp_rank, M, sync=True)
-        inner = last if every else make_schedule(lay.schedule, mesh.pp, mesh.pp_rank, M, sync=False)
+        last = lay.schedule_for(mesh.pp_rank, M, sync=True)
+        inner = last if every else lay.schedule_for(mesh.pp_rank, M, sync=False)
         return [_Chunk(last if k == K - 1 else inner, M, zero_grad=every or k == 0,
                        sync=every or k == K - 1) for k in range(K)]
 
