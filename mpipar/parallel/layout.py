@@ -32,6 +32,8 @@ What fits:
   ``pp`` > 1, micro-batches a multiple of ``pp`` (the schedule's own rule:
   ``schedules.interleaved_1f1b`` is asked) and a block per virtual stage (pp v <= n_layer);
   ``stage_layers`` then has pp v counts, one per virtual stage;
+* ``recompute`` one of ``nn.block.RECOMPUTE``: ``none``, ``selective`` (attention's
+  softmax recomputed in backward), ``full`` (each block's forward rerun in backward);
 * the global batch splits into ``dp x grad_accum x micro_batches`` equal parts;
 * ``schedule`` one of ``gpipe``, ``1f1b``; ``zero`` 0, 1 or 2; ``bucket_mb`` a finite
   positive number of MiB (None: one bucket); ``allreduce`` an algorithm of ``mpipar.comm``
@@ -47,6 +49,7 @@ from typing import Any, Sequence
 
 from mpipar.comm import auto
 from mpipar.comm.algorithms import algorithm_names
+from mpipar.nn.block import RECOMPUTE
 from mpipar.parallel.partition import balanced_layers, gpt_stage_costs
 from mpipar.parallel.schedules import (Forward, Instruction, RecvActivation, SendActivation,
                                        make_schedule)
@@ -82,6 +85,7 @@ class Layout:
     bucket_mb: float | None = 1.0                # data-parallel gradient bucket size (None: one)
     allreduce: str | None = None                 # the dp group's algorithm (None: its default)
     virtual_stages: int = 1                      # model chunks per pipeline rank (> 1: interleaved)
+    recompute: str = "none"                      # activation recompute: none, selective, full
 
     @property
     def world_size(self) -> int:
@@ -139,6 +143,9 @@ class Layout:
             raise LayoutError(f"pipeline schedule {self.schedule!r} is not one of "
                               f"{', '.join(SCHEDULE_NAMES)}", "schedule")
         self._check_virtual_stages()
+        if self.recompute not in RECOMPUTE:
+            raise LayoutError(f"activation recompute {self.recompute!r} is not one of "
+                              f"{', '.join(RECOMPUTE)}", "recompute")
         if self.zero not in ZERO_STAGES:
             raise LayoutError(f"ZeRO stage {self.zero!r} is not one of 0, 1, 2", "zero")
         b = self.bucket_mb

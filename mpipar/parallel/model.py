@@ -55,7 +55,7 @@ import numpy as np
 from mpipar.backend import resolve_dtype, to_device, to_host
 from mpipar.nn.attention import qkv_rows
 from mpipar.nn.flat import FlatLayout
-from mpipar.nn.block import SERIAL
+from mpipar.nn.block import RECOMPUTE, SERIAL
 from mpipar.nn.grads import GradStore
 from mpipar.nn.gpt import GPTConfig, init_host, param_shapes
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage, RunState
@@ -191,6 +191,7 @@ class LocalModel:
         # and the tp group's f and g, and the vocabulary-parallel embedding and head
         P, G, st, grp = self.params, self.grads, self.state, self.tp_group
         region = TensorParallelRegion(grp) if tp > 1 else SERIAL
+        recompute = RECOMPUTE[layout.recompute]             # what every block's forward keeps
         # chunk c (virtual stage c * pp + pp_rank): the embedding leads the first virtual
         # stage (chunk 0 of pp rank 0), the head ends the last (chunk v-1 of rank pp-1)
         v = len(self.chunk_layers)
@@ -200,7 +201,8 @@ class LocalModel:
             if self.first_stage and c == 0:
                 chunk.append(TPEmbeddingStage(P, G, st, grp, self.vocab) if tp > 1
                              else EmbeddingStage(P, G, st))
-            chunk += [BlockStage(i, P, G, config.n_head // tp, st, region) for i in layers]
+            chunk += [BlockStage(i, P, G, config.n_head // tp, st, region, recompute)
+                      for i in layers]
             if self.last_stage and c == v - 1:
                 chunk.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size) if tp > 1
                              else HeadStage(P, G))
@@ -248,8 +250,9 @@ def build_local_model(config: GPTConfig, mesh: Any, seed: int = 0, dtype: Any = 
 
     ``layout`` (default: the mesh's degrees and nothing else) says what the model is built
     with beyond the mesh: ``stage_layers`` (blocks per virtual stage; default balanced by
-    FLOPs) and ``virtual_stages`` (``local.chunks``: one list of stages per model chunk,
-    what ``PipelineExecutor(chunks=...)`` runs); its dp, tp and pp must be the mesh's.
+    FLOPs), ``virtual_stages`` (``local.chunks``: one list of stages per model chunk, what
+    ``PipelineExecutor(chunks=...)`` runs) and ``recompute`` (every block's
+    ``block.RECOMPUTE`` policy); its dp, tp and pp must be the mesh's.
     Raises LayoutError (``Layout.check``), identically on every rank and before any
     communication, when the layout does not fit the model. Collective only in that every
     rank should call it (it communicates nothing itself).
