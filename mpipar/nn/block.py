@@ -36,6 +36,15 @@ not counted)::
                 softmax and the attention-dropout mask from the cached q, k: ``attention.RECOMPUTE``)
     "full"        s BTC: the block input only (``FullRecompute``)
 
+Under sequence parallelism (``parallel/tp_comm.SequenceParallelRegion``) what lies between
+the regions is (B, T/t, C): x, x1, the residual-dropout masks and the layer norms' mean and
+rstd shrink by t, while f's all-gathered (B, T, C) inputs of c_attn and c_fc stay whole
+(kept as gathered; Megatron keeps them split and gathers again in backward)::
+
+    "none"        s BT (2C + 18C/t + 4/t + aT)  [+ s BT (2C/t + aT)]
+    "selective"   s BT (2C + 18C/t + 4/t)       [+ 2 s BTC/t]
+    "full"        s BTC/t
+
 plus, when p > 0, a copy of the dropout generator's state for the masks to redraw (a few
 hundred bytes: ``dropout.snapshot``). The masks are in the activations' dtype, s bytes an
 element (Megatron's 1-byte masks would count 1). With "full", backward re-materialises one

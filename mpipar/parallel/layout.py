@@ -34,6 +34,8 @@ What fits:
   ``stage_layers`` then has pp v counts, one per virtual stage;
 * ``recompute`` one of ``nn.block.RECOMPUTE``: ``none``, ``selective`` (attention's
   softmax recomputed in backward), ``full`` (each block's forward rerun in backward);
+* ``sequence_parallel`` (Korthikanti et al. 2022) needs tp > 1 and tp dividing the block
+  size;
 * the global batch splits into ``dp x grad_accum x micro_batches`` equal parts;
 * ``schedule`` one of ``gpipe``, ``1f1b``; ``zero`` 0, 1 or 2; ``bucket_mb`` a finite
   positive number of MiB (None: one bucket); ``allreduce`` an algorithm of ``mpipar.comm``
@@ -86,6 +88,7 @@ class Layout:
     allreduce: str | None = None                 # the dp group's algorithm (None: its default)
     virtual_stages: int = 1                      # model chunks per pipeline rank (> 1: interleaved)
     recompute: str = "none"                      # activation recompute: none, selective, full
+    sequence_parallel: bool = False              # split what lies between tp regions along T
 
     @property
     def world_size(self) -> int:
@@ -146,6 +149,12 @@ class Layout:
         if self.recompute not in RECOMPUTE:
             raise LayoutError(f"activation recompute {self.recompute!r} is not one of "
                               f"{', '.join(RECOMPUTE)}", "recompute")
+        if not isinstance(self.sequence_parallel, bool):
+            raise LayoutError(f"sequence_parallel must be True or False, got "
+                              f"{self.sequence_parallel!r}", "sequence_parallel")
+        if self.sequence_parallel and self.tp < 2:
+            raise LayoutError(f"sequence parallelism splits the sequence over the tensor-parallel "
+                              f"group: it needs tp > 1, got tp {self.tp}", "sequence_parallel")
         if self.zero not in ZERO_STAGES:
             raise LayoutError(f"ZeRO stage {self.zero!r} is not one of 0, 1, 2", "zero")
         b = self.bucket_mb
@@ -199,6 +208,10 @@ class Layout:
         if pp > config.n_layer:
             raise LayoutError(f"{pp} pipeline stages for {config.n_layer} blocks: every stage "
                               f"needs at least one block", "pp")
+        if self.sequence_parallel and config.block_size % tp:
+            raise LayoutError(f"sequence parallelism over tp {tp}: tp does not divide the block "
+                              f"size {config.block_size} (each rank holds block/tp positions)",
+                              "sequence_parallel")
         stages = self.num_virtual_stages
         if stages > config.n_layer:
             raise LayoutError(f"pp {pp} x {self.virtual_stages} virtual stages = {stages} virtual "

@@ -36,8 +36,10 @@ complete last), so data-parallel buckets are best cut from the end backwards usi
 Gradient reductions a trainer owes (nothing here communicates after construction):
 * over ``mesh.dp_group``: every gradient (the data-parallel sum or mean);
 * over the tied group (pp > 1): the names in ``tied_names``;
-* over ``mesh.tp_group``: nothing. Replicated tensors (``shard_spec[name] is None``) get
-  identical gradients on every tp rank; sharded ones are distinct pieces. A global gradient
+* over ``mesh.tp_group``: nothing, except under sequence parallelism the layer norms'
+  (``sequence_parallel_names``, ``allreduce_sequence_parallel_grads``). Replicated tensors
+  (``shard_spec[name] is None``) otherwise get identical gradients on every tp rank;
+  sharded ones are distinct pieces. A global gradient
   norm sums squares over the tp and pp groups and counts each parameter once
   (``counts_in_norm``).
 
@@ -48,7 +50,7 @@ every layout starts from exactly the bits of ``GPT(config, seed, dtype)``.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Collection, NamedTuple
+from typing import Any, Collection, NamedTuple, Sequence
 
 import numpy as np
 
@@ -61,7 +63,7 @@ from mpipar.nn.gpt import GPTConfig, init_host, param_shapes
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage, RunState
 from mpipar.parallel.layout import Layout
 from mpipar.parallel.tensor_parallel import TPEmbeddingStage, TPHeadStage, ffn_range, head_range, vocab_range
-from mpipar.parallel.tp_comm import TensorParallelRegion
+from mpipar.parallel.tp_comm import SequenceParallelRegion, TensorParallelRegion
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
@@ -190,7 +192,8 @@ class LocalModel:
         # ---- stages: the single process's, with tp > 1 the block given this rank's slices
         # and the tp group's f and g, and the vocabulary-parallel embedding and head
         P, G, st, grp = self.params, self.grads, self.state, self.tp_group
-        region = TensorParallelRegion(grp) if tp > 1 else SERIAL
+        region = (SequenceParallelRegion(grp) if layout.sequence_parallel else
+                  TensorParallelRegion(grp) if tp > 1 else SERIAL)
         recompute = RECOMPUTE[layout.recompute]             # what every block's forward keeps
         # chunk c (virtual stage c * pp + pp_rank): the embedding leads the first virtual
         # stage (chunk 0 of pp rank 0), the head ends the last (chunk v-1 of rank pp-1)
@@ -199,15 +202,25 @@ class LocalModel:
         for c, layers in enumerate(self.chunk_layers):
             chunk: list[Any] = []
             if self.first_stage and c == 0:
-                chunk.append(TPEmbeddingStage(P, G, st, grp, self.vocab) if tp > 1
+                chunk.append(TPEmbeddingStage(P, G, st, grp, self.vocab, region) if tp > 1
                              else EmbeddingStage(P, G, st))
             chunk += [BlockStage(i, P, G, config.n_head // tp, st, region, recompute)
                       for i in layers]
             if self.last_stage and c == v - 1:
-                chunk.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size) if tp > 1
-                             else HeadStage(P, G))
+                chunk.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size, region)
+                             if tp > 1 else HeadStage(P, G))
             self.chunks.append(chunk)
         self.stages: list[Any] = [st_ for chunk in self.chunks for st_ in chunk]
+        # under sequence parallelism the layer norms see T/t positions per rank: their
+        # gradients are partial sums, owed a sum over the tp group
+        self.sequence_parallel_names: frozenset[str] = frozenset(
+            n for n in self.params if layout.sequence_parallel and _is_layer_norm(n))
+
+    def activation_shape(self, B: int, T: int) -> tuple[int, int, int]:
+        """The shape of what passes between this model's stages (and pipeline ranks) for
+        B sequences of T positions: (B, T/tp, C) under sequence parallelism, else (B, T, C)."""
+        t = self.tp if self.sequence_parallel_names else 1
+        return B, T // t, self.config.n_embd
 
     @property
     def grad_buffer(self) -> Any:
@@ -279,6 +292,33 @@ def allreduce_tied_grads(local: LocalModel, group: Any) -> None:
         return
     for name in local.tied_names:
         local.grads[name][...] = group.allreduce(local.grads[name])
+
+
+# ---- sequence-parallel layer norms ------------------------------------------------------------
+
+def _is_layer_norm(name: str) -> bool:
+    return ".ln_" in name or name.startswith("transformer.ln_f.")
+
+
+def allreduce_sequence_parallel_grads(local: LocalModel, names: Sequence[str]) -> None:
+    """Sum over the tp group, in place, the gradients among ``names`` that sequence
+    parallelism leaves partial (``local.sequence_parallel_names``: the layer norms, which
+    each rank applies to its own positions), so that every tp rank holds the whole gradient,
+    as the replicated parameters it updates need (Megatron all-reduces its
+    sequence-parallel parameters' gradients likewise). Called with a stage's names once they
+    are final for the step, before the data-parallel reduction takes them (one message per
+    stage); a no-op without sequence parallelism. Collective over the tp group."""
+    mine = [n for n in names if n in local.sequence_parallel_names]
+    if not mine:
+        return
+    xp = local.xp
+    flat = xp.concatenate([local.grads[n].reshape(-1) for n in mine])
+    flat = local.tp_group.allreduce(flat)
+    start = 0
+    for n in mine:
+        g = local.grads[n]
+        g[...] = flat[start:start + g.size].reshape(g.shape)
+        start += g.size
 
 
 # ---- full state dict <-> local buffers ----------------------------------------------------------

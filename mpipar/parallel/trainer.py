@@ -46,7 +46,8 @@ from mpipar.parallel.data_parallel import CommStats
 from mpipar.parallel.grad_sync import make_grad_sync
 from mpipar.parallel.layout import Layout
 from mpipar.parallel.mesh import make_mesh
-from mpipar.parallel.model import build_local_model, gather_full_state_dict, local_pieces
+from mpipar.parallel.model import (allreduce_sequence_parallel_grads, build_local_model,
+                                   gather_full_state_dict, local_pieces)
 from mpipar.parallel.pipeline import PipelineExecutor, StepTimes, split_micro_batches
 from mpipar.parallel.schedules import Instruction
 
@@ -96,6 +97,11 @@ class ParallelTrainer:
         self.local = build_local_model(config, mesh, seed=seed, dtype=dtype, xp=xp, layout=layout)
         self.pipe = PipelineExecutor(self.local, mesh.pp_group, chunks=self.local.chunks)
         self.sync = make_grad_sync(self.local, mesh, layout, optimizer)
+        # a stage's final gradients: under sequence parallelism the layer norms' summed over
+        # tp first, then handed to the GradSync
+        if self.local.sequence_parallel_names:
+            self.pipe.on_stage_backward_done.append(
+                lambda i, names: allreduce_sequence_parallel_grads(self.local, names))
         if hooks:
             self.pipe.on_stage_backward_done.append(lambda i, names: self.sync.mark_ready(names))
         self._plan = self._make_plan()
@@ -124,6 +130,7 @@ class ParallelTrainer:
         rows = idx.shape[0]
         self.layout.check_batch(rows * self.mesh.dp)
         chunk = rows // K
+        self._set_act_shape(chunk // self._plan[0].micro_batches, idx.shape[1])
         self.sync.begin_step()
         comm, times, loss = CommStats(), StepTimes(), 0.0
         for k, c in enumerate(self._plan):
@@ -140,6 +147,11 @@ class ParallelTrainer:
         backend.synchronize(xp)
         return TrainStepResult(loss, norm, comm, param_comm, times)
 
+    def _set_act_shape(self, B: int, T: int) -> None:
+        """What the executor's receive buffers hold: this model's activation shape for a
+        micro-batch (sequence parallelism sends (B, T/tp, C))."""
+        self.pipe.act_shape = self.local.activation_shape(B, T)
+
     def _dp_mean(self, value: float) -> float:
         dp = self.mesh.dp_group
         if dp.size == 1:
@@ -152,6 +164,7 @@ class ParallelTrainer:
         averaged over dp: the same number on every rank."""
         xp = self.xp
         mbs = split_micro_batches(xp.asarray(idx), xp.asarray(targets), self.layout.micro_batches)
+        self._set_act_shape(mbs[0][0].shape[0], mbs[0][0].shape[1])
         self.local.eval()
         try:
             loss = self.pipe.step(self._evaluation, mbs, zero_grad=False)

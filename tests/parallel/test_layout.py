@@ -47,6 +47,12 @@ TINY = PRESETS["tiny"]                          # 8 heads, 8 blocks, C = 64, V =
      "pp 4 x 3 virtual stages = 12 virtual stages for 8 blocks"),
     (Layout(pp=2, micro_batches=2, virtual_stages=2, stage_layers=(4, 4)), 2, TINY, None,
      "stage_layers", "name 2 stages, pp 2 x 2 virtual stages per rank make 4"),
+    (Layout(recompute="some"), 1, None, None, "recompute",
+     "recompute 'some' is not one of none, selective, full"),
+    (Layout(sequence_parallel=True), 1, None, None, "sequence_parallel", "needs tp > 1, got tp 1"),
+    (Layout(tp=2, sequence_parallel=1), 2, None, None, "sequence_parallel", "True or False, got 1"),
+    (Layout(tp=2, sequence_parallel=True), 2, TINY.replace(block_size=9), None,
+     "sequence_parallel", "tp 2: tp does not divide the block size 9"),
 ])
 def test_what_does_not_fit_and_why(layout, world, config, batch, field, match):
     with pytest.raises(LayoutError, match=match) as e:
@@ -58,6 +64,8 @@ def test_what_does_not_fit_and_why(layout, world, config, batch, field, match):
 def test_what_fits():
     Layout(dp=2, tp=2, pp=2, micro_batches=4, grad_accum=2, zero=1, bucket_mb=0.5,
            allreduce="ring", stage_layers=(5, 3)).check(8, TINY, 2 * 4 * 2 * 3)
+    Layout(tp=4, pp=2, micro_batches=2, virtual_stages=2, recompute="selective",
+           sequence_parallel=True).check(8, TINY, 4)
     # the vocabulary is split unevenly: it need not divide by tp
     Layout(tp=8).check(8, TINY.replace(vocab_size=259))
     assert Layout(pp=2, stage_layers=(5, 3)).stage_ranges(TINY) == [range(0, 5), range(5, 8)]
