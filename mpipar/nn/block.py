@@ -221,9 +221,14 @@ class FullRecompute(KeepActivations):
 
     def backward(self, dout: Any, saved: Any, p: dict[str, Any], d: dict[str, Any], NH: int,
                  region: ParallelRegion) -> Any:
+        return backward(dout, self.rerun(saved, p, NH, region), d, region)
+
+    def rerun(self, saved: Any, p: dict[str, Any], NH: int, region: ParallelRegion) -> tuple:
+        """The recomputation alone: forward again from the saved input and generator state;
+        returns the whole cache "none" would have kept (a method of its own, so that a
+        profiler or the simulator can tell recompute time from backward time)."""
         x, dropout_p, rng = saved
-        _, cache = forward(x, p, NH, dropout_p, rng, region)
-        return backward(dout, cache, d, region)
+        return forward(x, p, NH, dropout_p, rng, region)[1]
 
 
 RECOMPUTE: dict[str, KeepActivations] = {

@@ -48,7 +48,11 @@ def backward(dout: Any, mask: Any) -> Any:
 
 
 def snapshot(rng: Any) -> Any:
-    """A copy of ``rng`` in its present state (None stays None): drawing from the copy later
-    repeats the draws ``rng`` makes from now on, so a recomputed forward drops the entries
-    the first one dropped. A NumPy generator's state is a few hundred bytes."""
-    return None if rng is None else copy.deepcopy(rng)
+    """A copy of ``rng`` in its present state: drawing from the copy later repeats the draws
+    ``rng`` makes from now on, so a recomputed forward drops the entries the first one
+    dropped. A generator with a ``bit_generator`` (NumPy's, CuPy's) is copied with its state
+    (a NumPy PCG64 state is a few hundred bytes); one without (None, or the simulator's
+    shape-only generator, whose draws depend on no state) is returned as it is."""
+    if rng is None or not hasattr(rng, "bit_generator"):
+        return rng
+    return copy.deepcopy(rng)
