@@ -215,12 +215,12 @@ class LocalModel:
         # gradients are partial sums, owed a sum over the tp group
         self.sequence_parallel_names: frozenset[str] = frozenset(
             n for n in self.params if layout.sequence_parallel and _is_layer_norm(n))
+        self.sequence_split = tp if layout.sequence_parallel else 1   # T / positions per rank
 
     def activation_shape(self, B: int, T: int) -> tuple[int, int, int]:
         """The shape of what passes between this model's stages (and pipeline ranks) for
         B sequences of T positions: (B, T/tp, C) under sequence parallelism, else (B, T, C)."""
-        t = self.tp if self.sequence_parallel_names else 1
-        return B, T // t, self.config.n_embd
+        return B, T // self.sequence_split, self.config.n_embd
 
     @property
     def grad_buffer(self) -> Any:
