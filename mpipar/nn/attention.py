@@ -19,8 +19,17 @@ and ``c_proj_b=None``; its ``out`` is a partial sum that the caller all-reduces 
 adding the bias, and its ``dx`` is a partial gradient that the caller all-reduces. No
 communication happens here.
 
-The cache keeps the input x, qkv, the attention probabilities (B, NH, T, T) and y; the
-pre-softmax scores are not kept (softmax backward needs only its output).
+The cache keeps the input x, qkv and y, and what ``probabilities`` keeps of the softmax
+(the pre-softmax scores are never kept: softmax backward needs only its output):
+
+* ``KEEP`` (recompute "none"): the probabilities (B, NH, T, T) and, with attention dropout,
+  its mask (B, NH, T, T);
+* ``RECOMPUTE`` (recompute "selective", Korthikanti et al. 2022, "Reducing Activation
+  Recomputation in Large Transformer Models", section 4.3): nothing of size T x T, only the
+  dropout generator's state (``dropout.snapshot``). Backward recomputes the scores and the
+  softmax from the cached q and k, and redraws the dropout mask, with the very operations of
+  forward, so gradients are bitwise those of ``KEEP``, for one extra (B, NH, T, T) matmul
+  and softmax per backward.
 """
 
 from __future__ import annotations
@@ -85,12 +94,57 @@ def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
     for_each_block(xp, B * NH, T * T, block)
 
 
+def _probabilities(q: Any, k: Any, p: float, rng: Any) -> tuple[Any, Any]:
+    """``(att, mask)``: softmax(q k^T / sqrt(hs) + causal mask) (B, NH, T, T) and the dropout
+    mask drawn from ``rng`` (None when p == 0). Forward and recompute both call this."""
+    xp = array_module(q)
+    T, hs = q.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(hs)                 # a Python float: keeps float32 float32
+    att = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T) scores
+    _softmax_(att, causal_mask(T, att.dtype, xp), xp)  # (B, NH, T, T) probabilities
+    drop = dropout_op.mask(att.shape, att.dtype, p, rng) if p > 0.0 else None
+    return att, drop
+
+
+class KeepProbabilities:
+    """Recompute "none": the cache keeps the probabilities and the dropout mask."""
+
+    def keep(self, q: Any, k: Any, p: float, rng: Any) -> tuple[Any, Any, Any]:
+        """``(att, mask, kept)``: forward's probabilities and mask, and what the cache keeps."""
+        att, drop = _probabilities(q, k, p, rng)
+        return att, drop, (att, drop)
+
+    def restore(self, kept: Any, q: Any, k: Any) -> tuple[Any, Any]:
+        """``(att, mask)`` for backward, from ``kept`` (and q, k)."""
+        return kept
+
+
+class RecomputeProbabilities(KeepProbabilities):
+    """Recompute "selective": the cache keeps the dropout generator's state only; backward
+    recomputes the probabilities from q, k and redraws the mask."""
+
+    def keep(self, q: Any, k: Any, p: float, rng: Any) -> tuple[Any, Any, Any]:
+        saved = dropout_op.snapshot(rng) if p > 0.0 else None   # before forward draws
+        att, drop = _probabilities(q, k, p, rng)
+        return att, drop, (p, saved)
+
+    def restore(self, kept: Any, q: Any, k: Any) -> tuple[Any, Any]:
+        p, saved = kept
+        return _probabilities(q, k, p, saved)
+
+
+KEEP = KeepProbabilities()
+RECOMPUTE = RecomputeProbabilities()
+
+
 def forward(x: Any, c_attn_w: Any, c_attn_b: Any, c_proj_w: Any, c_proj_b: Any, NH: int,
-            attn_dropout: float = 0.0, rng: Any = None) -> tuple[Any, tuple]:
+            attn_dropout: float = 0.0, rng: Any = None,
+            probabilities: KeepProbabilities = KEEP) -> tuple[Any, tuple]:
     """Attention over the NH heads whose weights are given; returns ``(out, cache)``.
 
     ``c_attn_w`` (3 NH hs, C), ``c_attn_b`` (3 NH hs,) or None, ``c_proj_w`` (OC, NH hs),
     ``c_proj_b`` (OC,) or None. ``attn_dropout`` > 0 drops attention probabilities (needs ``rng``).
+    ``probabilities``: ``KEEP`` or ``RECOMPUTE`` (what the cache keeps of the softmax).
     """
     xp = array_module(x)
     B, T, C = x.shape
@@ -101,25 +155,19 @@ def forward(x: Any, c_attn_w: Any, c_attn_b: Any, c_proj_w: Any, c_proj_b: Any, 
     q = qkv5[:, :, 0].transpose(0, 2, 1, 3)     # (B, NH, T, hs) strided view
     k = qkv5[:, :, 1].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
     v = qkv5[:, :, 2].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
-    scale = 1.0 / math.sqrt(hs)                 # a Python float: keeps float32 float32
-    att = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T) scores
-    _softmax_(att, causal_mask(T, att.dtype, xp), xp)  # (B, NH, T, T) probabilities
-    drop = None
-    if attn_dropout > 0.0:
-        att_used, drop = dropout_op.forward(att, attn_dropout, rng)
-    else:
-        att_used = att
+    att, drop, kept = probabilities.keep(q, k, attn_dropout, rng)  # (B, NH, T, T)
+    att_used = dropout_op.forward_with(att, drop)
     y = xp.empty((B, T, NH, hs), dtype=x.dtype)  # (B, T, NH, hs): heads side by side
     xp.matmul(att_used, v, out=y.transpose(0, 2, 1, 3))  # (B, NH, T, hs) view of y
     y = y.reshape(B, T, H)                      # (B, T, H)
     out, lin2 = linear.forward(y, c_proj_w, c_proj_b)  # (B, T, OC)
-    return out, (lin1, qkv, att, drop, lin2, NH)
+    return out, (lin1, qkv, probabilities, kept, lin2, NH)
 
 
 def backward(dout: Any, cache: tuple, dc_attn_w: Any, dc_attn_b: Any, dc_proj_w: Any,
              dc_proj_b: Any) -> Any:
     """Accumulate the four weight gradients (None for absent biases); return dx (B, T, C)."""
-    lin1, qkv, att, drop, lin2, NH = cache
+    lin1, qkv, probabilities, kept, lin2, NH = cache
     xp = array_module(qkv)
     B, T, H3 = qkv.shape
     H = H3 // 3
@@ -131,6 +179,7 @@ def backward(dout: Any, cache: tuple, dc_attn_w: Any, dc_attn_b: Any, dc_proj_w:
     q = qkv5[:, :, 0].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
     k = qkv5[:, :, 1].transpose(0, 2, 1, 3)
     v = qkv5[:, :, 2].transpose(0, 2, 1, 3)
+    att, drop = probabilities.restore(kept, q, k)  # (B, NH, T, T) and its dropout mask
     # dropped probabilities are recomputed from att and the mask rather than cached
     att_used = att if drop is None else dropout_op.forward_with(att, drop)
     # the products are written straight into their slots of dqkv (no transpose copies)

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mpipar.nn import block, crossentropy, dropout, embedding, layernorm, linear
-from mpipar.nn.block import SERIAL, ParallelRegion
+from mpipar.nn import crossentropy, dropout, embedding, layernorm, linear
+from mpipar.nn.block import RECOMPUTE, SERIAL, KeepActivations, ParallelRegion
 
 
 @dataclass
@@ -66,24 +66,28 @@ def block_grads(grads: Any, names: tuple[str, ...], prefix_len: int) -> dict[str
 
 
 class BlockStage:
-    """Transformer block ``i`` (parameters ``transformer.h.{i}.*``): ``NH`` heads, and the
+    """Transformer block ``i`` (parameters ``transformer.h.{i}.*``): ``NH`` heads, the
     block's communication points ``region`` (``SERIAL``: none; tensor parallel: this rank's
-    shard of the weights, its heads, and the tp group's f and g)."""
+    shard of the weights, its heads, and the tp group's f and g), and what its forward keeps
+    for backward, ``recompute`` (``block.RECOMPUTE["none" | "selective" | "full"]``)."""
 
     def __init__(self, i: int, params: dict, grads: dict, NH: int, state: RunState,
-                 region: ParallelRegion = SERIAL):
+                 region: ParallelRegion = SERIAL, recompute: KeepActivations = RECOMPUTE["none"]):
         prefix = f"transformer.h.{i}."
         self.i, self.NH, self.state, self.region = i, NH, state, region
+        self.recompute = recompute
         self.names = tuple(k for k in params if k.startswith(prefix))
         self.p = {k[len(prefix):]: params[k] for k in self.names}
         self.grads, self._prefix = grads, len(prefix)
 
-    def forward(self, x: Any) -> tuple[Any, tuple]:
-        return block.forward(x, self.p, self.NH, self.state.p, self.state.rng, self.region)
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        return self.recompute.forward(x, self.p, self.NH, self.state.p, self.state.rng,
+                                      self.region)
 
-    def backward(self, dx: Any, cache: tuple) -> Any:
-        return block.backward(dx, cache, block_grads(self.grads, self.names, self._prefix),
-                              self.region)
+    def backward(self, dx: Any, cache: Any) -> Any:
+        return self.recompute.backward(dx, cache, self.p,
+                                       block_grads(self.grads, self.names, self._prefix),
+                                       self.NH, self.region)
 
 
 class HeadStage:

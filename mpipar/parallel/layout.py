@@ -4,11 +4,13 @@
     layout.check(world_size=8, config=PRESETS["tiny"], batch_size=16)   # LayoutError or None
     layout, why = choose_layout(8, PRESETS["tiny"], batch_size=16)       # when none is given
     layouts(8)                                                           # every dp x tp x pp
+    Layout(pp=2, micro_batches=4, virtual_stages=2).schedule_for(pp_rank=0)  # interleaved 1F1B
 
 A ``Layout`` is data: the data-parallel, tensor-parallel and pipeline degrees, how the
 global batch is cut (``grad_accum`` accumulation steps of ``micro_batches`` pipeline
 micro-batches on each of the ``dp`` replicas), the pipeline schedule and split of the
-blocks, ZeRO's stage and the data-parallel gradient buckets and algorithm.
+blocks (over ``virtual_stages`` model chunks per pipeline rank), ZeRO's stage and the
+data-parallel gradient buckets and algorithm.
 
 ``Layout.check`` is the only place that decides whether a layout fits the world, the model
 and the batch: the command line, the trainer, the benchmark and ``choose_layout`` all call
@@ -25,6 +27,15 @@ What fits:
   divide);
 * ``pp`` at most the number of blocks; ``stage_layers`` (blocks per stage), when given,
   ``pp`` positive counts summing to ``n_layer``;
+* ``virtual_stages`` v a positive integer; v > 1 (interleaved 1F1B, Narayanan et al. 2021:
+  rank r runs virtual stages r, P + r, ..., (v-1) P + r of P v) needs ``schedule="1f1b"``,
+  ``pp`` > 1, micro-batches a multiple of ``pp`` (the schedule's own rule:
+  ``schedules.interleaved_1f1b`` is asked) and a block per virtual stage (pp v <= n_layer);
+  ``stage_layers`` then has pp v counts, one per virtual stage;
+* ``recompute`` one of ``nn.block.RECOMPUTE``: ``none``, ``selective`` (attention's
+  softmax recomputed in backward), ``full`` (each block's forward rerun in backward);
+* ``sequence_parallel`` (Korthikanti et al. 2022) needs tp > 1 and tp dividing the block
+  size;
 * the global batch splits into ``dp x grad_accum x micro_batches`` equal parts;
 * ``schedule`` one of ``gpipe``, ``1f1b``; ``zero`` 0, 1 or 2; ``bucket_mb`` a finite
   positive number of MiB (None: one bucket); ``allreduce`` an algorithm of ``mpipar.comm``
@@ -40,7 +51,10 @@ from typing import Any, Sequence
 
 from mpipar.comm import auto
 from mpipar.comm.algorithms import algorithm_names
+from mpipar.nn.block import RECOMPUTE
 from mpipar.parallel.partition import balanced_layers, gpt_stage_costs
+from mpipar.parallel.schedules import (Forward, Instruction, RecvActivation, SendActivation,
+                                       make_schedule)
 
 SCHEDULE_NAMES = ("gpipe", "1f1b")
 ZERO_STAGES = (0, 1, 2)
@@ -48,8 +62,8 @@ ZERO_STAGES = (0, 1, 2)
 
 class LayoutError(ValueError):
     """A parallel layout that does not fit the world, the model or the batch. ``field`` is the
-    part of the layout at fault: a ``Layout`` field name, ``"batch_size"``, or ``"grid"``
-    (dp x tp x pp against the world size)."""
+    part of the layout at fault: a ``Layout`` field name (``"virtual_stages"`` included),
+    ``"batch_size"``, or ``"grid"`` (dp x tp x pp against the world size)."""
 
     def __init__(self, message: str, field: str = "grid") -> None:
         super().__init__(message)
@@ -68,10 +82,13 @@ class Layout:
     micro_batches: int = 1                       # pipeline micro-batches per accumulation step
     grad_accum: int = 1                          # accumulation steps per optimiser step
     schedule: str = "1f1b"
-    stage_layers: tuple[int, ...] | None = None  # blocks per pipeline stage (None: balanced)
+    stage_layers: tuple[int, ...] | None = None  # blocks per (virtual) stage (None: balanced)
     zero: int = 0                                # ZeRO stage: 0 none, 1 optimiser state, 2 + grads
     bucket_mb: float | None = 1.0                # data-parallel gradient bucket size (None: one)
     allreduce: str | None = None                 # the dp group's algorithm (None: its default)
+    virtual_stages: int = 1                      # model chunks per pipeline rank (> 1: interleaved)
+    recompute: str = "none"                      # activation recompute: none, selective, full
+    sequence_parallel: bool = False              # split what lies between tp regions along T
 
     @property
     def world_size(self) -> int:
@@ -81,6 +98,11 @@ class Layout:
     def parts(self) -> int:
         """Equal parts the global batch is cut into: dp x grad_accum x micro_batches."""
         return self.dp * self.grad_accum * self.micro_batches
+
+    @property
+    def num_virtual_stages(self) -> int:
+        """Virtual pipeline stages: pp x virtual_stages (pp when not interleaved)."""
+        return self.pp * self.virtual_stages
 
     def replace(self, **changes: Any) -> "Layout":
         return replace(self, **changes)
@@ -123,6 +145,16 @@ class Layout:
         if self.schedule not in SCHEDULE_NAMES:
             raise LayoutError(f"pipeline schedule {self.schedule!r} is not one of "
                               f"{', '.join(SCHEDULE_NAMES)}", "schedule")
+        self._check_virtual_stages()
+        if self.recompute not in RECOMPUTE:
+            raise LayoutError(f"activation recompute {self.recompute!r} is not one of "
+                              f"{', '.join(RECOMPUTE)}", "recompute")
+        if not isinstance(self.sequence_parallel, bool):
+            raise LayoutError(f"sequence_parallel must be True or False, got "
+                              f"{self.sequence_parallel!r}", "sequence_parallel")
+        if self.sequence_parallel and self.tp < 2:
+            raise LayoutError(f"sequence parallelism splits the sequence over the tensor-parallel "
+                              f"group: it needs tp > 1, got tp {self.tp}", "sequence_parallel")
         if self.zero not in ZERO_STAGES:
             raise LayoutError(f"ZeRO stage {self.zero!r} is not one of 0, 1, 2", "zero")
         b = self.bucket_mb
@@ -130,6 +162,23 @@ class Layout:
             raise LayoutError(f"a gradient bucket of {b!r} MiB: the size must be a finite "
                               f"positive number", "bucket_mb")
         self._check_algorithm()
+
+    def _check_virtual_stages(self) -> None:
+        v = self.virtual_stages
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LayoutError(f"the number of virtual pipeline stages per rank must be a "
+                              f"positive integer, got {v!r}", "virtual_stages")
+        if v == 1:
+            return
+        if self.schedule != "1f1b":
+            raise LayoutError(f"{v} virtual stages per rank need the 1f1b schedule (interleaved "
+                              f"1F1B); {self.schedule!r} runs one model chunk per rank",
+                              "virtual_stages")
+        try:                     # the schedule library's own rules (pp > 1, M a multiple of pp)
+            self.schedule_for(0)
+        except ValueError as e:
+            raise LayoutError(f"{v} virtual stages per rank with pp {self.pp} and "
+                              f"{self.micro_batches} micro-batches: {e}", "virtual_stages") from e
 
     def _check_algorithm(self) -> None:
         name = self.allreduce
@@ -159,11 +208,22 @@ class Layout:
         if pp > config.n_layer:
             raise LayoutError(f"{pp} pipeline stages for {config.n_layer} blocks: every stage "
                               f"needs at least one block", "pp")
+        if self.sequence_parallel and config.block_size % tp:
+            raise LayoutError(f"sequence parallelism over tp {tp}: tp does not divide the block "
+                              f"size {config.block_size} (each rank holds block/tp positions)",
+                              "sequence_parallel")
+        stages = self.num_virtual_stages
+        if stages > config.n_layer:
+            raise LayoutError(f"pp {pp} x {self.virtual_stages} virtual stages = {stages} virtual "
+                              f"stages for {config.n_layer} blocks: every virtual stage needs at "
+                              f"least one block", "virtual_stages")
         if self.stage_layers is not None:
             counts = list(self.stage_layers)
-            if len(counts) != pp:
+            if len(counts) != stages:
+                what = "the pipeline has" if self.virtual_stages == 1 else \
+                    f"pp {pp} x {self.virtual_stages} virtual stages per rank make"
                 raise LayoutError(f"blocks per stage {_counts(counts)} name {len(counts)} stages, "
-                                  f"the pipeline has {pp}", "stage_layers")
+                                  f"{what} {stages}", "stage_layers")
             if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts):
                 raise LayoutError(f"blocks per stage {_counts(counts)}: every stage needs at "
                                   f"least one block", "stage_layers")
@@ -182,10 +242,12 @@ class Layout:
 
     # -- derived --------------------------------------------------------------------------
     def stage_ranges(self, config: Any) -> list[range]:
-        """The blocks of each pipeline stage: ``stage_layers`` as contiguous ranges, or a
-        split balanced by estimated FLOPs (``partition.balanced_layers``)."""
+        """The blocks of each (virtual) pipeline stage, ``pp x virtual_stages`` of them in
+        model order: ``stage_layers`` as contiguous ranges, or a split balanced by estimated
+        FLOPs (``partition.balanced_layers``; the first virtual stage is charged the
+        embedding, the last the head, which is where they run)."""
         if self.stage_layers is None:
-            return balanced_layers(config.n_layer, self.pp,
+            return balanced_layers(config.n_layer, self.num_virtual_stages,
                                    gpt_stage_costs(config, config.block_size))
         out, start = [], 0
         for c in self.stage_layers:
@@ -193,8 +255,36 @@ class Layout:
             start += c
         return out
 
+    def chunk_ranges(self, config: Any, pp_rank: int) -> list[range]:
+        """The blocks of each model chunk of pipeline rank ``pp_rank``: chunk c is virtual
+        stage ``c * pp + pp_rank`` (the executor's and the schedules' numbering)."""
+        ranges = self.stage_ranges(config)
+        return [ranges[c * self.pp + pp_rank] for c in range(self.virtual_stages)]
+
+    def schedule_for(self, pp_rank: int, micro_batches: int | None = None,
+                     sync: bool = True) -> list[Instruction]:
+        """The instruction list of pipeline rank ``pp_rank`` (``schedules.make_schedule``):
+        ``schedule`` with one chunk, or ``interleaved_1f1b`` over ``virtual_stages`` chunks
+        when there are several; ``micro_batches`` defaults to the layout's."""
+        M = self.micro_batches if micro_batches is None else micro_batches
+        if self.virtual_stages > 1:
+            return make_schedule("interleaved", self.pp, pp_rank, M, self.virtual_stages, sync)
+        return make_schedule(self.schedule, self.pp, pp_rank, M, sync=sync)
+
+    def evaluation_schedule_for(self, pp_rank: int, micro_batches: int | None = None
+                                ) -> list[Instruction]:
+        """Forward-only instructions (evaluation): the training schedule's receives,
+        forwards and sends in its order, the forwards keeping no cache. Every rank runs its
+        forward units in the training order, which the schedule library checks deadlock-free
+        with any number of chunks; with one chunk this is ``schedules.forward_only``."""
+        keep = (RecvActivation, Forward, SendActivation)
+        return [replace(i, keep_cache=False) if isinstance(i, Forward) else i
+                for i in self.schedule_for(pp_rank, micro_batches, sync=False)
+                if isinstance(i, keep)]
+
     def __str__(self) -> str:
-        return f"dp={self.dp} x tp={self.tp} x pp={self.pp}"
+        s = f"dp={self.dp} x tp={self.tp} x pp={self.pp}"
+        return s + (f" (v={self.virtual_stages})" if self.virtual_stages > 1 else "")
 
 
 def _counts(counts: Sequence[Any]) -> str:

@@ -3,15 +3,21 @@
     from mpipar.parallel.mesh import make_mesh
     from mpipar.parallel.model import build_local_model, gather_full_state_dict
     mesh = make_mesh(comm, dp=2, tp=2, pp=2)
-    local = build_local_model(PRESETS["tiny"], mesh, seed=0, dtype="float64")
+    local = build_local_model(PRESETS["tiny"], mesh, seed=0, dtype="float64",
+                              layout=Layout(dp=2, tp=2, pp=2))   # default: the mesh's degrees
     local.stages            # [TPEmbeddingStage?, BlockStage..., TPHeadStage?] of this rank
+    local.chunks            # the same stages per model chunk (one unless virtual_stages > 1)
     local.param_buffer      # flat: only this rank's tensors (its layers, its tp shards)
     local.params["transformer.h.0.attn.c_attn.weight"].shape   # (3C/tp, C)
     sd = gather_full_state_dict(local, mesh)                   # full nanoGPT dict, every rank
 
 What a rank holds: pipeline stage s owns a contiguous slice of the blocks, ``stage_layers[s]``
 of them (default: a split balanced by estimated FLOPs, ``Layout.stage_ranges``); stage 0
-also owns the embeddings (wte, wpe), the last stage ln_f and the head. The head is tied to wte (Press & Wolf 2017), so with pp > 1 **wte lives on both the
+also owns the embeddings (wte, wpe), the last stage ln_f and the head. With
+``layout.virtual_stages`` v > 1 the blocks are cut into pp v contiguous virtual stages and
+rank r builds v model chunks, ``local.chunks[c]`` being virtual stage c pp + r (interleaved
+1F1B, Narayanan et al. 2021); the embedding is the start of rank 0's chunk 0, the head the
+end of rank pp-1's chunk v-1. ``local.stages`` is every chunk's stages in chunk order. The head is tied to wte (Press & Wolf 2017), so with pp > 1 **wte lives on both the
 first and the last stage** (Megatron's "embedding group"): both start from the same slice
 of the same init, and the executor must all-reduce the gradient of every name in
 ``local.tied_names`` between the two (``tied_embedding_group`` + ``allreduce_tied_grads``)
@@ -30,8 +36,10 @@ complete last), so data-parallel buckets are best cut from the end backwards usi
 Gradient reductions a trainer owes (nothing here communicates after construction):
 * over ``mesh.dp_group``: every gradient (the data-parallel sum or mean);
 * over the tied group (pp > 1): the names in ``tied_names``;
-* over ``mesh.tp_group``: nothing. Replicated tensors (``shard_spec[name] is None``) get
-  identical gradients on every tp rank; sharded ones are distinct pieces. A global gradient
+* over ``mesh.tp_group``: nothing, except under sequence parallelism the layer norms'
+  (``sequence_parallel_names``, ``allreduce_sequence_parallel_grads``). Replicated tensors
+  (``shard_spec[name] is None``) otherwise get identical gradients on every tp rank;
+  sharded ones are distinct pieces. A global gradient
   norm sums squares over the tp and pp groups and counts each parameter once
   (``counts_in_norm``).
 
@@ -42,20 +50,20 @@ every layout starts from exactly the bits of ``GPT(config, seed, dtype)``.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Collection, NamedTuple, Sequence
 
 import numpy as np
 
 from mpipar.backend import resolve_dtype, to_device, to_host
 from mpipar.nn.attention import qkv_rows
 from mpipar.nn.flat import FlatLayout
-from mpipar.nn.block import SERIAL
+from mpipar.nn.block import RECOMPUTE, SERIAL
 from mpipar.nn.grads import GradStore
 from mpipar.nn.gpt import GPTConfig, init_host, param_shapes
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage, RunState
 from mpipar.parallel.layout import Layout
 from mpipar.parallel.tensor_parallel import TPEmbeddingStage, TPHeadStage, ffn_range, head_range, vocab_range
-from mpipar.parallel.tp_comm import TensorParallelRegion
+from mpipar.parallel.tp_comm import SequenceParallelRegion, TensorParallelRegion
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
@@ -82,7 +90,7 @@ class Shard(NamedTuple):
 # ---- which tensors, and which slice of each, this rank holds --------------------------------
 
 def local_shards(config: GPTConfig, tp: int, tp_rank: int, first: bool, last: bool,
-                 layers: range) -> dict[str, Shard | None]:
+                 layers: Collection[int]) -> dict[str, Shard | None]:
     """name -> Shard (or None: the full tensor) for every tensor of this rank, in the
     single-process order. Pure: no communication, usable without MPI."""
     C, NH, V = config.n_embd, config.n_head, config.vocab_size
@@ -144,21 +152,24 @@ class LocalModel:
     """This rank's stages and flat parameter/gradient buffers (see the module docstring)."""
 
     def __init__(self, config: GPTConfig, mesh: Any, seed: int, dtype: Any, xp: ModuleType,
-                 stage_layers: Sequence[int] | None, init: bool = True):
+                 layout: Layout | None, init: bool = True):
         dp = 1 if mesh is None else mesh.dp
         tp = 1 if mesh is None else mesh.tp
         pp = 1 if mesh is None else mesh.pp
         tp_rank = 0 if mesh is None else mesh.tp_rank
         pp_rank = 0 if mesh is None else mesh.pp_rank
         dp_rank = 0 if mesh is None else mesh.dp_rank
-        layout = Layout(dp, tp, pp, stage_layers=None if stage_layers is None else tuple(stage_layers))
+        layout = Layout(dp, tp, pp) if layout is None else layout
+        if (layout.dp, layout.tp, layout.pp) != (dp, tp, pp):
+            raise ValueError(f"layout {layout} does not match the mesh dp={dp} x tp={tp} x pp={pp}")
         layout.check(layout.world_size, config)
-        self.stage_layers = layout.stage_ranges(config)
+        self.stage_layers = layout.stage_ranges(config)      # every virtual stage's blocks
+        self.chunk_layers = layout.chunk_ranges(config, pp_rank)
         self.config, self.mesh, self.xp, self.seed = config, mesh, xp, seed
         self.dtype = resolve_dtype(dtype)
         self.tp, self.pp, self.tp_rank, self.pp_rank = tp, pp, tp_rank, pp_rank
         self.first_stage, self.last_stage = pp_rank == 0, pp_rank == pp - 1
-        self.layers: range = self.stage_layers[pp_rank]
+        self.layers: tuple[int, ...] = tuple(i for r in self.chunk_layers for i in r)
         self.vocab = vocab_range(config.vocab_size, tp, tp_rank)
         self.tp_group = None if mesh is None else mesh.tp_group
 
@@ -192,15 +203,35 @@ class LocalModel:
         # ---- stages: the single process's, with tp > 1 the block given this rank's slices
         # and the tp group's f and g, and the vocabulary-parallel embedding and head
         P, G, st, grp = self.params, self.grads, self.state, self.tp_group
-        region = TensorParallelRegion(grp) if tp > 1 else SERIAL
-        self.stages: list[Any] = []
-        if self.first_stage:
-            self.stages.append(TPEmbeddingStage(P, G, st, grp, self.vocab) if tp > 1
-                               else EmbeddingStage(P, G, st))
-        self.stages += [BlockStage(i, P, G, config.n_head // tp, st, region) for i in self.layers]
-        if self.last_stage:
-            self.stages.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size) if tp > 1
-                               else HeadStage(P, G))
+        region = (SequenceParallelRegion(grp) if layout.sequence_parallel else
+                  TensorParallelRegion(grp) if tp > 1 else SERIAL)
+        recompute = RECOMPUTE[layout.recompute]             # what every block's forward keeps
+        # chunk c (virtual stage c * pp + pp_rank): the embedding leads the first virtual
+        # stage (chunk 0 of pp rank 0), the head ends the last (chunk v-1 of rank pp-1)
+        v = len(self.chunk_layers)
+        self.chunks: list[list[Any]] = []
+        for c, layers in enumerate(self.chunk_layers):
+            chunk: list[Any] = []
+            if self.first_stage and c == 0:
+                chunk.append(TPEmbeddingStage(P, G, st, grp, self.vocab, region) if tp > 1
+                             else EmbeddingStage(P, G, st))
+            chunk += [BlockStage(i, P, G, config.n_head // tp, st, region, recompute)
+                      for i in layers]
+            if self.last_stage and c == v - 1:
+                chunk.append(TPHeadStage(P, G, grp, self.vocab, config.vocab_size, region)
+                             if tp > 1 else HeadStage(P, G))
+            self.chunks.append(chunk)
+        self.stages: list[Any] = [st_ for chunk in self.chunks for st_ in chunk]
+        # under sequence parallelism the layer norms see T/t positions per rank: their
+        # gradients are partial sums, owed a sum over the tp group
+        self.sequence_parallel_names: frozenset[str] = frozenset(
+            n for n in self.params if layout.sequence_parallel and _is_layer_norm(n))
+        self.sequence_split = tp if layout.sequence_parallel else 1   # T / positions per rank
+
+    def activation_shape(self, B: int, T: int) -> tuple[int, int, int]:
+        """The shape of what passes between this model's stages (and pipeline ranks) for
+        B sequences of T positions: (B, T/tp, C) under sequence parallelism, else (B, T, C)."""
+        return B, T // self.sequence_split, self.config.n_embd
 
     @property
     def grad_buffer(self) -> Any:
@@ -231,25 +262,29 @@ class LocalModel:
         return self.layout.numel
 
     def __repr__(self) -> str:
+        blocks = ", ".join(f"{r.start}..{r.stop - 1}" for r in self.chunk_layers)
         return (f"LocalModel(tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, "
-                f"layers {self.layers.start}..{self.layers.stop - 1}, "
+                f"layers {blocks}, "
                 f"{self.layout.numel:,} params, {self.dtype.name})")
 
 
 def build_local_model(config: GPTConfig, mesh: Any, seed: int = 0, dtype: Any = "float64",
-                      xp: ModuleType = np, stage_layers: Sequence[int] | None = None,
+                      xp: ModuleType = np, layout: Layout | None = None,
                       init: bool = True) -> LocalModel:
     """This rank's part of ``GPT(config, seed, dtype)`` under ``mesh`` (None: one process).
 
-    ``init=False`` leaves the parameters zero instead of initialising the whole model on the
-    host first (which a model that does not fit one process cannot afford).
-
-    ``stage_layers[s]``: the number of blocks of pipeline stage s (default: balanced by
-    FLOPs). Raises LayoutError (``Layout.check``), identically on every rank and before any
-    communication, when the mesh's layout does not fit the model. Collective only in that
-    every rank should call it (it communicates nothing itself).
+    ``layout`` (default: the mesh's degrees and nothing else) says what the model is built
+    with beyond the mesh: ``stage_layers`` (blocks per virtual stage; default balanced by
+    FLOPs), ``virtual_stages`` (``local.chunks``: one list of stages per model chunk, what
+    ``PipelineExecutor(chunks=...)`` runs) and ``recompute`` (every block's
+    ``block.RECOMPUTE`` policy); its dp, tp and pp must be the mesh's. ``init=False`` leaves
+    the parameters zero instead of initialising the whole model on the host first (which a
+    model that does not fit one process cannot afford).
+    Raises LayoutError (``Layout.check``), identically on every rank and before any
+    communication, when the layout does not fit the model. Collective only in that every
+    rank should call it (it communicates nothing itself).
     """
-    return LocalModel(config, mesh, seed, dtype, xp, stage_layers, init)
+    return LocalModel(config, mesh, seed, dtype, xp, layout, init)
 
 
 # ---- tied embedding (pp > 1) --------------------------------------------------------------
@@ -271,6 +306,33 @@ def allreduce_tied_grads(local: LocalModel, group: Any) -> None:
         return
     for name in local.tied_names:
         local.grads[name][...] = group.allreduce(local.grads[name])
+
+
+# ---- sequence-parallel layer norms ------------------------------------------------------------
+
+def _is_layer_norm(name: str) -> bool:
+    return ".ln_" in name or name.startswith("transformer.ln_f.")
+
+
+def allreduce_sequence_parallel_grads(local: LocalModel, names: Sequence[str]) -> None:
+    """Sum over the tp group, in place, the gradients among ``names`` that sequence
+    parallelism leaves partial (``local.sequence_parallel_names``: the layer norms, which
+    each rank applies to its own positions), so that every tp rank holds the whole gradient,
+    as the replicated parameters it updates need (Megatron all-reduces its
+    sequence-parallel parameters' gradients likewise). Called with a stage's names once they
+    are final for the step, before the data-parallel reduction takes them (one message per
+    stage); a no-op without sequence parallelism. Collective over the tp group."""
+    mine = [n for n in names if n in local.sequence_parallel_names]
+    if not mine:
+        return
+    xp = local.xp
+    flat = xp.concatenate([local.grads[n].reshape(-1) for n in mine])
+    flat = local.tp_group.allreduce(flat)
+    start = 0
+    for n in mine:
+        g = local.grads[n]
+        g[...] = flat[start:start + g.size].reshape(g.shape)
+        start += g.size
 
 
 # ---- full state dict <-> local buffers ----------------------------------------------------------

@@ -55,8 +55,8 @@ on receives, on sends, in the tied all-reduce and the loss broadcast, and the re
 read so the numbers are real.
 
 Interleaved 1F1B runs when ``chunks`` gives this rank's model chunks (a list of stage lists,
-chunk c being virtual stage ``c * P + pp_rank``); ``build_local_model`` builds contiguous
-stages only, so interleaving needs a model built per chunk (see tests/parallel/test_pipeline.py).
+chunk c being virtual stage ``c * P + pp_rank``): ``build_local_model(...,
+layout=Layout(virtual_stages=v)).chunks``.
 """
 
 from __future__ import annotations

@@ -29,9 +29,17 @@ contribute zeros); the head all-reduces the logit max, then the sum of exponenti
 the target logit in one message, and in backward the partial dh (f). Full logits are
 gathered only without targets (sampling).
 
+Sequence parallelism (``tp_comm.SequenceParallelRegion``) swaps f and g for all-gathers and
+reduce-scatters along the sequence: the embedding hands on this rank's positions, each
+block's layer norms, bias adds, dropout and residuals run on (B, T/t, C), and the head's
+final layer norm too, its f gathering the sequence before the logits. The layer norms'
+weight gradients are then partial sums over each rank's positions, which
+``model.allreduce_sequence_parallel_grads`` sums over the tp group.
+
 Every activation between branches is replicated and bit-identical across the tp group (an
 all-reduce gives every rank the same bits), so the replicated parameters' gradients are
-identical on every tp rank and need no tp reduction.
+identical on every tp rank and need no tp reduction (except the layer norms' under
+sequence parallelism, above).
 
 Relation to the single process (float64): the embedding, max and target-logit reductions
 are exact (one non-zero term, or a max). Row-parallel products, the sum of exponentials
@@ -83,13 +91,17 @@ class TPEmbeddingStage:
     """Vocabulary-parallel token embedding plus replicated position embedding, then dropout.
 
     A token outside [v0, v1) looks up 0 here; the all-reduce then gives every rank the full
-    row (exactly: one non-zero term per element)."""
+    row (exactly: one non-zero term per element). ``region`` says what leaves the stage: the
+    whole (B, T, C) (``TensorParallelRegion``), or under sequence parallelism this rank's
+    (B, T/t, C) positions, whose gradient backward all-gathers before the lookup's
+    scatter-add (every rank's wte rows take gradient from every position)."""
 
     names = ("transformer.wte.weight", "transformer.wpe.weight")
 
     def __init__(self, params: dict, grads: dict, state: RunState, group: Any,
-                 vocab: tuple[int, int]):
+                 vocab: tuple[int, int], region: Any = None):
         self.params, self.grads, self.state, self.group = params, grads, state, group
+        self.region = tp_comm.TensorParallelRegion(group) if region is None else region
         self.v0, self.v1 = vocab
 
     def forward(self, idx: Any) -> tuple[Any, tuple]:
@@ -104,13 +116,14 @@ class TPEmbeddingStage:
         x *= mine[..., None]                                 # zero rows of other shards
         x = tp_comm.allreduce_sum(x, self.group)             # (B, T, C) full token rows
         x += wpe[:T]
-        x, drop = dropout.forward(x, self.state.p, self.state.rng)
+        x = self.region.shard_forward(x)                     # (B, T, C) or (B, T/t, C)
+        x, drop = dropout.forward(xp.ascontiguousarray(x), self.state.p, self.state.rng)
         return x, (local, mine, drop)
 
     def backward(self, dx: Any, cache: tuple) -> None:
         local, mine, drop = cache
         xp = array_module(dx)
-        dx = dropout.backward(dx, drop)                      # (B, T, C), replicated
+        dx = self.region.shard_backward(dropout.backward(dx, drop))  # (B, T, C), replicated
         C = dx.shape[-1]
         sel = mine.reshape(-1)                               # (B*T,)
         # scatter-add in the single process's order (a masked subsequence keeps it)
@@ -133,10 +146,14 @@ class TPHeadStage:
         dz = dloss (p - onehot(t)) / N                       no communication
     """
 
-    def __init__(self, params: dict, grads: dict, group: Any, vocab: tuple[int, int], V: int):
+    def __init__(self, params: dict, grads: dict, group: Any, vocab: tuple[int, int], V: int,
+                 region: Any = None):
         self.names = tuple(k for k in params if k.startswith("transformer.ln_f."))
         self.params, self.grads, self.group = params, grads, group
-        self.region = tp_comm.TensorParallelRegion(group)
+        # f around the logits: under sequence parallelism the final layer norm runs on this
+        # rank's positions and f all-gathers them (backward: reduce-scatter of the partial
+        # dh), Megatron's gather_from_sequence_parallel_region before its output layer
+        self.region = tp_comm.TensorParallelRegion(group) if region is None else region
         self.v0, self.v1 = vocab
         self.counts = vocab_counts(V, 1 if group is None else group.size)
 

@@ -12,8 +12,9 @@ single-process reference and every parallel run are this code. Per step, on ever
 
 1. this data-parallel rank's rows of the global batch are cut into ``grad_accum`` chunks,
    and each chunk into ``micro_batches`` pipeline micro-batches;
-2. the pipeline executor runs the schedule (GPipe or 1F1B) over this rank's stages, which
-   are tensor-parallel when tp > 1; gradients accumulate in the local gradients, each
+2. the pipeline executor runs the schedule (GPipe, 1F1B, or interleaved 1F1B over
+   ``layout.virtual_stages`` model chunks: ``Layout.schedule_for``) over this rank's
+   stages, which are tensor-parallel when tp > 1; gradients accumulate in the local gradients, each
    micro-batch's loss scaled by 1 / (grad_accum x micro_batches);
 3. during the last chunk's backward (the instructions say so: ``sync=True``), each stage's
    gradients are handed to the gradient synchronisation (``GradSync``: plain data-parallel
@@ -45,9 +46,10 @@ from mpipar.parallel.data_parallel import CommStats
 from mpipar.parallel.grad_sync import make_grad_sync
 from mpipar.parallel.layout import Layout
 from mpipar.parallel.mesh import Mesh, make_mesh
-from mpipar.parallel.model import build_local_model, gather_full_state_dict, local_pieces
+from mpipar.parallel.model import (allreduce_sequence_parallel_grads, build_local_model,
+                                   gather_full_state_dict, local_pieces)
 from mpipar.parallel.pipeline import PipelineExecutor, StepTimes, split_micro_batches
-from mpipar.parallel.schedules import Instruction, forward_only, make_schedule
+from mpipar.parallel.schedules import Instruction
 
 
 @dataclass
@@ -101,14 +103,19 @@ class ParallelTrainer:
             raise ValueError(f"mesh {mesh.dp} x {mesh.tp} x {mesh.pp} is not the layout's "
                              f"{layout.dp} x {layout.tp} x {layout.pp}")
         self.mesh = mesh
-        self.local = build_local_model(config, mesh, seed=seed, dtype=dtype, xp=xp,
-                                       stage_layers=layout.stage_layers, init=init)
-        self.pipe = PipelineExecutor(self.local, mesh.pp_group)
+        self.local = build_local_model(config, mesh, seed=seed, dtype=dtype, xp=xp, layout=layout,
+                                       init=init)
+        self.pipe = PipelineExecutor(self.local, mesh.pp_group, chunks=self.local.chunks)
         self.sync = make_grad_sync(self.local, mesh, layout, optimizer)
+        # a stage's final gradients: under sequence parallelism the layer norms' summed over
+        # tp first, then handed to the GradSync
+        if self.local.sequence_parallel_names:
+            self.pipe.on_stage_backward_done.append(
+                lambda i, names: allreduce_sequence_parallel_grads(self.local, names))
         if hooks:
             self.pipe.on_stage_backward_done.append(lambda i, names: self.sync.mark_ready(names))
         self._plan = self._make_plan()
-        self._evaluation = list(forward_only(mesh.pp, mesh.pp_rank, layout.micro_batches))
+        self._evaluation = layout.evaluation_schedule_for(mesh.pp_rank)
 
     def _make_plan(self) -> list[_Chunk]:
         """The chunks of one step. Only the last accumulation chunk synchronises, unless the
@@ -120,8 +127,8 @@ class ParallelTrainer:
         K, M, every = lay.grad_accum, lay.micro_batches, self.sync.every_micro_batch
         if every and mesh.pp == 1 and M > 1:
             K, M = K * M, 1
-        last = make_schedule(lay.schedule, mesh.pp, mesh.pp_rank, M, sync=True)
-        inner = last if every else make_schedule(lay.schedule, mesh.pp, mesh.pp_rank, M, sync=False)
+        last = lay.schedule_for(mesh.pp_rank, M, sync=True)
+        inner = last if every else lay.schedule_for(mesh.pp_rank, M, sync=False)
         return [_Chunk(last if k == K - 1 else inner, M, zero_grad=every or k == 0,
                        sync=every or k == K - 1) for k in range(K)]
 
@@ -133,6 +140,7 @@ class ParallelTrainer:
         rows = idx.shape[0]
         self.layout.check_batch(rows * self.mesh.dp)
         chunk = rows // K
+        self._set_act_shape(chunk // self._plan[0].micro_batches, idx.shape[1])
         self.sync.begin_step()
         comm, times, loss = CommStats(), StepTimes(), 0.0
         for k, c in enumerate(self._plan):
@@ -149,6 +157,11 @@ class ParallelTrainer:
         backend.synchronize(xp)
         return TrainStepResult(loss, norm, comm, param_comm, times)
 
+    def _set_act_shape(self, B: int, T: int) -> None:
+        """What the executor's receive buffers hold: this model's activation shape for a
+        micro-batch (sequence parallelism sends (B, T/tp, C))."""
+        self.pipe.act_shape = self.local.activation_shape(B, T)
+
     def _dp_mean(self, value: float) -> float:
         dp = self.mesh.dp_group
         if dp.size == 1:
@@ -161,6 +174,7 @@ class ParallelTrainer:
         averaged over dp: the same number on every rank."""
         xp = self.xp
         mbs = split_micro_batches(xp.asarray(idx), xp.asarray(targets), self.layout.micro_batches)
+        self._set_act_shape(mbs[0][0].shape[0], mbs[0][0].shape[1])
         self.local.eval()
         try:
             loss = self.pipe.step(self._evaluation, mbs, zero_grad=False)

@@ -250,6 +250,81 @@ def test_block_calls_its_communication_points_in_megatrons_places(xp):
     assert all(np.array_equal(to_host(d[k]), to_host(d_ref[k])) for k in p)
 
 
+def _arrays_in(obj):
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _arrays_in(o)
+    elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        yield obj
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("p_drop", [0.0, 0.2])
+def test_block_recompute_gives_the_bits_of_keeping_everything(xp, mode, p_drop):
+    """A recompute mode gives recompute "none"'s output, input gradient and weight gradients
+    to the bit, with dropout too (the masks are redrawn from the generator's saved state, and
+    the generator is left where "none" leaves it); "selective" keeps no (B, NH, T, T) array,
+    "full" keeps the block input alone; "full" reruns f and g before backward (Megatron's
+    extra all-reduce per branch), "selective" communicates as "none" does."""
+    rng = np.random.default_rng(16)
+    p = {k: rand(xp, rng, *s, scale=0.4) for k, s in block.param_shapes(C).items()}
+    x, dout = rand(xp, rng, B, T, C), rand(xp, rng, B, T, C)
+    got = {}
+    for m in ("none", mode):
+        gen = xp.random.default_rng(3)
+        region, policy = RecordingRegion(), block.RECOMPUTE[m]
+        out, saved = policy.forward(x, p, NH, p_drop, gen, region)
+        next_draw = to_host(gen.random(4))
+        d = {k: xp.zeros_like(v) for k, v in p.items()}
+        dx = policy.backward(dout, saved, p, d, NH, region)
+        got[m] = (out, dx, d, next_draw, region.calls, list(_arrays_in(saved)))
+    (out0, dx0, d0, draw0, calls0, kept0), (out, dx, d, draw, calls, kept) = got["none"], got[mode]
+    assert np.array_equal(to_host(out), to_host(out0)) and np.array_equal(to_host(dx), to_host(dx0))
+    assert all(np.array_equal(to_host(d[k]), to_host(d0[k])) for k in p)
+    assert np.array_equal(draw, draw0)
+    square = [a for a in kept0 if a.shape == (B, NH, T, T)]
+    assert len(square) == (2 if p_drop else 1)        # "none": probabilities (and their mask)
+    if mode == "selective":
+        assert not any(a.shape == (B, NH, T, T) for a in kept)
+        assert calls == calls0 == ["f", "g", "f", "g", "g'", "f'", "g'", "f'"]
+    else:
+        assert len(kept) == 1 and kept[0] is x
+        assert calls == ["f", "g", "f", "g"] * 2 + ["g'", "f'", "g'", "f'"]
+
+
+def _root(a):
+    while getattr(a, "base", None) is not None:
+        a = a.base
+    return a
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.parametrize("p_drop", [0.0, 0.2])
+@pytest.mark.parametrize("t", [1, 2])
+def test_block_keeps_the_activation_bytes_its_docstring_states(xp, mode, p_drop, t):
+    """The bytes a block's saved state holds (distinct buffers, parameters not counted) are
+    the closed form of ``nn/block.py``'s docstring, on a tensor-parallel shard of degree t."""
+    rng = np.random.default_rng(17)
+    full = {k: rand(xp, rng, *s, scale=0.4) for k, s in block.param_shapes(C).items()}
+    H, F, a = C // t, 4 * C // t, NH // t
+    rows = attention.qkv_rows(C, NH, 0, a)
+    p = dict(full)
+    p["attn.c_attn.weight"], p["attn.c_attn.bias"] = full["attn.c_attn.weight"][rows], full["attn.c_attn.bias"][rows]
+    p["attn.c_proj.weight"] = full["attn.c_proj.weight"][:, :H]
+    p["mlp.c_fc.weight"], p["mlp.c_fc.bias"] = full["mlp.c_fc.weight"][:F], full["mlp.c_fc.bias"][:F]
+    p["mlp.c_proj.weight"] = full["mlp.c_proj.weight"][:, :F]
+    x = rand(xp, rng, B, T, C)
+    _, saved = block.RECOMPUTE[mode].forward(x, p, a, p_drop, xp.random.default_rng(0), block.SERIAL)
+    params = {id(_root(v)) for v in list(p.values()) + list(full.values())}
+    held = {id(r): r for r in map(_root, _arrays_in(saved)) if id(r) not in params}
+    elements = sum(r.size for r in held.values())
+    drop = p_drop > 0
+    want = {"none": B * T * (4 * C + 4 * H + 3 * F + 4 + a * T) + drop * B * T * (2 * C + a * T),
+            "selective": B * T * (4 * C + 4 * H + 3 * F + 4) + drop * 2 * B * T * C,
+            "full": B * T * C}[mode]
+    assert elements == want, (mode, p_drop, t, elements, want)
+
+
 def test_embedding(xp):
     rng = np.random.default_rng(13)
     V, maxT = 7, 6

@@ -36,6 +36,23 @@ TINY = PRESETS["tiny"]                          # 8 heads, 8 blocks, C = 64, V =
     (Layout(bucket_mb=float("inf")), 1, None, None, "bucket_mb", "finite positive"),
     (Layout(bucket_mb=float("nan")), 1, None, None, "bucket_mb", "finite positive"),
     (Layout(allreduce="bogus"), 1, None, None, "allreduce", "'bogus' is not one of native"),
+    (Layout(virtual_stages=0), 1, None, None, "virtual_stages", "positive integer, got 0"),
+    (Layout(pp=2, micro_batches=2, virtual_stages=2, schedule="gpipe"), 2, None, None,
+     "virtual_stages", "2 virtual stages per rank need the 1f1b schedule"),
+    (Layout(virtual_stages=2, micro_batches=2), 1, None, None, "virtual_stages",
+     "pp 1 .* at least 2 pipeline stages"),
+    (Layout(pp=2, micro_batches=3, virtual_stages=2), 2, None, None, "virtual_stages",
+     r"micro_batches \(3\) to be a multiple of the number of pipeline stages \(2\)"),
+    (Layout(pp=4, micro_batches=4, virtual_stages=3), 4, TINY, None, "virtual_stages",
+     "pp 4 x 3 virtual stages = 12 virtual stages for 8 blocks"),
+    (Layout(pp=2, micro_batches=2, virtual_stages=2, stage_layers=(4, 4)), 2, TINY, None,
+     "stage_layers", "name 2 stages, pp 2 x 2 virtual stages per rank make 4"),
+    (Layout(recompute="some"), 1, None, None, "recompute",
+     "recompute 'some' is not one of none, selective, full"),
+    (Layout(sequence_parallel=True), 1, None, None, "sequence_parallel", "needs tp > 1, got tp 1"),
+    (Layout(tp=2, sequence_parallel=1), 2, None, None, "sequence_parallel", "True or False, got 1"),
+    (Layout(tp=2, sequence_parallel=True), 2, TINY.replace(block_size=9), None,
+     "sequence_parallel", "tp 2: tp does not divide the block size 9"),
 ])
 def test_what_does_not_fit_and_why(layout, world, config, batch, field, match):
     with pytest.raises(LayoutError, match=match) as e:
@@ -47,10 +64,32 @@ def test_what_does_not_fit_and_why(layout, world, config, batch, field, match):
 def test_what_fits():
     Layout(dp=2, tp=2, pp=2, micro_batches=4, grad_accum=2, zero=1, bucket_mb=0.5,
            allreduce="ring", stage_layers=(5, 3)).check(8, TINY, 2 * 4 * 2 * 3)
+    Layout(tp=4, pp=2, micro_batches=2, virtual_stages=2, recompute="selective",
+           sequence_parallel=True).check(8, TINY, 4)
     # the vocabulary is split unevenly: it need not divide by tp
     Layout(tp=8).check(8, TINY.replace(vocab_size=259))
     assert Layout(pp=2, stage_layers=(5, 3)).stage_ranges(TINY) == [range(0, 5), range(5, 8)]
     assert [len(r) for r in Layout(pp=4).stage_ranges(TINY)] == [2, 2, 2, 2]
+
+
+def test_virtual_stages_split_the_blocks_and_run_the_interleaved_schedule():
+    from mpipar.parallel.schedules import check_schedule, forward_only, make_schedule
+
+    lay = Layout(pp=2, micro_batches=4, virtual_stages=2)
+    lay.check(2, TINY, 8)
+    assert lay.stage_ranges(TINY) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert lay.chunk_ranges(TINY, 0) == [range(0, 2), range(4, 6)]
+    assert lay.chunk_ranges(TINY, 1) == [range(2, 4), range(6, 8)]
+    assert lay.replace(stage_layers=(1, 3, 3, 1)).chunk_ranges(TINY, 1) == [range(1, 4), range(7, 8)]
+    assert lay.schedule_for(1) == make_schedule("interleaved", 2, 1, 4, chunks=2)
+    assert lay.replace(virtual_stages=1).schedule_for(1) == make_schedule("1f1b", 2, 1, 4)
+    # evaluation: the training order's forwards; one chunk is the library's forward_only
+    for P, v in ((1, 1), (2, 1), (4, 1), (2, 2), (4, 2)):
+        ev = [Layout(pp=P, micro_batches=4, virtual_stages=v).evaluation_schedule_for(r)
+              for r in range(P)]
+        check_schedule(ev)
+        if v == 1:
+            assert ev == [list(forward_only(P, r, 4)) for r in range(P)]
 
 
 def test_a_corrupt_tune_table_is_a_layout_error_for_auto(tmp_path, monkeypatch):

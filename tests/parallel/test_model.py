@@ -11,7 +11,7 @@ import pytest
 from mpipar.nn.gpt import GPT, PRESETS
 from mpipar.nn.block import SERIAL
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage
-from mpipar.parallel.layout import LayoutError
+from mpipar.parallel.layout import Layout, LayoutError
 from mpipar.parallel.model import build_local_model, load_full_state_dict
 from mpipar.parallel.tensor_parallel import TPEmbeddingStage, TPHeadStage
 from mpipar.parallel.tp_comm import TensorParallelRegion
@@ -90,14 +90,35 @@ def test_shard_shapes_at_tp4():
 
 
 def test_custom_stage_layers_and_balanced_default():
-    local = build_local_model(TINY, fake_mesh(1, 2, 0, 1), stage_layers=[5, 3])
+    local = build_local_model(TINY, fake_mesh(1, 2, 0, 1), layout=Layout(pp=2, stage_layers=(5, 3)))
     assert list(local.layers) == [5, 6, 7] and local.last_stage and not local.first_stage
     assert all(n.startswith(("transformer.h.5", "transformer.h.6", "transformer.h.7",
                              "transformer.ln_f", "transformer.wte")) for n in local.params)
     with pytest.raises(LayoutError, match="add up to 7"):
-        build_local_model(TINY, fake_mesh(1, 2, 0, 0), stage_layers=[4, 3])
+        build_local_model(TINY, fake_mesh(1, 2, 0, 0), layout=Layout(pp=2, stage_layers=(4, 3)))
     # default: balanced by estimated FLOPs (the byte vocabulary's head is cheap: even here)
     assert [len(build_local_model(TINY, fake_mesh(1, 4, 0, p)).layers) for p in range(4)] == [2] * 4
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_virtual_stages_build_interleaved_chunks(tp):
+    """pp 2 x v 2 of 8 blocks: rank 0 holds virtual stages 0 and 2, rank 1 stages 1 and 3; the
+    embedding leads rank 0's first chunk, the head ends rank 1's last; every rank's slices
+    still reassemble the single process's init bitwise."""
+    lay = Layout(tp=tp, pp=2, micro_batches=2, virtual_stages=2)
+    locals_ = [build_local_model(TINY, fake_mesh(tp, 2, t, p), layout=lay)
+               for p in range(2) for t in range(tp)]
+    full = assemble(locals_)
+    assert all(np.array_equal(full[k], w) for k, w in GPT(TINY, 0, "float64").params.items())
+    Emb, Head = (EmbeddingStage, HeadStage) if tp == 1 else (TPEmbeddingStage, TPHeadStage)
+    r0, r1 = locals_[0], locals_[-1]
+    assert [[getattr(s, "i", type(s)) for s in c] for c in r0.chunks] == [[Emb, 0, 1], [4, 5]]
+    assert [[getattr(s, "i", type(s)) for s in c] for c in r1.chunks] == [[2, 3], [6, 7, Head]]
+    assert r0.stages == r0.chunks[0] + r0.chunks[1] and r0.layers == (0, 1, 4, 5)
+    assert r0.tied_names == r1.tied_names == ["transformer.wte.weight"]
+    assert not any(n.startswith("transformer.h.2.") for n in r0.params)
+    with pytest.raises(ValueError, match="does not match the mesh"):
+        build_local_model(TINY, fake_mesh(tp, 2, 0, 0), layout=Layout(tp=tp, pp=4))
 
 
 def test_load_full_state_dict_round_trip():

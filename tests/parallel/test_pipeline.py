@@ -17,6 +17,7 @@ import pytest
 
 from mpipar.nn.gpt import GPT, PRESETS
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage
+from mpipar.parallel.layout import Layout
 from mpipar.parallel.mesh import make_mesh
 from mpipar.parallel.partition import balanced_layers, gpt_stage_costs
 from mpipar.parallel.pipeline import PipelineExecutor, split_micro_batches
@@ -96,7 +97,7 @@ def test_pipeline_equals_single_process(comm):
         mesh = make_mesh(comm, dp, 1, pp)
         layers = balanced_layers(CONFIG.n_layer, pp, gpt_stage_costs(CONFIG, T))
         local = build_local_model(CONFIG, mesh, seed=SEED, dtype="float64",
-                                  stage_layers=[len(r) for r in layers])
+                                  layout=Layout(dp, 1, pp, stage_layers=tuple(len(r) for r in layers)))
         pipe = PipelineExecutor(local, mesh.pp_group)
         init = local.param_buffer.copy()
         for schedule in ("gpipe", "1f1b"):
@@ -116,34 +117,12 @@ def test_pipeline_equals_single_process(comm):
     print(f"\n[pipeline] world {comm.size}: max relative difference {worst:.2e}")
 
 
-class _ChunkedLocal:
-    """A full GPT on every rank, its stages cut into P*v contiguous virtual stages; rank r
-    runs virtual stages r, P + r, ... (interleaved). Only for the test: the library's
-    ``build_local_model`` builds one contiguous stage per rank."""
-
-    def __init__(self, P, r, v):
-        self.gpt = GPT(CONFIG, seed=SEED, dtype="float64")
-        self.config = CONFIG
-        self.param_buffer, self.grad_buffer = self.gpt.param_buffer, self.gpt.grad_buffer
-        self.params, self.grads = self.gpt.params, self.gpt.grads
-        self.tied_names = ["transformer.wte.weight"] if P > 1 else []
-        slices = balanced_layers(CONFIG.n_layer, P * v)
-        st = self.gpt.stages
-        self.chunks = []
-        for c in range(v):
-            vs = c * P + r
-            chunk = [st[0]] if vs == 0 else []
-            chunk += [st[1 + i] for i in slices[vs]]
-            chunk += [st[-1]] if vs == P * v - 1 else []
-            self.chunks.append(chunk)
-        self.stages = [s for c in self.chunks for s in c]
-
-    def zero_grad(self):
-        self.gpt.zero_grad()
-
-
 @pytest.mark.mpi(min_size=2)
 def test_interleaved_1f1b_equals_single_process(comm):
+    """Interleaved 1F1B on the model chunks ``build_local_model`` builds for
+    ``Layout(virtual_stages=v)`` (rank r runs virtual stages r, P + r, ...)."""
+    from mpipar.parallel.model import build_local_model
+
     worst = 0.0
     for dp, pp in _pp_layouts(comm.size):
         if pp == 1:
@@ -152,18 +131,17 @@ def test_interleaved_1f1b_equals_single_process(comm):
             if pp * v > CONFIG.n_layer:
                 continue
             mesh = make_mesh(comm, dp, 1, pp)
-            local = _ChunkedLocal(pp, mesh.pp_rank, v)
+            layout = Layout(dp, 1, pp, virtual_stages=v, micro_batches=pp)
+            local = build_local_model(CONFIG, mesh, seed=SEED, dtype="float64", layout=layout)
+            assert len(local.chunks) == v
             pipe = PipelineExecutor(local, mesh.pp_group, chunks=local.chunks)
             init = local.param_buffer.copy()
             for M in (pp, 2 * pp):       # one row per micro-batch
                 ref_losses, ref_sd = _reference(M)
                 local.param_buffer[...] = init
                 losses = _train(local, pipe, mesh, "interleaved", M, chunks=v, rows=M)
-                held = {n: local.params[n] for s in local.stages for n in s.names}
-                if mesh.pp_rank == pp - 1:
-                    held["transformer.wte.weight"] = local.params["transformer.wte.weight"]
-                worst = max(worst, _compare(f"interleaved pp={pp} v={v} M={M}", losses, held,
-                                            ref_losses, ref_sd))
+                worst = max(worst, _compare(f"interleaved pp={pp} v={v} M={M}", losses,
+                                            local.params, ref_losses, ref_sd))
     worst = float(comm.allreduce(np.array([worst]), op="max")[0])
     print(f"\n[pipeline] interleaved, world {comm.size}: max relative difference {worst:.2e}")
 
