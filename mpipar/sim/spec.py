@@ -123,10 +123,13 @@ class TrainSpec:
     @property
     def layout(self) -> Layout:
         """The step as the trainer's ``Layout``: ``micro_batches`` pipeline micro-batches of
-        one accumulation step (the interleaving knob ``virtual_stages`` has no Layout field)."""
+        one accumulation step; interleaving, recompute and sequence parallelism are the
+        Layout's own fields, so the trainer runs exactly what is simulated."""
         return Layout(dp=self.dp, tp=self.tp, pp=self.pp, micro_batches=self.micro_batches,
                       schedule=self.schedule, stage_layers=self.stage_layers, zero=self.zero,
-                      bucket_mb=self.bucket_mb, allreduce=self.allreduce)
+                      bucket_mb=self.bucket_mb, allreduce=self.allreduce,
+                      virtual_stages=self.virtual_stages, recompute=self.recompute,
+                      sequence_parallel=self.sequence_parallel)
 
     def check(self) -> None:
         """Raise ValueError naming the quantity when the spec is not a training step."""

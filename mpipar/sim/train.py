@@ -28,13 +28,15 @@ wall clock in training: ``Transport.clock``) and how the step's time is split
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from mpipar.comm.communicator import Communicator
 from mpipar.comm.network import Network, Profile, load_profile
 from mpipar.comm.transport.sim import Engine, SimTransport
+from mpipar.nn import attention, block
 from mpipar.nn.gpt import GPTConfig
 from mpipar.optim import OptimizerSpec
 from mpipar.parallel.layout import Layout
@@ -230,9 +232,36 @@ def observed_step(tr: ParallelTrainer, obs: _Observer, idx: Any, targets: Any,
     return res, end - start
 
 
+@contextlib.contextmanager
+def _recompute_phase(engine: Engine, observers: dict[int, _Observer]) -> Iterator[None]:
+    """While the run lasts, the recomputations of the blocks' policies (``block.FullRecompute
+    .rerun``, ``attention.RecomputeProbabilities.restore``: objects every rank shares) charge
+    the running rank's "recompute" phase."""
+    patched = [(block.RECOMPUTE["full"], "rerun"), (attention.RECOMPUTE, "restore")]
+
+    def phase(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            obs = observers[engine.current_rank()]
+            before, obs.phase = obs.phase, "recompute"
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                obs.phase = before
+        return wrapped
+
+    for obj, name in patched:
+        setattr(obj, name, phase(getattr(obj, name)))
+    try:
+        yield
+    finally:
+        for obj, name in patched:
+            delattr(obj, name)             # the class's method again
+
+
 def _rank_main(t: SimTransport, run: "SimulatedRun", times: CollectiveTimes) -> RankStep:
     world, mesh = _sim_mesh(t, run, times)
     obs = _Observer(t.engine, t.clock)
+    run.observers[t.engine.current_rank()] = obs
     xp = run.namespace(obs)
     tr = ParallelTrainer(world, run.config, run.layout, run.optimizer, dtype=run.dtype, xp=xp,
                          grad_clip=1.0, init=False, mesh=mesh)
@@ -266,6 +295,7 @@ class SimulatedRun:
     namespace: Callable[[_Observer], Any]
     reduced: bool
     memoize: bool
+    observers: dict[int, _Observer] = field(default_factory=dict)  # by engine rank
 
 
 @dataclass
@@ -369,7 +399,8 @@ def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
     engine = Engine(Network(net_prof, n), n, data=False)
     times = CollectiveTimes(prof)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = engine.run(_rank_main, [(run, times)] * n)
+    with _recompute_phase(engine, run.observers):
+        res = engine.run(_rank_main, [(run, times)] * n)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ranks: list[RankStep] = res.results
     crit = max(ranks, key=lambda r: (r.step_s, r.coords[2]))
