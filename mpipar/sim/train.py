@@ -51,8 +51,9 @@ from mpipar.sim.symbolic import SymbolicNamespace
 
 # Phases a kernel's time is charged to (see the module docstring).
 PHASES = ("compute", "recompute", "tp_comm", "dp_comm", "optimizer")
-# Above this many GPUs the step is simulated reduced by default (one rank per stage).
-FULL_LIMIT = 64
+# Above this many GPUs the step is simulated reduced by default (one rank per stage): it
+# agrees with the full simulation (tests/sim/test_train.py, up to 64 ranks) and costs 1/(dp tp)
+FULL_LIMIT = 16
 BREAKDOWN = ("compute", "recompute", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer", "other")
 
 
@@ -119,23 +120,30 @@ class _Observer:
         a stage call being memoised replays it (with an input of the same shape)."""
         fn = getattr(obj, method)
         label = name or method
+        # a mirrored group's collective takes a time that depends on its shape alone (no peer
+        # to wait for): a replay charges that time instead of calling it again
+        fixed = isinstance(obj, MirroredCommunicator)
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if collective and self._recorder is not None and not self._in_comm:
+            rec = self._recorder if collective and not self._in_comm else None
+            if rec is not None and not fixed:
                 x = args[0]
-                self._recorder.append((wrapped, x.shape, x.dtype, args[1:], kwargs))
+                rec.append((wrapped, x.shape, x.dtype, args[1:], kwargs))
             before, self.phase = self.phase, phase
             self._in_comm += collective
             outer = self._depth[track] == 0
             self._depth[track] += 1
-            t0 = self.clock()
+            t0, k0 = self.clock(), self.phases[phase]
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._depth[track] -= 1
                 self._in_comm -= collective
+                t1 = self.clock()
+                if rec is not None and fixed:   # its time, and the kernel time inside it
+                    rec.append((_FIXED, phase, t1 - t0, self.phases[phase] - k0, track, label, outer))
                 if self.recording:
-                    self.spans.append(Span(track, label, t0 - self.t0, self.clock() - self.t0,
+                    self.spans.append(Span(track, label, t0 - self.t0, t1 - self.t0,
                                            phase=phase if outer else ""))
                 self.phase = before
 
@@ -167,12 +175,20 @@ class _Observer:
                     self._recorder = outer
                 return out
             events, out = hit
+            engine, phases = self.engine, self.phases
             for ev in events:
-                if ev[0] is _KERNELS:
-                    before, self.phase = self.phase, ev[1]
-                    self.engine.advance(ev[2])
-                    self.phases[ev[1]] += ev[2]
-                    self.phase = before
+                kind = ev[0]
+                if kind is _KERNELS:
+                    engine.advance(ev[2])
+                    phases[ev[1]] += ev[2]
+                elif kind is _FIXED:          # a mirrored collective: its time, and its span
+                    _, phase, seconds, kernels, track, label, outer = ev
+                    t0 = self.clock()
+                    engine.advance(seconds)
+                    phases[phase] += kernels
+                    if self.recording:
+                        self.spans.append(Span(track, label, t0 - self.t0, t0 + seconds - self.t0,
+                                               phase=phase if outer else ""))
                 else:
                     call, shape, dtype, rest, kwargs = ev
                     call(xp.empty(shape, dtype=dtype), *rest, **kwargs)
@@ -182,6 +198,7 @@ class _Observer:
 
 
 _KERNELS = object()   # marks a kernel-time entry among a memoised call's events
+_FIXED = object()     # ... and a mirrored collective's (its time depends on its shape only)
 
 
 def _sim_mesh(t: SimTransport, run: "SimulatedRun", times: CollectiveTimes) -> tuple[Any, Mesh | None]:
