@@ -51,6 +51,7 @@ from mpipar.sim.compare import main as compare_main
 from mpipar.sim.report import format_table, parse_sizes, row
 from mpipar.sim.run import load_algorithm, resolve_profile, simulate_collective
 from mpipar.data.corpus import VOCAB_SIZE
+from mpipar.sim.published import RUNS
 from mpipar.sim.spec import MODELS, PRECISIONS, RECOMPUTE, TrainSpec
 from mpipar.sim.trace import write_trace
 from mpipar.sim.train import check_spec, simulate_train
@@ -190,6 +191,11 @@ def _main(argv: list[str]) -> int:
     va.add_argument("--steps", type=POSITIVE_INT, default=6, help="timed steps per measured layout")
     va.add_argument("--json", default=None, help="write the ledger as JSON")
     va.set_defaults(_main=validate_command)
+    pu = sub.add_parser("published", help="published Megatron-LM runs beside their predictions")
+    pu.add_argument("--cluster", default="dgx-a100", help="profile to predict with (default dgx-a100)")
+    pu.add_argument("--runs", default=None, help="comma-separated names or prefixes (default: all)")
+    pu.add_argument("--json", default=None, help="write the table as JSON")
+    pu.set_defaults(_main=published_command)
     tr = sub.add_parser("train", help="predict one training step of a GPT on a simulated cluster")
     add_train_arguments(tr)
     tr.set_defaults(_main=train_command)
@@ -316,6 +322,48 @@ def train_command(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(pred.to_json(), indent=1) + "\n")
     if args.trace:
         write_trace(args.trace, pred.ranks)
+    return 0
+
+
+# ---------------------------------------------------------------------------- published
+def published_command(args: argparse.Namespace) -> int:
+    """Every run of ``sim/published.py`` predicted from ``--cluster``; the error is on the
+    iteration time (printed, or derived from the printed TFLOP/s by the paper's eq. 3), or,
+    for runs published by MFU alone, on the MFU's reciprocal (the same thing at a fixed
+    FLOP count). Nothing in the profile is fitted to these runs."""
+    prof = _cluster(args.cluster)
+    if args.json:
+        check_output_path(args.json, "--json")
+    wanted = args.runs.split(",") if args.runs else None
+    runs = [r for r in RUNS if wanted is None or any(r.name.startswith(w) for w in wanted)]
+    if not runs:
+        raise UsageError(f"--runs {args.runs}: no such run; known: {', '.join(r.name for r in RUNS)}")
+    print(f"# mpipar.sim published: {len(runs)} runs predicted from profile {prof.name}")
+    print("| run | GPUs | tp x pp x dp | recompute | SP | v | published | predicted | error | sim CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in runs:
+        pred = simulate_train(r.spec, prof)
+        s = r.spec
+        if r.iteration_s is not None:
+            pub, got = r.iteration_s, pred.step_time_s
+            err = got / pub - 1.0
+            shown = (f"{pub:.2f} s" + ("*" if "iteration_s" not in r.measured else ""), f"{got:.2f} s")
+        else:
+            pub, got = r.measured["mfu_percent"] / 100, pred.mfu
+            err = pub / got - 1.0
+            shown = (f"MFU {100 * pub:.1f}%", f"MFU {100 * got:.1f}%")
+        rows.append({"run": r.name, "published": pub, "predicted": got, "error": err,
+                     "step_time_s": pred.step_time_s, "mfu": pred.mfu, "breakdown": pred.breakdown,
+                     "sim_cpu_s": pred.cpu_s})
+        print(f"| {r.name} | {r.gpus} | {s.tp} x {s.pp} x {s.dp} | {s.recompute} | "
+              f"{'yes' if s.sequence_parallel else 'no'} | {s.virtual_stages} | {shown[0]} | "
+              f"{shown[1]} | {100 * err:+.1f}% | {pred.cpu_s:.1f} |", flush=True)
+    errs = sorted(abs(r["error"]) for r in rows)
+    print(f"# |error|: median {100 * statistics.median(errs):.1f}%, worst {100 * errs[-1]:.1f}% "
+          f"over {len(rows)} runs (goal: median <= 15%); * derived from the printed TFLOP/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"profile": prof.name, "rows": rows}, indent=1) + "\n")
     return 0
 
 
