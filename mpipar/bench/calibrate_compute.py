@@ -18,7 +18,11 @@ the trainer and the benchmarks run each rank: ``backend.set_cpu_threads``), it t
   for it (every operand read and every output written);
 * the per-call overhead of a one-element ``np.add`` (the launch of the model).
 
-Each figure is the median of ``--compute-repeats`` samples, each sample timing as many calls
+``--compute-check`` then times a real GPT step beside its prediction from the new section
+(``check_step``), in the same run: the machine's state of the moment is shared.
+
+Each figure is the median of ``--compute-repeats`` samples (read on ``clock_for``'s clock:
+with one thread, its CPU time), each sample timing as many calls
 as fill about 2 ms (one call for the large ones), all sizes of a kind interleaved in each
 round. It writes the ``"compute"`` section (top-level key) of the JSON at ``--output``
 (default: the shipped ``local`` profile), keeping everything else in the file. The local
@@ -41,7 +45,10 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.comm.network import PROFILE_DIR
+from mpipar.nn.gpt import GPT, PRESETS
+from mpipar.optim import OptimizerSpec
 from mpipar.sim.compute import ComputeModel
+from mpipar.sim.symbolic import SymbolicNamespace
 
 DIMS = (64, 128, 256, 512, 1024, 2048, 4096)
 MAX_MACS = 1 << 29                       # multiply-adds of the largest GEMM timed
@@ -60,21 +67,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--compute: CPU threads per rank to measure at (default 1, as training runs)")
     p.add_argument("--compute-repeats", type=int, default=5,
                    help="--compute: samples per figure (median; default 5)")
+    p.add_argument("--compute-check", action="store_true",
+                   help="--compute: then time a real GPT step on NumPy and print it beside the "
+                        "step predicted from the section just measured")
+
+
+def clock_for(threads: int) -> Callable[[], float]:
+    """The clock figures are read with: this thread's CPU time when it does all the work (one
+    thread: BLAS and the elementwise chains run on the caller), so that other processes'
+    time slices on a shared machine are not counted (on this 2-core VM, with other test runs
+    beside it, wall time per step came out 2-4x the CPU time); wall time with more threads."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
+_clock: Callable[[], float] = time.perf_counter
 
 
 def _timer(fn: Callable[[], Any]) -> Callable[[], float]:
     """A sampler of ``fn``'s seconds per call: as many calls as fill SAMPLE_S (found once)."""
+    clock = _clock
     fn()
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    once = time.perf_counter() - t0
+    once = clock() - t0
     n = max(1, min(10_000, int(SAMPLE_S / max(once, 1e-9))))
 
     def sample() -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             fn()
-        return (time.perf_counter() - t0) / n
+        return (clock() - t0) / n
 
     return sample
 
@@ -181,7 +203,9 @@ def _cpu() -> str:
 
 def build_section(threads: int, repeats: int) -> dict[str, Any]:
     """Measure and return the ``"compute"`` section (see the module docstring)."""
+    global _clock
     backend.set_cpu_threads(threads)
+    _clock = clock_for(threads)
     t0 = time.perf_counter()
     launch = measure_launch(repeats)
     curves, peaks = {}, {}
@@ -215,6 +239,7 @@ def build_section(threads: int, repeats: int) -> dict[str, Any]:
             "host": platform.node(), "cpu": _cpu(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "blas_threads": backend.blas_threads(),
+            "clock": "thread CPU time" if threads == 1 else "wall time",
             "libraries": {"python": platform.python_version(), "numpy": np.__version__},
             "seconds": round(time.perf_counter() - t0, 1)},
     }
@@ -261,4 +286,72 @@ def main(args: argparse.Namespace) -> int:
     write_section(out, section)
     print(summary(section))
     print(f"# saved the compute section of {out}")
+    if args.compute_check:
+        print(format_check(check_step(section)))
     return 0
+
+
+# -- the check: a real training step beside its prediction ---------------------------------------
+
+CHECK_BATCH = 8
+
+
+def check_step(section: dict[str, Any], steps: int = 10) -> dict[str, dict[str, float]]:
+    """Time a real GPT step on NumPy (the ``small`` preset: 4 layers, width 128, 4 heads,
+    block 64; batch 8, float32) split into forward, backward and the AdamW update (medians of
+    ``steps`` steps after two untimed ones), and predict the same parts by running the same
+    code on the symbolic namespace priced by ``section``. Returns
+    {"measured"|"predicted": {"forward", "backward", "optimizer", "step"}} and
+    {"predicted_kinds": seconds per kernel kind of the whole step}."""
+    from_section = ComputeModel.from_json(section, "local")
+    backend.set_cpu_threads(int(section.get("threads", 1)))     # as it was measured
+    config = PRESETS["small"]
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, config.vocab_size, (CHECK_BATCH, config.block_size))
+    tgt = rng.integers(0, config.vocab_size, (CHECK_BATCH, config.block_size))
+    spec = OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1)
+
+    def phases(model: GPT, opt: Any, x: Any, y: Any, clock: Callable[[], float]) -> dict[str, float]:
+        t0 = clock()
+        model.zero_grad()
+        _, _, cache = model.forward(x, y)
+        t1 = clock()
+        model.backward(cache)
+        del cache
+        t2 = clock()
+        opt.step(model.grads)
+        t3 = clock()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
+
+    real = GPT(config, dtype="float32")
+    real_opt = spec.build(real.state_dict())
+    clock = clock_for(int(section.get("threads", 1)))
+    runs = [phases(real, real_opt, idx, tgt, clock) for _ in range(steps + 2)][2:]
+    measured = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+    spent = [0.0]
+
+    def charge(kind: str, seconds: float) -> None:
+        spent[0] += seconds
+
+    ns = SymbolicNamespace(from_section, charge)
+    sym = GPT(config, dtype="float32", xp=ns)
+    sym_opt = spec.build(sym.state_dict())
+    x, y = ns.asarray(idx), ns.asarray(tgt)
+    phases(sym, sym_opt, x, y, lambda: spent[0])       # a first step: optimiser state made
+    ns.reset_counts()
+    predicted = phases(sym, sym_opt, x, y, lambda: spent[0])
+    return {"measured": measured, "predicted": predicted, "predicted_kinds": dict(ns.seconds)}
+
+
+def format_check(check: dict[str, dict[str, float]]) -> str:
+    m, p = check["measured"], check["predicted"]
+    lines = [f"# a real GPT step (small preset, batch {CHECK_BATCH}, float32) beside its "
+             f"prediction on this compute section",
+             f"#{'part':>9} {'measured(ms)':>13} {'predicted(ms)':>14} {'error':>7}"]
+    for k in ("forward", "backward", "optimizer", "step"):
+        lines.append(f"{k:>10} {m[k] * 1e3:13.2f} {p[k] * 1e3:14.2f} {(p[k] / m[k] - 1) * 100:+6.1f}%")
+    kinds = check["predicted_kinds"]
+    lines.append("# predicted step by kernel kind (ms): " + ", ".join(
+        f"{k} {v * 1e3:.2f}" for k, v in kinds.items() if v > 0))
+    return "\n".join(lines)
