@@ -18,8 +18,9 @@ the trainer and the benchmarks run each rank: ``backend.set_cpu_threads``), it t
   for it (every operand read and every output written);
 * the per-call overhead of a one-element ``np.add`` (the launch of the model).
 
-``--compute-check`` then times a real GPT step beside its prediction from the new section
-(``check_step``), in the same run: the machine's state of the moment is shared.
+``--compute-check`` also times a real GPT step once per measurement round (``RealStep``)
+and prints it beside its prediction from the new section (``check_step``): on a shared
+machine the state drifts by 2x within minutes here, so figures and step share the rounds.
 
 Each figure is the median of ``--compute-repeats`` samples (read on ``clock_for``'s clock:
 with one thread, its CPU time), each sample timing as many calls
@@ -39,7 +40,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -101,12 +102,19 @@ def _timer(fn: Callable[[], Any]) -> Callable[[], float]:
     return sample
 
 
-def _medians(samplers: dict[Any, Callable[[], float]], repeats: int) -> dict[Any, float]:
-    """Median seconds per call of every sampler, the keys interleaved in each round."""
+Beside = Sequence[Callable[[], Any]]
+
+
+def _medians(samplers: dict[Any, Callable[[], float]], repeats: int,
+             beside: Beside = ()) -> dict[Any, float]:
+    """Median seconds per call of every sampler, the keys interleaved in each round; each
+    of ``beside`` (the check's real step) runs once per round too, in the same state."""
     got: dict[Any, list[float]] = {k: [] for k in samplers}
     for _ in range(repeats):
         for k, s in samplers.items():
             got[k].append(s())
+        for fn in beside:
+            fn()
     return {k: statistics.median(v) for k, v in got.items()}
 
 
@@ -119,7 +127,7 @@ def gemm_shapes() -> list[tuple[int, int, int, int]]:
     return grid + att
 
 
-def measure_gemms(dtype: str, repeats: int) -> list[dict[str, Any]]:
+def measure_gemms(dtype: str, repeats: int, beside: Beside = ()) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     samplers = {}
     for m, n, k, b in gemm_shapes():
@@ -128,7 +136,7 @@ def measure_gemms(dtype: str, repeats: int) -> list[dict[str, Any]]:
         w = rng.standard_normal(lead + (k, n)).astype(dtype)
         out = np.empty(lead + (m, n), dtype=dtype)
         samplers[(m, n, k, b)] = _timer(lambda a=a, w=w, out=out: np.matmul(a, w, out=out))
-    med = _medians(samplers, repeats)
+    med = _medians(samplers, repeats, beside)
     return [{"m": m, "n": n, "k": k, "batch": b,
              "tflops": round(2 * m * n * k * b / t / 1e12, 6)} for (m, n, k, b), t in med.items()]
 
@@ -166,7 +174,7 @@ KIND_OF = {"add": "elementwise", "multiply": "elementwise", "exp": "exp", "tanh"
            "gather": "gather", "scatter": "scatter", "rng": "rng"}
 
 
-def measure_memory(repeats: int) -> tuple[dict[str, list[dict[str, float]]], float]:
+def measure_memory(repeats: int, beside: Beside = ()) -> tuple[dict[str, list[dict[str, float]]], float]:
     """kind -> points {bytes, gbps} (the bytes the namespace charges, over the median time),
     and the fastest median (seconds)."""
     samplers, charged = {}, {}
@@ -174,7 +182,7 @@ def measure_memory(repeats: int) -> tuple[dict[str, list[dict[str, float]]], flo
         for name, (fn, nbytes) in _memory_kernels(size).items():
             samplers[(name, size)] = _timer(fn)
             charged[(name, size)] = nbytes
-    med = _medians(samplers, repeats)
+    med = _medians(samplers, repeats, beside)
     by_kind: dict[str, dict[int, list[float]]] = {}
     for (name, size), t in med.items():
         by_kind.setdefault(KIND_OF[name], {}).setdefault(charged[(name, size)], []).append(t)
@@ -201,8 +209,9 @@ def _cpu() -> str:
         return platform.processor()
 
 
-def build_section(threads: int, repeats: int) -> dict[str, Any]:
-    """Measure and return the ``"compute"`` section (see the module docstring)."""
+def build_section(threads: int, repeats: int, beside: Beside = ()) -> dict[str, Any]:
+    """Measure and return the ``"compute"`` section (see the module docstring); ``beside``
+    run once per measurement round (``RealStep``)."""
     global _clock
     backend.set_cpu_threads(threads)
     _clock = clock_for(threads)
@@ -210,10 +219,10 @@ def build_section(threads: int, repeats: int) -> dict[str, Any]:
     launch = measure_launch(repeats)
     curves, peaks = {}, {}
     for dtype in ("float32", "float64"):
-        pts = measure_gemms(dtype, repeats)
+        pts = measure_gemms(dtype, repeats, beside)
         peaks[dtype] = max(p["tflops"] for p in pts) * 1e12
         curves[dtype] = {"includes_launch": True, "points": pts}
-    memory, fastest = measure_memory(repeats)
+    memory, fastest = measure_memory(repeats, beside)
     # the fixed cost is at most what the fastest kernel took (a fill or a small copy can
     # dispatch faster than a ufunc with an output argument): below it no curve could pass
     # through that kernel's time
@@ -281,13 +290,14 @@ def summary(section: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    section = build_section(args.threads, args.compute_repeats)
+    real = [RealStep(args.threads)] if args.compute_check else []
+    section = build_section(args.threads, args.compute_repeats, real)
     out = args.output or PROFILE_DIR / "local.json"
     write_section(out, section)
     print(summary(section))
     print(f"# saved the compute section of {out}")
     if args.compute_check:
-        print(format_check(check_step(section)))
+        print(format_check(check_step(section, real[0])))
     return 0
 
 
@@ -296,57 +306,77 @@ def main(args: argparse.Namespace) -> int:
 CHECK_BATCH = 8
 
 
-def check_step(section: dict[str, Any], steps: int = 10) -> dict[str, dict[str, float]]:
-    """Time a real GPT step on NumPy (the ``small`` preset: 4 layers, width 128, 4 heads,
-    block 64; batch 8, float32) split into forward, backward and the AdamW update (medians of
-    ``steps`` steps after two untimed ones), and predict the same parts by running the same
-    code on the symbolic namespace priced by ``section``. Returns
-    {"measured"|"predicted": {"forward", "backward", "optimizer", "step"}} and
-    {"predicted_kinds": seconds per kernel kind of the whole step}."""
-    from_section = ComputeModel.from_json(section, "local")
-    backend.set_cpu_threads(int(section.get("threads", 1)))     # as it was measured
+def _phases(model: GPT, opt: Any, x: Any, y: Any, clock: Callable[[], float]) -> dict[str, float]:
+    """One training step of ``model``, timed on ``clock`` by part."""
+    t0 = clock()
+    model.zero_grad()
+    _, _, cache = model.forward(x, y)
+    t1 = clock()
+    model.backward(cache)
+    del cache
+    t2 = clock()
+    opt.step(model.grads)
+    t3 = clock()
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
+
+
+class RealStep:
+    """A real GPT step on NumPy, for the check: the ``small`` preset (4 layers, width 128, 4
+    heads, block 64), batch 8, float32, AdamW. Each call runs and times one step (on
+    ``clock_for(threads)``); ``runs`` keeps them. Run between the measurement rounds, it
+    meets the machine in the state the figures were measured in."""
+
     config = PRESETS["small"]
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, config.vocab_size, (CHECK_BATCH, config.block_size))
-    tgt = rng.integers(0, config.vocab_size, (CHECK_BATCH, config.block_size))
     spec = OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1)
 
-    def phases(model: GPT, opt: Any, x: Any, y: Any, clock: Callable[[], float]) -> dict[str, float]:
-        t0 = clock()
-        model.zero_grad()
-        _, _, cache = model.forward(x, y)
-        t1 = clock()
-        model.backward(cache)
-        del cache
-        t2 = clock()
-        opt.step(model.grads)
-        t3 = clock()
-        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
+    def __init__(self, threads: int) -> None:
+        backend.set_cpu_threads(threads)
+        self.clock = clock_for(threads)
+        rng = np.random.default_rng(0)
+        shape = (CHECK_BATCH, self.config.block_size)
+        self.idx = rng.integers(0, self.config.vocab_size, shape)
+        self.tgt = rng.integers(0, self.config.vocab_size, shape)
+        self.model = GPT(self.config, dtype="float32")
+        self.opt = self.spec.build(self.model.state_dict())
+        for _ in range(2):                                  # untimed: state made, pages touched
+            _phases(self.model, self.opt, self.idx, self.tgt, self.clock)
+        self.runs: list[dict[str, float]] = []
 
-    real = GPT(config, dtype="float32")
-    real_opt = spec.build(real.state_dict())
-    clock = clock_for(int(section.get("threads", 1)))
-    runs = [phases(real, real_opt, idx, tgt, clock) for _ in range(steps + 2)][2:]
-    measured = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    def __call__(self) -> None:
+        self.runs.append(_phases(self.model, self.opt, self.idx, self.tgt, self.clock))
 
-    spent = [0.0]
+    def predict(self, section: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+        """The same step on the symbolic namespace priced by ``section``: seconds by part,
+        and by kernel kind."""
+        spent = [0.0]
 
-    def charge(kind: str, seconds: float) -> None:
-        spent[0] += seconds
+        def charge(kind: str, seconds: float) -> None:
+            spent[0] += seconds
 
-    ns = SymbolicNamespace(from_section, charge)
-    sym = GPT(config, dtype="float32", xp=ns)
-    sym_opt = spec.build(sym.state_dict())
-    x, y = ns.asarray(idx), ns.asarray(tgt)
-    phases(sym, sym_opt, x, y, lambda: spent[0])       # a first step: optimiser state made
-    ns.reset_counts()
-    predicted = phases(sym, sym_opt, x, y, lambda: spent[0])
-    return {"measured": measured, "predicted": predicted, "predicted_kinds": dict(ns.seconds)}
+        ns = SymbolicNamespace(ComputeModel.from_json(section, "local"), charge)
+        sym = GPT(self.config, dtype="float32", xp=ns)
+        opt = self.spec.build(sym.state_dict())
+        x, y = ns.asarray(self.idx), ns.asarray(self.tgt)
+        _phases(sym, opt, x, y, lambda: spent[0])           # a first step: optimiser state made
+        ns.reset_counts()
+        return _phases(sym, opt, x, y, lambda: spent[0]), dict(ns.seconds)
+
+
+def check_step(section: dict[str, Any], real: RealStep) -> dict[str, dict[str, float]]:
+    """{"measured": medians of ``real.runs`` by part (forward, backward, optimizer, step),
+    "predicted": the same from ``section``, "predicted_kinds": seconds per kernel kind}."""
+    if not real.runs:
+        real()
+    measured = {k: statistics.median(r[k] for r in real.runs) for k in real.runs[0]}
+    predicted, kinds = real.predict(section)
+    return {"measured": measured, "predicted": predicted, "predicted_kinds": kinds,
+            "steps": {"timed": float(len(real.runs))}}
 
 
 def format_check(check: dict[str, dict[str, float]]) -> str:
     m, p = check["measured"], check["predicted"]
-    lines = [f"# a real GPT step (small preset, batch {CHECK_BATCH}, float32) beside its "
+    lines = [f"# a real GPT step (small preset, batch {CHECK_BATCH}, float32; median of "
+             f"{int(check['steps']['timed'])} run between the measurement rounds) beside its "
              f"prediction on this compute section",
              f"#{'part':>9} {'measured(ms)':>13} {'predicted(ms)':>14} {'error':>7}"]
     for k in ("forward", "backward", "optimizer", "step"):

@@ -113,3 +113,23 @@ def test_calibrate_dispatches_compute_without_mpi(monkeypatch, tmp_path):
     assert calibrate.main(args) == 0 or called
     assert called["args"].threads == 2 and called["args"].output == str(tmp_path / "x.json")
     assert np.isfinite(args.compute_repeats)
+
+
+def test_the_check_predicts_the_step_it_times_from_the_same_code(monkeypatch):
+    """The real step and the prediction run the same GPT code: the predicted parts add up
+    to the step, every kind of kernel is priced, and the GEMM time is that of the step's
+    FLOPs at the section's efficiencies (no timed assertion: measured figures are reported)."""
+    monkeypatch.setattr(cc, "DIMS", (64, 128))
+    monkeypatch.setattr(cc, "ATTENTION", ((64, 32, 32),))
+    monkeypatch.setattr(cc, "MEM_BYTES", (4096, 65536))
+    monkeypatch.setattr(cc, "SAMPLE_S", 1e-4)
+    real = cc.RealStep(threads=1)
+    section = cc.build_section(threads=1, repeats=2, beside=[real])
+    assert len(real.runs) == 3 * 2                  # once per round of the three measurements
+    check = cc.check_step(section, real)
+    p = check["predicted"]
+    assert p["step"] == pytest.approx(p["forward"] + p["backward"] + p["optimizer"], rel=1e-12)
+    assert sum(check["predicted_kinds"].values()) == pytest.approx(p["step"], rel=1e-9)
+    assert check["predicted_kinds"]["gemm"] > 0 and check["predicted_kinds"]["scatter"] > 0
+    assert set(check["measured"]) == set(p) and all(v > 0 for v in check["measured"].values())
+    assert "forward" in cc.format_check(check)
