@@ -1,5 +1,8 @@
 """python -m mpipar.bench calibrate: measure this machine's costs and save a network profile.
 
+``--compute`` measures the compute curve instead (one process, no MPI; see
+``calibrate_compute``) and writes the profile's ``"compute"`` section.
+
 Examples::
 
     mpiexec -n 2 python -m mpipar.bench calibrate                       # -> ./profile-<host>.json
@@ -68,6 +71,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mpipar.bench import calibrate_compute
 from mpipar.bench.report import shuffled
 from mpipar.comm import make_communicator
 from mpipar.comm.algorithms import algorithm_names, get_algorithm
@@ -107,7 +111,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also save every round's time (the slower rank's, seconds) per operation "
                         "and size, as plain arrays named OP/SIZE: to see a median's spread")
     p.add_argument("--name", default=None, help="profile name (default: the host name)")
-    p.add_argument("--output", default=None, help="where to write the JSON (default ./profile-<host>.json)")
+    p.add_argument("--output", default=None,
+                   help="where to write the JSON (default ./profile-<host>.json; with --compute, "
+                        "the shipped local profile, whose other keys are kept)")
+    calibrate_compute.add_arguments(p)
 
 
 # -- the measured operations (each returns this rank's seconds for one call) ----------------
@@ -354,6 +361,15 @@ def call_overheads(measured: dict[str, dict[int, float]], p: int, profile: Any) 
     return out
 
 
+def _compute_section(path: str) -> dict[str, Any] | None:
+    """The "compute" section of the profile JSON at ``path`` (``--compute``'s), if any."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("compute")
+    except (OSError, ValueError):
+        return None
+
+
 def same_node(t: Any) -> bool:
     """Whether ranks 0 and 1 share memory (MPI's ``COMM_TYPE_SHARED``, as hier finds its
     nodes): then MPI moves messages by copies the receiving process makes while inside MPI,
@@ -363,6 +379,8 @@ def same_node(t: Any) -> bool:
 
 
 def main(args: argparse.Namespace, comm: Any = None) -> int:
+    if getattr(args, "compute", False):
+        return calibrate_compute.main(args)
     MPI = import_mpi()
     comm = comm or make_communicator()
     t = comm.transport
@@ -396,7 +414,10 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
     prof.transfers_need_cpu = shared
     prof.call_overhead = call_overheads({alg: measured[alg] for alg in timed}, t.size, prof)
     out = args.output or f"profile-{meta['host']}.json"
+    kept = _compute_section(out)
     prof.save(out)
+    if kept is not None:              # a compute section measured before stays with the profile
+        calibrate_compute.write_section(out, kept)
     what = "exchange" if args.method == "exchange" else "pingpong"
     print(f"# calibrate: {meta['host']}, {meta['libraries']['mpi']}, thread level {meta['thread_level']}, "
           f"medians of {args.repeats} rounds")

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -535,8 +535,26 @@ def _index(a: SymbolicArray, key: Any) -> tuple[tuple, bool, bool, int]:
     """NumPy's result of ``a[key]``: (shape, C-contiguous, advanced (a copy), index bytes)."""
     if not isinstance(key, tuple):
         key = (key,)
+    try:                               # basic indexes repeat: cached by shape and key
+        hkey = (a.shape, a._contig) + tuple(
+            (k.start, k.stop, k.step) if type(k) is slice else k for k in key)
+        hit = _BASIC.get(hkey)
+    except TypeError:                  # an index array (unhashable)
+        hkey = hit = None
+    if hit is not None:
+        return hit
     if any(_is_index_array(k) for k in key):
         return _advanced(a, key)
+    r = _basic(a, key)
+    if hkey is not None:
+        _BASIC[hkey] = r
+    return r
+
+
+_BASIC: dict[tuple, tuple] = {}
+
+
+def _basic(a: SymbolicArray, key: tuple) -> tuple[tuple, bool, bool, int]:
     shape = a.shape
     n_real = sum(1 for k in key if k is not None and k is not Ellipsis)
     if n_real > len(shape):
@@ -590,7 +608,6 @@ def _advanced(a: SymbolicArray, key: tuple) -> tuple[tuple, bool, bool, int]:
     they are adjacent, else it goes first. A boolean array of d dimensions indexes d
     dimensions with one index of its size (every element assumed selected)."""
     shape = a.shape
-    items: list[tuple[str, Any]] = []          # ("adv", shape) | ("basic", out dims) | ("new",)
     index_bytes = 0
     dim = 0
     expanded: list[Any] = []
@@ -677,7 +694,7 @@ def _advanced(a: SymbolicArray, key: tuple) -> tuple[tuple, bool, bool, int]:
 
 # ---- the namespace -------------------------------------------------------------------------------
 
-_ELEMENTWISE = {                     # op -> (kind, price key, result dtype rule)
+_ELEMENTWISE = {                     # op -> the kind it is charged as (priced as the op)
     "add": "elementwise", "subtract": "elementwise", "multiply": "elementwise",
     "divide": "elementwise", "floor_divide": "elementwise", "maximum": "elementwise",
     "minimum": "elementwise", "negative": "elementwise", "absolute": "elementwise",
@@ -1136,7 +1153,3 @@ class SymbolicNamespace:
     def issubdtype(a: Any, b: Any) -> bool:
         return np.issubdtype(a, b)
 
-
-def iter_kinds() -> Iterable[str]:
-    """The kinds a namespace charges (``KINDS``)."""
-    return iter(KINDS)
