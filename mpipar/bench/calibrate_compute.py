@@ -236,6 +236,9 @@ def build_section(threads: int, repeats: int, beside: Beside = ()) -> dict[str, 
         "peak_flops": peaks,
         "gemm": {"batched": "loop", "curves": curves},
         "memory": {kind: {"points": pts} for kind, pts in memory.items()},
+        # NumPy runs a fusion region's passes one by one, cache block by cache block
+        # (nn/blocking.py): each pass priced at the block's size (sim/symbolic.py)
+        "fusion": "blocked",
         "threads": threads,
         "sources": {
             "all": "measured by python -m mpipar.bench calibrate --compute (NumPy, one process, "
@@ -243,7 +246,9 @@ def build_section(threads: int, repeats: int, beside: Beside = ()) -> dict[str, 
             "peak_flops": "the best GEMM throughput measured in the grid, per dtype",
             "memory_bytes_per_s": "the best of add/multiply/copy bandwidth at 16 MiB operands",
             "launch_s": "a one-element np.add into an output array (at most 0.9 x the "
-                        "fastest memory-bound kernel measured)"},
+                        "fastest memory-bound kernel measured)",
+            "fusion": "how NumPy runs mpipar's fusion regions (nn/blocking.py): every pass, "
+                      "block by block"},
         "metadata": {
             "host": platform.node(), "cpu": _cpu(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
