@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import multiprocessing as mp
+import os
 import platform
 import statistics
 import time
@@ -200,6 +202,87 @@ def measure_launch(repeats: int) -> float:
     return _medians({0: _timer(lambda: np.add(a, b, out=c))}, max(repeats, 5))[0]
 
 
+# a GPT too small to compute anything: its step time is the code's own cost per kernel
+DISPATCH_CONFIG = PRESETS["tiny"].replace(vocab_size=16, block_size=4, n_layer=2, n_head=2, n_embd=8)
+
+
+def measure_dispatch(section: dict[str, Any], repeats: int) -> float:
+    """Seconds per kernel that the section's prices miss at negligible sizes: the measured
+    step of ``DISPATCH_CONFIG`` (batch 2) less its predicted step, over the kernels it runs
+    (counted on the symbolic namespace). What remains is the interpreter's time between two
+    NumPy calls in mpipar's layers, which the per-kernel launch of a bare ``np.add`` does not
+    include."""
+    spec = OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, DISPATCH_CONFIG.vocab_size, (2, DISPATCH_CONFIG.block_size))
+    model = GPT(DISPATCH_CONFIG, dtype="float32")
+    opt = spec.build(model.state_dict())
+    for _ in range(3):                                       # untimed: state made
+        _phases(model, opt, idx, idx, _clock)
+    real = min(_phases(model, opt, idx, idx, _clock)["step"] for _ in range(max(repeats, 5) * 4))
+    spent = [0.0]
+    ns = SymbolicNamespace(ComputeModel.from_json(dict(section, dispatch_s=0.0), "local"),
+                           lambda kind, seconds: spent.__setitem__(0, spent[0] + seconds))
+    sym = GPT(DISPATCH_CONFIG, dtype="float32", xp=ns)
+    sopt = spec.build(sym.state_dict())
+    x = ns.asarray(idx)
+    _phases(sym, sopt, x, x, lambda: spent[0])               # a first step: state made
+    ns.reset_counts()
+    predicted = _phases(sym, sopt, x, x, lambda: spent[0])["step"]
+    kernels = sum(ns.kernels.values())
+    return max(real - predicted, 0.0) / max(kernels, 1)
+
+
+def _mix_seconds(iterations: int) -> float:
+    """CPU seconds per iteration of a fixed mix of kernels (a 256^3 float32 matmul and two
+    elementwise passes over 4 MiB), after a warm-up."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((256, 256), dtype=np.float32), rng.random((256, 256), dtype=np.float32)
+    x, y = np.ones(1 << 20, np.float32), np.ones(1 << 20, np.float32)
+    o = np.empty_like(x)
+
+    def mix() -> None:
+        a @ b
+        np.add(x, y, out=o)
+        np.multiply(o, x, out=o)
+
+    for _ in range(3):
+        mix()
+    t0 = time.process_time()
+    for _ in range(iterations):
+        mix()
+    return (time.process_time() - t0) / iterations
+
+
+def _mix_worker(start: Any, out: Any, iterations: int) -> None:
+    start.wait()
+    out.put(_mix_seconds(iterations))
+
+
+def measure_concurrency(repeats: int, processes: int | None = None) -> dict[str, float]:
+    """How much slower one process computes while k processes compute at once on this host
+    (shared cores, caches and memory bandwidth), k = 1 .. the CPU count: the median time of
+    the kernel mix with k processes over its time alone. The simulator scales every kernel
+    of a rank by the factor for the ranks that share its host."""
+    n = processes or os.cpu_count() or 1
+    iterations = 40
+    alone = statistics.median(_mix_seconds(iterations) for _ in range(max(repeats, 3)))
+    out = {"1": 1.0}
+    ctx = mp.get_context("fork")
+    for k in range(2, n + 1):
+        samples = []
+        for _ in range(max(repeats, 3)):
+            start, q = ctx.Barrier(k), ctx.Queue()
+            procs = [ctx.Process(target=_mix_worker, args=(start, q, iterations)) for _ in range(k)]
+            for p in procs:
+                p.start()
+            samples += [q.get(timeout=120) for _ in procs]
+            for p in procs:
+                p.join(timeout=60)
+        out[str(k)] = statistics.median(samples) / alone
+    return out
+
+
 def _cpu() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -257,6 +340,15 @@ def build_section(threads: int, repeats: int, beside: Beside = ()) -> dict[str, 
             "libraries": {"python": platform.python_version(), "numpy": np.__version__},
             "seconds": round(time.perf_counter() - t0, 1)},
     }
+    section["dispatch_s"] = measure_dispatch(section, repeats)
+    section["concurrency"] = measure_concurrency(repeats)
+    section["sources"]["concurrency"] = (
+        "a fixed kernel mix (256^3 matmul, two 4 MiB elementwise passes) run by k processes at "
+        "once over its time alone, per k up to the CPU count (medians)")
+    section["sources"]["dispatch_s"] = (
+        "a real AdamW step of a GPT too small to compute anything (2 layers, width 8, block 4, "
+        "batch 2) less its prediction from the other numbers, per kernel it runs: the Python "
+        "between two NumPy calls in mpipar's layers")
     ComputeModel.from_json(section, "local")   # it loads: a model can be built from it
     return section
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -387,7 +388,9 @@ def _measure(ranks: int, extra: list[str], steps: int, out: Path) -> list[dict]:
            else "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpipar.bench", "parallel",
            "--model", VALIDATION_MODEL, "--batch-size", str(VALIDATION_BATCH), "--steps", str(steps),
            "--bucket-mb", str(VALIDATION_BUCKET_MB), "--json", str(out)] + extra
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=900)
+    # one BLAS thread per rank, as the profile was calibrated (and never more threads than cores)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=900, env=env)
     return [r for r in json.loads(out.read_text())["rows"] if "skipped" not in r]
 
 
@@ -397,7 +400,8 @@ def validation_spec(row: dict) -> TrainSpec:
     return TrainSpec(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block,
                      vocab_size=VOCAB_SIZE, global_batch=VALIDATION_BATCH,
                      micro_batch=VALIDATION_BATCH // (dp * M), dp=dp, tp=row["tp"], pp=row["pp"],
-                     schedule=row["schedule"] or "1f1b", zero=row["zero"],
+                     schedule=row["schedule"] if row["schedule"] in ("gpipe", "1f1b") else "1f1b",
+                     zero=row["zero"],
                      bucket_mb=VALIDATION_BUCKET_MB)
 
 

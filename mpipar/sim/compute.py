@@ -38,6 +38,7 @@ end-to-end training run.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -165,6 +166,14 @@ class ComputeModel:
         self._resolved: dict[str, _Curve] = {}
         # how a fusion region's kernels run (SymbolicNamespace.region): "fused" on a GPU (one
         # kernel per region), "blocked" for NumPy (every pass, block by block in cache)
+        # the host's own time per kernel issued beyond the library's launch: the Python of the
+        # code between two NumPy calls (measured by calibrate --compute on a GPT too small to
+        # compute anything; 0 where kernels run asynchronously, as on a GPU)
+        self.dispatch_s = float(section.get("dispatch_s", 0.0))
+        # how much slower a rank computes while k ranks share its host (k -> factor; a GPU
+        # profile has none: each rank has its own device)
+        self.concurrency = {int(k): float(v) for k, v in section.get("concurrency", {}).items()}
+        self.slowdown = 1.0
         # the GPU's memory (None: not given, as for this machine's own profile)
         cap = section.get("gpu_memory_bytes")
         self.memory_capacity_bytes: int | None = None if cap is None else int(cap)
@@ -257,11 +266,24 @@ class ComputeModel:
                            f"(it has {', '.join(self._gemm)})")
         return curve.efficiency(m, n, k, batch)
 
+    def on_host_with(self, ranks: int) -> "ComputeModel":
+        """This model for a rank sharing its host with ``ranks - 1`` others that compute at
+        the same time: every kernel ``concurrency[ranks]`` times slower (the largest k <=
+        ranks measured; 1 without measurements)."""
+        known = [k for k in self.concurrency if k <= ranks]
+        factor = self.concurrency[max(known)] if known else 1.0
+        if factor == self.slowdown:
+            return self
+        other = copy.copy(self)
+        other.slowdown = factor
+        return other
+
     def gemm_time(self, m: int, n: int, k: int, batch: int = 1, dtype: str = "float32") -> float:
         """Seconds of one (batched) matmul kernel (m, k) @ (k, n), ``batch`` matrices."""
         f = flops(m, n, k, batch)
+        calls = batch if self.batched == "loop" else 1
         if f == 0:
-            return self.launch_s
+            return self.slowdown * (self.launch_s + calls * self.dispatch_s)
         peak = self.peak_flops(dtype)
         item = _ITEMSIZE.get(dtype, 4)
         nbytes = item * batch * (m * k + k * n + m * n)
@@ -269,7 +291,8 @@ class ComputeModel:
             eff = self.gemm_efficiency(m, n, k, 1, dtype)
         else:
             eff = self.gemm_efficiency(m, n, k, batch, dtype)
-        return self.launch_s + max(f / (peak * eff), nbytes / self.memory_bytes_per_s)
+        return self.slowdown * (self.launch_s + calls * self.dispatch_s
+                                + max(f / (peak * eff), nbytes / self.memory_bytes_per_s))
 
     def _curve(self, kind: str) -> _Curve:
         c = self._resolved.get(kind)
@@ -282,7 +305,8 @@ class ComputeModel:
 
     def memory_time(self, nbytes: int, kind: str = "elementwise") -> float:
         """Seconds of one memory-bound kernel of ``kind`` reading plus writing ``nbytes``."""
-        return self.launch_s + nbytes / self._curve(kind).bandwidth(nbytes)
+        return self.slowdown * (self.launch_s + self.dispatch_s
+                                + nbytes / self._curve(kind).bandwidth(nbytes))
 
     def memory_bandwidth(self, nbytes: int, kind: str = "elementwise") -> float:
         """The achieved bandwidth (bytes/s, launch excluded) of that kernel."""

@@ -809,8 +809,12 @@ class _Region:
         if self.touched:
             ns._kernel("elementwise", "elementwise", sum(b for _, b in self.touched.values()))
         if self.passes:
+            # the first pass streams the arrays from memory (priced at their whole size); the
+            # later ones find each block in cache (priced at the block's size)
             blocks = -(-self.rows // self.block_rows) if self.rows else 1
-            for kind, op, nbytes in self.passes:
+            kind, op, nbytes = self.passes[0]
+            ns._kernel(kind, op, nbytes)
+            for kind, op, nbytes in self.passes[1:]:
                 block = max(nbytes // blocks, 1)
                 key = (op, block)
                 t = ns._mem_cache.get(key)

@@ -403,7 +403,9 @@ def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     config, layout = spec.gpt_config, spec.layout
     if namespace is None:
-        compute = ComputeModel.from_profile(prof)
+        # a profile without nodes (this machine's) runs every rank on one host
+        on_host = prof.ranks_per_node or spec.gpus
+        compute = ComputeModel.from_profile(prof).on_host_with(min(on_host, spec.gpus))
         namespace = lambda obs: SymbolicNamespace(compute, obs.charge)  # noqa: E731
     if reduced is None:
         reduced = spec.gpus > FULL_LIMIT
