@@ -48,6 +48,7 @@ from mpipar.sim import analytic, memory
 from mpipar.sim.compute import ComputeModel
 from mpipar.sim.spec import TrainSpec
 from mpipar.sim.symbolic import SymbolicNamespace
+from mpipar.sim.trace import TRACKS
 
 # Phases a kernel's time is charged to (see the module docstring).
 PHASES = ("compute", "recompute", "tp_comm", "dp_comm", "optimizer")
@@ -87,7 +88,7 @@ class RankStep:
     spans: list[Span]
 
 
-class _Observer:
+class Observer:
     """Per virtual rank: charges kernel time to the clock and to the current phase, keeps the
     spans of the rank's timeline, and memoises stage calls. Installed around a real trainer's
     objects by wrapping their methods on the instance (the trainer's code is not changed)."""
@@ -101,7 +102,7 @@ class _Observer:
         self.recording = False
         self._recorder: list | None = None   # the events of the stage call being memoised
         self._in_comm = 0
-        self._depth = {"main": 0, "comm": 0}  # wrapped calls in progress per track
+        self._depth = dict.fromkeys(TRACKS, 0)  # wrapped calls in progress per track
 
     def charge(self, kind: str, seconds: float) -> None:
         """A kernel of ``kind`` took ``seconds`` (the symbolic namespace calls this)."""
@@ -216,7 +217,7 @@ def _sim_mesh(t: SimTransport, run: "SimulatedRun", times: CollectiveTimes) -> t
     return world, Mesh(lay.dp, lay.tp, lay.pp, world.rank, 0, 0, stage, world, dp, tp, pp)
 
 
-def instrument(tr: ParallelTrainer, obs: _Observer) -> None:
+def instrument(tr: ParallelTrainer, obs: Observer) -> None:
     """Install ``obs`` around a trainer's collectives and optimiser (real or simulated: the
     spans are the same, which tests/sim/test_train.py checks against a real two-rank run)."""
     mesh = tr.mesh
@@ -231,7 +232,7 @@ def instrument(tr: ParallelTrainer, obs: _Observer) -> None:
     obs.wrap(tr.sync, "step", "optimizer", name="optimizer")
 
 
-def observed_step(tr: ParallelTrainer, obs: _Observer, idx: Any, targets: Any,
+def observed_step(tr: ParallelTrainer, obs: Observer, idx: Any, targets: Any,
                   barrier: Callable[[], None]) -> tuple[Any, float]:
     """One ``tr.step`` from a common start (after ``barrier``), with its spans recorded in
     ``obs`` from that start; returns the step's result and its duration on this rank."""
@@ -250,7 +251,7 @@ def observed_step(tr: ParallelTrainer, obs: _Observer, idx: Any, targets: Any,
 
 
 @contextlib.contextmanager
-def _recompute_phase(engine: Engine, observers: dict[int, _Observer]) -> Iterator[None]:
+def _recompute_phase(engine: Engine, observers: dict[int, Observer]) -> Iterator[None]:
     """While the run lasts, the recomputations of the blocks' policies (``block.FullRecompute
     .rerun``, ``attention.RecomputeProbabilities.restore``: objects every rank shares) charge
     the running rank's "recompute" phase."""
@@ -277,7 +278,7 @@ def _recompute_phase(engine: Engine, observers: dict[int, _Observer]) -> Iterato
 
 def _rank_main(t: SimTransport, run: "SimulatedRun", times: CollectiveTimes) -> RankStep:
     world, mesh = _sim_mesh(t, run, times)
-    obs = _Observer(t.engine, t.clock)
+    obs = Observer(t.engine, t.clock)
     run.observers[t.engine.current_rank()] = obs
     xp = run.namespace(obs)
     tr = ParallelTrainer(world, run.config, run.layout, run.optimizer, dtype=run.dtype, xp=xp,
@@ -309,10 +310,10 @@ class SimulatedRun:
     optimizer: OptimizerSpec
     dtype: str
     algorithm: str
-    namespace: Callable[[_Observer], Any]
+    namespace: Callable[[Observer], Any]
     reduced: bool
     memoize: bool
-    observers: dict[int, _Observer] = field(default_factory=dict)  # by engine rank
+    observers: dict[int, Observer] = field(default_factory=dict)  # by engine rank
 
 
 @dataclass
@@ -391,14 +392,14 @@ def check_spec(spec: TrainSpec) -> None:
 
 
 def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
-                   namespace: Callable[[_Observer], Any] | None = None,
+                   namespace: Callable[[Observer], Any] | None = None,
                    algorithm: str = "native", reduced: bool | None = None,
                    memoize: bool = True) -> TrainPrediction:
     """Simulate one optimiser step of ``spec`` on ``profile``'s cluster (see the module doc).
 
     ``reduced``: one rank per pipeline stage with mirrored tp and dp peers (``sim/mirror.py``);
     None: reduced above ``FULL_LIMIT`` GPUs. ``memoize``: replay stage calls after the first
-    per input shape (``_Observer.memoize``)."""
+    per input shape (``Observer.memoize``)."""
     check_spec(spec)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     config, layout = spec.gpt_config, spec.layout
