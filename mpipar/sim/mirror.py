@@ -10,7 +10,7 @@ the algorithm's messages to peers that do not exist but charges the time the ver
 algorithm takes on that group, on the cluster, with every member present: simulated once per
 (collective, algorithm, bytes) on the group's own placement and cached (``CollectiveTimes``).
 
-What this leaves out, and tests/sim/test_train.py bounds by comparing with the full
+What this leaves out, and tests/sim/test_sim_train.py bounds by comparing with the full
 simulation at up to 64 ranks: contention between different groups' messages on one link
 (the full simulation books tp, dp and pp traffic on the same ports), and members that are
 not symmetric (the first and last pipeline stages are not mirrored: every stage runs).

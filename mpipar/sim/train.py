@@ -53,7 +53,7 @@ from mpipar.sim.trace import TRACKS
 # Phases a kernel's time is charged to (see the module docstring).
 PHASES = ("compute", "recompute", "tp_comm", "dp_comm", "optimizer")
 # Above this many GPUs the step is simulated reduced by default (one rank per stage): it
-# agrees with the full simulation (tests/sim/test_train.py, up to 64 ranks) and costs 1/(dp tp)
+# agrees with the full simulation (tests/sim/test_sim_train.py, up to 64 ranks) and costs 1/(dp tp)
 FULL_LIMIT = 16
 BREAKDOWN = ("compute", "recompute", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer", "other")
 
@@ -155,7 +155,7 @@ class Observer:
         call's kernel times charged again and its collectives called again on inputs of the
         same shapes, returning that call's result. (The second, not the first: a first call
         may do one-time work, such as building the causal mask.) Exact for a symbolic
-        namespace, where a call's kernels depend only on shapes (tests/sim/test_train.py
+        namespace, where a call's kernels depend only on shapes (tests/sim/test_sim_train.py
         compares both ways)."""
         fn = getattr(stage, method)
         table: dict[tuple, tuple[list, Any] | None] = {}
@@ -219,7 +219,7 @@ def _sim_mesh(t: SimTransport, run: "SimulatedRun", times: CollectiveTimes) -> t
 
 def instrument(tr: ParallelTrainer, obs: Observer) -> None:
     """Install ``obs`` around a trainer's collectives and optimiser (real or simulated: the
-    spans are the same, which tests/sim/test_train.py checks against a real two-rank run)."""
+    spans are the same, which tests/sim/test_sim_train.py checks against a real two-rank run)."""
     mesh = tr.mesh
     if mesh.tp > 1:
         for m in ("allreduce", "reduce_scatter", "allgather"):
