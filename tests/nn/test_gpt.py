@@ -8,6 +8,7 @@ import pytest
 from mpipar.backend import to_host
 from mpipar.nn import GPT, PRESETS, GPTConfig
 from mpipar.nn.stages import BlockStage, EmbeddingStage, HeadStage
+from mpipar.testing.arrays import arrays_in
 from nn_gradcheck import numerical_grad, rel_error
 
 MICRO = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
@@ -267,14 +268,6 @@ def test_generate_turns_off_dropout():
     assert np.array_equal(a, b) and model.state.training
 
 
-def _arrays(obj):
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _arrays(o)
-    elif hasattr(obj, "dtype") and hasattr(obj, "shape"):
-        yield obj
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_float32_stays_float32(xp, dropout):
     """No silent float64 upcasts (a NumPy float64 scalar would promote a whole tensor)."""
@@ -283,7 +276,7 @@ def test_float32_stays_float32(xp, dropout):
     idx, targets = batch(xp, cfg)
     _, loss, caches = model.forward(idx, targets)
     assert loss.dtype == np.float32
-    floats = [a for a in _arrays(caches) if a.dtype.kind == "f"]
+    floats = [a for a in arrays_in(caches) if a.dtype.kind == "f"]
     assert floats and all(a.dtype == np.float32 for a in floats), {str(a.dtype) for a in floats}
     model.backward(caches)
     assert model.grad_buffer.dtype == np.float32

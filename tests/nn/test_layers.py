@@ -9,6 +9,7 @@ import pytest
 
 from mpipar.backend import to_host
 from mpipar.nn import attention, block, crossentropy, dropout, embedding, gelu, layernorm, linear, mlp
+from mpipar.testing.arrays import arrays_in
 from nn_gradcheck import numerical_grad, rel_error
 
 TOL = 1e-6
@@ -250,14 +251,6 @@ def test_block_calls_its_communication_points_in_megatrons_places(xp):
     assert all(np.array_equal(to_host(d[k]), to_host(d_ref[k])) for k in p)
 
 
-def _arrays_in(obj):
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _arrays_in(o)
-    elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        yield obj
-
-
 @pytest.mark.parametrize("mode", ["selective", "full"])
 @pytest.mark.parametrize("p_drop", [0.0, 0.2])
 def test_block_recompute_gives_the_bits_of_keeping_everything(xp, mode, p_drop):
@@ -277,7 +270,7 @@ def test_block_recompute_gives_the_bits_of_keeping_everything(xp, mode, p_drop):
         next_draw = to_host(gen.random(4))
         d = {k: xp.zeros_like(v) for k, v in p.items()}
         dx = policy.backward(dout, saved, p, d, NH, region)
-        got[m] = (out, dx, d, next_draw, region.calls, list(_arrays_in(saved)))
+        got[m] = (out, dx, d, next_draw, region.calls, list(arrays_in(saved)))
     (out0, dx0, d0, draw0, calls0, kept0), (out, dx, d, draw, calls, kept) = got["none"], got[mode]
     assert np.array_equal(to_host(out), to_host(out0)) and np.array_equal(to_host(dx), to_host(dx0))
     assert all(np.array_equal(to_host(d[k]), to_host(d0[k])) for k in p)
@@ -316,7 +309,7 @@ def test_block_keeps_the_activation_bytes_its_docstring_states(xp, mode, p_drop,
     x = rand(xp, rng, B, T, C)
     _, saved = block.RECOMPUTE[mode].forward(x, p, a, p_drop, xp.random.default_rng(0), block.SERIAL)
     params = {id(_root(v)) for v in list(p.values()) + list(full.values())}
-    held = {id(r): r for r in map(_root, _arrays_in(saved)) if id(r) not in params}
+    held = {id(r): r for r in map(_root, arrays_in(saved)) if id(r) not in params}
     elements = sum(r.size for r in held.values())
     drop = p_drop > 0
     want = {"none": B * T * (4 * C + 4 * H + 3 * F + 4 + a * T) + drop * B * T * (2 * C + a * T),

@@ -24,6 +24,7 @@ from mpipar.parallel.mesh import make_mesh
 from mpipar.parallel.model import (allreduce_tied_grads, build_local_model, gather_full_state_dict,
                                    local_shards, tied_embedding_group)
 from mpipar.parallel.tensor_parallel import TPHeadStage, vocab_counts
+from mpipar.testing.arrays import arrays_in
 
 TINY = PRESETS["tiny"]
 TOL = 1e-10
@@ -341,14 +342,6 @@ def _root(a):
     return a
 
 
-def _arrays_in(obj):
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _arrays_in(o)
-    elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        yield obj
-
-
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_threaded_sequence_parallel(tp, recompute, xp):
@@ -375,7 +368,7 @@ def test_threaded_sequence_parallel(tp, recompute, xp):
             assert xs.shape == (B, T // tp, C)
             caches.append(c)
         params = {id(_root(v)) for v in local.params.values()}
-        kept = sum(r_.size for r_ in {id(_root(x)): _root(x) for x in _arrays_in(caches[1])
+        kept = sum(r_.size for r_ in {id(_root(x)): _root(x) for x in arrays_in(caches[1])
                                       if id(_root(x)) not in params}.values())
         _, loss, hc = local.stages[-1].forward(xs, xp.asarray(tgt))
         dx = local.stages[-1].backward(1.0, hc)
