@@ -90,8 +90,10 @@ def test_a_small_calibration_loads_and_passes_through_what_it_measured(monkeypat
                 assert got == pytest.approx(want, rel=1e-9) or got > want
     for kind, c in section["memory"].items():
         for p in c["points"]:
-            assert cm.memory_time(p["bytes"], kind) == pytest.approx(p["bytes"] / (p["gbps"] * 1e9),
-                                                                     rel=1e-3)
+            # the points time single kernels; the host's dispatch per kernel of the layers'
+            # code (measured apart, on a tiny GPT) comes on top of them
+            assert cm.memory_time(p["bytes"], kind) - cm.dispatch_s == pytest.approx(
+                p["bytes"] / (p["gbps"] * 1e9), rel=1e-3)
     out = tmp_path / "profile.json"
     out.write_text(json.dumps({"name": "local", "classes": [1, 2, 3]}))
     cc.write_section(out, section)

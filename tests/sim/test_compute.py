@@ -170,3 +170,51 @@ def test_the_model_prices_a_symbolic_gpt_step():
     assert ns.seconds["gemm"] >= ns.gemm_flops / cm.peak_flops("float32")
     assert ns.seconds["elementwise"] >= ns.kernels["elementwise"] * cm.launch_s
     assert math.isfinite(sum(ns.seconds.values()))
+
+
+# -- fusion regions, the host's dispatch cost, ranks sharing a host ---------------------------
+
+def _gelu_forward_charges(fusion: str):
+    """(kernels, seconds) a GELU forward over (rows, 512) float32 charges under ``fusion``."""
+    from mpipar.nn import gelu
+    from mpipar.sim.symbolic import SymbolicNamespace
+    cm = ComputeModel.from_json(section(fusion=fusion))
+    charged = []
+    ns = SymbolicNamespace(cm, lambda kind, s: charged.append((kind, s)))
+    x = ns.empty((256, 512), dtype=ns.float32)
+    gelu.forward(x)
+    return charged, cm, x.nbytes
+
+
+def test_a_fused_region_is_one_kernel_reading_and_writing_each_array_once():
+    unfused, cm, nbytes = _gelu_forward_charges("none")
+    fused, _, _ = _gelu_forward_charges("fused")
+    mem = [c for c in fused if c[0] != "gemm"]
+    assert len(unfused) > 5 and len(mem) == 1
+    # GELU's forward touches x, its cache t and its output: three arrays once each
+    assert mem[0][1] == pytest.approx(cm.memory_time(3 * nbytes, "elementwise"))
+
+
+def test_a_blocked_region_prices_every_pass_block_by_block():
+    from mpipar.nn.blocking import BLOCK
+    unfused, cm, nbytes = _gelu_forward_charges("none")
+    blocked, _, _ = _gelu_forward_charges("blocked")
+    assert len(blocked) == len(unfused)          # one charge per pass, as NumPy runs them
+    rows_per_block = max(1, BLOCK // 512)
+    blocks = -(-256 // rows_per_block)
+    # the first pass at its whole size, the others as `blocks` cache-sized pieces
+    assert blocks == 2 and blocked[0][1] == pytest.approx(unfused[0][1])
+    # this curve is faster at half a pass's size than at its whole size: the blocked passes
+    # cost less than the whole-array ones, each by its own price at the smaller size
+    assert sum(s for _, s in blocked[1:]) < sum(s for _, s in unfused[1:])
+
+
+def test_dispatch_is_paid_per_kernel_and_sharing_a_host_slows_every_kernel():
+    base = ComputeModel.from_json(section())
+    more = ComputeModel.from_json(section(dispatch_s=2e-6, concurrency={"1": 1.0, "2": 1.5}))
+    assert more.memory_time(1 << 20) == pytest.approx(base.memory_time(1 << 20) + 2e-6)
+    assert more.gemm_time(64, 64, 64) == pytest.approx(base.gemm_time(64, 64, 64) + 2e-6)
+    two = more.on_host_with(2)
+    assert two.memory_time(1 << 20) == pytest.approx(1.5 * more.memory_time(1 << 20))
+    assert more.on_host_with(8).slowdown == 1.5          # the largest count measured
+    assert more.on_host_with(1) is more and base.on_host_with(4) is base
