@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from mpipar import train
+from mpipar.sim.plan import describe, plan
+from mpipar.sim.spec import TrainSpec
 
 # tiny preset, short context, small batch: a step takes tens of milliseconds
 FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads", "1",
@@ -186,3 +188,26 @@ def test_checkpoints_move_between_layouts(tmp_path):
         steps = read_log(tmp_path / name)[0]
         assert [e["step"] for e in steps] == [5, 6, 7], name
         np.testing.assert_allclose([e["loss"] for e in steps], want[5:], rtol=1e-10, err_msg=name)
+
+
+def test_plan_trains_the_planners_first_choice(tmp_path):
+    """``--plan`` on 2 ranks: the layout is the planner's first choice for this machine, said
+    on rank 0, and the run trains what one process trains."""
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    args = FAST + ["--steps", "2", "--dtype", "float64"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert train.main(args + ["--log", str(one)]) == 0
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "mpipar.train", *args, "--plan",
+                          "--log", str(two)], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    c = train.PRESETS["tiny"].replace(block_size=16)
+    base = TrainSpec(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, block_size=16,
+                     vocab_size=256, global_batch=4, bucket_mb=1.0)
+    first = plan(base, "local", 2, top=1)[0]
+    assert res.stdout.count(f"planned: {describe(first.spec)}") == 1, res.stdout[-2000:]
+    a, b = (np.array([e["loss"] for e in read_log(p)[0]]) for p in (one, two))
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+    bad = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "mpipar.train", *args, "--plan",
+                          "--dp", "2"], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "--plan chooses the layout" in bad.stderr, bad.stderr[-2000:]
