@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mpipar import backend
+from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.runtime import wait_until_output_read
 
 
@@ -61,3 +62,21 @@ def comm():  # type: ignore[no-untyped-def]
 
 # child scripts launched by tests/test_harness.py: they fail on purpose and are never collected
 collect_ignore = ["mpi_scripts"]
+
+
+@pytest.fixture(autouse=True)
+def _close_trainers(monkeypatch):  # type: ignore[no-untyped-def]
+    """Every ParallelTrainer a test builds is closed after it (its MPI communicators freed),
+    in the order built, which is the same on every rank: a whole-suite MPI process builds
+    hundreds and would run out of MPI's communicators otherwise."""
+    built: list = []
+    init = ParallelTrainer.__init__
+
+    def recording(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(ParallelTrainer, "__init__", recording)
+    yield
+    for tr in built:
+        tr.close()

@@ -350,6 +350,13 @@ class Communicator:
             out = (xp or np).empty(shape, dtype=backend.resolve_dtype(dtype))
         return self.irecv(out, source, tag).wait()
 
+    def free(self) -> None:
+        """Collective over the group: release its MPI communicators (those made by split or
+        dup; never COMM_WORLD). The Communicator is unusable afterwards."""
+        if self.transport is not self.p2p:
+            self.transport.free()
+        self.p2p.free()
+
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":
         """A Communicator over the ranks that passed the same ``color``, ordered by ``key``
         (``color=None``: this rank joins none, and gets None). Keeps the algorithm choice."""

@@ -209,6 +209,16 @@ class ParallelTrainer:
                   for s in self.sync.state_names}
         self.sync.load_state_tensors(pieces, int(np.asarray(sd["step"])))
 
+    def close(self) -> None:
+        """Collective over the world: free the groups this trainer split off it (the mesh's
+        and the tied embedding's); the trainer is unusable afterwards. MPI has a few thousand
+        communicators per process, and a process that builds many trainers (a test suite, a
+        benchmark of layouts) runs out without this."""
+        if self.pipe.tied_group is not None:
+            self.pipe.tied_group.free()
+        for group in (self.mesh.tp_group, self.mesh.dp_group, self.mesh.pp_group):
+            group.free()
+
     def memory_report(self) -> dict[str, int]:
         """Bytes held by this rank (``GradSync.memory_report``): parameters, gradients (at
         their peak so far: run a step first), optimiser state, and their unsharded sizes."""

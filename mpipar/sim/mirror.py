@@ -86,6 +86,9 @@ class MirrorTransport:
     def barrier(self) -> None:
         """Symmetric members arrive together: nothing to wait for."""
 
+    def free(self) -> None:
+        """Nothing to release."""
+
 
 class MirroredCommunicator(Communicator):
     """A Communicator of ``size`` symmetric members, of which this is member ``rank``; its

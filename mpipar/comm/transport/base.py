@@ -122,6 +122,10 @@ class Transport(Protocol):
     def barrier(self) -> None:
         """Collective: return once every rank of the group has entered."""
 
+    def free(self) -> None:
+        """Collective: release what the group holds (MPI: its communicator, if this transport
+        made it by split or dup); the transport is unusable afterwards."""
+
     def clock(self) -> float:
         """Seconds on this rank's clock: wall time (``time.perf_counter``) under MPI, the
         virtual clock of the running thread in the simulator. Layers above time their work

@@ -90,9 +90,10 @@ class MPITransport:
     native: Any = None  # MPI's own collectives are native.py's: no replacement here
     begin_collective = None  # a real call pays its own overhead
 
-    def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None) -> None:
+    def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None, owned: bool = False) -> None:
         self.MPI = import_mpi()
         self.comm = mpi_comm
+        self.owned = owned  # made by split/dup: free() releases it
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
         self.cuda_aware = is_cuda_aware() if cuda_aware is None else cuda_aware
@@ -180,10 +181,17 @@ class MPITransport:
         sub = self.comm.Split(MPI.UNDEFINED if color is None else color, key)
         if sub == MPI.COMM_NULL:
             return None
-        return MPITransport(sub, cuda_aware=self.cuda_aware)
+        return MPITransport(sub, cuda_aware=self.cuda_aware, owned=True)
 
     def dup(self) -> "MPITransport":
-        return MPITransport(self.comm.Dup(), cuda_aware=self.cuda_aware)
+        return MPITransport(self.comm.Dup(), cuda_aware=self.cuda_aware, owned=True)
+
+    def free(self) -> None:
+        """Collective: free the MPI communicator if this transport made it (a split or a
+        dup; MPI has a few thousand per process). The transport is unusable afterwards."""
+        if self.owned and self.comm != self.MPI.COMM_NULL:
+            mpi_env.collective(self.comm, "Barrier")   # nothing of ours still in flight
+            self.comm.Free()
 
     def shared_node(self) -> int:
         """Collective: this rank's node among the ranks that share memory with it (MPI's

@@ -774,6 +774,9 @@ class SimTransport:
         assert sub is not None
         return sub
 
+    def free(self) -> None:
+        """Nothing to release: a group is a context number."""
+
     def begin_collective(self, algorithm: str) -> None:
         """A collective starts: the profile's per-call overhead of ``algorithm`` (argument
         checks and set-up, ``call_overhead_s``) passes on this rank's clock."""
