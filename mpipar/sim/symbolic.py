@@ -508,6 +508,38 @@ class SymbolicArray:
         return self._ns.matmul(o, self)
 
 
+def _basic_index(k: Any, n: int, dim: int) -> tuple[int, int] | None:
+    """A slice or integer index of axis ``dim`` (length ``n``): (length kept, step) for a
+    slice, None for an integer (the axis goes); NumPy's IndexError for anything else or an
+    integer out of bounds."""
+    if isinstance(k, slice):
+        start, stop, step = k.indices(n)
+        return len(range(start, stop, step)), step
+    if isinstance(k, (int, np.integer)):
+        if not -n <= int(k) < n:
+            raise IndexError(f"index {int(k)} is out of bounds for axis {dim} with size {n}")
+        return None
+    raise IndexError("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis "
+                     "(`None`) and integer or boolean arrays are valid indices")
+
+
+def _result_of(op: str, dt: Any) -> Any:
+    """The dtype of ``op``'s result from its operands' dtype ``dt`` (a Python scalar type
+    takes NumPy's default for it; float-valued operations on integers give float64)."""
+    if isinstance(dt, type):
+        dt = np.result_type(dt(0))
+    if op in _FLOAT_RESULT and dt.kind in "biu":
+        dt = np.dtype(np.float64)
+    return dt
+
+
+def _check_out(shape: tuple, out: Any) -> None:
+    """NumPy's error for an ``out=`` array the result of ``shape`` does not broadcast to."""
+    if out.shape != shape and broadcast_shapes(shape, out.shape) != out.shape:
+        raise ValueError(f"non-broadcastable output operand with shape {_fmt(out.shape)} "
+                         f"doesn't match the broadcast shape {_fmt(broadcast_shapes(shape, out.shape))}")
+
+
 def _operand(x: Any) -> tuple[tuple, Any, int]:
     """(shape, dtype or Python scalar type, bytes a kernel reads) of an operand."""
     if type(x) is SymbolicArray:
@@ -576,17 +608,10 @@ def _basic(a: SymbolicArray, key: tuple) -> tuple[tuple, bool, bool, int]:
             out.append(1)
             strides.append(0)
             continue
-        n = shape[dim]
-        if isinstance(k, slice):
-            start, stop, step = k.indices(n)
-            out.append(len(range(start, stop, step)))
-            strides.append(src[dim] * step)
-        elif isinstance(k, (int, np.integer)):
-            if not -n <= int(k) < n:
-                raise IndexError(f"index {int(k)} is out of bounds for axis {dim} with size {n}")
-        else:
-            raise IndexError("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis "
-                             "(`None`) and integer or boolean arrays are valid indices")
+        kept = _basic_index(k, shape[dim], dim)
+        if kept is not None:
+            out.append(kept[0])
+            strides.append(src[dim] * kept[1])
         dim += 1
     contig = a._contig
     if contig:                     # C order: each kept dimension (> 1 long) strides by the
@@ -661,15 +686,9 @@ def _advanced(a: SymbolicArray, key: tuple) -> tuple[tuple, bool, bool, int]:
                                  f"together with shapes {_fmt(adv_shape)} {_fmt(ishape)} ") from None
             adv_pos.append(pos)
             continue
-        n = shape[dim]
-        if isinstance(k, slice):
-            out_basic.append((pos, len(range(*k.indices(n)))))
-        elif isinstance(k, (int, np.integer)):
-            if not -n <= int(k) < n:
-                raise IndexError(f"index {int(k)} is out of bounds for axis {dim} with size {n}")
-        else:
-            raise IndexError("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis "
-                             "(`None`) and integer or boolean arrays are valid indices")
+        kept = _basic_index(k, shape[dim], dim)
+        if kept is not None:
+            out_basic.append((pos, kept[0]))
         dim += 1
     # integers count as advanced indices when arrays are present (NumPy): their positions
     # join the advanced group for the adjacency rule
@@ -924,28 +943,19 @@ class SymbolicNamespace:
             if op in _BOOL_RESULT:
                 dt = np.dtype(np.bool_)
             else:
-                dt = da if da is db else result_dtype(da, db)
-                if isinstance(dt, type):
-                    dt = np.result_type(dt(0))
-                if op in _FLOAT_RESULT and dt.kind in "biu":
-                    dt = np.dtype(np.float64)
+                dt = _result_of(op, da if da is db else result_dtype(da, db))
             out = SymbolicArray(self, shape, dt)
-        elif out.shape != shape and broadcast_shapes(shape, out.shape) != out.shape:
-            raise ValueError(f"non-broadcastable output operand with shape {_fmt(out.shape)} "
-                             f"doesn't match the broadcast shape {_fmt(broadcast_shapes(shape, out.shape))}")
+        else:
+            _check_out(shape, out)
         self._kernel(_ELEMENTWISE[op], op, na + nb + out.nbytes, (a, b, out))
         return out
 
     def _unary(self, op: str, a: Any, out: Any) -> SymbolicArray:
         sa, da, na = _operand(a)
         if out is None:
-            dt = da if not isinstance(da, type) else np.result_type(da(0))
-            if op in _FLOAT_RESULT and dt.kind in "biu":
-                dt = np.dtype(np.float64)
-            out = SymbolicArray(self, sa, dt)
-        elif out.shape != sa and broadcast_shapes(sa, out.shape) != out.shape:
-            raise ValueError(f"non-broadcastable output operand with shape {_fmt(out.shape)} "
-                             f"doesn't match the broadcast shape {_fmt(broadcast_shapes(sa, out.shape))}")
+            out = SymbolicArray(self, sa, _result_of(op, da))
+        else:
+            _check_out(sa, out)
         self._kernel(_ELEMENTWISE[op], op, na + out.nbytes, (a, out))
         return out
 
