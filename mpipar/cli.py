@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from mpipar import runtime
+from mpipar.comm.network import Profile, load_profile
 from mpipar.sim.spec import MODEL_FIELDS, MODELS
 
 
@@ -92,3 +93,13 @@ def model_from_args(args: argparse.Namespace) -> dict[str, int]:
     if missing:
         raise UsageError(f"the model needs {', '.join(missing)} (or --model NAME)")
     return model
+
+
+def load_cluster(name: str, flag: str = "--cluster") -> Profile:
+    """The profile ``name`` (a shipped name or a JSON path); UsageError naming ``flag``."""
+    try:
+        return load_profile(name)
+    except FileNotFoundError as e:
+        raise UsageError(f"{flag}: {e}") from None
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{flag} {name}: not a valid profile ({e})") from None

@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 
 from mpipar.cli import (POSITIVE_INT, Parser, UsageError, add_model_arguments, check_output_path,
-                        model_from_args)
-from mpipar.comm.network import load_profile
+                        load_cluster, model_from_args)
 from mpipar.sim.plan import PlanRow, describe, plan
 from mpipar.sim.spec import PRECISIONS, TrainSpec
 
@@ -59,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         model = model_from_args(args)
-        try:
-            prof = load_profile(args.cluster)
-        except FileNotFoundError as e:
-            raise UsageError(f"--cluster: {e}") from None
+        prof = load_cluster(args.cluster)
         if args.json:
             check_output_path(args.json, "--json")
         base = TrainSpec(**model, global_batch=args.global_batch, precision=args.precision,

@@ -43,7 +43,7 @@ from typing import Any
 
 from mpipar import backend
 from mpipar.cli import (POSITIVE, POSITIVE_INT, Parser, UsageError, add_model_arguments,
-                        check_output_path, model_from_args)
+                        check_output_path, load_cluster, model_from_args)
 from mpipar.comm import cost_model
 from mpipar.comm.algorithms import algorithm_names
 from mpipar.comm.network import PROFILE_DIR, load_profile, profile_names
@@ -57,6 +57,7 @@ from mpipar.sim.published import RUNS
 from mpipar.sim.spec import MODELS, PRECISIONS, RECOMPUTE, TrainSpec
 from mpipar.sim.trace import write_trace
 from mpipar.sim.train import check_spec, simulate_train
+from mpipar.testing.launch import mpiexec_command
 
 
 def _value(text: str) -> Any:
@@ -271,15 +272,6 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
     return spec
 
 
-def _cluster(name: str) -> Any:
-    try:
-        return load_profile(name)
-    except FileNotFoundError as e:
-        raise UsageError(f"--cluster: {e}") from None
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"--cluster {name}: not a valid profile ({e})") from None
-
-
 def _fmt_bytes(n: float) -> str:
     return f"{n / 2**30:10.2f} GiB"
 
@@ -314,7 +306,7 @@ def print_prediction(pred: Any) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
-    prof = _cluster(args.cluster)
+    prof = load_cluster(args.cluster)
     for flag in ("json", "trace"):
         if getattr(args, flag):
             check_output_path(getattr(args, flag), f"--{flag}")
@@ -333,7 +325,7 @@ def published_command(args: argparse.Namespace) -> int:
     iteration time (printed, or derived from the printed TFLOP/s by the paper's eq. 3), or,
     for runs published by MFU alone, on the MFU's reciprocal (the same thing at a fixed
     FLOP count). Nothing in the profile is fitted to these runs."""
-    prof = _cluster(args.cluster)
+    prof = load_cluster(args.cluster)
     if args.json:
         check_output_path(args.json, "--json")
     wanted = args.runs.split(",") if args.runs else None
@@ -397,29 +389,34 @@ def _same_layout(spec: TrainSpec, row: dict) -> bool:
 
 
 def _measure(ranks: int, extra: list[str], steps: int, out: Path) -> list[dict]:
-    cmd = [str(Path(sys.executable).with_name("mpiexec")) if Path(sys.executable).with_name("mpiexec").exists()
-           else "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpipar.bench", "parallel",
-           "--model", VALIDATION_MODEL, "--batch-size", str(VALIDATION_BATCH), "--steps", str(steps),
-           "--bucket-mb", str(VALIDATION_BUCKET_MB), "--json", str(out)] + extra
+    cmd = mpiexec_command(ranks, [
+        sys.executable, "-m", "mpipar.bench", "parallel", "--model", VALIDATION_MODEL,
+        "--batch-size", str(VALIDATION_BATCH), "--steps", str(steps),
+        "--bucket-mb", str(VALIDATION_BUCKET_MB), "--json", str(out), *extra])
     # one BLAS thread per rank, as the profile was calibrated (and never more threads than cores)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=900, env=env)
     return [r for r in json.loads(out.read_text())["rows"] if "skipped" not in r]
 
 
-def validation_spec(row: dict) -> TrainSpec:
+def validation_base() -> TrainSpec:
+    """The validation model and batch (one process; a row's layout is set by ``with_``)."""
     n_layer, n_embd, n_head, block, _ = MODELS[VALIDATION_MODEL]
-    dp, M = row["dp"], row["M"]
     return TrainSpec(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block,
                      vocab_size=VOCAB_SIZE, global_batch=VALIDATION_BATCH,
-                     micro_batch=VALIDATION_BATCH // (dp * M), dp=dp, tp=row["tp"], pp=row["pp"],
-                     schedule=row["schedule"] if row["schedule"] in ("gpipe", "1f1b") else "1f1b",
-                     zero=row["zero"],
                      bucket_mb=VALIDATION_BUCKET_MB)
 
 
+def validation_spec(row: dict) -> TrainSpec:
+    dp, M = row["dp"], row["M"]
+    return validation_base().with_(
+        micro_batch=VALIDATION_BATCH // (dp * M), dp=dp, tp=row["tp"], pp=row["pp"],
+        schedule=row["schedule"] if row["schedule"] in ("gpipe", "1f1b") else "1f1b",
+        zero=row["zero"])
+
+
 def validate_command(args: argparse.Namespace) -> int:
-    prof = _cluster(args.profile)
+    prof = load_cluster(args.profile, "--profile")
     if args.json:
         check_output_path(args.json, "--json")
     rows, extra = [], []
@@ -446,10 +443,7 @@ def validate_command(args: argparse.Namespace) -> int:
     print(f"# ledger |error|: median {100 * med:.1f}% (goal <= 15%), worst {100 * worst:.1f}% (goal <= 30%)")
     # the planner at 2 ranks, among the knobs measured here (bench parallel has no recompute,
     # sequence parallelism or interleaving)
-    n_layer, n_embd, n_head, block, _ = MODELS[VALIDATION_MODEL]
-    base = TrainSpec(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block,
-                     vocab_size=VOCAB_SIZE, global_batch=VALIDATION_BATCH,
-                     bucket_mb=VALIDATION_BUCKET_MB)
+    base = validation_base()
     measured2 = [r for r in rows + extra if r["dp"] * r["tp"] * r["pp"] == 2]
     choices = plan(base, prof, 2, top=0, recompute=("none",), virtual_stages=(1,),
                    sequence_parallel=False)

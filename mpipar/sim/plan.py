@@ -28,7 +28,7 @@ from mpipar.comm.network import Profile, load_profile
 from mpipar.parallel.layout import LayoutError, layouts
 from mpipar.sim import analytic, memory
 from mpipar.sim.compute import ComputeModel
-from mpipar.sim.spec import TrainSpec
+from mpipar.sim.spec import RECOMPUTE, TrainSpec
 from mpipar.sim.train import TrainPrediction, check_spec, simulate_train
 
 
@@ -73,7 +73,7 @@ def _simplicity(s: TrainSpec) -> tuple:
             -s.micro_batch)
 
 
-def candidates(base: TrainSpec, gpus: int, *, recompute: tuple[str, ...] = ("none", "selective", "full"),
+def candidates(base: TrainSpec, gpus: int, *, recompute: tuple[str, ...] = RECOMPUTE,
                zero: tuple[int, ...] = (0, 1, 2), virtual_stages: tuple[int, ...] = (1, 2, 4),
                sequence_parallel: bool = True) -> Iterator[TrainSpec]:
     """Every layout of ``gpus`` for ``base``'s model, batch and precision that the trainer can
@@ -82,7 +82,7 @@ def candidates(base: TrainSpec, gpus: int, *, recompute: tuple[str, ...] = ("non
         per_dp = base.global_batch // dp if base.global_batch % dp == 0 else 0
         mbs = [b for b in range(1, per_dp + 1) if per_dp % b == 0]
         for mb, v, sched, z, rc, sp in itertools.product(
-                mbs, virtual_stages, ("1f1b", "gpipe"), zero, recompute,
+                mbs, virtual_stages, ("1f1b", "gpipe"), zero, recompute,  # 1F1B wins ties
                 (False, True) if sequence_parallel else (False,)):
             if (pp == 1 and (sched == "gpipe" or v > 1)) or (v > 1 and sched != "1f1b"):
                 continue                    # one schedule without a pipeline

@@ -33,11 +33,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from mpipar.nn.block import RECOMPUTE as BLOCK_RECOMPUTE
 from mpipar.nn.gpt import PRESETS, GPTConfig
 from mpipar.parallel.layout import Layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = tuple(BLOCK_RECOMPUTE)        # the blocks' policies (nn/block.py), by name
 # the array dtype of activations and matmul inputs under each precision
 COMPUTE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

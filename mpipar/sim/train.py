@@ -55,7 +55,6 @@ PHASES = ("compute", "recompute", "tp_comm", "dp_comm", "optimizer")
 # Above this many GPUs the step is simulated reduced by default (one rank per stage): it
 # agrees with the full simulation (tests/sim/test_sim_train.py, up to 64 ranks) and costs 1/(dp tp)
 FULL_LIMIT = 16
-BREAKDOWN = ("compute", "recompute", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer", "other")
 
 
 @dataclass
@@ -374,12 +373,12 @@ def breakdown_of(run: SimulatedRun, ranks: list[RankStep], crit: RankStep) -> di
     ph = crit.phases
     waits = sum(crit.waits.values())
     bubble = min(schedule_idle(run, ranks, crit)[1], waits)
-    out = {"compute": ph["compute"], "recompute": ph["recompute"], "tp_comm": ph["tp_comm"],
+    # compute and recompute are kernel time; tensor-parallel time is the collectives' spans,
+    # messages included (outside the optimiser's, whose norm all-reduce over tp is optimiser)
+    out = {"compute": ph["compute"], "recompute": ph["recompute"],
+           "tp_comm": sum(s.t1 - s.t0 for s in crit.spans if s.phase == "tp_comm"),
            "pp_comm": waits - bubble, "bubble": bubble, "dp_comm": crit.dp_exposed_s,
            "optimizer": crit.optimizer_s}
-    # the phases above count kernel time; tensor-parallel time is the span, messages included
-    # (outside the optimiser's spans, whose norm all-reduce over tp counts as optimiser)
-    out["tp_comm"] = sum(s.t1 - s.t0 for s in crit.spans if s.phase == "tp_comm")
     out["other"] = max(crit.step_s - sum(out.values()), 0.0)
     return out
 
@@ -403,21 +402,21 @@ def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
     check_spec(spec)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     config, layout = spec.gpt_config, spec.layout
+    compute = ComputeModel.from_profile(prof)
     if namespace is None:
         # a profile without nodes (this machine's) runs every rank on one host
-        on_host = prof.ranks_per_node or spec.gpus
-        compute = ComputeModel.from_profile(prof).on_host_with(min(on_host, spec.gpus))
-        namespace = lambda obs: SymbolicNamespace(compute, obs.charge)  # noqa: E731
+        on_host = compute.on_host_with(min(prof.ranks_per_node or spec.gpus, spec.gpus))
+        namespace = lambda obs: SymbolicNamespace(on_host, obs.charge)  # noqa: E731
     if reduced is None:
         reduced = spec.gpus > FULL_LIMIT
     run = SimulatedRun(spec, config, layout, OptimizerSpec(spec.optimizer, lr=1e-4), spec.compute_dtype,
                algorithm, namespace, reduced, memoize)
     n = spec.pp if reduced else spec.gpus
+    times = CollectiveTimes(prof)
     net_prof = prof
     if reduced:  # stage s is global rank s * dp * tp: stages per node, if more than one
-        net_prof = prof.with_topology(CollectiveTimes(prof).ranks_per_node(spec.dp * spec.tp))
+        net_prof = prof.with_topology(times.ranks_per_node(spec.dp * spec.tp))
     engine = Engine(Network(net_prof, n), n, data=False)
-    times = CollectiveTimes(prof)
     t0, c0 = time.perf_counter(), time.process_time()
     with _recompute_phase(engine, run.observers):
         res = engine.run(_rank_main, [(run, times)] * n)
@@ -426,15 +425,13 @@ def simulate_train(spec: TrainSpec, profile: Profile | str | None = None, *,
     crit = max(ranks, key=lambda r: (r.step_s, r.coords[2]))
     step = crit.step_s
     flops = analytic.model_flops_per_step(spec) / step / spec.gpus if step else 0.0
-    peak = peak_flops(prof, spec.compute_dtype)
+    peak = compute.peak_flops(spec.compute_dtype)
     est = memory.estimate(spec)
     mem = {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
            "activations": est.activations, "peak": est.peak}
-    cap = ComputeModel.from_profile(prof).memory_capacity_bytes
+    cap = compute.memory_capacity_bytes
     return TrainPrediction(spec, prof.name, step, spec.tokens_per_step / step if step else 0.0,
-                           flops, flops / peak if peak else 0.0, breakdown_of(run, ranks, crit),
+                           flops, analytic.mfu(spec, step, peak) if step and peak else 0.0,
+                           breakdown_of(run, ranks, crit),
                            crit.rank, mem, est.stage, cap, ranks, reduced, wall, cpu, run)
 
-
-def peak_flops(prof: Profile, dtype: str) -> float:
-    return ComputeModel.from_profile(prof).peak_flops(dtype)
