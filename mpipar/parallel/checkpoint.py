@@ -94,16 +94,18 @@ def tensor_table(trainer: Any) -> dict[str, dict[str, Any]]:
 
 
 def _share(world: Any, obj: Any) -> list[Any]:
-    """Every rank's JSON-able ``obj``, in rank order, on every rank (an allgather of bytes)."""
-    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8).copy()
+    """Every rank's JSON-able ``obj``, in rank order, on every rank: its JSON text padded to
+    whole int64 words (the communicator's smallest integer type), all-gathered."""
     if world.size == 1:
         return [obj]
-    counts = world.allgather(np.array([data.size], dtype=np.int64))
-    flat = world.allgather(data, counts=[int(c) for c in counts])
+    text = json.dumps(obj).encode()
+    words = np.frombuffer(text.ljust(-(-len(text) // 8) * 8 or 8), dtype=np.int64).copy()
+    sizes = world.allgather(np.array([len(text), words.size], dtype=np.int64)).reshape(-1, 2)
+    flat = world.allgather(words, counts=[int(w) for _, w in sizes])
     out, at = [], 0
-    for c in counts:
-        out.append(json.loads(flat[at:at + int(c)].tobytes()))
-        at += int(c)
+    for n, w in sizes:
+        out.append(json.loads(flat[at:at + int(w)].tobytes()[:int(n)]))
+        at += int(w)
     return out
 
 
