@@ -291,6 +291,11 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
                                          itemsize, len(optimizer.state_names), world_size)
     if args.ckpt_dir:
         free = _check_ckpt_dir(args.ckpt_dir, ckpt_bytes)
+        held = ckpt_dir.step_dirs(args.ckpt_dir)
+        if held and not args.resume:
+            raise UsageError(f"--ckpt-dir {args.ckpt_dir} holds checkpoints of another run (up to "
+                             f"step {held[0][0]}): continue it with --resume {args.ckpt_dir} or "
+                             f"--resume auto, or choose another directory")
         notes.append(f"checkpoints: {args.ckpt_dir} at the end"
                      + (f" and every {args.ckpt_every} steps" if args.ckpt_every else "")
                      + f", keeping {args.keep}, about {ckpt_bytes / 2**20:.1f} MiB each "

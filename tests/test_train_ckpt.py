@@ -14,7 +14,7 @@ import pytest
 
 from mpipar import train
 from mpipar.data import ckpt_dir
-from mpipar.data.checkpoint import load_training_checkpoint
+from mpipar.data.checkpoint import decode_arrays, load_training_checkpoint
 from mpipar.testing.launch import run_mpi
 
 FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads", "1",
@@ -80,6 +80,9 @@ def test_keep_export_auto_and_crash_temporaries(tmp_path, capsys):
     for key, full in single.optim.items():
         np.testing.assert_array_equal(sharded.optim[key], full, err_msg=key)
     sharded.close()
+    # a fresh run into a root holding another run's checkpoints would mix the two: refused
+    assert train.main(FAST + ["--steps", "4", "--ckpt-dir", str(d)]) == 2
+    assert f"--ckpt-dir {d} holds checkpoints of another run (up to step 4)" in capsys.readouterr().err
     os.mkdir(d / ".tmp-step-5-0123456789abcdef")
     (d / ".tmp-step-5-0123456789abcdef" / "rank-00000.npz").write_bytes(b"half a file")
     os.symlink(victim, d / ".tmp-step-6-link")
@@ -145,9 +148,7 @@ def test_a_nan_tensor_is_refused_by_name(saved, capsys):
     the content check can find it."""
     step = saved / "step-3"
     shard = _shard(step)
-    from safetensors.numpy import load_file  # the installed format
-
-    arrays = load_file(shard) if shard.endswith(".safetensors") else dict(np.load(shard))
+    arrays, _ = decode_arrays(open(shard, "rb").read(), shard)
     key = "optim.exp_avg.transformer.h.2.attn.c_proj.weight"
     arrays[key] = arrays[key].copy()
     arrays[key][1, 1] = np.nan
