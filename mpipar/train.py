@@ -266,7 +266,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
             raise UsageError(f"{where}, {part} part, with --block-size {config.block_size}: "
                              f"{e}") from e
     resume, notes = _open_resume(args)
-    saved = getattr(resume, "run", None)          # None: a file of mpipar before it was recorded
+    saved = resume.run if resume is not None else None   # None also: a file from before it was recorded
     decay_steps = args.lr_decay_steps or (saved["schedule"]["decay_steps"] if saved else args.steps)
     identity = run_identity(args, config, optimizer, decay_steps, tokens)
     if resume is not None:

@@ -53,7 +53,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -325,7 +325,7 @@ class ShardedCheckpoint:
         return self.manifest["run"]
 
     def check(self, config: Mapping[str, Any], optimizer: str, shapes: Mapping[str, tuple],
-              state_names: list[str] | tuple[str, ...]) -> None:
+              state_names: Sequence[str]) -> None:
         """``checkpoint.check_resumable`` against the manifest (no file is read)."""
         tensors = self.manifest["tensors"]
         run = self.manifest["run"]
@@ -454,8 +454,9 @@ def open_step_dir(step_dir: str) -> ShardedCheckpoint:
 
 
 def newest_complete(root: str) -> str | None:
-    """The step directory ``root/latest`` names, or None when the root has no checkpoint
-    (no ``latest`` and no step directory): where ``--resume auto`` starts from."""
+    """``root`` when it holds a checkpoint (a ``latest`` or a step directory: what
+    ``open_checkpoint`` then resolves, or refuses if it is corrupt), None when it holds none
+    (a fresh start)."""
     if _latest_name(root) is None and not step_dirs(root):
         return None
     return root
