@@ -17,12 +17,13 @@ The manifest (JSON; ``FORMAT``, ``VERSION``)::
      "tensors": {"model.<name>" | "optim.<state>.<name>": {"shape": [...], "dtype": "float64"}},
      "files": {"rank-00001.safetensors": {"sha256": "...", "bytes": 123,
                "pieces": [{"key": ..., "tensor": ..., "axis": 0, "ranges": [[0, 64], ...],
-                           "flat": [lo, hi]}]}}}
+                           "flat": [lo, hi], "sha256": "..."}]}}}
 
 A piece is one array of a file (``key``) holding part of a global tensor: ``ranges`` (or
 null: all of it) lists the index ranges along ``axis`` it covers (a tensor-parallel shard;
 c_attn's is three, its q, k and v rows), and ``flat`` (or null) the element range [lo, hi)
-of that shard, flattened, that it holds (a ZeRO shard's piece). Files are safetensors when
+of that shard, flattened, that it holds (a ZeRO shard's piece); its ``sha256`` (of the
+array's bytes) names the tensor a corrupt file's damage hit. Files are safetensors when
 the package is installed, else ``.npz`` without pickle (``checkpoint.encode_arrays``).
 
 Writing (``parallel/checkpoint.py`` drives it over the ranks): ``create_temp_dir`` makes
@@ -392,6 +393,32 @@ class _Tensors(Mapping):
         return key in self._extra or key in self._keys
 
 
+def array_sha256(arr: np.ndarray) -> str:
+    """The SHA-256 of an array's bytes (C order): recorded per piece, so that a corrupt
+    file's damage is traced to the tensor it hit."""
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _corrupt_part(path: str, pieces: list[dict[str, Any]], held: str) -> str:
+    """Which tensor of a file whose hash is wrong was hit: the first piece whose bytes no
+    longer have their recorded SHA-256, else the file's header."""
+    try:
+        reader = _Reader(path)
+    except Exception:
+        return f"its header is damaged; it holds {held}"
+    try:
+        for piece in pieces:
+            try:
+                arr = reader.get(piece["key"])
+            except Exception:
+                return f"tensor {piece['tensor']} is unreadable"
+            if "sha256" in piece and array_sha256(arr) != piece["sha256"]:
+                return f"in tensor {piece['tensor']}"
+    finally:
+        reader.close()
+    return f"outside the tensors' data; it holds {held}"
+
+
 def verify(step_dir: str, manifest: Mapping[str, Any]) -> None:
     """CheckpointError naming the file and tensor unless every file of ``manifest`` is
     there, of its recorded size and SHA-256, every piece has the dtype and shape the
@@ -411,7 +438,7 @@ def verify(step_dir: str, manifest: Mapping[str, Any]) -> None:
                                   f"(truncated or overwritten; it holds {held})")
         if _sha256_of(path) != info["sha256"]:
             raise CheckpointError(f"{path}: SHA-256 mismatch against the manifest: the file is "
-                                  f"corrupt (it holds {held})")
+                                  f"corrupt ({_corrupt_part(path, info['pieces'], held)})")
         try:
             reader = _Reader(path)
         except Exception as e:

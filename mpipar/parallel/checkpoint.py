@@ -152,7 +152,8 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
         try:
             info = ckpt_dir.write_shard_file(os.path.join(tmp, fname),
                                              {p["key"]: a for p, a in host})
-            mine = {"file": fname, **info, "pieces": [p for p, _ in host], "error": None}
+            recorded = [{**p, "sha256": ckpt_dir.array_sha256(a)} for p, a in host]
+            mine = {"file": fname, **info, "pieces": recorded, "error": None}
         except OSError as e:
             mine["error"] = f"rank {world.rank} could not write {os.path.join(tmp, fname)} ({e})"
     results = _share(world, mine)

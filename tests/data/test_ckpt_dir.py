@@ -25,7 +25,8 @@ def make_step(root, step, tensors=None, files=None):
     for fname, entries in files.items():
         pieces, arrays = [], {}
         for i, (key, extra, arr) in enumerate(entries):
-            p = {"key": f"a{i}", "tensor": key, "axis": None, "ranges": None, "flat": None, **extra}
+            p = {"key": f"a{i}", "tensor": key, "axis": None, "ranges": None, "flat": None,
+                 "sha256": ckpt_dir.array_sha256(arr), **extra}
             pieces.append(p)
             arrays[p["key"]] = arr
         info = ckpt_dir.write_shard_file(os.path.join(tmp, fname), arrays)
