@@ -264,3 +264,25 @@ def test_resume_across_layouts(tmp_path):
     for log in (a, b):
         assert steps_of(log) == [5, 6, 7]
         np.testing.assert_allclose(losses(log), losses(full)[5:], rtol=1e-10, atol=0)
+
+
+def test_non_finite_state_is_never_written(tmp_path, capsys, monkeypatch):
+    """An optimiser moment turned NaN just before the step-4 save: the save is refused naming
+    the tensor, the run ends with exit code 1 and one error line, and step 2 stays the
+    newest complete checkpoint, with no temporary left."""
+    d = tmp_path / "ck"
+    save = train.Runner.save_checkpoint
+    key = "transformer.h.3.mlp.c_fc.bias"
+
+    def poisoned(self, step):
+        if step == 4:
+            self.trainer.sync.state_tensors()["exp_avg"][key][0] = np.nan
+        return save(self, step)
+
+    monkeypatch.setattr(train.Runner, "save_checkpoint", poisoned)
+    assert train.main(FAST + ["--steps", "6", "--ckpt-dir", str(d), "--ckpt-every", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mpipar.train: error: checkpoint of step 4 not written: tensor "
+                   f"optim.exp_avg.{key} holds non-finite values"], err
+    assert sorted(os.listdir(d)) == ["latest", "step-2"]
+    assert ckpt_dir.open_checkpoint(str(d)).step == 2
