@@ -275,10 +275,10 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
                          optimizer.state_names)
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from e
-        differ = run_differences(saved, identity, args.resume_override) if saved else []
+        differ = run_differences(saved, identity, args.resume_override) if saved else {}
         if differ:
-            groups = sorted({d.split()[2].split(".")[0] for d in differ})
-            raise UsageError(f"--resume: {'; '.join(differ)} (--resume-override "
+            groups = sorted({key.split(".")[0] for key in differ})
+            raise UsageError(f"--resume: {'; '.join(differ.values())} (--resume-override "
                              f"{','.join(groups)} allows it)")
         if args.steps <= resume.step:
             raise UsageError(f"--steps {args.steps} is not beyond the step of --resume "

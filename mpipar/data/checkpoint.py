@@ -176,18 +176,19 @@ INFORMATIONAL = frozenset({"data.path"})
 
 
 def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
-                    allowed: Collection[str] = ()) -> list[str]:
+                    allowed: Collection[str] = ()) -> dict[str, str]:
     """What differs between a checkpoint's run identity ``saved`` and this run's
     ``current`` (nested JSON-able mappings: seed, data, batch_size, dtype, optimizer,
-    schedule, ...), one phrase per field ("the checkpoint's seed 0 differs from this run's
-    1"), leaving out the top-level groups in ``allowed``. ``current`` is compared after a
-    JSON round trip, as ``saved`` was stored (tuples become lists)."""
+    schedule, ...): dotted field ("schedule.warmup") -> a phrase ("the checkpoint's seed 0
+    differs from this run's 1"), leaving out the top-level groups in ``allowed``.
+    ``current`` is compared after a JSON round trip, as ``saved`` was stored (tuples become
+    lists)."""
     a, b = _flatten(saved), _flatten(json.loads(json.dumps(dict(current))))
-    out = []
+    out = {}
     for key in sorted(set(a) | set(b)):
         if key in INFORMATIONAL or key.split(".")[0] in allowed or a.get(key) == b.get(key):
             continue
-        out.append(f"the checkpoint's {key} {_show(a, key)} differs from this run's {_show(b, key)}")
+        out[key] = f"the checkpoint's {key} {_show(a, key)} differs from this run's {_show(b, key)}"
     return out
 
 
