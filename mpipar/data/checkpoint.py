@@ -4,9 +4,10 @@ The format is safetensors when that package is installed, else NumPy's ``.npz`` 
 header then rides along as a uint8 array named ``__meta__``). Loading recognises either by
 its first bytes, whatever the file is called.
 
-A save writes a temporary file in the same directory, flushes it to disk and renames it over
-the target (``os.replace`` is atomic on POSIX), so a crash mid-save leaves the previous
-checkpoint intact.
+A save writes a temporary file that ``tempfile.mkstemp`` creates exclusively, under an
+unpredictable name, in the same directory, flushes it to disk and renames it over the target
+(``os.replace`` is atomic on POSIX), so a crash mid-save leaves the previous checkpoint
+intact and a planted symlink is never followed.
 
 A training checkpoint (``save_training_checkpoint`` / ``load_training_checkpoint``) holds
 what one process would save, whatever layout wrote it: the full model tensors under
@@ -15,16 +16,20 @@ it (``optim.<state>.<name>``; its step in the header as ``optim_step``), and a h
 
     {"format": "mpipar-checkpoint", "version": 1, "step": 400, "model": "small",
      "config": {GPTConfig fields}, "optimizer": "adamw", "optim_step": 400,
-     "dtype": "float32", "seed": 0}
+     "dtype": "float32", "seed": 0, "run": {the run's identity}, "sha256": {key: hex}}
 
-``TrainingCheckpoint.check`` compares it with the run about to resume, before anything is
-built: a different model or optimiser, or a missing or misshapen tensor, is a
-``CheckpointError`` naming it.
+Loading refuses, naming the tensor, one whose bytes lost their SHA-256, of another dtype
+than the header's, or not finite (``check_arrays``). ``TrainingCheckpoint.check`` compares
+the header with the run about to resume, before anything is built: a different model or
+optimiser, or a missing or misshapen tensor, is a ``CheckpointError`` naming it
+(``check_resumable``, shared with the sharded format of ``ckpt_dir.py``), and
+``run_differences`` names what else differs (seed, data, schedule, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -225,13 +230,37 @@ def check_resumable(path: str, saved_config: Mapping[str, Any], saved_optimizer:
                                   f"the model needs {tuple(shape)}")
 
 
+def array_sha256(arr: np.ndarray) -> str:
+    """The SHA-256 of an array's bytes (C order): recorded per tensor, so that damage to a
+    file is traced to the tensor it hit."""
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
 def save_training_checkpoint(path: str, model_sd: Mapping[str, np.ndarray],
                              optim_sd: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     """One checkpoint: ``model_sd`` (full tensors under nanoGPT names, host arrays) and
-    ``optim_sd`` (``Optimizer.state_dict()``: ``step`` and ``<state>.<name>`` arrays)."""
+    ``optim_sd`` (``Optimizer.state_dict()``: ``step`` and ``<state>.<name>`` arrays). The
+    header records each tensor's SHA-256 (``check_arrays``)."""
     arrays = {f"model.{k}": np.asarray(v) for k, v in model_sd.items()}
     arrays.update({f"optim.{k}": np.asarray(v) for k, v in optim_sd.items() if k != "step"})
-    save_checkpoint(path, arrays, {**meta, "optim_step": int(optim_sd["step"])})
+    save_checkpoint(path, arrays, {**meta, "optim_step": int(optim_sd["step"]),
+                                   "sha256": {k: array_sha256(v) for k, v in arrays.items()}})
+
+
+def check_arrays(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """CheckpointError naming the tensor unless every array of a training checkpoint has the
+    header's dtype, holds only finite values and, where the header records it (files since
+    sharded checkpoints), still has its SHA-256 (a flipped byte)."""
+    hashes = meta.get("sha256") or {}
+    for key, arr in arrays.items():
+        if meta.get("dtype") and arr.dtype != np.dtype(meta["dtype"]):
+            raise CheckpointError(f"{path!r}: tensor {key} is {arr.dtype.name}, the header says "
+                                  f"{meta['dtype']}")
+        if key in hashes and array_sha256(arr) != hashes[key]:
+            raise CheckpointError(f"{path!r}: tensor {key}: SHA-256 mismatch against the header: "
+                                  f"the file is corrupt")
+        if not np.isfinite(arr).all():
+            raise CheckpointError(f"{path!r}: tensor {key} holds non-finite values")
 
 
 @dataclass
@@ -281,6 +310,7 @@ def load_training_checkpoint(path: str) -> TrainingCheckpoint:
         if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0:
             raise CheckpointError(f"{path!r}: the checkpoint header's {key} is {meta[key]!r}, "
                                   f"not a step number")
+    check_arrays(path, arrays, meta)
     model = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
     optim: dict[str, Any] = {k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")}
     optim["step"] = int(meta["optim_step"])

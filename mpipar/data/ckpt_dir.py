@@ -59,8 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, check_resumable,
-                                    default_format, encode_arrays, load_training_checkpoint)
+from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, array_sha256,
+                                    check_resumable, default_format, encode_arrays,
+                                    load_training_checkpoint)
 
 FORMAT, VERSION = "mpipar-sharded-checkpoint", 1
 MANIFEST, LATEST, TMP_PREFIX = "manifest.json", "latest", ".tmp-"
@@ -391,12 +392,6 @@ class _Tensors(Mapping):
 
     def __contains__(self, key: object) -> bool:
         return key in self._extra or key in self._keys
-
-
-def array_sha256(arr: np.ndarray) -> str:
-    """The SHA-256 of an array's bytes (C order): recorded per piece, so that a corrupt
-    file's damage is traced to the tensor it hit."""
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
 def _corrupt_part(path: str, pieces: list[dict[str, Any]], held: str) -> str:

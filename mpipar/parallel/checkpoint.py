@@ -43,7 +43,7 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.data import ckpt_dir
-from mpipar.data.checkpoint import CheckpointError
+from mpipar.data.checkpoint import CheckpointError, array_sha256
 from mpipar.parallel.model import Shard, owns
 
 
@@ -152,7 +152,7 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
         try:
             info = ckpt_dir.write_shard_file(os.path.join(tmp, fname),
                                              {p["key"]: a for p, a in host})
-            recorded = [{**p, "sha256": ckpt_dir.array_sha256(a)} for p, a in host]
+            recorded = [{**p, "sha256": array_sha256(a)} for p, a in host]
             mine = {"file": fname, **info, "pieces": recorded, "error": None}
         except OSError as e:
             mine["error"] = f"rank {world.rank} could not write {os.path.join(tmp, fname)} ({e})"

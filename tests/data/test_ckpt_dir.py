@@ -26,7 +26,7 @@ def make_step(root, step, tensors=None, files=None):
         pieces, arrays = [], {}
         for i, (key, extra, arr) in enumerate(entries):
             p = {"key": f"a{i}", "tensor": key, "axis": None, "ranges": None, "flat": None,
-                 "sha256": ckpt_dir.array_sha256(arr), **extra}
+                 "sha256": checkpoint.array_sha256(arr), **extra}
             pieces.append(p)
             arrays[p["key"]] = arr
         info = ckpt_dir.write_shard_file(os.path.join(tmp, fname), arrays)
@@ -216,3 +216,38 @@ def test_single_file_save_uses_an_exclusive_unpredictable_temporary(tmp_path, mo
         checkpoint.save_checkpoint(str(target), {"x": np.zeros(3)}, {"format": checkpoint.FORMAT})
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == sorted(["victim.txt", "ck.npz", f".ck.npz.tmp-{os.getpid()}"])
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("flip", "tensor model.w: SHA-256 mismatch against the header"),
+    ("nan", "tensor optim.exp_avg.w holds non-finite values"),
+    ("dtype", "tensor model.w is float32, the header says float64"),
+])
+def test_single_file_damage_is_refused_by_tensor(tmp_path, damage, message):
+    """The single-file format (--export) records each tensor's SHA-256 in its header: a
+    flipped byte in a tensor's data, a NaN, a tensor of another dtype are refused by name."""
+    # safetensors where installed: .npz is a zip, whose own CRC-32 finds a flipped byte first
+    fmt = checkpoint.default_format("")
+    path = str(tmp_path / f"ck.{fmt}")
+    w, m = np.arange(12.0).reshape(3, 4), np.ones((3, 4))
+    if damage == "flip" and fmt == "npz":
+        message = "Bad CRC-32 for file 'model.w.npy'"
+    meta = checkpoint.training_meta(step=1, model="tiny", config={}, optimizer="adamw",
+                                    dtype="float64", seed=0)
+    if damage == "flip":
+        checkpoint.save_training_checkpoint(path, {"w": w}, {"step": 1, "exp_avg.w": m}, meta)
+        data = bytearray(open(path, "rb").read())
+        at = bytes(data).index(w.tobytes())               # stored as they are
+        data[at + 17] ^= 0x04
+        open(path, "wb").write(bytes(data))
+    else:
+        if damage == "nan":
+            m = m.copy()
+            m[2, 2] = np.nan
+        else:
+            w = w.astype(np.float32)
+        arrays = {"model.w": w, "optim.exp_avg.w": m}
+        checkpoint.save_checkpoint(path, arrays, {**meta, "optim_step": 1, "sha256": {
+            k: checkpoint.array_sha256(v) for k, v in arrays.items()}})
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load_training_checkpoint(path)
