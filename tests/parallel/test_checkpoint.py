@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from mpipar.data import ckpt_dir
+from mpipar.data.checkpoint import CheckpointError
 from mpipar.nn.gpt import PRESETS
 from mpipar.optim import OptimizerSpec
 from mpipar.parallel.checkpoint import NonFiniteStateError, save_sharded
@@ -110,3 +111,21 @@ def test_a_non_finite_tensor_on_one_rank_refuses_the_save_everywhere(comm, tmp_p
     comm.barrier()
     assert sorted(os.listdir(root)) == ["latest", "step-1"]          # nothing new, nothing left
     assert ckpt_dir.open_checkpoint(root).step == 1
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_write_failing_on_one_rank_fails_the_save_everywhere(comm, tmp_path, monkeypatch):
+    """The disk fills while the last rank writes its file: every rank raises the same error
+    naming that rank, the temporary directory is removed, the previous checkpoint stays."""
+    root = shared_dir(comm, tmp_path)
+    tr = trained(comm, Layout(pp=comm.size), steps=1)
+    save_sharded(root, 1, tr, run={}, layout={}, keep=2)
+    if comm.rank == comm.size - 1:
+        def full(path, arrays):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(ckpt_dir, "write_shard_file", full)
+    with pytest.raises(CheckpointError, match=f"rank {comm.size - 1} could not write .*"
+                                              f"No space left on device"):
+        save_sharded(root, 2, tr, run={}, layout={}, keep=2)
+    comm.barrier()
+    assert sorted(os.listdir(root)) == ["latest", "step-1"]
