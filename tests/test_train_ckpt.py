@@ -14,7 +14,7 @@ import pytest
 
 from mpipar import train
 from mpipar.data import ckpt_dir
-from mpipar.data.checkpoint import decode_arrays, load_training_checkpoint
+from mpipar.data.checkpoint import decode_arrays, load_training_checkpoint, save_checkpoint
 from mpipar.testing.launch import run_mpi
 
 FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads", "1",
@@ -286,3 +286,20 @@ def test_non_finite_state_is_never_written(tmp_path, capsys, monkeypatch):
                    f"optim.exp_avg.{key} holds non-finite values"], err
     assert sorted(os.listdir(d)) == ["latest", "step-2"]
     assert ckpt_dir.open_checkpoint(str(d)).step == 2
+
+
+def test_a_file_from_before_sharded_checkpoints_still_resumes(tmp_path, capsys):
+    """A single file without the run's identity or hashes (what mpipar wrote before): it
+    resumes, the horizon being --lr-decay-steps as then, and continues bitwise."""
+    new, old = tmp_path / "new.npz", tmp_path / "old.npz"
+    full, res = tmp_path / "full.jsonl", tmp_path / "res.jsonl"
+    common = FAST + ["--lr-decay-steps", "6"]
+    assert train.main(common + ["--steps", "6", "--log", str(full)]) == 0
+    assert train.main(common + ["--steps", "3", "--export", str(new)]) == 0
+    arrays, meta = decode_arrays(new.read_bytes(), str(new))
+    assert set(meta) > {"run", "sha256"}
+    save_checkpoint(str(old), arrays, {k: v for k, v in meta.items() if k not in ("run", "sha256")})
+    capsys.readouterr()
+    assert train.main(common + ["--steps", "6", "--resume", str(old), "--log", str(res)]) == 0
+    assert f"resuming from {old} at step 3\n" in capsys.readouterr().out
+    assert losses(res) == losses(full)[3:]

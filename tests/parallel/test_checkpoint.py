@@ -73,7 +73,9 @@ def test_layouts_save_and_other_layouts_load_the_same_bits(comm, tmp_path):
     # tp/pp split, and one hybrid under ZeRO (every layout at 8 ranks would take minutes)
     savers = [Layout(n, 1, 1, zero=z) for z in (0, 1) if (n, 1, 1) in fitting and n > 1]
     savers += splits[:1] + splits[1:][-1:]
-    savers += [Layout(dp, tp, pp, zero=1) for dp, tp, pp in fitting if dp > 1 and tp * pp > 1][:1]
+    hybrids = sorted((lay for lay in fitting if lay[0] > 1 and lay[1] * lay[2] > 1),
+                     key=lambda lay: (-(lay[1] > 1) - (lay[2] > 1), -lay[1]))   # tp and pp first
+    savers += [Layout(dp, tp, pp, zero=1) for dp, tp, pp in hybrids[:1]]
     step = 0
     for saved_as in savers:
         dp, tp, pp, zero = saved_as.dp, saved_as.tp, saved_as.pp, saved_as.zero
