@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 
 import pytest
 
@@ -244,3 +245,32 @@ def test_bad_trace_flags_stop_before_training(tmp_path, capsys, argv, message):
     assert len(err) == 1 and err[0].startswith("mpipar.train: error: "), err
     assert message.format(d=tmp_path) in err[0]
     assert not log.exists()                                      # no step ran
+
+
+# ---------------------------------------------------------------------------- gathering, under MPI
+@pytest.mark.mpi(min_size=1)
+def test_gather_brings_every_ranks_spans_to_rank_0_on_its_clock(comm):
+    """Each rank reads its clock just before and just after one barrier. No rank can leave a
+    barrier before every rank has entered it, so on rank 0's clock, after alignment, every
+    "after" is later than every "before", up to the two ranks' stated bounds."""
+    before = time.perf_counter()
+    comm.barrier()
+    after = time.perf_counter()
+    mine = [trace.Span("main", "before", before, before, {"rank": comm.rank}),
+            trace.Span("comm", "after", after, after + 1e-3, {})]
+    got = trace.gather_timelines(comm, comm.rank, (comm.rank, 0, 0), mine, dropped=comm.rank)
+    if comm.rank != 0:
+        assert got is None
+        return
+    timelines, other = got
+    assert [t.rank for t in timelines] == list(range(comm.size))
+    assert all(t.coords == (t.rank, 0, 0) and [(s.track, s.name) for s in t.spans]
+               == [("main", "before"), ("comm", "after")] for t in timelines)
+    assert other["dropped"] == {r: r for r in range(comm.size)}
+    bound = {r: b * 1e-6 for r, b in other["clock"]["bound_us"].items()}
+    assert bound[0] == 0.0 and all(b >= 0 for b in bound.values())
+    assert min(s.t0 for t in timelines for s in t.spans) == 0.0   # one axis, from the earliest
+    for a in timelines:
+        assert a.spans[1].t1 - a.spans[1].t0 == pytest.approx(1e-3)
+        for b in timelines:
+            assert a.spans[1].t0 + bound[a.rank] + bound[b.rank] >= b.spans[0].t0, (a.rank, b.rank)

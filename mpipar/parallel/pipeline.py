@@ -53,6 +53,9 @@ on receives, on sends, in the tied all-reduce and the loss broadcast, and the re
 ("other": bookkeeping). The measured bubble is ``1 - compute / step``; compare with
 ``bubble_fraction_theory(P, M)``. With a GPU the compute is synchronised before each clock
 read so the numbers are real.
+Each forward, backward, send (the ``isend``) and receive wait is also reported to the trace
+(``mpipar.trace.recorder()``: nothing is kept unless ``--trace`` is recording), named with
+its micro-batch and virtual stage, a message with its peer and bytes.
 
 Interleaved 1F1B runs when ``chunks`` gives this rank's model chunks (a list of stage lists,
 chunk c being virtual stage ``c * P + pp_rank``): ``build_local_model(...,
