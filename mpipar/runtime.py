@@ -59,7 +59,12 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 class Progress:
     """Training progress on rank 0: a tqdm bar on a terminal (when tqdm is installed), else a
-    fixed-format line about every twentieth step; nothing on other ranks or when disabled."""
+    fixed-format line about every twentieth step; nothing on other ranks or when disabled.
+
+    "A terminal" is rank 0's own stdout: under ``mpiexec`` that is a pipe to the launcher
+    (MPICH's Hydra, Open MPI's ORTE), so a multi-rank run prints the plain lines, which also
+    read well in a batch system's log. A terminal that reports no size (a new
+    pseudo-terminal: 0 x 0) gets an 80 x 24 bar: tqdm draws nothing on a terminal of 0 rows."""
 
     def __init__(self, start: int, total: int, enabled: bool = True) -> None:
         self.bar = None
@@ -69,7 +74,12 @@ class Progress:
             with contextlib.suppress(ImportError):
                 from tqdm import tqdm  # noqa: PLC0415  (optional dependency)
 
-                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                try:
+                    sized = min(os.get_terminal_size(sys.stdout.fileno())) > 0
+                except (OSError, ValueError):
+                    sized = False
+                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=sized,
+                                ncols=None if sized else 80, nrows=None if sized else 24,
                                 file=sys.stdout)
 
     def update(self, step: int, total: int, loss: float, lr: float, tps: float, dt: float) -> None:

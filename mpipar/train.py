@@ -46,12 +46,13 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from mpipar import backend, runtime
-from mpipar.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError, check_output_path
+from mpipar import backend, runtime, trace
+from mpipar.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError,
+                        check_output_path)
 from mpipar.comm import make_communicator
 from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
 from mpipar.data import ckpt_dir
@@ -74,6 +75,10 @@ PROG = "mpipar.train"
 # take 48 s and bring the validation loss from 7.80 to 2.89 bits/byte).
 DEFAULTS = dict(model="small", steps=600, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=20,
                 weight_decay=0.1, grad_clip=1.0, eval_interval=100, eval_batches=8)
+
+# --trace without --trace-steps: this many steps after the run's first (which builds buffers,
+# pools and the communication thread, and so is not what the run's other steps look like)
+TRACE_STEPS = 3
 
 # the flag behind each part of a Layout (LayoutError.field)
 LAYOUT_FLAGS = {"dp": "--dp", "tp": "--tp", "pp": "--pp", "grid": "--dp/--tp/--pp",
@@ -104,6 +109,18 @@ def _override_keys(text: str) -> frozenset[str]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of "
                                          f"{', '.join(OVERRIDABLE)}")
     return keys
+
+
+def _step_range(text: str) -> tuple[int, int]:
+    """``--trace-steps A:B``: steps A to B - 1 (0-based, as a Python slice)."""
+    try:
+        a, b = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected A:B, the first step and the one "
+                                         f"after the last, such as 2:5") from None
+    if not 0 <= a < b:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 0 <= A < B")
+    return a, b
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a single-file checkpoint, or 'auto': the newest in --ckpt-dir if any")
     p.add_argument("--resume-override", type=_override_keys, default=frozenset(),
                    help=f"let these differ from the checkpoint: {','.join(OVERRIDABLE)}")
+    p.add_argument("--trace", default=None, metavar="FILE.json",
+                   help="write a Chrome/Perfetto trace of some steps (every rank; rank 0 writes)")
+    p.add_argument("--trace-steps", type=_step_range, default=None, metavar="A:B",
+                   help=f"steps A to B-1 to trace (default: the {TRACE_STEPS} after the run's first)")
     return p
 
 
@@ -192,6 +213,7 @@ class Run:
     identity: dict = dataclasses.field(default_factory=dict)   # what a resume must match
     ckpt_bytes: int = 0                        # about one checkpoint's size
     notes: list = dataclasses.field(default_factory=list)      # said in the run's header
+    trace_steps: tuple[int, int] | None = None     # [A, B) of --trace
 
 
 def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tuple[Layout, str]:
@@ -305,7 +327,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
     if args.export:
         check_output_path(args.export, "--export")
     return Run(args, config, layout, why, optimizer, xp, *samplers, resume, decay_steps,
-               identity, ckpt_bytes, notes)
+               identity, ckpt_bytes, notes, _trace_steps(args, resume.step if resume else 0))
 
 
 def run_identity(args: argparse.Namespace, config: GPTConfig, optimizer: OptimizerSpec,
@@ -363,6 +385,23 @@ def _check_ckpt_dir(path: str, needed: int) -> int:
     return free
 
 
+def _trace_steps(args: argparse.Namespace, start: int) -> tuple[int, int] | None:
+    """The steps ``--trace`` records, [A, B) within this run's [start, --steps); its file
+    checked writable now, before any step."""
+    if args.trace is None:
+        if args.trace_steps is not None:
+            raise UsageError("--trace-steps needs --trace FILE.json")
+        return None
+    check_output_path(args.trace, "--trace")
+    if args.trace_steps is None:
+        first = start + 1 if args.steps - start > 1 else start
+        return first, min(first + TRACE_STEPS, args.steps)
+    a, b = args.trace_steps
+    if a < start or b > args.steps:
+        raise UsageError(f"--trace-steps {a}:{b} is not within the run's steps {start}:{args.steps}")
+    return a, b
+
+
 class Runner:
     """The trainer of any layout, its data and its checkpoints, for one run."""
 
@@ -394,8 +433,12 @@ class Runner:
                 f"{lay.bucket_mb:g} MiB, all-reduce {lay.allreduce or 'native'}, ZeRO {lay.zero}\n{m}")
 
     def step(self, step: int, lr: float) -> float:
+        rec = trace.recorder()
+        t0 = rec.now()
         x, y = self.run.train.batch(step, self.mesh.dp_rank, self.mesh.dp)
-        return self.trainer.step(x, y, lr=lr).loss
+        loss = self.trainer.step(x, y, lr=lr).loss
+        rec.add("step", t0, rec.now(), "step", step=step)
+        return loss
 
     def evaluate(self, n_batches: int) -> float:
         total = 0.0
@@ -444,6 +487,52 @@ class Runner:
         return model
 
 
+class Tracing:
+    """``--trace``: records steps [A, B) of the run (with the evaluations and saves that
+    follow them), then, collective over the world, gathers every rank's spans to rank 0,
+    which writes the trace. The spans live only from A to B, at most ``trace.SpanRecorder``'s
+    limit of them per rank."""
+
+    def __init__(self, path: str, steps: tuple[int, int], runner: Runner,
+                 say: Callable[[str], None]) -> None:
+        self.path, (self.first, self.end), self.runner, self.say = path, steps, runner, say
+        self.rec = trace.SpanRecorder()
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            trace.install(self.rec)
+
+    def after(self, step: int) -> None:
+        """After step ``step`` and what follows it (evaluation, checkpoint)."""
+        if step + 1 != self.end:
+            return
+        trace.install(None)
+        m = self.runner.mesh
+        got = trace.gather_timelines(self.runner.comm, m.rank, (m.dp_rank, m.tp_rank, m.pp_rank),
+                                     self.rec.spans, self.rec.dropped)
+        self.rec = trace.SpanRecorder()
+        if got is not None:
+            timelines, other = got
+            other.update(steps=[self.first, self.end], layout=str(self.runner.run.layout),
+                         schedule=self.runner.run.layout.schedule,
+                         micro_batches=self.runner.run.layout.micro_batches)
+            trace.write_trace(self.path, timelines, other)
+            bound = max(other["clock"]["bound_us"].values())
+            self.say(f"trace of steps {self.first}:{self.end} written to {self.path} "
+                     f"({sum(len(t.spans) for t in timelines):,} events; clocks aligned "
+                     f"within {bound:.0f} us)")
+
+
+class NoTracing:
+    """No ``--trace``: nothing to do around a step."""
+
+    def before(self, step: int) -> None:
+        pass
+
+    def after(self, step: int) -> None:
+        pass
+
+
 # ---------------------------------------------------------------------------- training
 def train(run: Run) -> dict:
     """Run training; returns {"val_loss_before", "val_loss", "steps", ...}."""
@@ -480,9 +569,11 @@ def train(run: Run) -> dict:
     runtime.print0(f"step {start}: val loss {val_before:.4f} ({val_before / math.log(2):.3f} "
                    f"bits/byte)")
     progress = runtime.Progress(start, args.steps)
+    tracing = Tracing(args.trace, run.trace_steps, runner, progress.write) if run.trace_steps else NoTracing()
     t_start = time.perf_counter()
     val_loss, loss = val_before, float("nan")
     for step in range(start, args.steps):
+        tracing.before(step)
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.min_lr, args.warmup, decay_steps)
         loss = runner.step(step, lr)
@@ -500,6 +591,7 @@ def train(run: Run) -> dict:
             runner.save_checkpoint(done)
         if args.export and args.save_interval and done % args.save_interval == 0:
             runner.save(args.export, done)
+        tracing.after(step)
     progress.close()
     elapsed = time.perf_counter() - t_start
 

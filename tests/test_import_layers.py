@@ -2,14 +2,14 @@
 
 Layers, bottom to top (see mpipar/__init__.py and docs/architecture.md)::
 
-    0  mpipar.backend, mpipar.runtime (and the mpipar package itself)
+    0  mpipar.backend, mpipar.runtime, mpipar.trace (and the mpipar package itself)
     1  mpipar.comm
     2  mpipar.nn, mpipar.optim, mpipar.data
     3  mpipar.parallel
     4  mpipar.sim
     5  mpipar.bench
-    6  command lines: mpipar.train, mpipar.plan, mpipar.cli (their shared argument
-       helpers), mpipar.testing*, every ``__main__``
+    6  command lines: mpipar.train, mpipar.plan, mpipar.plot, mpipar.cli (their shared
+       argument helpers), mpipar.testing*, every ``__main__``
 
 Every module of ``mpipar/`` is parsed (never imported) and every import is found: at module
 level, inside functions, under ``if TYPE_CHECKING:``, relative ones (resolved against the
@@ -43,9 +43,9 @@ import mpipar
 
 PACKAGE_DIR = Path(mpipar.__file__).resolve().parent
 
-LAYER_OF_PACKAGE = {"backend": 0, "runtime": 0, "comm": 1, "nn": 2, "optim": 2, "data": 2,
-                    "parallel": 3, "sim": 4, "bench": 5, "train": 6, "testing": 6, "cli": 6,
-                    "plan": 6}
+LAYER_OF_PACKAGE = {"backend": 0, "runtime": 0, "trace": 0, "comm": 1, "nn": 2, "optim": 2,
+                    "data": 2, "parallel": 3, "sim": 4, "bench": 5, "train": 6, "testing": 6,
+                    "cli": 6, "plan": 6, "plot": 6}
 LAYER_NAMES = {0: "backend/runtime", 1: "comm", 2: "nn/optim/data", 3: "parallel", 4: "sim",
                5: "bench", 6: "command line"}
 

@@ -40,3 +40,80 @@ def test_wait_gives_up_when_nobody_reads_and_returns_once_the_reader_has_read():
     finally:
         os.close(r)
         os.close(w)
+
+
+# ---------------------------------------------------------------------------- Progress
+PROGRESS_RUN = ["-m", "mpipar.train", "--model", "tiny", "--block-size", "16", "--batch-size", "4",
+                "--eval-batches", "1", "--eval-interval", "0", "--steps", "6"]
+
+
+def _on_a_terminal(argv: list[str], timeout: float = 120, columns: int = 0) -> tuple[int, str]:
+    """Run ``python argv`` with stdout and stderr a pseudo-terminal (``columns`` wide, 0: no
+    width set); (exit code, output)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, *argv], stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:                      # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return rc, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal():
+    """On a new pseudo-terminal (no width set: the bar is 80 columns) and on one 120 wide."""
+    rc, out = _on_a_terminal(PROGRESS_RUN, columns=120)
+    assert rc == 0, out
+    assert max(len(part) for line in out.split("\n") for part in line.split("\r")
+               if "6/6 [" in part) > 80                          # the terminal's width is used
+    rc, out = _on_a_terminal(PROGRESS_RUN)
+    assert rc == 0, out
+    assert "\r" in out and "6/6 [" in out and ("step/s" in out or "s/step" in out), out
+    assert "loss " in out and "tok/s" in out                      # the bar's postfix
+    assert "step      6/6 |" not in out                           # no plain lines as well
+
+
+def test_progress_is_plain_lines_on_a_terminal_without_tqdm():
+    code = ("import sys, runpy; sys.modules['tqdm'] = None; "
+            f"sys.argv = ['mpipar.train'] + {PROGRESS_RUN[2:]!r}; "
+            "runpy.run_module('mpipar.train', run_name='__main__')")
+    rc, out = _on_a_terminal(["-c", code])
+    assert rc == 0, out
+    assert "step      6/6 | loss" in out and "6/6 [" not in out, out
+
+
+def test_progress_is_plain_lines_when_piped():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, *PROGRESS_RUN], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split("|")[0].split()[1] for line in lines if "/6" in line] == [f"{k}/6" for k in range(1, 7)]
+    assert "\r" not in res.stdout and "step/s" not in res.stdout + res.stderr

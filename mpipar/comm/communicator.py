@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mpipar import backend
+from mpipar import backend, trace
 from mpipar.comm import auto, mpi_env
 from mpipar.comm.algorithms import Algorithm, get_algorithm
 from mpipar.comm.algorithms._util import accepted, split_counts
@@ -56,12 +56,14 @@ class Communicator:
     ``transport`` carries algorithm traffic (a private duplicate of the group, so that user
     messages and collective messages never match each other); ``p2p`` carries user
     ``send``/``recv``. ``algorithm`` is the default for every collective that it implements;
-    the others use ``native``.
+    the others use ``native``. ``name`` says what the group is for (``dp``, ``tp``, ``pp``:
+    ``make_mesh`` names its groups), in the trace's names of its collectives.
     """
 
     def __init__(self, p2p: Any, transport: Any, algorithm: str = "native",
                  options: dict[str, Any] | None = None, debug: bool | None = None,
-                 auto_table: Any = None) -> None:
+                 auto_table: Any = None, name: str = "") -> None:
+        self.name = name
         self.p2p = p2p
         self.transport = transport
         self.rank: int = transport.rank
@@ -112,8 +114,13 @@ class Communicator:
             self.transport.begin_collective(alg.name)
         options = {**self.options, **call_options} if call_options else self.options
         # communicator-wide options (servers=, ranks_per_node=) reach only the algorithms
-        # that declare them
-        return fn(self.transport, *args, **accepted(fn, options))
+        # that declare them; the call is one span of the trace, on the thread that runs it
+        rec = trace.recorder()
+        t0 = rec.now()
+        out = fn(self.transport, *args, **accepted(fn, options))
+        rec.add(collective, t0, rec.now(), "collective", group=self.name, bytes=int(nbytes),
+                algorithm=alg.name, size=self.size, seq=self._seq)
+        return out
 
     # -- argument checks -------------------------------------------------------------------
     @staticmethod
@@ -396,4 +403,5 @@ def make_communicator(mpi_comm: Any = None, algorithm: str = "native", *,
     if abort_on_exception:
         install_abort_handler()
     return Communicator(p2p, p2p.dup(), algorithm=algorithm,
-                        options={**(options or {}), **algorithm_options}, debug=debug)
+                        options={**(options or {}), **algorithm_options}, debug=debug,
+                        name="world")

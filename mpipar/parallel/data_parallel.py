@@ -51,6 +51,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from typing import Any
 
+from mpipar import trace
 from mpipar.optim import OptimizerSpec, clip_grad_norm
 
 
@@ -146,6 +147,7 @@ class TimedCollectives:
         # time under MPI and virtual time in the simulator, so both report the same way
         self._clock = group.clock
         self._background = group.background()
+        self._group = group.name
         self._inflight: list[_InFlight] = []
 
     def start(self, begin: Callable[[], Any], nbytes: int, key: Any) -> None:
@@ -166,7 +168,9 @@ class TimedCollectives:
             tw = self._clock()
             result = f.handle.wait()
             t1 = f.t1.wait()
-            stats.exposed_s += self._clock() - tw
+            tr = self._clock()
+            stats.exposed_s += tr - tw
+            trace.recorder().add("wait", tw, tr, "wait", group=self._group, bytes=f.nbytes)
             stats.total_s += t1 - f.t0.wait()
             stats.collectives += 1
             stats.bytes += f.nbytes

@@ -81,6 +81,7 @@ def make_mesh(world: Any, dp: int, tp: int, pp: int, algorithms: dict[str, str] 
     dp_group = world.split(color=pp_rank * tp + tp_rank, key=dp_rank)
     pp_group = world.split(color=dp_rank * tp + tp_rank, key=pp_rank)
     for name, group in (("dp", dp_group), ("tp", tp_group), ("pp", pp_group)):
+        group.name = name                          # what the trace calls its collectives
         if algorithms and name in algorithms:
             group.algorithm = algorithms[name]
     return Mesh(dp, tp, pp, world.rank, dp_rank, tp_rank, pp_rank, world, dp_group, tp_group, pp_group)

@@ -296,7 +296,10 @@ def tied_embedding_group(pp_group: Any) -> Any:
     if pp_group is None or pp_group.size == 1:
         return None
     member = pp_group.rank in (0, pp_group.size - 1)
-    return pp_group.split(color=0 if member else None, key=pp_group.rank)
+    group = pp_group.split(color=0 if member else None, key=pp_group.rank)
+    if group is not None:
+        group.name = "tied"                        # what the trace calls its all-reduce
+    return group
 
 
 def allreduce_tied_grads(local: LocalModel, group: Any) -> None:

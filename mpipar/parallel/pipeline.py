@@ -53,6 +53,9 @@ on receives, on sends, in the tied all-reduce and the loss broadcast, and the re
 ("other": bookkeeping). The measured bubble is ``1 - compute / step``; compare with
 ``bubble_fraction_theory(P, M)``. With a GPU the compute is synchronised before each clock
 read so the numbers are real.
+Each forward, backward, send (the ``isend``) and receive wait is also reported to the trace
+(``mpipar.trace.recorder()``: nothing is kept unless ``--trace`` is recording), named with
+its micro-batch and virtual stage, a message with its peer and bytes.
 
 Interleaved 1F1B runs when ``chunks`` gives this rank's model chunks (a list of stage lists,
 chunk c being virtual stage ``c * P + pp_rank``): ``build_local_model(...,
@@ -66,10 +69,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mpipar import backend
+from mpipar import backend, trace
 from mpipar.parallel.model import allreduce_tied_grads, tied_embedding_group
 from mpipar.parallel.schedules import (Backward, Forward, Instruction, OptimizerStep, RecvActivation,
                                        RecvGrad, SendActivation, SendGrad, message_tag, peer)
+
+# the trace's name of each message instruction (its span: the isend, or the wait for the irecv)
+_MESSAGE = {SendActivation: "send act", SendGrad: "send grad", RecvActivation: "recv act",
+            RecvGrad: "recv grad"}
 
 
 @dataclass
@@ -202,7 +209,7 @@ class PipelineExecutor:
         req, buf = s.posted.pop((type(ins), ins.mb, ins.chunk))
         t0 = self.clock()
         req.wait()
-        self._record(s, "recv_wait", ins, t0)
+        self._record(s, "recv_wait", ins, t0, buf)
         (s.inputs if isinstance(ins, RecvActivation) else s.dins)[(ins.chunk, ins.mb)] = buf
 
     def _forward(self, ins: Forward, s: _Step) -> None:
@@ -257,7 +264,11 @@ class PipelineExecutor:
         dest, _ = peer(ins, self.rank, self.P)
         tag = message_tag(ins, self.rank, self.P, self.V)
         s.sends = [snd for snd in s.sends if not snd[0].test()]   # drop finished sends
+        rec = trace.recorder()
+        t0 = rec.now()
         s.sends.append((self.pp.isend(x, dest, tag), x))         # x must outlive the send
+        rec.add(_MESSAGE[type(ins)], t0, rec.now(), "p2p", mb=ins.mb, stage=self._vs(ins.chunk),
+                peer=dest, bytes=x.nbytes)
 
     def _end_of_gradients(self, ins: OptimizerStep, s: _Step) -> None:
         self._wait_sends(s)
@@ -306,13 +317,20 @@ class PipelineExecutor:
         if self._gpu:
             backend.synchronize(self.xp)
 
-    def _record(self, s: _Step, kind: str, ins: Instruction, t0: float) -> None:
+    def _record(self, s: _Step, kind: str, ins: Instruction, t0: float, buf: Any = None) -> None:
         """Charge the time since ``t0`` to the ``kind`` field of the step's StepTimes
-        (recv_wait, forward, backward), and log it as an event."""
+        (recv_wait, forward, backward), log it as an event, and report it to the trace
+        (a receive's wait with its peer and bytes: ``buf``, what it received)."""
         t1 = self.clock()
         setattr(s.times, kind, getattr(s.times, kind) + t1 - t0)
         if self.record_events:
             s.times.events.append((kind, ins.mb, ins.chunk, t0 - s.t0, t1 - s.t0))
+        if buf is None:
+            trace.recorder().add(kind, t0, t1, "compute", mb=ins.mb, stage=self._vs(ins.chunk))
+        else:
+            trace.recorder().add(_MESSAGE[type(ins)], t0, t1, "p2p", mb=ins.mb,
+                                 stage=self._vs(ins.chunk), peer=peer(ins, self.rank, self.P)[0],
+                                 bytes=buf.nbytes)
 
     def _post_ahead(self, s: _Step, upto: int) -> None:
         """Post receives up to index ``upto`` of the receive list (exclusive)."""
@@ -332,8 +350,11 @@ class PipelineExecutor:
         t0 = self.clock()
         for req, _ in s.sends:
             req.wait()
+        t1 = self.clock()
+        s.times.send_wait += t1 - t0
+        if s.sends:
+            trace.recorder().add("wait sends", t0, t1, "wait", sends=len(s.sends))
         s.sends = []
-        s.times.send_wait += self.clock() - t0
 
     def _broadcast_loss(self, s: _Step, M: int) -> float:
         """The mean loss over the micro-batches, from the last stage to every pp rank."""

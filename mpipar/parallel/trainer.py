@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from mpipar import backend
+from mpipar import backend, trace
 from mpipar.optim import OptimizerSpec
 from mpipar.parallel.data_parallel import CommStats
 from mpipar.parallel.grad_sync import make_grad_sync
@@ -152,9 +152,14 @@ class ParallelTrainer:
             if c.sync:
                 comm += self.sync.finish()
         loss = self._dp_mean(loss)
+        rec = trace.recorder()
+        t0 = rec.now()
         norm = self.sync.clip_grad_norm(self.grad_clip)
+        t1 = rec.now()
         param_comm = self.sync.step(lr)
         backend.synchronize(xp)
+        rec.add("clip", t0, t1, "optimizer")
+        rec.add("optimizer", t1, rec.now(), "optimizer")
         return TrainStepResult(loss, norm, comm, param_comm, times)
 
     def _set_act_shape(self, B: int, T: int) -> None:
@@ -175,12 +180,16 @@ class ParallelTrainer:
         xp = self.xp
         mbs = split_micro_batches(xp.asarray(idx), xp.asarray(targets), self.layout.micro_batches)
         self._set_act_shape(mbs[0][0].shape[0], mbs[0][0].shape[1])
+        rec = trace.recorder()
+        t0 = rec.now()
         self.local.eval()
         try:
             loss = self.pipe.step(self._evaluation, mbs, zero_grad=False)
         finally:
             self.local.train()
-        return self._dp_mean(loss)
+        loss = self._dp_mean(loss)
+        rec.add("evaluate", t0, rec.now(), "evaluate")
+        return loss
 
     def full_state_dict(self) -> dict[str, np.ndarray]:
         """The whole model's nanoGPT state dict, assembled from every tp/pp rank."""

@@ -55,7 +55,7 @@ from mpipar.data.corpus import VOCAB_SIZE
 from mpipar.sim.plan import describe, plan
 from mpipar.sim.published import RUNS
 from mpipar.sim.spec import MODELS, PRECISIONS, RECOMPUTE, TrainSpec
-from mpipar.sim.trace import write_trace
+from mpipar.trace import write_trace
 from mpipar.sim.train import check_spec, simulate_train
 from mpipar.testing.launch import mpiexec_command
 

@@ -48,7 +48,7 @@ from mpipar.sim import analytic, memory
 from mpipar.sim.compute import ComputeModel
 from mpipar.sim.spec import TrainSpec
 from mpipar.sim.symbolic import SymbolicNamespace
-from mpipar.sim.trace import TRACKS
+from mpipar.trace import TRACKS, Span as TraceSpan
 
 # Phases a kernel's time is charged to (see the module docstring).
 PHASES = ("compute", "recompute", "tp_comm", "dp_comm", "optimizer")
@@ -58,14 +58,10 @@ FULL_LIMIT = 16
 
 
 @dataclass
-class Span:
-    """One interval of a rank's timeline (a trace event)."""
+class Span(TraceSpan):
+    """One interval of a rank's timeline (a trace event, ``mpipar.trace.Span``; track
+    "comm" is the rank's communication stream), and what its time counts as."""
 
-    track: str       # "main" or "comm" (the rank's communication stream)
-    name: str
-    t0: float
-    t1: float
-    args: dict = field(default_factory=dict)
     phase: str = ""  # what the time counts as in the breakdown ("" for nested spans)
 
 

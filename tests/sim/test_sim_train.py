@@ -26,7 +26,7 @@ from mpipar.sim.compute import ComputeModel
 from mpipar.sim.spec import TrainSpec
 from mpipar.sim.symbolic import SymbolicNamespace
 from mpipar.sim.train import schedule_idle, simulate_train
-from mpipar.sim.trace import chrome_trace
+from mpipar.trace import chrome_trace
 
 SMALL = dict(n_layer=8, n_embd=256, n_head=8, block_size=128, vocab_size=512)
 

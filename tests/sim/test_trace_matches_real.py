@@ -17,7 +17,7 @@ from mpipar.nn.gpt import PRESETS
 from mpipar.parallel.layout import layouts
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.sim.spec import TrainSpec
-from mpipar.sim.trace import TRACKS
+from mpipar.trace import TRACKS
 from mpipar.sim.train import Observer, instrument, observed_step, simulate_train
 
 CONFIG = PRESETS["tiny"]
