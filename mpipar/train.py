@@ -413,6 +413,7 @@ class Runner:
         self.mesh = self.trainer.mesh
         self.start = 0
         self.saved: tuple[int, str] | None = None          # the latest sharded checkpoint
+        self.say: Callable[[str], None] = runtime.print0  # the loop's progress.write once it runs
         if run.resume is not None:        # checked against this model in prepare()
             # a sharded checkpoint assembles each tensor on access: this rank reads the
             # files holding pieces of its own tensors, one tensor at a time
@@ -471,7 +472,7 @@ class Runner:
             return self.saved[1]
         layout = json.loads(json.dumps(dataclasses.asdict(self.run.layout), default=str))
         path = save_sharded(a.ckpt_dir, step, self.trainer, self.run.identity, layout, a.keep)
-        runtime.print0(f"checkpoint of step {step}: {path}")
+        self.say(f"checkpoint of step {step}: {path}")
         self.saved = (step, path)
         return path
 
@@ -569,6 +570,7 @@ def train(run: Run) -> dict:
     runtime.print0(f"step {start}: val loss {val_before:.4f} ({val_before / math.log(2):.3f} "
                    f"bits/byte)")
     progress = runtime.Progress(start, args.steps)
+    runner.say = progress.write
     tracing = Tracing(args.trace, run.trace_steps, runner, progress.write) if run.trace_steps else NoTracing()
     t_start = time.perf_counter()
     val_loss, loss = val_before, float("nan")
