@@ -326,6 +326,13 @@ class DataParallelSync(BucketedSync):
         """Per optimiser state buffer, this rank's tensors by parameter name."""
         return {s: self.optimizer.state[s] for s in self.state_names}
 
+    state_replicated = True       # every dp rank holds the same whole state
+
+    def state_pieces(self) -> dict[str, list[tuple[str, tuple[int, int] | None, Any]]]:
+        """Per state buffer, this rank's whole tensors: (name, None, tensor)."""
+        return {s: [(n, None, a) for n, a in self.optimizer.state[s].items()]
+                for s in self.state_names}
+
     def load_state_tensors(self, tensors: Mapping[str, Mapping[str, Any]], step: int) -> None:
         """The inverse of ``state_tensors`` (host arrays of the local shapes); local."""
         self.optimizer.load_state_dict({"step": int(step)} | {

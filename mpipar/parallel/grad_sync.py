@@ -66,6 +66,15 @@ class GradSync(Protocol):
         """Per state buffer, this rank's tensors by parameter name at the local model's
         shapes (collective over dp for ZeRO, whose shards are put together)."""
 
+    state_replicated: bool
+    """True: every dp rank holds the same optimiser state (one of them need save it);
+    False: each holds its own shard (ZeRO: every one saves its own)."""
+
+    def state_pieces(self) -> dict[str, list[tuple[str, tuple[int, int] | None, Any]]]:
+        """Per state buffer, what this rank holds, local (no collective): (parameter name,
+        the flat element range [a, b) of the local tensor the piece covers, or None for all
+        of it, the piece). What a sharded checkpoint writes."""
+
     def load_state_tensors(self, tensors: Mapping[str, Mapping[str, Any]], step: int) -> None:
         """The inverse of ``state_tensors``; local, no collective."""
 

@@ -340,13 +340,14 @@ def allreduce_sequence_parallel_grads(local: LocalModel, names: Sequence[str]) -
 
 # ---- full state dict <-> local buffers ----------------------------------------------------------
 
-def _owns(local: LocalModel, name: str) -> bool:
+def owns(local: LocalModel, name: str, every_dp_rank: bool = False) -> bool:
     """One canonical holder per element: dp rank 0, tp rank 0 for replicated tensors, and
-    the first stage for the tied wte."""
+    the first stage for the tied wte. ``every_dp_rank``: for what differs over the dp group
+    (ZeRO's optimiser shards), each dp rank holds its own, so only the tp and pp rules apply."""
     mesh = local.mesh
     if mesh is None:
         return True
-    if mesh.dp_rank != 0:
+    if mesh.dp_rank != 0 and not every_dp_rank:
         return False
     if local.shard_spec[name] is None and mesh.tp_rank != 0:
         return False
@@ -358,7 +359,7 @@ def gather_full_state_dict(local: LocalModel, mesh: Any, grads: bool = False,
                            tensors: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """The full nanoGPT state dict (host numpy, the local dtype) on EVERY rank.
 
-    Each element is written by exactly one rank (``_owns``) into a zero buffer of the full
+    Each element is written by exactly one rank (``owns``) into a zero buffer of the full
     layout and the buffers are summed over the world: x + 0 is exact, so the result is the
     bits the owners hold. ``grads=True`` gathers gradients instead; tied gradients must
     already have been summed (wte's is taken from the first stage). ``tensors`` gathers any
@@ -371,7 +372,7 @@ def gather_full_state_dict(local: LocalModel, mesh: Any, grads: bool = False,
     views = fl.views(buf)
     src = tensors if tensors is not None else local.grads if grads else local.params
     for name, spec in local.shard_spec.items():
-        if _owns(local, name):
+        if owns(local, name):
             val = to_host(src[name])
             if spec is None:
                 views[name][...] = val

@@ -248,6 +248,21 @@ class ZeroSync(BucketedSync):
             out[s] = self.layout.views(flat)
         return out
 
+    state_replicated = False      # each dp rank holds its own shard of the state
+
+    def state_pieces(self) -> dict[str, list[tuple[str, tuple[int, int] | None, Any]]]:
+        """Per state buffer, what THIS rank holds, without communication: (parameter name,
+        the element range [a, b) of the local tensor, flattened, that the piece covers,
+        the piece). A sharded checkpoint writes these as they are, from every dp rank."""
+        out: dict[str, list[tuple[str, tuple[int, int] | None, Any]]] = {s: [] for s in self.state_names}
+        if self.optimizer is not None:
+            for s in self.state_names:
+                for key, piece in self.optimizer.state[s].items():
+                    name, (lo, hi) = self.name_of[key], self._place[key]
+                    start = self.layout.offsets[name][0]
+                    out[s].append((name, (lo - start, hi - start), piece))
+        return out
+
     def load_state_tensors(self, tensors: Mapping[str, Mapping[str, Any]], step: int) -> None:
         """The inverse of ``state_tensors`` (local, no collective): take this rank's pieces
         of every state tensor; any dp size and bucket size may have written them."""
