@@ -40,3 +40,46 @@ def test_wait_gives_up_when_nobody_reads_and_returns_once_the_reader_has_read():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_stop_request_first_signal_sets_the_flag_a_repeat_is_the_same_a_later_one_exits():
+    import signal
+
+    from mpipar.runtime import StopRequest
+
+    now, exits = [100.0], []
+    stop = StopRequest(clock=lambda: now[0], exit=exits.append)
+    assert stop.signum == 0 and stop.name == ""
+    stop.handle(signal.SIGUSR1)
+    assert stop.signum == signal.SIGUSR1 and stop.name == "SIGUSR1"
+    now[0] += 0.9                       # forwarded again by the launcher: the same request
+    stop.handle(signal.SIGINT)
+    assert exits == [] and stop.signum == signal.SIGUSR1
+    now[0] += 0.2                       # 1.1 s after the first: "now"
+    stop.handle(signal.SIGTERM)
+    assert exits == [128 + signal.SIGTERM]
+
+
+def test_stop_request_installs_and_restores_the_handlers():
+    import os
+    import signal
+
+    from mpipar.runtime import STOP_SIGNALS, StopRequest
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    with StopRequest() as stop:
+        assert all(signal.getsignal(s) == stop.handle for s in STOP_SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR1)            # delivered to this (main) thread
+        assert stop.signum == signal.SIGUSR1
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+
+
+def test_importing_the_library_installs_no_signal_handler():
+    import subprocess
+    import sys
+
+    code = ("import signal, mpipar.train, mpipar.runtime; "
+            "print(all(signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler) "
+            "for s in mpipar.runtime.STOP_SIGNALS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
