@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of the checkpoints (a stop signal's checkpoint goes here)")
     p.add_argument("--preempt-status", type=COUNT, default=0,
                    help="exit status after a stop signal's checkpoint is saved (default 0)")
+    p.add_config_arguments()
     return p
 
 
