@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         -n|--ntasks) n=$2; shift 2;;
         --ntasks=*) n=${1#*=}; shift;;
-        --mpi=*|--kill-on-bad-exit*|--cpu-bind=*|--gpu-bind=*) shift;;
+        --mpi=*|--kill-on-bad-exit*|--cpu-bind=*|--gpu-bind=*|--gpus-per-task=*) shift;;
         -*) echo "stand-in srun: unknown option $1" >&2; exit 97;;
         *) break;;
     esac
@@ -136,7 +136,8 @@ def test_train_gpu_sbatch_binds_one_rank_per_gpu_and_starts_training(job):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "done: 2 steps" in res.stdout, res.stdout
     srun = calls_of(job)[0]
-    assert "--cpu-bind=cores --gpu-bind=closest" in srun and "--device gpu" in srun, srun
+    assert "--gpus-per-task=1 --cpu-bind=cores --gpu-bind=closest" in srun, srun
+    assert "--device gpu" in srun, srun
 
 
 def test_bench_sbatch_runs_each_benchmark(job):
