@@ -105,3 +105,22 @@ def test_a_parser_without_config_arguments_takes_no_config():
     p.add_argument("--n", type=int, default=1)
     with pytest.raises(UsageError, match="unrecognized arguments: --config"):
         p.parse_args(["--config", "f.toml"])
+
+
+def test_a_bad_config_file_under_mpiexec_is_one_line_before_mpi_starts(tmp_path):
+    import sys
+
+    from mpipar.testing.launch import run_mpi
+
+    path = tmp_path / "bad.toml"
+    path.write_text("batch_size = 4\nmicro_batch = 2\n")
+    probe = ("import sys, mpipar.train as t; rc = t.main(sys.argv[1:]); "
+             "m = sys.modules.get('mpi4py.MPI'); "
+             "sys.stderr.write('probe: MPI started\\n' if m is not None and m.Is_initialized() else ''); "
+             "sys.exit(rc)")
+    job = run_mpi(2, [sys.executable, "-c", probe, "--config", str(path)], timeout=120)
+    assert job.returncode == 2, job.output
+    errors = [ln for ln in job.output.splitlines() if ln.startswith("mpipar.train: error: ")]
+    assert errors == [f"mpipar.train: error: --config {path}: unknown key 'micro_batch' "
+                      f"(did you mean micro_batches, micro-batches?)"], job.output
+    assert "probe: MPI started" not in job.output and "Traceback" not in job.output

@@ -24,7 +24,7 @@ from mpipar.testing.launch import mpi_env, mpiexec_command, run_mpi
 
 FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads", "1",
         "--eval-batches", "1", "--eval-interval", "0", "--warmup", "2", "--lr", "3e-3"]
-STEPS = 100          # long enough that a signal sent after step 3 lands mid-run
+STEPS = 40           # long enough that a signal sent after step 3 lands mid-run
 TIMEOUT = 120
 
 
