@@ -105,7 +105,9 @@ class Parser(argparse.ArgumentParser):
         finder.add_argument("--config", default=None)
         path = finder.parse_known_args(args)[0].config
         values = self.read_config(path) if path else {}
-        namespace = argparse.Namespace(**{**vars(namespace or argparse.Namespace()), **values})
+        namespace = namespace if namespace is not None else argparse.Namespace()
+        for dest, value in values.items():       # starting values: the command line overrides
+            setattr(namespace, dest, value)
         given = [a for a in self._actions if a.required and a.dest in values]
         for a in given:                  # a required flag the file gives is no longer missing
             a.required = False

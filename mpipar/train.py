@@ -234,6 +234,8 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         raise UsageError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     if args.log:
         check_output_path(args.log, "--log")
+    if args.preempt_status > 255:
+        raise UsageError(f"--preempt-status {args.preempt_status}: an exit status is 0 to 255")
     try:
         optimizer = OptimizerSpec(args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
     except ValueError as e:
