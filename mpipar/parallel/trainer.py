@@ -175,10 +175,15 @@ class ParallelTrainer:
         return TrainStepResult(loss, norm, comm, param_comm, times)
 
     def nonfinite_state(self, step: int) -> NonFinite | None:
-        """Collective over the world: the first parameter (nanoGPT order, over all ranks) that
-        holds a NaN or an infinity, or None when every one is finite: what a checkpoint of
-        ``step`` must not be written with."""
+        """Collective over the world: the first parameter, else the first tensor of an
+        optimiser state buffer (nanoGPT order, over all ranks), that holds a NaN or an
+        infinity; None when everything is finite: what a checkpoint of ``step`` must not be
+        written with. (Finite gradients can still overflow Adam's second moment.)"""
         report = locate(self.mesh.world, step, "parameter", self.local.params, self._order)
+        for s, tensors in self.sync.state_tensors().items():
+            if report.tensor is not None:
+                break
+            report = locate(self.mesh.world, step, f"optimiser state {s}", tensors, self._order)
         return report if report.tensor is not None else None
 
     def _set_act_shape(self, B: int, T: int) -> None:

@@ -119,3 +119,25 @@ def test_first_nonfinite_counts_pieces_as_their_tensor_in_nanogpt_order():
              "transformer.wte.weight": np.zeros(3)}
     assert order[first_nonfinite(grads, order)] == "transformer.h.1.ln_1.weight"
     assert first_nonfinite({"transformer.wte.weight": np.zeros(3)}, order) == len(order)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_state_that_is_not_finite_is_found_parameters_first_then_optimiser_state(comm):
+    """What a checkpoint must not be written with (``nonfinite_state``, collective): an
+    infinite second moment with finite parameters is found too."""
+    layout = Layout(dp=comm.size) if B % comm.size == 0 else Layout(pp=comm.size)
+    trainer = ParallelTrainer(comm, CONFIG, layout, OptimizerSpec("adamw", lr=1e-2), dtype="float64")
+    trainer.step(*batch(0, trainer), lr=1e-2)
+    assert trainer.nonfinite_state(1) is None
+    holder = lowest_holder(comm, trainer)
+    if comm.rank == holder:
+        trainer.sync.state_tensors()["exp_avg_sq"][TARGET][0, 0] = np.inf
+    report = trainer.nonfinite_state(1)
+    assert str(report) == f"step 1: non-finite optimiser state exp_avg_sq in {TARGET} (rank {holder})"
+    if comm.rank == holder:
+        trainer.local.params["transformer.wpe.weight"][0, 0] = np.nan
+    owner = int(comm.allreduce(np.array([comm.rank if "transformer.wpe.weight" in trainer.local.params
+                                         else comm.size]), op="min")[0])
+    if owner != holder:
+        return
+    assert str(trainer.nonfinite_state(1)) == f"step 1: non-finite parameter in transformer.wpe.weight (rank {holder})"
