@@ -75,10 +75,10 @@ def wait_for_steps(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"{path} never had {n} steps (exit {proc.poll()})")
 
 
-def interrupt(tmp_path: Path, name: str, signals: list[int], *argv: str,
+def interrupt(tmp_path: Path, name: str, signals: list[int], *argv: str, to_launcher: bool = False,
               ) -> tuple[subprocess.CompletedProcess, Path]:
     """Start a 2-rank run, and after its third step send each of ``signals`` (back to back)
-    to both rank processes; the finished job and its log."""
+    to both rank processes (or to mpiexec); the finished job and its log."""
     log = tmp_path / f"{name}.jsonl"
     proc = subprocess.Popen(train_command("--steps", str(STEPS), "--log", str(log), *argv),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -87,7 +87,7 @@ def interrupt(tmp_path: Path, name: str, signals: list[int], *argv: str,
         pids = rank_pids(proc.pid)
         wait_for_steps(log, 3, proc)
         for s in signals:
-            for pid in pids:
+            for pid in [proc.pid] if to_launcher else pids:
                 os.kill(pid, s)
         out, _ = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -184,3 +184,12 @@ def test_a_second_signal_exits_at_once(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "second stop signal (SIGTERM after SIGTERM): exiting at once with status 143" in out, out
     assert "val loss" not in out and not (tmp_path / "ck").exists(), out
+
+
+def test_sigterm_to_mpiexec_is_forwarded_to_every_rank(tmp_path):
+    """MPICH's hydra forwards TERM (and INT, USR1) to the ranks and waits for them: a clean
+    stop, as if every rank had been signalled."""
+    job, log = interrupt(tmp_path, "run", [signal.SIGTERM], "--ckpt-dir", str(tmp_path / "ck"),
+                         to_launcher=True)
+    assert job.returncode == 0, job.stdout
+    assert f"SIGTERM at step {len(step_losses(log))}: checkpoint saved" in job.stdout, job.stdout
