@@ -159,8 +159,9 @@ def test_without_a_checkpoint_directory_a_signal_exits_128_plus_its_number(tmp_p
 
 def test_a_second_signal_exits_at_once(tmp_path):
     """The first signal arrives during a long evaluation before step 0 (the stop waits for a
-    step boundary); the second, 1.5 s later (beyond the 1 s a repeat may take), ends the job at
-    once: status 143, one line per rank, no evaluation finished, nothing saved."""
+    step boundary); the second, 3 s later (beyond the 1 s a repeat may take, with room for a
+    loaded machine to run the first handler late), ends the job at once: status 143, one line
+    per rank, no evaluation finished, nothing saved."""
     proc = subprocess.Popen(train_command("--eval-batches", "100000", "--steps", "5",   # last wins
                                           "--ckpt-dir", str(tmp_path / "ck")),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -173,7 +174,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
                 break
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
-        time.sleep(1.5)
+        time.sleep(3)
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=TIMEOUT)
