@@ -22,6 +22,7 @@ import signal
 import stat
 import sys
 import termios
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -185,7 +186,14 @@ class StopRequest:
     one line on stderr naming the rank and the signal, then the process exits with status
     128 + signal number, as the signal's default action would report it. ``install`` sets the
     handlers (main thread only) and ``restore`` puts the previous ones back; as a context
-    manager it does both. ``clock`` and ``exit`` are for tests."""
+    manager it does both. ``clock`` and ``exit`` are for tests.
+
+    The signals are taken by a thread of their own, not by Python's handler: Python runs a
+    handler in the main thread between bytecodes, so a main thread blocked inside MPI (a
+    receive or a collective waiting for a peer) would never see the second signal. Installed,
+    the handler proper does nothing; the C-level handler writes each signal's number to
+    ``signal.set_wakeup_fd``'s pipe at once, whatever the main thread is doing, and the thread
+    reading that pipe calls ``handle``."""
 
     def __init__(self, signals: Sequence[int] = STOP_SIGNALS, repeat_s: float = REPEAT_S,
                  clock: Callable[[], float] = time.monotonic,
@@ -194,6 +202,8 @@ class StopRequest:
         self.signum = 0
         self._first_at = 0.0
         self._previous: dict[int, Any] = {}
+        self._wakeup: tuple[int, int, int] | None = None      # (read end, write end, previous fd)
+        self._watcher: threading.Thread | None = None
 
     @property
     def name(self) -> str:
@@ -201,7 +211,7 @@ class StopRequest:
         return signal_name(self.signum) if self.signum else ""
 
     def handle(self, signum: int, frame: Any = None) -> None:
-        """The signal handler."""
+        """What a stop signal does (called by the watcher thread)."""
         now = self._clock()
         if not self.signum:
             self.signum, self._first_at = signum, now
@@ -215,20 +225,51 @@ class StopRequest:
         self._exit(status)
 
     def install(self) -> StopRequest:
+        r, w = os.pipe()
+        os.set_blocking(w, False)                  # the C handler must never block
+        previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._wakeup = (r, w, previous_fd)
         for s in self.signals:
-            self._previous[s] = signal.signal(s, self.handle)
+            self._previous[s] = signal.signal(s, _ignore)
+        self._watcher = threading.Thread(target=self._watch, args=(r,), daemon=True,
+                                         name="mpipar-stop-signals")
+        self._watcher.start()
         return self
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:                           # restore() closed the write end
+                return
+            for signum in data:
+                if signum in self.signals:
+                    self.handle(signum)
 
     def restore(self) -> None:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         self._previous.clear()
+        if self._wakeup is not None:
+            r, w, previous_fd = self._wakeup
+            signal.set_wakeup_fd(previous_fd)
+            os.close(w)
+            if self._watcher is not None:
+                self._watcher.join(timeout=5)
+            os.close(r)
+            self._wakeup = self._watcher = None
 
     def __enter__(self) -> StopRequest:
         return self.install()
 
     def __exit__(self, *exc: Any) -> None:
         self.restore()
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """The Python-level handler of a stop signal: the watcher thread acts on it."""
 
 
 def signal_name(signum: int) -> str:
