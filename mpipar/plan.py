@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulate", type=POSITIVE_INT, default=10,
                    help="layouts simulated (the best by the closed form)")
     p.add_argument("--json", default=None, help="write every layout considered")
+    p.add_config_arguments()
     return p
 
 

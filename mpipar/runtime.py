@@ -1,9 +1,16 @@
-"""Process-level helpers: who am I, print on rank 0, a progress display, and die loudly
-instead of hanging.
+"""Process-level helpers: who am I, print on rank 0, a progress display, a stop requested
+by a signal, and die loudly instead of hanging.
 
 An uncaught exception on one MPI rank would otherwise leave the other ranks blocked in a
 collective forever. ``install_abort_handler`` makes it print the rank and the cause and then
 call ``MPI_Abort`` on COMM_WORLD, which the launcher turns into a non-zero exit of the whole job.
+
+A scheduler that wants a job gone sends a signal first (Slurm: SIGTERM at the time limit or on
+``scancel``, the ``--signal`` of ``sbatch``, e.g. SIGUSR1, some time before; a terminal: SIGINT).
+``StopRequest`` turns the first of them into a flag that the training loop reads at a step
+boundary, so the run can save and exit cleanly; a second one, later than a repeat of the same
+delivery could be, exits at once. Handlers are installed by command lines only (``install``),
+never when a library module is imported.
 """
 
 from __future__ import annotations
@@ -11,11 +18,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import stat
 import sys
 import termios
+import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK")
@@ -166,3 +176,115 @@ def install_abort_handler() -> None:
     """
     if world_size() > 1:
         sys.excepthook = _excepthook
+
+
+# ---------------------------------------------------------------------------- signals
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""What asks a run to stop: Slurm's time limit and ``scancel`` (TERM), ``sbatch --signal=USR1@T``
+(USR1, T seconds before the limit), a terminal's Ctrl-C (INT)."""
+
+REPEAT_S = 1.0
+"""A stop signal within this many seconds of the first is the same request delivered twice:
+Ctrl-C reaches the whole process group and the launcher forwards it too; MPICH's hydra and a
+supervisor process forward TERM, INT and USR1 to every rank."""
+
+
+class StopRequest:
+    """A flag set by the first stop signal (``signum``, 0 while none came).
+
+    A repeat within ``repeat_s`` of the first is ignored; a signal after that means "now":
+    one line on stderr naming the rank and the signal, then the process exits with status
+    128 + signal number, as the signal's default action would report it. ``install`` sets the
+    handlers (main thread only) and ``restore`` puts the previous ones back; as a context
+    manager it does both. ``clock`` and ``exit`` are for tests.
+
+    The signals are taken by a thread of their own, not by Python's handler: Python runs a
+    handler in the main thread between bytecodes, so a main thread blocked inside MPI (a
+    receive or a collective waiting for a peer) would never see the second signal. Installed,
+    the handler proper does nothing; the C-level handler writes each signal's number to
+    ``signal.set_wakeup_fd``'s pipe at once, whatever the main thread is doing, and the thread
+    reading that pipe calls ``handle``."""
+
+    def __init__(self, signals: Sequence[int] = STOP_SIGNALS, repeat_s: float = REPEAT_S,
+                 clock: Callable[[], float] = time.monotonic,
+                 exit: Callable[[int], Any] = os._exit) -> None:
+        self.signals, self.repeat_s, self._clock, self._exit = tuple(signals), repeat_s, clock, exit
+        self.signum = 0
+        self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
+        self._wakeup: tuple[int, int, int] | None = None      # (read end, write end, previous fd)
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        """The first signal's name (``SIGTERM``), or "" while none came."""
+        return signal_name(self.signum) if self.signum else ""
+
+    def handle(self, signum: int, frame: Any = None) -> None:
+        """What a stop signal does (called by the watcher thread)."""
+        now = self._clock()
+        if not self.signum:
+            self.signum, self._first_at = signum, now
+            return
+        if now - self._first_at <= self.repeat_s:
+            return
+        status = 128 + signum
+        sys.stderr.write(f"[mpipar] rank {world_rank()}: second stop signal ({signal_name(signum)}"
+                         f" after {self.name}): exiting at once with status {status}\n")
+        wait_until_output_read(timeout=0.5)
+        self._exit(status)
+
+    def install(self) -> StopRequest:
+        r, w = os.pipe()
+        os.set_blocking(w, False)                  # the C handler must never block
+        previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._wakeup = (r, w, previous_fd)
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, _ignore)
+        self._watcher = threading.Thread(target=self._watch, args=(r,), daemon=True,
+                                         name="mpipar-stop-signals")
+        self._watcher.start()
+        return self
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:                           # restore() closed the write end
+                return
+            for signum in data:
+                if signum in self.signals:
+                    self.handle(signum)
+
+    def restore(self) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous.clear()
+        if self._wakeup is not None:
+            r, w, previous_fd = self._wakeup
+            signal.set_wakeup_fd(previous_fd)
+            os.close(w)
+            if self._watcher is not None:
+                self._watcher.join(timeout=5)
+            os.close(r)
+            self._wakeup = self._watcher = None
+
+    def __enter__(self) -> StopRequest:
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """The Python-level handler of a stop signal: the watcher thread acts on it."""
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; the number for one Python does not know."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

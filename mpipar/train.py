@@ -27,9 +27,21 @@ resumes from them (see docs/training.md, "Checkpoints"). A resumed run keeps the
 learning-rate horizon unless ``--lr-decay-steps`` is given, and refuses a changed seed,
 data, batch, dtype, optimiser or schedule unless ``--resume-override`` names it.
 
-Every check of the flags, the data, the layout and a checkpoint to resume happens before
-MPI is started: bad input ends with one ``mpipar.train: error: ...`` line from rank 0 and
-exit code 2, never a traceback.
+Every check of the flags, the data, the layout, a checkpoint to resume and the output files
+happens before MPI is started: bad input ends with one ``mpipar.train: error: ...`` line from
+rank 0 and exit code 2, never a traceback.
+
+SIGTERM, SIGINT and SIGUSR1 (``sbatch --signal=B:USR1@120``) ask the run to stop: every rank
+agrees at the next step boundary, a checkpoint is written to ``--ckpt-dir``, rank 0 says
+where and how to resume, and the run exits. A second signal (more than a second after the
+first) exits at once. A loss or gradient norm that is not finite stops the run before the
+update, naming the step and the first tensor affected.
+
+Exit status: 0 the run finished, or it was stopped by a signal and its checkpoint is saved
+(``--preempt-status N`` to tell the two apart, as slurm/train.sbatch does); 2 bad input,
+nothing trained; 3 a non-finite loss or gradient (nothing of that step applied or saved);
+128 + the signal's number: a second signal, or a signal without ``--ckpt-dir`` (nothing
+saved).
 
 Losses are nats per byte token; the final validation loss is also given in bits per byte
 (loss / ln 2). Data: the pydoc help topics every CPython ships (``--data`` for a UTF-8 text
@@ -44,6 +56,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Any, Callable
@@ -61,14 +74,17 @@ from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_dif
 from mpipar.data.corpus import VOCAB_SIZE
 from mpipar.nn.gpt import GPT, PRESETS, GPTConfig, count_parameters, flops_per_token, param_shapes
 from mpipar.optim import OPTIMIZERS, OptimizerSpec, cosine_lr
-from mpipar.parallel.checkpoint import save_sharded
+from mpipar.parallel.checkpoint import refuse_nonfinite, save_sharded
 from mpipar.parallel.layout import Layout, LayoutError, choose_layout
 from mpipar.parallel.model import load_full_state_dict
+from mpipar.parallel.numerics import NonFiniteError
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.sim.plan import describe, plan
 from mpipar.sim.spec import TrainSpec
 
 PROG = "mpipar.train"
+
+NONFINITE_STATUS = 3          # exit status of a run stopped by the numerics guard
 
 # The default run (no flags) is sized to use about a minute of this 2-core machine and to
 # lower the validation loss visibly (measured on a quiet machine: 600 steps of 8 x 64 tokens
@@ -191,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Chrome/Perfetto trace of some steps (every rank; rank 0 writes)")
     p.add_argument("--trace-steps", type=_step_range, default=None, metavar="A:B",
                    help=f"steps A to B-1 to trace (default: the {TRACE_STEPS} after the run's first)")
+    p.add_argument("--preempt-status", type=COUNT, default=0,
+                   help="exit status after a stop signal's checkpoint is saved (default 0)")
+    p.add_config_arguments()
     return p
 
 
@@ -214,6 +233,7 @@ class Run:
     ckpt_bytes: int = 0                        # about one checkpoint's size
     notes: list = dataclasses.field(default_factory=list)      # said in the run's header
     trace_steps: tuple[int, int] | None = None     # [A, B) of --trace
+    argv: tuple[str, ...] = ()          # the command line, for the resume command a stop prints
 
 
 def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tuple[Layout, str]:
@@ -260,6 +280,10 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         raise UsageError(f"--model {args.model!r} is not a preset; choose from {', '.join(PRESETS)}")
     if args.min_lr > args.lr:
         raise UsageError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    if args.log:
+        check_output_path(args.log, "--log")
+    if args.preempt_status > 255:
+        raise UsageError(f"--preempt-status {args.preempt_status}: an exit status is 0 to 255")
     try:
         optimizer = OptimizerSpec(args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
     except ValueError as e:
@@ -450,8 +474,10 @@ class Runner:
 
     def save(self, path: str, step: int) -> None:
         """The file one process writes (full tensors, nanoGPT names), whatever the layout:
-        any layout, or one process, resumes from it. Collective; rank 0 writes."""
+        any layout, or one process, resumes from it. Collective; rank 0 writes. Refused
+        (NonFiniteStateError) when a parameter or optimiser state is not finite."""
         a = self.run.args
+        refuse_nonfinite(self.trainer, step)
         sd = self.trainer.full_state_dict()
         osd = self.trainer.full_optimizer_state()
         if self.comm.rank == 0:
@@ -475,6 +501,13 @@ class Runner:
         self.say(f"checkpoint of step {step}: {path}")
         self.saved = (step, path)
         return path
+
+    def agree_stop(self, signum: int) -> int:
+        """The stop signal any rank has received (0: none): one all-reduce of one integer over
+        the world, so every rank stops at the same step boundary. Collective."""
+        if self.comm.size == 1:
+            return signum
+        return int(self.comm.allreduce(np.array([signum], dtype=np.int64), op="max")[0])
 
     def generator(self) -> GPT | None:
         """A single-process GPT with the trained weights, on world rank 0 (None elsewhere).
@@ -535,8 +568,37 @@ class NoTracing:
 
 
 # ---------------------------------------------------------------------------- training
-def train(run: Run) -> dict:
-    """Run training; returns {"val_loss_before", "val_loss", "steps", ...}."""
+def resume_command(run: Run, path: str, world_size: int) -> str:
+    """The command that continues this run from the checkpoint ``path``: this one's, with
+    ``--resume path`` in place of any ``--resume``."""
+    argv, rest = list(run.argv), []
+    while argv:
+        a = argv.pop(0)
+        if a == "--resume":
+            argv[:1] = []
+        elif not a.startswith("--resume="):
+            rest.append(a)
+    launcher = ["mpiexec", "-n", str(world_size)] if world_size > 1 else []
+    return shlex.join(launcher + ["python", "-m", PROG, *rest, "--resume", path])
+
+
+def stop_for_signal(runner: Runner, run: Run, signum: int, step: int) -> int:
+    """After an agreed stop signal at the boundary before ``step``: save, say where and how
+    to resume, and return the exit status. Collective."""
+    name = runtime.signal_name(signum)
+    path = runner.save_checkpoint(step)
+    if path is None:
+        runtime.print0(f"{PROG}: {name} at step {step}: no --ckpt-dir, nothing saved; "
+                       f"exiting with status {128 + signum}", file=sys.stderr)
+        return 128 + signum
+    runtime.print0(f"{PROG}: {name} at step {step}: checkpoint saved to {path}\n"
+                   f"  resume with: {resume_command(run, path, runner.comm.size)}")
+    return run.args.preempt_status
+
+
+def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
+    """Run training; returns {"val_loss_before", "val_loss", "steps", ..., "status"}.
+    ``stop``: the signal flag read at every step boundary (None: never stop early)."""
     args, config = run.args, run.config
     backend.set_cpu_threads(args.threads)
     comm = make_communicator()                      # MPI starts here, after every check
@@ -575,6 +637,15 @@ def train(run: Run) -> dict:
     t_start = time.perf_counter()
     val_loss, loss = val_before, float("nan")
     for step in range(start, args.steps):
+        if stop is not None:
+            signum = runner.agree_stop(stop.signum)
+            if signum:
+                progress.close()
+                if log is not None:
+                    log.close()
+                return {"val_loss_before": val_before, "val_loss": val_loss, "last_loss": loss,
+                        "steps": step - start, "seconds": time.perf_counter() - t_start,
+                        "status": stop_for_signal(runner, run, signum, step)}
         tracing.before(step)
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.min_lr, args.warmup, decay_steps)
@@ -618,24 +689,29 @@ def train(run: Run) -> dict:
             text = decode(new) if config.vocab_size == VOCAB_SIZE else " ".join(map(str, new))
             runtime.print0("--- sample ---\n" + text)
     return {"val_loss_before": val_before, "val_loss": val_loss, "last_loss": loss,
-            "steps": args.steps - start, "seconds": elapsed}
+            "steps": args.steps - start, "seconds": elapsed, "status": 0}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line (``python -m mpipar.train``), callable in-process: returns 0 or 2."""
+    """The command line (``python -m mpipar.train``), callable in-process: returns the exit
+    status (see the module's docstring)."""
     runtime.install_abort_handler()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        run = prepare(build_parser().parse_args(sys.argv[1:] if argv is None else argv),
-                      runtime.world_size())
+        run = prepare(build_parser().parse_args(argv), runtime.world_size())
     except UsageError as e:
         runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    try:
-        train(run)
-    except CheckpointError as e:     # a refused save: raised on every rank alike
-        runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    run.argv = tuple(argv)
+    with runtime.StopRequest() as stop:
+        try:
+            return train(run, stop)["status"]
+        except NonFiniteError as e:        # raised on every rank alike, before the update
+            runtime.print0(f"{PROG}: stopped: {e}", file=sys.stderr)
+            return NONFINITE_STATUS
+        except CheckpointError as e:       # a refused save: raised on every rank alike
+            runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -117,3 +117,89 @@ def test_progress_is_plain_lines_when_piped():
     lines = [line for line in res.stdout.splitlines() if line.startswith("step ")]
     assert [line.split("|")[0].split()[1] for line in lines if "/6" in line] == [f"{k}/6" for k in range(1, 7)]
     assert "\r" not in res.stdout and "step/s" not in res.stdout + res.stderr
+def test_stop_request_first_signal_sets_the_flag_a_repeat_is_the_same_a_later_one_exits():
+    import signal
+
+    from mpipar.runtime import StopRequest
+
+    now, exits = [100.0], []
+    stop = StopRequest(clock=lambda: now[0], exit=exits.append)
+    assert stop.signum == 0 and stop.name == ""
+    stop.handle(signal.SIGUSR1)
+    assert stop.signum == signal.SIGUSR1 and stop.name == "SIGUSR1"
+    now[0] += 0.9                       # forwarded again by the launcher: the same request
+    stop.handle(signal.SIGINT)
+    assert exits == [] and stop.signum == signal.SIGUSR1
+    now[0] += 0.2                       # 1.1 s after the first: "now"
+    stop.handle(signal.SIGTERM)
+    assert exits == [128 + signal.SIGTERM]
+
+
+def test_stop_request_installs_and_restores_the_handlers():
+    import os
+    import signal
+
+    from mpipar.runtime import STOP_SIGNALS, StopRequest
+
+    import time
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    wakeup_before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup_before)
+    with StopRequest() as stop:
+        assert all(signal.getsignal(s) not in before.values() for s in STOP_SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 30              # the watcher thread takes it
+        while stop.signum == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert stop.signum == signal.SIGUSR1
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+    assert signal.set_wakeup_fd(wakeup_before) == wakeup_before
+
+
+def test_importing_the_library_installs_no_signal_handler():
+    import subprocess
+    import sys
+
+    code = ("import signal, mpipar.train, mpipar.runtime; "
+            "print(all(signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler) "
+            "for s in mpipar.runtime.STOP_SIGNALS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
+
+
+def test_a_second_signal_ends_a_rank_blocked_inside_mpi():
+    """Rank 1 waits in MPI_Recv for a message that never comes (Python runs no handler until
+    such a call returns); its second TERM, 3 s after the first, still ends it with 143, and
+    the launcher ends the job."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mpipar.testing.launch import mpi_env, mpiexec_command
+
+    code = ("import os, sys, time, numpy as np; from mpi4py import MPI; "
+            "from mpipar.runtime import StopRequest; stop = StopRequest().install(); "
+            "c = MPI.COMM_WORLD; print('ready', c.rank, os.getpid(), flush=True); "
+            "c.Recv(np.zeros(1), source=0) if c.rank == 1 else time.sleep(120)")
+    proc = subprocess.Popen(mpiexec_command(2, [sys.executable, "-c", code]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=mpi_env(), start_new_session=True)
+    try:
+        pid = None
+        for line in proc.stdout:
+            if line.startswith("ready 1 "):
+                pid = int(line.split()[2])
+                break
+        assert pid is not None
+        time.sleep(0.5)                                    # inside MPI_Recv by now
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(3)
+        os.kill(pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 143, out
+    assert "rank 1: second stop signal (SIGTERM after SIGTERM): exiting at once with status 143" in out

@@ -7,6 +7,7 @@ ranks); the output of both ranks is merged, so "one line" means rank 1 said noth
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -149,3 +150,19 @@ def test_checkpoint_header_check_names_what_is_missing(tmp_path):
                                     "config": {}, "optimizer": "sgd", "optim_step": 0})
     with pytest.raises(CheckpointError, match="step is 'x'"):
         load_training_checkpoint(str(path))
+
+
+def test_an_unwritable_log_is_refused_before_mpi_and_training(tmp_path):
+    """``--log`` is checked before MPI starts (cli.check_output_path): a log that cannot be
+    written costs no step of training."""
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    cases = [(tmp_path / "missing" / "run.jsonl", "does not exist"),
+             (tmp_path, "is a directory"),
+             (afile / "run.jsonl", "does not exist")]
+    if os.geteuid() != 0:                                 # root may write anywhere
+        ro = tmp_path / "read-only"
+        ro.mkdir(mode=0o555)
+        cases.append((ro / "run.jsonl", "not writable"))
+    for path, why in cases:
+        assert_one_clean_error(run_train(FAST + ["--log", str(path)]), f"--log {path}", why)

@@ -49,12 +49,14 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, count: Collection[
     """Scale ``grads`` in place so the global norm (``global_norm``) is at most ``max_norm``.
 
     Returns the norm before clipping (for logging). ``max_norm <= 0`` disables clipping.
-    Every rank of ``groups`` computes the same norm and so the same scale.
+    Every rank of ``groups`` computes the same norm and so the same scale. A non-finite norm
+    leaves the gradients as they are (scaling by 1/inf would turn an inf into a NaN and hide
+    which tensor held it): the caller's numerics guard handles that step.
     """
     if not math.isfinite(max_norm):
         raise ValueError(f"the clipping norm must be finite, got {max_norm}")
     norm = global_norm(grads, count, groups)
-    if max_norm > 0 and norm > max_norm:
+    if max_norm > 0 and norm > max_norm and math.isfinite(norm):
         scale = max_norm / (norm + 1e-6)
         for g in grads.values():
             g *= scale

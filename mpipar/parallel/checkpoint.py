@@ -113,6 +113,15 @@ def _first_error(results: list[Any]) -> str | None:
     return next((r["error"] for r in results if r.get("error")), None)
 
 
+def refuse_nonfinite(trainer: Any, step: int) -> None:
+    """NonFiniteStateError on every rank, naming the first non-finite parameter or optimiser
+    state tensor and its rank (``ParallelTrainer.nonfinite_state``), unless all are finite:
+    the check before any checkpoint of ``step`` is written, sharded or exported. Collective."""
+    report = trainer.nonfinite_state(step)
+    if report is not None:
+        raise NonFiniteStateError(f"checkpoint of step {step} not written: {report}")
+
+
 def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
                  layout: Mapping[str, Any], keep: int) -> str:
     """Write a checkpoint of ``trainer`` at ``step`` to ``root/step-<step>`` (the protocol of
@@ -127,12 +136,7 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
     host = [(p, np.ascontiguousarray(backend.to_host(a))) for p, a in pieces]
 
     # 1. nothing non-finite is ever written: all ranks agree on the first bad tensor
-    bad = min((order[p["tensor"]] for p, a in host if not np.isfinite(a).all()), default=len(order))
-    if world.size > 1:
-        bad = int(world.allreduce(np.array([bad], dtype=np.int64), op="min")[0])
-    if bad < len(order):
-        raise NonFiniteStateError(f"checkpoint of step {step} not written: tensor "
-                                  f"{list(tensors)[bad]} holds non-finite values")
+    refuse_nonfinite(trainer, step)
 
     # 2. rank 0 makes the temporary directory; everyone learns its name or the error
     tmp, error = None, None

@@ -23,6 +23,8 @@ single-process reference and every parallel run are this code. Per step, on ever
    summed between first and last stage;
 4. the global gradient norm counts every parameter once (tensor-parallel replicas and the
    tied embedding's second copy are not counted twice) and clips like the single process;
+   a loss or norm that is not finite goes to the numerics policy (``parallel/numerics.py``:
+   by default the run stops naming the first non-finite gradient) before any update;
 5. the GradSync applies the optimiser (ZeRO: to its shard, then all-gathers parameters).
 
 Evaluation runs the forward-only schedule through the same executor.
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from mpipar import backend, trace
+from mpipar.nn.gpt import param_shapes
 from mpipar.optim import OptimizerSpec
 from mpipar.parallel.data_parallel import CommStats
 from mpipar.parallel.grad_sync import make_grad_sync
@@ -48,6 +51,7 @@ from mpipar.parallel.layout import Layout
 from mpipar.parallel.mesh import Mesh, make_mesh
 from mpipar.parallel.model import (allreduce_sequence_parallel_grads, build_local_model,
                                    gather_full_state_dict, local_pieces)
+from mpipar.parallel.numerics import NonFinite, NumericsPolicy, StopOnNonFinite, locate
 from mpipar.parallel.pipeline import PipelineExecutor, StepTimes, split_micro_batches
 from mpipar.parallel.schedules import Instruction
 
@@ -60,6 +64,7 @@ class TrainStepResult:
     param_comm: CommStats = field(default_factory=CommStats)  # ZeRO's parameter all-gather
     pipe: StepTimes = field(default_factory=StepTimes)        # this rank's pipeline, summed over
                                                               # the step's accumulation chunks
+    skipped: bool = False        # the numerics policy dropped the step (non-finite, not applied)
 
     @property
     def bubble(self) -> float:
@@ -83,12 +88,15 @@ class ParallelTrainer:
 
     ``mesh``: the groups to use instead of splitting ``world`` (the simulator's reduced runs
     give groups whose peers are mirrored, ``sim/mirror.py``); ``init=False``: parameters
-    start at zero, without initialising the whole model on the host (``build_local_model``)."""
+    start at zero, without initialising the whole model on the host (``build_local_model``);
+    ``numerics``: what a step with a non-finite loss or gradient norm does (default: stop,
+    ``NonFiniteError`` naming the first non-finite gradient, before the update)."""
 
     def __init__(self, world: Any, config: Any, layout: Layout = Layout(),
                  optimizer: OptimizerSpec = OptimizerSpec(), *, seed: int = 0,
                  dtype: str = "float32", xp: ModuleType = np, grad_clip: float = 0.0,
-                 hooks: bool = True, init: bool = True, mesh: Mesh | None = None) -> None:
+                 hooks: bool = True, init: bool = True, mesh: Mesh | None = None,
+                 numerics: NumericsPolicy | None = None) -> None:
         # every check here and in make_mesh / build_local_model is local and identical on
         # every rank, so a bad layout stops all ranks before any collective
         layout.check(world.size, config)
@@ -96,6 +104,8 @@ class ParallelTrainer:
             raise ValueError(f"the clipping norm must be a finite number >= 0, got {grad_clip}")
         self.layout, self.config, self.xp = layout, config, xp
         self.grad_clip = float(grad_clip)
+        self.numerics = numerics if numerics is not None else StopOnNonFinite()
+        self._order = list(param_shapes(config))          # nanoGPT order, for reports
         if mesh is None:
             mesh = make_mesh(world, layout.dp, layout.tp, layout.pp,
                              algorithms={"dp": layout.allreduce} if layout.allreduce else None)
@@ -156,11 +166,33 @@ class ParallelTrainer:
         t0 = rec.now()
         norm = self.sync.clip_grad_norm(self.grad_clip)
         t1 = rec.now()
+        # the same numbers on every rank, so every rank takes the same branch; the step named
+        # is the optimiser's count (a resumed run's continues the saved one)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            report = locate(self.mesh.world, self.sync.step_count, "gradient", self.sync.grads,
+                            self._order, loss, norm)
+            if self.numerics.on_nonfinite(report):
+                return TrainStepResult(loss, norm, comm, CommStats(), times, skipped=True)
         param_comm = self.sync.step(lr)
         backend.synchronize(xp)
         rec.add("clip", t0, t1, "optimizer")
         rec.add("optimizer", t1, rec.now(), "optimizer")
         return TrainStepResult(loss, norm, comm, param_comm, times)
+
+    def nonfinite_state(self, step: int) -> NonFinite | None:
+        """Collective over the world: the first parameter, else the first tensor of an
+        optimiser state buffer (nanoGPT order, over all ranks), that holds a NaN or an
+        infinity; None when everything is finite: what a checkpoint of ``step`` must not be
+        written with. (Finite gradients can still overflow Adam's second moment.) Each rank
+        looks only at what it holds (ZeRO's pieces as they are: nothing is gathered)."""
+        report = locate(self.mesh.world, step, "parameter", self.local.params, self._order)
+        for s, held in self.sync.state_pieces().items():
+            if report.tensor is not None:
+                break
+            pieces = {name if flat is None else f"{name}[{flat[0]}:{flat[1]}]": arr
+                      for name, flat, arr in held}
+            report = locate(self.mesh.world, step, f"optimiser state {s}", pieces, self._order)
+        return report if report.tensor is not None else None
 
     def _set_act_shape(self, B: int, T: int) -> None:
         """What the executor's receive buffers hold: this model's activation shape for a

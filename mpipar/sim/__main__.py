@@ -201,6 +201,7 @@ def _main(argv: list[str]) -> int:
     pu.set_defaults(_main=published_command)
     tr = sub.add_parser("train", help="predict one training step of a GPT on a simulated cluster")
     add_train_arguments(tr)
+    tr.add_config_arguments()
     tr.set_defaults(_main=train_command)
     args = parser.parse_args(argv)
     return int(args._main(args) or 0)
