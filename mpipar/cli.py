@@ -178,13 +178,18 @@ class Parser(argparse.ArgumentParser):
             raise UsageError(f"{where}: {e.message}") from None
 
     def format_config(self, ns: argparse.Namespace) -> str:
-        """``ns`` as TOML that ``--config`` reads back to the same values (unset flags left out)."""
+        """``ns`` as TOML that ``--config`` reads back to the same values (unset flags left out).
+        A flag whose type parses text into something else gives that type a ``to_text``
+        attribute, the inverse (``A:B`` from a pair, ``a,b`` from a set)."""
         lines = [f"# {self.prog}: the resolved configuration (read back by --config FILE)"]
         for dest, actions in self._keys().items():
             v = getattr(ns, dest, None)
-            if v is None:
+            if v is None or (isinstance(v, (set, frozenset)) and not v):
                 continue
-            if isinstance(v, (list, tuple)) and actions[0].nargs in (None, "?"):
+            to_text = getattr(actions[0].type, "to_text", None)
+            if to_text is not None:
+                v = to_text(v)
+            elif isinstance(v, (list, tuple)) and actions[0].nargs in (None, "?"):
                 v = ",".join(map(str, v))
             lines.append(f"{dest} = {_toml(v)}")
         return "\n".join(lines) + "\n"

@@ -74,7 +74,7 @@ from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_dif
 from mpipar.data.corpus import VOCAB_SIZE
 from mpipar.nn.gpt import GPT, PRESETS, GPTConfig, count_parameters, flops_per_token, param_shapes
 from mpipar.optim import OPTIMIZERS, OptimizerSpec, cosine_lr
-from mpipar.parallel.checkpoint import refuse_nonfinite, save_sharded
+from mpipar.parallel.checkpoint import NonFiniteStateError, refuse_nonfinite, save_sharded
 from mpipar.parallel.layout import Layout, LayoutError, choose_layout
 from mpipar.parallel.model import load_full_state_dict
 from mpipar.parallel.numerics import NonFiniteError
@@ -127,6 +127,9 @@ def _override_keys(text: str) -> frozenset[str]:
     return keys
 
 
+_override_keys.to_text = lambda keys: ",".join(sorted(keys))  # type: ignore[attr-defined]
+
+
 def _step_range(text: str) -> tuple[int, int]:
     """``--trace-steps A:B``: steps A to B - 1 (0-based, as a Python slice)."""
     try:
@@ -137,6 +140,9 @@ def _step_range(text: str) -> tuple[int, int]:
     if not 0 <= a < b:
         raise argparse.ArgumentTypeError(f"{text!r}: needs 0 <= A < B")
     return a, b
+
+
+_step_range.to_text = lambda r: f"{r[0]}:{r[1]}"  # type: ignore[attr-defined]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -706,8 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     with runtime.StopRequest() as stop:
         try:
             return train(run, stop)["status"]
-        except NonFiniteError as e:        # raised on every rank alike, before the update
-            runtime.print0(f"{PROG}: stopped: {e}", file=sys.stderr)
+        except (NonFiniteError, NonFiniteStateError) as e:   # on every rank alike, before
+            runtime.print0(f"{PROG}: stopped: {e}", file=sys.stderr)   # the update or the save
             return NONFINITE_STATUS
         except CheckpointError as e:       # a refused save: raised on every rank alike
             runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)

@@ -22,7 +22,8 @@ FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads
 # every gradient is NaN: the first in nanoGPT order is the embedding
 OVERFLOW = "stopped: step 1: non-finite gradient in transformer.wte.weight (rank 0)"
 # lr 1e39 is inf in float32: step 0's update itself makes the weights infinite
-INFINITE = "stopped: step 1: non-finite parameter in transformer.wte.weight (rank 0)"
+INFINITE = ("stopped: step 1: non-finite parameter in transformer.wte.weight (rank 0); the "
+            "checkpoint of step 1 is not written")
 
 
 def stopped_lines(text: str) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from mpipar.data.checkpoint import load_training_checkpoint
+from mpipar.data.ckpt_dir import open_checkpoint
 from mpipar.testing.launch import mpi_env, mpiexec_command, run_mpi
 
 FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads", "1",
@@ -119,9 +120,9 @@ def test_sigterm_saves_and_the_printed_command_resumes_bitwise(tmp_path):
     assert job.returncode == 0, job.stdout
     stopped = len(step_losses(log))
     assert 3 <= stopped < STEPS, job.stdout
-    assert f"SIGTERM at step {stopped}: checkpoint saved to {tmp_path / 'ck'}" in job.stdout, job.stdout
+    assert f"SIGTERM at step {stopped}: checkpoint saved to {tmp_path / 'ck' / f'step-{stopped}'}" in job.stdout, job.stdout
     assert not final.exists()                    # stopped: no end-of-run save, no final eval
-    assert load_training_checkpoint(str(tmp_path / "ck" / "ckpt.safetensors")).step == stopped
+    assert open_checkpoint(str(tmp_path / "ck")).step == stopped        # the sharded one, latest
 
     resumed = run_resume_command(job.stdout)
     assert resumed.returncode == 0, resumed.stdout
@@ -184,7 +185,8 @@ def test_a_second_signal_exits_at_once(tmp_path):
             proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "second stop signal (SIGTERM after SIGTERM): exiting at once with status 143" in out, out
-    assert "val loss" not in out and not (tmp_path / "ck").exists(), out
+    # the preflight made --ckpt-dir; nothing was saved in it
+    assert "val loss" not in out and not list((tmp_path / "ck").iterdir()), out
 
 
 def test_sigterm_to_mpiexec_is_forwarded_to_every_rank(tmp_path):

@@ -110,7 +110,7 @@ def test_train_sbatch_checkpoints_on_usr1_requeues_and_resumes(job):
     assert proc.returncode == 0, out
     stopped = len(steps_in(log))
     assert 3 <= stopped < 40, out
-    ckpt = work / "checkpoints" / "mpipar-train" / "ckpt.safetensors"
+    ckpt = work / "checkpoints" / "mpipar-train" / f"step-{stopped}"
     assert f"checkpoint saved to {ckpt}" in out and f"requeueing job {JOB_ID}" in out, out
     assert calls_of(job)[-1] == f"scontrol requeue {JOB_ID}", calls_of(job)
     srun = calls_of(job)[0]

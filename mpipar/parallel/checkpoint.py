@@ -119,7 +119,7 @@ def refuse_nonfinite(trainer: Any, step: int) -> None:
     the check before any checkpoint of ``step`` is written, sharded or exported. Collective."""
     report = trainer.nonfinite_state(step)
     if report is not None:
-        raise NonFiniteStateError(f"checkpoint of step {step} not written: {report}")
+        raise NonFiniteStateError(f"{report}; the checkpoint of step {step} is not written")
 
 
 def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
