@@ -53,7 +53,7 @@ import numpy as np
 from mpipar import backend, runtime, trace
 from mpipar.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError,
                         check_output_path)
-from mpipar.comm import make_communicator
+from mpipar.comm import make_communicator, set_collective_timeout
 from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
 from mpipar.data import ckpt_dir
 from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_differences,
@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Chrome/Perfetto trace of some steps (every rank; rank 0 writes)")
     p.add_argument("--trace-steps", type=_step_range, default=None, metavar="A:B",
                    help=f"steps A to B-1 to trace (default: the {TRACE_STEPS} after the run's first)")
+    p.add_argument("--collective-timeout", type=NON_NEGATIVE, default=None, metavar="S",
+                   help="abort when one collective or message wait lasts longer than S seconds, "
+                        "naming the ranks that had not reached it (default: "
+                        "MPIPAR_COLLECTIVE_TIMEOUT or 300; 0 disables)")
     return p
 
 
@@ -539,6 +543,8 @@ def train(run: Run) -> dict:
     """Run training; returns {"val_loss_before", "val_loss", "steps", ...}."""
     args, config = run.args, run.config
     backend.set_cpu_threads(args.threads)
+    if args.collective_timeout is not None:
+        set_collective_timeout(args.collective_timeout)
     comm = make_communicator()                      # MPI starts here, after every check
     runner = Runner(run, comm)
     start, T, B = runner.start, config.block_size, args.batch_size
@@ -630,6 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    if argv is None:
+        # the command line itself, not an in-process call: under Hydra, a parent process
+        # that names this rank if it is killed (runtime.supervise)
+        runtime.supervise()
     try:
         train(run)
     except CheckpointError as e:     # a refused save: raised on every rank alike
