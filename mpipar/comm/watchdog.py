@@ -55,6 +55,7 @@ SLEEP_FRACTION = 0.01    # then sleep this fraction of the time waited so far ..
 SLEEP_CAP_S = 0.01       # ... at most this long
 READ_TIMEOUT_S = 1.0     # how long a timed-out rank waits for one peer's board
 STALE_S = 2.0            # a waiting rank beats every SLEEP_CAP_S: older than this, it does not run
+MAX_ELSEWHERE = 8        # ranks outside the group listed in a report (those without sign of life)
 
 OPERATIONS = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", "alltoall",
               "barrier")
@@ -146,21 +147,26 @@ class Board:
     def beat(self) -> None:
         self.mem[1] = time.time_ns()
 
-    def read(self, rank: int) -> list[int] | None:
-        """Rank ``rank``'s part of the board, or None if it did not come within READ_TIMEOUT_S."""
-        if rank == self.rank:
-            return list(self.mem)
-        out = np.zeros(self.words, dtype=np.int64)
+    def read(self, ranks: Sequence[int]) -> dict[int, list[int] | None]:
+        """The board parts of ``ranks``: one ``Rget`` each, all awaited together for at most
+        READ_TIMEOUT_S; a part that did not come is None ("no answer")."""
+        out = {r: np.zeros(self.words, dtype=np.int64) for r in ranks if r != self.rank}
         with self.lock:
-            req = self.win.Rget(out, rank)
+            reqs = {r: self.win.Rget(buf, r) for r, buf in out.items()}
+        got: dict[int, list[int] | None] = {r: None for r in ranks}
+        if self.rank in got:
+            got[self.rank] = list(self.mem)
         deadline = time.monotonic() + READ_TIMEOUT_S
-        while True:
+        while reqs:
             with self.lock:
-                if req.Test():
-                    return out.tolist()
-            if time.monotonic() > deadline:
-                return None   # the request stays pending; the job is about to end anyway
+                done = [r for r, req in reqs.items() if req.Test()]
+            for r in done:
+                got[r] = out[r].tolist()
+                del reqs[r]
+            if not reqs or time.monotonic() > deadline:
+                break   # requests left pending: the job is about to end anyway
             time.sleep(1e-3)
+        return got
 
     def close(self) -> None:
         """Collective: end the epoch and free the window (at exit, before MPI_Finalize)."""
@@ -316,7 +322,7 @@ def _peer_line(rank: int, row: list[int] | None, gid: int, seq: int, name: str |
     if row is None:
         return f"rank {rank}: no answer", True
     slots = [row[HEADER + SLOT * i: HEADER + SLOT * (i + 1)] for i in range(SLOTS)]
-    mine = next((s for s in slots if s[0] == gid), None)
+    mine = next((s for s in slots if gid and s[0] == gid), None)
     beat = row[1]
     alive = f"; no sign of life for {_ago(beat, now)} (stopped, or busy outside mpipar)" \
         if beat and now - beat > stale_s * 1e9 else ""
@@ -328,11 +334,11 @@ def _peer_line(rank: int, row: list[int] | None, gid: int, seq: int, name: str |
         op = OPERATIONS[latest[2] - 1] if 0 < latest[2] <= len(OPERATIONS) else "?"
         doing = (f"in {op} #{latest[1]} on {where} for {_ago(latest[3], now)}" if latest[3] > 0
                  else f"last in {op} #{latest[1]} on {where}, left it {_ago(-latest[3], now)} ago")
+    if name is None:   # a point-to-point wait, or a rank outside the group: what it does
+        return f"rank {rank}: {doing}{alive}", True
     if mine is None:
         return f"rank {rank}: not on the board for this group; {doing}{alive}", True
     count = mine[1]
-    if name is None:   # a point-to-point wait: say what the peer does
-        return f"rank {rank}: {doing}{alive}", True
     op = OPERATIONS[mine[2] - 1] if 0 < mine[2] <= len(OPERATIONS) else "?"
     if count < seq:
         return f"rank {rank}: has not reached it; {doing}{alive}", True
@@ -375,17 +381,25 @@ def report(what: Any, elapsed: float, limit: float) -> str:
         return text + "; no progress board to say where the other ranks are"
     known = {w.gid: w.members for w in _watches()}
     now = time.time_ns()
+    stale_s = min(STALE_S, limit / 2)
     ranks = members if ctx is not None or p2p is None else (members[p2p[1]],)
+    rows = _board.read(range(_board.size))
     lines, behind = [], []
     for r in ranks:
         if r == me:
             lines.append(f"  rank {r}: this rank")
             continue
-        line, late = _peer_line(r, _board.read(r), gid, seq, name, known, now,
-                                min(STALE_S, limit / 2))
+        line, late = _peer_line(r, rows[r], gid, seq, name, known, now, stale_s)
         lines.append("  " + line)
         if late:
             behind.append(r)
+    # the cause may lie outside the group: ranks elsewhere that do not run (or answer)
+    elsewhere = [r for r in range(_board.size) if r not in ranks and r != me and
+                 (rows[r] is None or now - rows[r][1] > stale_s * 1e9)]
+    for r in elsewhere[:MAX_ELSEWHERE]:
+        lines.append("  elsewhere, " + _peer_line(r, rows[r], 0, 0, None, known, now, stale_s)[0])
+    if len(elsewhere) > MAX_ELSEWHERE:
+        lines.append(f"  and {len(elsewhere) - MAX_ELSEWHERE} more ranks elsewhere without sign of life")
     who = ", ".join(map(str, behind)) if behind else "none (all are in it)"
     label = "ranks that had not reached it" if name is not None else "waiting for rank"
     return text + f"; {label}: {who}\n" + "\n".join(lines)

@@ -154,8 +154,8 @@ def test_board_counts_each_groups_collectives_across_split_and_free(comm):
     if comm.size > 1:
         assert _slot(board, world.gid)[1] == comm._seq              # the world's count stays
     peer = (comm.rank + 1) % comm.size
-    row = board.read(peer)                                         # an RMA read of a peer
-    assert row is not None and row[0] > 0
+    rows = board.read([peer, comm.rank])                           # an RMA read of a peer
+    assert rows[peer] is not None and rows[peer][0] > 0 and rows[comm.rank][0] > 0
     gid = sub._watch.gid
     sub.free()
     again.free()
