@@ -36,6 +36,7 @@ is the same on every member because making a communicator is collective over its
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import socket
@@ -183,8 +184,6 @@ def open_board(MPI: Any, world: Any, lock: Any) -> Board:
     """The process's board, made on first call (collective over ``world``, COMM_WORLD)."""
     global _board
     if _board is None:
-        import atexit  # noqa: PLC0415
-
         _board = Board(MPI, world, lock)
         atexit.register(_close_board)   # runs before mpi4py's MPI_Finalize (registered earlier)
     return _board
