@@ -123,7 +123,14 @@ def _bind() -> Any:
 def collective(comm: Any, name: str, *args: Any, **kwargs: Any) -> None:
     """``comm.<name>(...)`` (e.g. "Allreduce") as its non-blocking form (``Iallreduce``),
     started under the lock and completed by ``wait_all``: a blocking MPI call cannot be
-    timed out, and in concurrent mode must not hold the lock while it blocks."""
+    timed out, and in concurrent mode must not hold the lock while it blocks.
+
+    With the collective timeout disabled (0) and no background thread, the blocking call
+    itself: MPICH's non-blocking form of a small collective costs about 7 us more (an 8-byte
+    all-reduce through the Communicator, 34 -> 41 us measured), which nothing then buys."""
+    if not _concurrent and not watchdog.get_timeout():
+        getattr(comm, name)(*args, **kwargs)
+        return
     with MPI_LOCK:
         req = getattr(comm, _NONBLOCKING[name])(*args, **kwargs)
     wait_all([req], name)

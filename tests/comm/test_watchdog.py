@@ -189,3 +189,19 @@ def test_a_receive_that_never_gets_its_message_ends_the_job_naming_the_peer():
                      r"collective #1 of the group\) timed out on world rank 0 after \d+\.\d s \(the "
                      r"collective timeout is 3 s\); waiting for rank: 1\n  rank 1: last in allreduce "
                      r"#1 on \[0, 1\], left it", out), out
+
+
+@pytest.mark.mpi(min_size=2)
+def test_native_collectives_agree_with_the_timeout_on_and_off(comm, timeout_setting):
+    """Non-blocking forms polled (timeout on) and blocking calls (timeout 0) give the same
+    bits (the blocking path is taken only with no background thread)."""
+    x = np.arange(10, dtype=np.float64) * (comm.rank + 1)
+    results = []
+    for limit in (30.0, 0.0):
+        timeout_setting(limit)
+        results.append((comm.allreduce(x), comm.broadcast(x, root=1),
+                        comm.allgather(x[:3]), comm.reduce_scatter(x.reshape(5, 2))))
+        comm.barrier()
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results[0][0], np.arange(10) * comm.size * (comm.size + 1) / 2)
