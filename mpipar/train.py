@@ -53,7 +53,7 @@ import numpy as np
 from mpipar import backend, runtime, trace
 from mpipar.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError,
                         check_output_path)
-from mpipar.comm import make_communicator, set_collective_timeout
+from mpipar.comm import make_communicator, set_collective_timeout, watchdog_summary
 from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
 from mpipar.data import ckpt_dir
 from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_differences,
@@ -562,7 +562,8 @@ def train(run: Run) -> dict:
         f"{start} -> {args.steps}\n"
         f"  data {args.data or 'pydoc topics'}: {len(run.train.tokens):,} train / "
         f"{len(run.val.tokens):,} val tokens | {flops_per_token(config) * B * T / 1e9:.2f} "
-        f"GFLOP/step" + "".join(f"\n  {n}" for n in run.notes))
+        f"GFLOP/step\n"
+        f"  {watchdog_summary()}" + "".join(f"\n  {n}" for n in run.notes))
 
     log = open(args.log, "a" if run.resume is not None else "w") if (args.log and comm.rank == 0) else None
 

@@ -200,6 +200,18 @@ def board() -> Board | None:
     return _board
 
 
+def summary() -> str:
+    """For a run's header, on world rank 0 (empty elsewhere): the collective timeout and each
+    rank's process id from the board ("collective timeout 300 s | pids 0:4242 1:4243"), the
+    process a tool or a user signals to reach that rank."""
+    if _board is None or _board.rank != 0:
+        return ""
+    limit = get_timeout()
+    rows = _board.read(range(_board.size))   # every rank wrote its pid before its first collective
+    pids = " ".join(f"{r}:{row[0] if row else '?'}" for r, row in rows.items())
+    return f"collective timeout {f'{limit:g} s' if limit else 'off'} | pids {pids}"
+
+
 # ---------------------------------------------------------------------------- one group's record
 class _Context(threading.local):
     op: tuple | None = None    # (watch, seq, name, nbytes, dtype, algorithm) of this thread's collective

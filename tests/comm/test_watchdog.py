@@ -4,6 +4,7 @@ operation, the group, its sequence number and the ranks that had not reached it.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -160,6 +161,17 @@ def test_board_counts_each_groups_collectives_across_split_and_free(comm):
     sub.free()
     again.free()
     assert _slot(board, gid) is None                               # the slot is released
+
+
+@pytest.mark.mpi(min_size=1)
+def test_summary_gives_the_timeout_and_every_ranks_pid_on_rank_0(comm, timeout_setting):
+    timeout_setting(7)
+    text = watchdog.summary()
+    pids = comm.p2p.comm.allgather(os.getpid())
+    if comm.rank == 0:
+        assert text == "collective timeout 7 s | pids " + " ".join(f"{r}:{p}" for r, p in enumerate(pids))
+    else:
+        assert text == ""
 
 
 def _hang(mode: str, limit: float = 3.0):
