@@ -11,14 +11,21 @@ A scheduler that wants a job gone sends a signal first (Slurm: SIGTERM at the ti
 boundary, so the run can save and exit cleanly; a second one, later than a repeat of the same
 delivery could be, exits at once. Handlers are installed by command lines only (``install``),
 never when a library module is imported.
+
+A rank killed outright (SIGKILL, the out-of-memory killer) runs no handler, and MPICH's Hydra
+then kills every other rank and names the PID of another one. ``supervise`` forks each rank
+before MPI starts: the child is the rank, the parent only waits for it, and says which rank
+died and how.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import signal
+import socket
 import stat
 import sys
 import termios
@@ -288,3 +295,86 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+# ---------------------------------------------------------------------------- the supervisor
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+PID_DIR_ENV = "MPIPAR_PID_DIR"   # each rank writes DIR/rank<R>.pid (tests and tools signal ranks)
+_PR_SET_PDEATHSIG = 1
+
+
+def under_hydra() -> bool:
+    """Whether MPICH's Hydra launched this process (its proxy sets MPI_LOCALNRANKS beside the
+    PMI variables; Open MPI, Slurm's srun and a plain ``python`` do not)."""
+    return "MPI_LOCALNRANKS" in os.environ and "PMI_RANK" in os.environ
+
+
+def _write_pid_file() -> None:
+    where = os.environ.get(PID_DIR_ENV)
+    if where:
+        path = os.path.join(where, f"rank{world_rank()}.pid")
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(path + ".tmp", path)   # a reader never sees a half-written file
+
+
+def _die_with_parent(parent: int) -> None:
+    """PR_SET_PDEATHSIG: the kernel SIGKILLs this process when its parent dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:   # the parent died before prctl took effect
+        os._exit(128 + signal.SIGKILL)
+
+
+def death_message(rank: int, pid: int, status: int) -> str | None:
+    """The supervisor's line for a rank that ended with wait status ``status``: only a death
+    by a signal, which no handler of the rank could report; None for any exit, whose cause
+    the rank has said itself (rank 0's one error line, the abort handler's)."""
+    if not os.WIFSIGNALED(status):
+        return None
+    return (f"[mpipar] rank {rank} (pid {pid} on host {socket.gethostname()}) was killed by "
+            f"{signal.Signals(os.WTERMSIG(status)).name}")
+
+
+def supervise() -> None:
+    """Under Hydra (unless ``MPIPAR_SUPERVISE=0``), fork before MPI starts: the child returns
+    and runs the rank; this process never returns.
+
+    The parent waits for the child, forwards SIGTERM, SIGINT, SIGUSR1, SIGUSR2 and SIGHUP to
+    it (a signal sent to the whole process group, as Ctrl-C is, reaches the child twice
+    within a moment: the training side takes repeats within 1 s as one), and when the child
+    dies of a signal prints one line naming its rank, pid, host and the signal, then
+    exits with the child's status (128 + the signal's number for a signal). The child dies
+    with its parent (PR_SET_PDEATHSIG), so when Hydra kills the parents nothing outlives
+    them. Hydra's environment (PMI variables and descriptors) is inherited by the child,
+    which is the one MPI sees. Elsewhere, or once mpi4py is imported (MPI may have started:
+    this process then already is the rank), this only writes the pid file of
+    ``MPIPAR_PID_DIR``.
+    """
+    if (not under_hydra() or os.environ.get("MPIPAR_SUPERVISE", "1") == "0"
+            or "mpi4py.MPI" in sys.modules):   # MPI started: this process already is the rank
+        _write_pid_file()
+        return
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()   # nothing buffered may be written twice
+    parent = os.getpid()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)   # none lost around the fork
+    child = os.fork()
+    if child == 0:
+        _die_with_parent(parent)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _write_pid_file()
+        return
+
+    def forward(signo: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signo)
+
+    for signo in FORWARDED:
+        signal.signal(signo, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _, status = os.waitpid(child, 0)   # retried across the forwarded signals (PEP 475)
+    message = death_message(world_rank(), child, status)
+    if message is not None:
+        sys.stderr.write(message + "\n")
+        wait_until_output_read()
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))

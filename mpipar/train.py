@@ -66,7 +66,7 @@ import numpy as np
 from mpipar import backend, runtime, trace
 from mpipar.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError,
                         check_output_path)
-from mpipar.comm import make_communicator
+from mpipar.comm import make_communicator, set_collective_timeout, watchdog_summary
 from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
 from mpipar.data import ckpt_dir
 from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_differences,
@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Chrome/Perfetto trace of some steps (every rank; rank 0 writes)")
     p.add_argument("--trace-steps", type=_step_range, default=None, metavar="A:B",
                    help=f"steps A to B-1 to trace (default: the {TRACE_STEPS} after the run's first)")
+    p.add_argument("--collective-timeout", type=NON_NEGATIVE, default=None, metavar="S",
+                   help="abort when one collective or message wait lasts longer than S seconds, "
+                        "naming the ranks that had not reached it (default: "
+                        "MPIPAR_COLLECTIVE_TIMEOUT or 300; 0 disables)")
     p.add_argument("--preempt-status", type=COUNT, default=0,
                    help="exit status after a stop signal's checkpoint is saved (default 0)")
     p.add_config_arguments()
@@ -607,6 +611,8 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
     ``stop``: the signal flag read at every step boundary (None: never stop early)."""
     args, config = run.args, run.config
     backend.set_cpu_threads(args.threads)
+    if args.collective_timeout is not None:
+        set_collective_timeout(args.collective_timeout)
     comm = make_communicator()                      # MPI starts here, after every check
     runner = Runner(run, comm)
     start, T, B = runner.start, config.block_size, args.batch_size
@@ -624,7 +630,8 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
         f"{start} -> {args.steps}\n"
         f"  data {args.data or 'pydoc topics'}: {len(run.train.tokens):,} train / "
         f"{len(run.val.tokens):,} val tokens | {flops_per_token(config) * B * T / 1e9:.2f} "
-        f"GFLOP/step" + "".join(f"\n  {n}" for n in run.notes))
+        f"GFLOP/step\n"
+        f"  {watchdog_summary()}" + "".join(f"\n  {n}" for n in run.notes))
 
     log = open(args.log, "a" if run.resume is not None else "w") if (args.log and comm.rank == 0) else None
 
@@ -702,12 +709,16 @@ def main(argv: list[str] | None = None) -> int:
     """The command line (``python -m mpipar.train``), callable in-process: returns the exit
     status (see the module's docstring)."""
     runtime.install_abort_handler()
+    command_line = argv is None                 # not an in-process call (tests)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         run = prepare(build_parser().parse_args(argv), runtime.world_size())
     except UsageError as e:
         runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    if command_line:
+        # under Hydra, a parent process that names this rank if it is killed (runtime.supervise)
+        runtime.supervise()
     run.argv = tuple(argv)
     with runtime.StopRequest() as stop:
         try:

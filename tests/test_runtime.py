@@ -1,9 +1,16 @@
-"""mpipar.runtime: a rank waits for the launcher to read its last words before it aborts."""
+"""mpipar.runtime: a rank waits for the launcher to read its last words before it aborts;
+under Hydra a supervisor names a rank that dies, passes signals on, and takes the rank with it."""
 
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
-from mpipar.runtime import unread_bytes, wait_until_output_read
+import pytest
+
+from mpipar.runtime import death_message, unread_bytes, wait_until_output_read
 
 
 def test_unread_bytes_counts_what_a_pipe_holds_and_is_zero_for_files(tmp_path):
@@ -203,3 +210,95 @@ def test_a_second_signal_ends_a_rank_blocked_inside_mpi():
             proc.communicate()
     assert proc.returncode == 143, out
     assert "rank 1: second stop signal (SIGTERM after SIGTERM): exiting at once with status 143" in out
+
+
+# ---------------------------------------------------------------------------- the supervisor
+# A rank as Hydra starts one (its variables faked): supervise(), then what argv[1] says.
+RANK = """
+import os, signal, sys, time
+from mpipar import runtime
+runtime.supervise()
+what = sys.argv[1]
+if what == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if what == "exit":
+    sys.exit(3)
+if what == "usr1":
+    signal.signal(signal.SIGUSR1, lambda *a: sys.exit(0))
+    open(os.path.join(os.environ["MPIPAR_PID_DIR"], "ready"), "w").close()
+time.sleep(120)
+"""
+
+
+def _rank(tmp_path, what: str, **env: str) -> subprocess.Popen:
+    full = {**os.environ, "PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALNRANKS": "8",
+            "MPIPAR_PID_DIR": str(tmp_path), **env}
+    return subprocess.Popen([sys.executable, "-c", RANK, what], env=full, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _pid_of_rank(tmp_path, name: str = "rank5.pid") -> int:
+    deadline = time.monotonic() + 60
+    while not (tmp_path / name).exists():
+        assert time.monotonic() < deadline, "the rank never wrote its pid"
+        time.sleep(0.05)
+    return int((tmp_path / "rank5.pid").read_text())
+
+
+def test_the_supervisor_names_a_killed_rank_and_exits_with_128_plus_the_signal(tmp_path):
+    proc = _rank(tmp_path, "kill")
+    _, err = proc.communicate(timeout=60)
+    child = int((tmp_path / "rank5.pid").read_text())
+    assert child != proc.pid                        # the rank is the supervisor's child
+    assert err.strip().endswith(f"[mpipar] rank 5 (pid {child} on host {os.uname().nodename}) "
+                                "was killed by SIGKILL"), err
+    assert proc.returncode == 128 + signal.SIGKILL
+
+
+def test_the_supervisor_passes_on_an_exit_status(tmp_path):
+    proc = _rank(tmp_path, "exit")
+    _, err = proc.communicate(timeout=60)
+    assert "[mpipar] rank 5" not in err, err       # the rank speaks for its own exit
+    assert proc.returncode == 3
+
+
+def test_the_supervisor_forwards_signals_and_is_silent_on_success(tmp_path):
+    proc = _rank(tmp_path, "usr1")
+    _pid_of_rank(tmp_path, "ready")
+    os.kill(proc.pid, signal.SIGUSR1)               # to the supervisor only: it forwards
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "[mpipar]" not in err, err
+
+
+def test_the_rank_dies_with_its_supervisor(tmp_path):
+    proc = _rank(tmp_path, "sleep")
+    child = _pid_of_rank(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)               # as Hydra ends a job: no handler runs
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while _alive(child):
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the rank outlived its supervisor")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"   # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def test_no_supervisor_outside_hydra_or_when_disabled(tmp_path):
+    proc = _rank(tmp_path, "exit", MPIPAR_SUPERVISE="0")
+    _, err = proc.communicate(timeout=60)
+    assert int((tmp_path / "rank5.pid").read_text()) == proc.pid and "[mpipar]" not in err, err
+    assert proc.returncode == 3
+
+
+def test_death_message_names_a_signal_and_says_nothing_for_an_exit():
+    assert death_message(2, 77, 9).endswith("rank 2 (pid 77 on host " + os.uname().nodename + ") was killed by SIGKILL")
+    assert death_message(2, 77, 1 << 8) is None
+    assert death_message(2, 77, 0) is None

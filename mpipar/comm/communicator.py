@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpipar import backend, trace
-from mpipar.comm import auto, mpi_env
+from mpipar.comm import auto, mpi_env, watchdog
 from mpipar.comm.algorithms import Algorithm, get_algorithm
 from mpipar.comm.algorithms._util import accepted, split_counts
 from mpipar.comm.ops import AVG, OPS, ReduceOp, finalize_avg, get_op
@@ -39,8 +39,7 @@ __all__ = ["Communicator", "make_communicator", "split_counts", "CollectiveMisma
 
 
 _DTYPE_CODES = {name: i for i, name in enumerate(backend.SUPPORTED_DTYPES)}
-_OP_CODES = {"allreduce": 1, "reduce": 2, "broadcast": 3, "reduce_scatter": 4, "allgather": 5,
-             "alltoall": 6, "barrier": 7}
+_OP_CODES = watchdog.OP_CODES
 
 
 _OP_INDEX = {name: i for i, name in enumerate(OPS)}  # stable across processes, unlike hash()
@@ -73,6 +72,8 @@ class Communicator:
         self.debug = os.environ.get("MPIPAR_DEBUG", "0") not in ("", "0") if debug is None else debug
         self.auto_table = auto_table
         self._seq = 0
+        # the hang watchdog's record of this group (comm/watchdog.py); none in the simulator
+        self._watch = getattr(p2p, "watch", None) or watchdog.UNWATCHED
         self._auto_cache: dict[tuple[str, int], Algorithm] = {}
         if algorithm != "auto":
             get_algorithm(algorithm)  # unknown name -> clear error now, not at first use
@@ -114,10 +115,18 @@ class Communicator:
             self.transport.begin_collective(alg.name)
         options = {**self.options, **call_options} if call_options else self.options
         # communicator-wide options (servers=, ranks_per_node=) reach only the algorithms
-        # that declare them; the call is one span of the trace, on the thread that runs it
+        # that declare them; the call is one span of the trace, on the thread that runs it,
+        # and the watchdog's board and context say which collective runs
         rec = trace.recorder()
+        watch = self._watch
+        watch.enter(self._seq, collective, nbytes, args[0].dtype, alg.name)
         t0 = rec.now()
-        out = fn(self.transport, *args, **accepted(fn, options))
+        try:
+            out = fn(self.transport, *args, **accepted(fn, options))
+        except BaseException:
+            watch.abandon()
+            raise
+        watch.leave()
         rec.add(collective, t0, rec.now(), "collective", group=self.name, bytes=int(nbytes),
                 algorithm=alg.name, size=self.size, seq=self._seq)
         return out
@@ -311,7 +320,13 @@ class Communicator:
     def barrier(self) -> None:
         self._agree("barrier", 0, None)
         if self.size > 1:
-            self.transport.barrier()
+            self._watch.enter(self._seq, "barrier", 0, None, "native")
+            try:
+                self.transport.barrier()
+            except BaseException:
+                self._watch.abandon()
+                raise
+            self._watch.leave()
 
     # -- point to point --------------------------------------------------------------------
     def clock(self) -> float:
@@ -399,6 +414,8 @@ def make_communicator(mpi_comm: Any = None, algorithm: str = "native", *,
     """
     MPI = mpi_env.import_mpi()
     comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+    if comm == MPI.COMM_WORLD:   # the hang watchdog's progress board (collective, once)
+        watchdog.open_board(MPI, comm, mpi_env.MPI_LOCK)
     p2p = MPITransport(comm)
     if abort_on_exception:
         install_abort_handler()

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from types import ModuleType
+from typing import Any
+
+from mpipar.comm import watchdog
 
 DEFAULT_THREAD_LEVEL = "serialized"
 THREAD_LEVEL_NAMES = {0: "single", 1: "funneled", 2: "serialized", 3: "multiple"}
@@ -90,27 +92,51 @@ def concurrent_mode() -> bool:
     return _concurrent
 
 
-def wait_all(requests: list) -> None:
-    """MPI_Waitall, or, in concurrent mode, Testall polls that never block holding the lock."""
-    MPI = import_mpi()
-    if not _concurrent:
-        MPI.Request.Waitall(requests)
-        return
-    polls = 0
-    while True:
-        with MPI_LOCK:
-            if MPI.Request.Testall(requests):
-                return
-        polls += 1
-        time.sleep(0 if polls < 200 else 20e-6)  # yield the GIL; back off when it takes long
+def wait_all(requests: list, what: Any = None) -> None:
+    """Wait for every request: Testall polls through ``watchdog.wait``, so the wait has the
+    collective timeout and backs off (``what`` says what is awaited, for its message). In
+    concurrent mode each poll takes the lock and the GIL is yielded between polls, so no
+    thread ever blocks inside MPI holding the lock."""
+    testall = _testall or _bind()
+    with MPI_LOCK:
+        if testall(requests):
+            return
+    if _concurrent:
+        def test() -> bool:
+            with MPI_LOCK:
+                return testall(requests)
+    else:
+        def test() -> bool:
+            return testall(requests)
+    watchdog.wait(test, what, yield_gil=_concurrent)
 
 
-def collective(comm: object, name: str, *args: object, **kwargs: object) -> None:
-    """``comm.<name>(...)`` (e.g. "Allreduce"); in concurrent mode its non-blocking form
-    (``Iallreduce``) started under the lock and completed by polling."""
-    if not _concurrent:
+_testall: Any = None
+
+
+def _bind() -> Any:
+    global _testall
+    _testall = import_mpi().Request.Testall
+    return _testall
+
+
+def collective(comm: Any, name: str, *args: Any, **kwargs: Any) -> None:
+    """``comm.<name>(...)`` (e.g. "Allreduce") as its non-blocking form (``Iallreduce``),
+    started under the lock and completed by ``wait_all``: a blocking MPI call cannot be
+    timed out, and in concurrent mode must not hold the lock while it blocks.
+
+    With the collective timeout disabled (0) and no background thread, the blocking call
+    itself: MPICH's non-blocking form of a small collective costs about 7 us more (an 8-byte
+    all-reduce through the Communicator, 34 -> 41 us measured), which nothing then buys."""
+    if not _concurrent and not watchdog.get_timeout():
         getattr(comm, name)(*args, **kwargs)
         return
     with MPI_LOCK:
-        req = getattr(comm, "I" + name.lower())(*args, **kwargs)
-    wait_all([req])
+        req = getattr(comm, _NONBLOCKING[name])(*args, **kwargs)
+    wait_all([req], name)
+
+
+# MPI_<name> -> its non-blocking form, as mpi4py names them
+_NONBLOCKING = {name: "I" + name.lower() for name in (
+    "Allreduce", "Reduce", "Bcast", "Reduce_scatter", "Allgather", "Allgatherv", "Alltoall",
+    "Barrier", "Gather", "Scatter")}

@@ -84,6 +84,10 @@ class Transport(Protocol):
     """Optional: called by the Communicator as each collective starts, with the algorithm's
     name (the simulator charges the profile's per-call overhead, ``call_overhead_s``, which a
     real call pays in argument checks and set-up); None: nothing to do."""
+    watch: Any
+    """Optional: the hang watchdog's record of this group (``comm/watchdog.py`` GroupWatch:
+    its world ranks and its part of the progress board), shared with the transports of the
+    same Communicator; None: not watched (the simulator, whose waits cannot hang)."""
     native: Any
     """Optional: the transport's own collectives, replacing MPI's where ``algorithm="native"``
     cannot call MPI (the simulator's, priced by measured busbw tables: ``allreduce(buf, op)``,

@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable
 
 from mpipar import backend
-from mpipar.comm import mpi_env
+from mpipar.comm import mpi_env, watchdog
 from mpipar.comm.background import BackgroundWorker, worker
 from mpipar.comm.mpi_env import MPI_LOCK, import_mpi, is_cuda_aware
 from mpipar.comm.ops import ReduceOp
@@ -51,14 +51,16 @@ def _pieces(nbytes: int, itemsize: int) -> list[tuple[int, int]]:
 class MPIRequest:
     """One logical send or receive: possibly several MPI requests, plus an unstaging step."""
 
-    __slots__ = ("_reqs", "_keep", "_on_complete", "result", "_done")
+    __slots__ = ("_reqs", "_keep", "_on_complete", "result", "_done", "_what")
 
-    def __init__(self, reqs: list, keep: Any, on_complete: Callable[[], None] | None, result: Any) -> None:
+    def __init__(self, reqs: list, keep: Any, on_complete: Callable[[], None] | None, result: Any,
+                 what: tuple) -> None:
         self._reqs = reqs
         self._keep = keep  # buffers MPI is reading or writing must outlive the request
         self._on_complete = on_complete
         self.result = result
         self._done = False
+        self._what = what  # (kind, peer, tag, nbytes, watch): what a timed-out wait names
 
     def _finish(self) -> None:
         self._done = True
@@ -68,7 +70,7 @@ class MPIRequest:
 
     def wait(self) -> Any:
         if not self._done:
-            mpi_env.wait_all(self._reqs)
+            mpi_env.wait_all(self._reqs, self._what)
             self._finish()
         return self.result
 
@@ -90,12 +92,16 @@ class MPITransport:
     native: Any = None  # MPI's own collectives are native.py's: no replacement here
     begin_collective = None  # a real call pays its own overhead
 
-    def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None, owned: bool = False) -> None:
+    def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None, owned: bool = False,
+                 watch: watchdog.GroupWatch | None = None) -> None:
         self.MPI = import_mpi()
         self.comm = mpi_comm
         self.owned = owned  # made by split/dup: free() releases it
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
+        # the group's record for the hang watchdog (a dup shares its parent's)
+        self.watch: watchdog.GroupWatch = watch if watch is not None else watchdog.GroupWatch(
+            self._world_ranks())
         self.cuda_aware = is_cuda_aware() if cuda_aware is None else cuda_aware
         self.pool = PinnedPool()
         # the algorithms' host scratch (see Transport.scratch_pool)
@@ -103,6 +109,15 @@ class MPITransport:
         self.cache: dict[Any, Any] = {}  # per-transport state of algorithms (sub-groups, tables)
 
     # -- helpers -------------------------------------------------------------------------
+    def _world_ranks(self) -> list[int]:
+        """The world rank of each rank of this group (local: no message)."""
+        MPI = self.MPI
+        mine, world = self.comm.Get_group(), MPI.COMM_WORLD.Get_group()
+        ranks = mine.Translate_ranks(list(range(self.size)), world)
+        mine.Free()
+        world.Free()
+        return list(ranks)
+
     def _needs_staging(self, buf: Any) -> bool:
         return backend.is_device_array(buf) and not self.cuda_aware
 
@@ -127,7 +142,7 @@ class MPITransport:
         with MPI_LOCK:
             reqs = [self.comm.Isend([data[lo:hi], MPI.BYTE], dest, tag)
                     for lo, hi in _pieces(data.nbytes, buf.itemsize)]
-        return MPIRequest(reqs, data, release, None)
+        return MPIRequest(reqs, data, release, None, ("send", dest, tag, buf.nbytes, self.watch))
 
     def irecv(self, buf: Any, source: int, tag: int = 0) -> MPIRequest:
         MPI = self.MPI
@@ -149,19 +164,21 @@ class MPITransport:
         with MPI_LOCK:
             reqs = [self.comm.Irecv([data[lo:hi], MPI.BYTE], source, tag)
                     for lo, hi in _pieces(data.nbytes, buf.itemsize)]
-        return MPIRequest(reqs, data, on_complete, buf)
+        return MPIRequest(reqs, data, on_complete, buf, ("recv", source, tag, buf.nbytes, self.watch))
 
     def sendrecv(self, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0) -> Any:
         """Exchange in one MPI call where possible: for small messages the per-call Python
-        overhead is most of the cost, and MPI_Sendrecv is one call instead of four."""
+        overhead is most of the cost, and MPI_Isendrecv and its wait are two calls instead of
+        four (non-blocking, so that the wait has the collective timeout)."""
         if (mpi_env.concurrent_mode() or backend.is_device_array(sendbuf)
                 or backend.is_device_array(recvbuf) or max(sendbuf.nbytes, recvbuf.nbytes) > MAX_MESSAGE_BYTES):
             r = self.irecv(recvbuf, source, tag)
             self.isend(sendbuf, dest, tag).wait()
             return r.wait()
         MPI = self.MPI
-        self.comm.Sendrecv([self._as_bytes(sendbuf), MPI.BYTE], dest, tag,
-                           [self._as_bytes(recvbuf), MPI.BYTE], source, tag)
+        req = self.comm.Isendrecv([self._as_bytes(sendbuf), MPI.BYTE], dest, tag,
+                                  [self._as_bytes(recvbuf), MPI.BYTE], source, tag)
+        mpi_env.wait_all([req], ("sendrecv", source, tag, recvbuf.nbytes, self.watch))
         return recvbuf
 
     def reduce_local(self, op: ReduceOp, dst: Any, src: Any) -> None:
@@ -184,7 +201,7 @@ class MPITransport:
         return MPITransport(sub, cuda_aware=self.cuda_aware, owned=True)
 
     def dup(self) -> "MPITransport":
-        return MPITransport(self.comm.Dup(), cuda_aware=self.cuda_aware, owned=True)
+        return MPITransport(self.comm.Dup(), cuda_aware=self.cuda_aware, owned=True, watch=self.watch)
 
     def free(self) -> None:
         """Collective: free the MPI communicator if this transport made it (a split or a
@@ -192,6 +209,7 @@ class MPITransport:
         if self.owned and self.comm != self.MPI.COMM_NULL:
             mpi_env.collective(self.comm, "Barrier")   # nothing of ours still in flight
             self.comm.Free()
+        self.watch.release()
 
     def shared_node(self) -> int:
         """Collective: this rank's node among the ranks that share memory with it (MPI's

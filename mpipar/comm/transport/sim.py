@@ -593,6 +593,7 @@ class SimTransport:
     # zero-stride placeholders), and nodes come from the network's ranks_per_node alone.
     scratch_pool: BufferPool | None = None
     shared_node: Callable[[], int] | None = None
+    watch: Any = None   # virtual ranks cannot hang: no watchdog
 
     def __init__(self, engine: Engine, ctx: int, rank: int, ranks: Sequence[int],
                  nodes: Sequence[int] | None = None) -> None:
