@@ -88,9 +88,13 @@ def chrome_trace(ranks: Iterable[RankTimeline], other: dict[str, Any] | None = N
             events.append({"ph": "M", "name": "thread_name", "pid": r.rank, "tid": tid,
                            "args": {"name": track}})
         for s in r.spans:
+            # both ends rounded to the nanosecond, the duration their difference: a span
+            # that starts where another ends (clip, then optimizer) meets it exactly, where
+            # rounding ts and dur apart could make them overlap by a nanosecond
+            ts, end = round(s.t0 * 1e6, 3), round(s.t1 * 1e6, 3)
             events.append({"ph": "X", "name": s.name, "cat": s.cat or s.name.split(" ")[0],
                            "pid": r.rank, "tid": TRACKS.index(s.track),
-                           "ts": round(s.t0 * 1e6, 3), "dur": round(max(s.t1 - s.t0, 0.0) * 1e6, 3),
+                           "ts": ts, "dur": round(max(end - ts, 0.0), 3),
                            "args": dict(s.args)})
     out: dict[str, Any] = {"traceEvents": events, "displayTimeUnit": "ms"}
     if other:

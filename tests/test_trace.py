@@ -20,9 +20,11 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from mpipar import trace, train
+from mpipar.trace import Span, Timeline, chrome_trace
 from mpipar.data import load_tokens, vocab_size_of
 from mpipar.nn.gpt import PRESETS, count_parameters
 from mpipar.parallel.schedules import Backward, Forward, make_schedule
@@ -274,3 +276,14 @@ def test_gather_brings_every_ranks_spans_to_rank_0_on_its_clock(comm):
         assert a.spans[1].t1 - a.spans[1].t0 == pytest.approx(1e-3)
         for b in timelines:
             assert a.spans[1].t0 + bound[a.rank] + bound[b.rank] >= b.spans[0].t0, (a.rank, b.rank)
+
+
+def test_spans_that_meet_still_meet_after_rounding_to_the_nanosecond():
+    """clip ends where optimizer begins: their events must not overlap by a rounding (one
+    CI run drew ts + dur = 43047.275 against the next ts 43047.274 when ts and dur were
+    rounded apart)."""
+    rng = np.random.default_rng(0)
+    for t0, d1, d2 in zip(rng.uniform(0, 100, 2000), rng.uniform(0, 0.01, 2000), rng.uniform(0, 0.01, 2000)):
+        spans = [Span("main", "clip", t0, t0 + d1, {}), Span("main", "optimizer", t0 + d1, t0 + d1 + d2, {})]
+        a, b = [e for e in chrome_trace([Timeline(0, (0, 0, 0), spans)])["traceEvents"] if e["ph"] == "X"]
+        assert a["ts"] + a["dur"] <= b["ts"] + 1e-6, (a, b)
