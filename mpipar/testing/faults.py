@@ -53,6 +53,17 @@ class Table:
                                 start_new_session=True)
         return proc, pid_dir
 
+    def strike(self, n: int, args: list[str], tag: str, log: Path, after_steps: int,
+               hit: Callable[[subprocess.Popen, dict[int, int]], None]) -> tuple[float, int, str]:
+        """Start a job, let it log ``after_steps`` steps, ``hit(proc, rank pids)`` it, and
+        return (seconds from the hit to the job's end, exit status, output)."""
+        proc, pid_dir = self.start(n, args, tag)
+        ranks = rank_pids(pid_dir, n)
+        wait_for_steps(log, after_steps)
+        t0 = time.monotonic()
+        hit(proc, ranks)
+        return finish(proc, t0)
+
     def run(self, n: int, args: list[str]) -> tuple[float, int, str]:
         t0 = time.monotonic()
         r = subprocess.run(self.command(n, args), cwd=self.work, env=mpi_env(), text=True,
@@ -120,14 +131,9 @@ def signals(t: Table) -> None:
     ref = w / "ref.jsonl"
     t.run(2, [*FAST, "--dp", "2", "--steps", "200", "--log", str(ref)])
     ck, log = w / "ck-term", w / "term.jsonl"
-    proc, pid_dir = t.start(2, ["--dp", "2", "--steps", "200", "--ckpt-dir", str(ck),
-                                "--ckpt-every", "50", "--log", str(log)], "term")
-    ranks = rank_pids(pid_dir, 2)
-    wait_for_steps(log, 60)
-    t0 = time.monotonic()
-    for pid in ranks.values():
-        os.kill(pid, signal.SIGTERM)
-    dt, rc, out = finish(proc, t0)
+    dt, rc, out = t.strike(2, ["--dp", "2", "--steps", "200", "--ckpt-dir", str(ck),
+                               "--ckpt-every", "50", "--log", str(log)], "term", log, 60,
+                           lambda proc, ranks: signal_all(ranks, signal.SIGTERM))
     t.add("SIGTERM to both ranks mid-run (dp 2)", dt, rc, said(out, "SIGTERM at"), contents(ck))
     dt, rc, out = t.run(2, [*FAST, "--dp", "2", "--steps", "200", "--ckpt-dir", str(ck),
                             "--log", str(log), "--resume", "auto"])
@@ -143,26 +149,20 @@ def signals(t: Table) -> None:
         tag = f"sig{len(t.rows)}"
         ck, log = w / f"ck-{tag}", w / f"{tag}.jsonl"
         keep = [] if "no `--ckpt-dir`" in what else ["--ckpt-dir", str(ck)]
-        proc, pid_dir = t.start(2, [*(extra or ["--dp", "2"]), "--steps", "300", *keep,
-                                    "--log", str(log)], tag)
-        ranks = rank_pids(pid_dir, 2)
-        wait_for_steps(log, 30)
-        t0 = time.monotonic()
-        for pid in [proc.pid] if to_launcher else ranks.values():
-            os.kill(pid, sig)
-        dt, rc, out = finish(proc, t0)
+        dt, rc, out = t.strike(
+            2, [*(extra or ["--dp", "2"]), "--steps", "300", *keep, "--log", str(log)], tag, log, 30,
+            lambda proc, ranks, sig=sig, to_launcher=to_launcher:
+                signal_all({0: proc.pid} if to_launcher else ranks, sig))
         t.add(what, dt, rc, said(out, "at step"), contents(ck))
     ck = w / "ck-second"
     proc, pid_dir = t.start(2, ["--dp", "2", "--steps", "5", "--eval-batches", "100000",
                                 "--ckpt-dir", str(ck)], "second")
     ranks = rank_pids(pid_dir, 2)
     time.sleep(3)
-    for pid in ranks.values():
-        os.kill(pid, signal.SIGTERM)
+    signal_all(ranks, signal.SIGTERM)
     time.sleep(2.5)
     t0 = time.monotonic()
-    for pid in ranks.values():
-        os.kill(pid, signal.SIGTERM)
+    signal_all(ranks, signal.SIGTERM)
     dt, rc, out = finish(proc, t0)
     t.add("a second SIGTERM 2.5 s after the first (the first waits for a step boundary)", dt, rc,
           said(out, "second stop signal", most=1), contents(ck))
@@ -171,30 +171,32 @@ def signals(t: Table) -> None:
 def dead_and_stalled(t: Table) -> None:
     w = t.work
     ck, log = w / "ck-kill", w / "kill.jsonl"
-    proc, pid_dir = t.start(3, ["--pp", "3", "--steps", "400", "--ckpt-dir", str(ck),
-                                "--ckpt-every", "20", "--log", str(log)], "kill")
-    ranks = rank_pids(pid_dir, 3)
-    wait_for_steps(log, 30)
-    t0 = time.monotonic()
-    os.kill(ranks[1], signal.SIGKILL)
-    dt, rc, out = finish(proc, t0)
+    dt, rc, out = t.strike(3, ["--pp", "3", "--steps", "400", "--ckpt-dir", str(ck),
+                               "--ckpt-every", "20", "--log", str(log)], "kill", log, 30,
+                           lambda proc, ranks: os.kill(ranks[1], signal.SIGKILL))
     t.add("SIGKILL of rank 1 (3 ranks, pp 3)", dt, rc, said(out, "was killed"), contents(ck))
     for n, layout in ((2, ["--dp", "2"]), (3, ["--pp", "3"])):
         ck, log = w / f"ck-stop{n}", w / f"stop{n}.jsonl"
-        proc, pid_dir = t.start(n, [*layout, "--steps", "400", "--ckpt-dir", str(ck),
-                                    "--ckpt-every", "20", "--log", str(log),
-                                    "--collective-timeout", "5"], f"stop{n}")
-        ranks = rank_pids(pid_dir, n)
-        wait_for_steps(log, 30)
-        t0 = time.monotonic()
-        os.kill(ranks[1], signal.SIGSTOP)
-        dt, rc, out = finish(proc, t0)
-        with_suppressed_lookup(lambda: os.kill(ranks[1], signal.SIGKILL))
+        stopped: list[int] = []
+
+        def stop(proc: subprocess.Popen, ranks: dict[int, int]) -> None:
+            stopped.append(ranks[1])
+            os.kill(ranks[1], signal.SIGSTOP)
+
+        dt, rc, out = t.strike(n, [*layout, "--steps", "400", "--ckpt-dir", str(ck),
+                                   "--ckpt-every", "20", "--log", str(log),
+                                   "--collective-timeout", "5"], f"stop{n}", log, 30, stop)
+        with_suppressed_lookup(lambda: os.kill(stopped[0], signal.SIGKILL))
         t.add(f"SIGSTOP of rank 1 ({n} ranks, {' '.join(layout)}), `--collective-timeout 5`",
               dt, rc, said(out, "CollectiveTimeoutError:", "has not reached", most=2), contents(ck))
     dt, rc, out = t.run(2, [HANG, "mismatch", "3"])
     t.add("mismatched collective (rank 0 all-reduces, rank 1 broadcasts), timeout 3 s, no "
           "`MPIPAR_DEBUG`", dt, rc, said(out, "CollectiveTimeoutError:", "instead"), "-")
+
+
+def signal_all(pids: dict[int, int], sig: int) -> None:
+    for pid in pids.values():
+        os.kill(pid, sig)
 
 
 def with_suppressed_lookup(fn: Callable[[], None]) -> None:
