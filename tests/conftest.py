@@ -52,6 +52,18 @@ def xp(request):  # type: ignore[no-untyped-def]
     return request.param
 
 
+@pytest.fixture
+def strict_cupy():  # type: ignore[no-untyped-def]
+    """Opt-in: the strict CuPy double (``mpipar.testing.cupy_double``) installed as the GPU
+    array module for this test, removed after it. The test gets the ``StrictCupy`` (its
+    ``xp``, ``cupyx`` and counters); ``backend.get_xp("gpu")`` returns its ``xp``."""
+    from mpipar.testing.cupy_double import StrictCupy
+
+    double = StrictCupy()
+    with backend.use_gpu_module(double.xp):
+        yield double
+
+
 @pytest.fixture(scope="session")
 def comm():  # type: ignore[no-untyped-def]
     """A Communicator over COMM_WORLD (MPI tests only)."""
