@@ -300,8 +300,10 @@ class StrictCupy:
         targets = list(writes) + ([kwargs["out"]] if isinstance(kwargs.get("out"), ndarray) else [])
         for t in targets:
             self.write(t._buf, site)
-        if targets and out is kw.get("out"):
+        if "out" in kw and out is kw["out"]:
             return kwargs["out"]
+        if writes and out is None:
+            return None
         return self.wrap(out, arrays, site)
 
     def to_device(self, host: Any, dtype: Any = None, site: str = "") -> ndarray:
@@ -528,7 +530,8 @@ for _op, _uf in {"neg": "negative", "pos": "positive", "abs": "absolute", "inver
 
 
 class ufunc:  # noqa: N801  (CuPy's name)
-    """A CuPy ufunc: call, ``at`` (atomic: random order), ``reduce``, ``outer``."""
+    """A CuPy ufunc: call, ``at`` (atomic: random order), ``reduce``, ``accumulate``,
+    ``reduceat``, ``outer`` (CuPy v13's ufunc methods)."""
 
     def __init__(self, double: StrictCupy, f: Any) -> None:
         self._d, self._f, self.__name__ = double, f, f.__name__
@@ -548,6 +551,12 @@ class ufunc:  # noqa: N801  (CuPy's name)
 
     def outer(self, *args: Any, **kwargs: Any) -> Any:
         return self._d.kernel(self._f.outer, args, kwargs, _site())
+
+    def accumulate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._d.kernel(self._f.accumulate, args, kwargs, _site())
+
+    def reduceat(self, *args: Any, **kwargs: Any) -> Any:
+        return self._d.kernel(self._f.reduceat, args, kwargs, _site())
 
 
 def _function(double: StrictCupy, f: Any, creation: bool = False) -> Any:
