@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import itertools
 import os
 import sys
@@ -306,6 +307,15 @@ class StrictCupy:
             return None
         return self.wrap(out, arrays, site)
 
+    def index(self, key: Any, site: str) -> Any:
+        """An index as CuPy takes it: host integer arrays and lists are copied to the device
+        (counted), device arrays used as they are."""
+        if isinstance(key, tuple):
+            return tuple(self.index(k, site) for k in key)
+        if isinstance(key, (np.ndarray, list)):
+            return self.to_device(key, None, site)
+        return key
+
     def to_device(self, host: Any, dtype: Any = None, site: str = "") -> ndarray:
         if isinstance(host, ndarray):
             return host if dtype is None or host.dtype == dtype else host.astype(dtype)
@@ -474,10 +484,13 @@ class ndarray:  # noqa: N801  (CuPy's name)
         return f"array({self._a!r}, device={self._buf.device})"   # no sync modelled for repr
 
     def __getitem__(self, key: Any) -> ndarray:
-        return self._d.kernel(np.ndarray.__getitem__, (self, key), {}, _site())
+        site = _site()
+        return self._d.kernel(np.ndarray.__getitem__, (self, self._d.index(key, site)), {}, site)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._d.kernel(np.ndarray.__setitem__, (self, key, value), {}, _site(), writes=(self,))
+        site = _site()
+        self._d.kernel(np.ndarray.__setitem__, (self, self._d.index(key, site), value), {}, site,
+                       writes=(self,))
 
     def __hash__(self) -> int:  # CuPy arrays are unhashable, as NumPy's
         raise TypeError("unhashable type: 'cupy.ndarray'")
@@ -693,6 +706,13 @@ class _Generator:
 
     def __init__(self, double: StrictCupy, seed: Any) -> None:
         self._d, self._g = double, np.random.default_rng(seed)
+        self.bit_generator = self._g.bit_generator   # CuPy's Generator has one (its state)
+
+    def __deepcopy__(self, memo: dict) -> _Generator:
+        g = object.__new__(_Generator)
+        g._d, g._g = self._d, copy.deepcopy(self._g, memo)
+        g.bit_generator = g._g.bit_generator
+        return g
 
     def __getattr__(self, name: str) -> Any:
         if name not in GENERATOR_METHODS:
