@@ -93,6 +93,7 @@ def strict_cupy(request):  # type: ignore[no-untyped-def]
     double = StrictCupy(**{"seed": 0, **getattr(request, "param", {})})
     with backend.use_gpu_module(double.xp):
         yield double
+    assert not double.hazards, "hazards seen by the strict CuPy double:\n" + "\n".join(double.hazards)
 
 
 @pytest.fixture(scope="session")
