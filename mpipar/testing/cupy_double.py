@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import itertools
 import os
 import sys
@@ -116,14 +117,23 @@ class HazardError(RuntimeError):
     """A read the GPU would not order after the write it needs: stale data on a real GPU."""
 
 
+@functools.lru_cache(maxsize=None)
+def _shown(filename: str) -> str | None:
+    """How a call site in ``filename`` is named, or None for frames that are skipped (this
+    module, NumPy, mpipar/backend.py: the funnel every caller's copies go through)."""
+    if (filename.endswith(_SKIP_FILES[1]) or os.path.abspath(filename) == _SKIP_FILES[0]
+            or os.sep + "numpy" + os.sep in filename):
+        return None
+    return os.path.relpath(filename)
+
+
 def _site() -> str:
     """file:line of the first caller outside this module, NumPy and mpipar/backend.py."""
     f = sys._getframe(1)
     while f is not None:
-        name = f.f_code.co_filename
-        if not (name.endswith(_SKIP_FILES[1]) or os.path.abspath(name) == _SKIP_FILES[0]
-                or os.sep + "numpy" + os.sep in name):
-            return f"{os.path.relpath(name)}:{f.f_lineno}"
+        shown = _shown(f.f_code.co_filename)
+        if shown is not None:
+            return f"{shown}:{f.f_lineno}"
         f = f.f_back
     return "?"
 

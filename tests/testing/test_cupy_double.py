@@ -301,12 +301,3 @@ def test_backend_sees_the_double_only_inside_the_fixture(strict_cupy):
     np.testing.assert_array_equal(backend.to_host(x), np.ones(3))
     buf = backend.pinned_empty(8, np.float32)
     assert isinstance(buf, np.ndarray) and buf.nbytes == 32
-
-
-def test_use_gpu_module_restores_the_previous_module():
-    d = StrictCupy()
-    before = backend.cupy_available()
-    with backend.use_gpu_module(d.xp):
-        assert backend.get_xp("gpu") is d.xp
-    assert backend.cupy_available() == before
-    assert not backend.is_device_array(d.xp.ones(2)) or before
