@@ -586,7 +586,7 @@ class ufunc:  # noqa: N801  (CuPy's name)
         return self._d.kernel(self._f.reduceat, args, kwargs, _site())
 
 
-def _function(double: StrictCupy, f: Any, creation: bool = False) -> Any:
+def _function(double: StrictCupy, f: Any) -> Any:
     def fn(*args: Any, **kwargs: Any) -> Any:
         return double.kernel(f, args, kwargs, _site())
     fn.__name__ = getattr(f, "__name__", "function")
@@ -835,9 +835,6 @@ def _make_cupy(d: StrictCupy) -> _Namespace:
 
         def __call__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False) -> Stream:
             return make_stream(null, non_blocking, ptds)
-
-        def __instancecheck__(self, obj: Any) -> bool:
-            return isinstance(obj, Stream)
 
     names["cuda"] = _Namespace("cupy.cuda", {
         "Device": lambda device=None: Device(d, device),

@@ -203,19 +203,19 @@ def test_staging_without_synchronize_is_caught(d):
     grad = cp.ones(16) * 0.5
     errors = []
 
-    def stage(sync_first):
+    def stage():
         try:
             host = np.empty(16)
             cp.asnumpy(grad, out=host)
         except HazardError as e:
             errors.append(e)
 
-    t = threading.Thread(target=stage, args=(False,))
+    t = threading.Thread(target=stage)
     t.start()
     t.join(timeout=30)
     assert len(errors) == 1 and "host read" in str(errors[0])
     cp.cuda.runtime.deviceSynchronize()
-    t = threading.Thread(target=stage, args=(True,))
+    t = threading.Thread(target=stage)
     t.start()
     t.join(timeout=30)
     assert len(errors) == 1
