@@ -140,11 +140,14 @@ def _site() -> str:
 
 class Counters:
     """Events by call site: ``syncs`` (the host waits for the device), ``d2h``, ``h2d``
-    (copies), ``kernels`` (operations queued). Each is a ``collections.Counter``."""
+    (copies), ``d2h_pinned`` (those of ``d2h`` written straight into page-locked memory from
+    ``cuda.alloc_pinned_memory``: the fast staging path), ``kernels`` (operations queued).
+    Each is a ``collections.Counter``."""
 
     def __init__(self) -> None:
         self.syncs: collections.Counter[str] = collections.Counter()
         self.d2h: collections.Counter[str] = collections.Counter()
+        self.d2h_pinned: collections.Counter[str] = collections.Counter()
         self.h2d: collections.Counter[str] = collections.Counter()
         self.kernels: collections.Counter[str] = collections.Counter()
 
@@ -153,6 +156,7 @@ class Counters:
 
     def __repr__(self) -> str:
         return (f"Counters(syncs={dict(self.syncs)}, d2h={dict(self.d2h)}, "
+                f"d2h_pinned={dict(self.d2h_pinned)}, "
                 f"h2d={dict(self.h2d)}, kernels={self.total('kernels')})")
 
 
@@ -192,6 +196,8 @@ class StrictCupy:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all_streams: list[Stream] = []
+        self._pinned: list[tuple[int, int]] = []   # address ranges of pinned allocations
+        self._pinned_keep: list[PinnedMemoryPointer] = []
         self._null = [Stream(self, d, null=True) for d in range(devices)]
         self.xp = _make_cupy(self)
         self.cupyx = _Namespace("cupyx", {"scatter_add": self._scatter_add})
@@ -351,9 +357,17 @@ class StrictCupy:
         self.count("d2h", site)
         self.host_sync(site, stream)
         if out is not None:
+            if self.is_pinned(out):
+                self.count("d2h_pinned", site)
             out[...] = x._a
             return out
         return x._a.copy()
+
+    def is_pinned(self, host: np.ndarray) -> bool:
+        """Whether ``host`` lies in memory from this double's ``alloc_pinned_memory``."""
+        lo = host.__array_interface__["data"][0]
+        with self._lock:
+            return any(a <= lo and lo + host.nbytes <= b for a, b in self._pinned)
 
     def scalar(self, x: ndarray, conv: Any) -> Any:
         site = _site()
@@ -828,7 +842,13 @@ def _make_cupy(d: StrictCupy) -> _Namespace:
         return d._null[d.device()] if null else Stream(d, d.device())
 
     def alloc_pinned_memory(size: int) -> PinnedMemoryPointer:
-        return PinnedMemoryPointer(int(size))
+        mem = PinnedMemoryPointer(int(size))
+        if size:
+            lo = np.frombuffer(mem, np.uint8).__array_interface__["data"][0]
+            with d._lock:   # kept alive: an address range must not be reused by other memory
+                d._pinned.append((lo, lo + int(size)))
+                d._pinned_keep.append(mem)
+        return mem
 
     class _StreamFactory:
         null = property(lambda self: d._null[d.device()])

@@ -75,5 +75,5 @@ def test_the_double_counts_host_synchronisations_of_a_step(comm, strict_cupy):
     if comm.rank == 0:
         top = ", ".join(f"{s} x{n}" for s, n in c.syncs.most_common(6))
         print(f"\n[strict-cupy] world {comm.size}: one step: {c.total('syncs')} host syncs, "
-              f"{c.total('d2h')} d2h, {c.total('h2d')} h2d, {c.total('kernels')} kernels; "
+              f"{c.total('d2h')} d2h ({c.total('d2h_pinned')} into pinned memory), {c.total('h2d')} h2d, {c.total('kernels')} kernels; "
               f"syncs by site: {top}")

@@ -301,3 +301,15 @@ def test_backend_sees_the_double_only_inside_the_fixture(strict_cupy):
     np.testing.assert_array_equal(backend.to_host(x), np.ones(3))
     buf = backend.pinned_empty(8, np.float32)
     assert isinstance(buf, np.ndarray) and buf.nbytes == 32
+
+
+def test_copies_straight_into_pinned_memory_are_told_apart(strict_cupy):
+    """Staging into a pooled page-locked buffer (backend.pinned_empty) is the fast path; a
+    copy into ordinary host memory (what .get() makes) is not."""
+    x = strict_cupy.xp.ones(16, dtype=np.float32)
+    pinned = backend.pinned_empty(16, np.float32)
+    with strict_cupy.counting() as c:
+        strict_cupy.xp.asnumpy(x, out=pinned)
+        pinned[:] = x.get()
+        strict_cupy.xp.asnumpy(x, out=np.empty(16, np.float32))
+    assert c.total("d2h") == 3 and c.total("d2h_pinned") == 1
