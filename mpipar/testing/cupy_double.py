@@ -394,7 +394,7 @@ def _scatter_add(double: StrictCupy, a: ndarray, indices: Any, b: Any, site: str
     idx_t = idx if isinstance(idx, tuple) else (idx,)
     idx_b = np.broadcast_arrays(*[np.asarray(i) for i in idx_t])
     n = idx_b[0].size
-    sub = target[tuple(i.reshape(-1)[:1] for i in idx_b)].shape[1:] if n else ()
+    sub = target.shape[len(idx_b):]      # index arrays select along the leading axes
     vals_b = np.broadcast_to(np.asarray(vals, dtype=target.dtype), idx_b[0].shape + sub)
     vals_b = vals_b.reshape((n,) + sub)
     perm = double.rng.permutation(n)

@@ -313,3 +313,13 @@ def test_copies_straight_into_pinned_memory_are_told_apart(strict_cupy):
         pinned[:] = x.get()
         strict_cupy.xp.asnumpy(x, out=np.empty(16, np.float32))
     assert c.total("d2h") == 3 and c.total("d2h_pinned") == 1
+
+
+def test_scatter_add_of_an_empty_masked_selection_adds_nothing():
+    """A tensor-parallel rank whose vocabulary shard no token of the batch falls in scatters
+    zero rows of shape (0, C): nothing changes (8-rank CI found the double refusing it)."""
+    cp = StrictCupy(seed=0).xp
+    grad = cp.zeros((4, 3))
+    mine = cp.asarray(np.zeros(5, dtype=bool))
+    cp.add.at(grad, cp.asarray(np.arange(5))[mine], cp.ones((5, 3))[mine])
+    assert (cp.asnumpy(grad) == 0).all()
