@@ -48,14 +48,37 @@ def _cupy() -> ModuleType | None:
         return None
 
 
+# A GPU array module installed in CuPy's place by a test (the strict CuPy double of
+# mpipar.testing.cupy_double, through the strict_cupy fixture); None: CuPy itself.
+_gpu_module: ModuleType | None = None
+
+
+def _gpu() -> ModuleType | None:
+    """The GPU array module: the one a test installed, else CuPy where usable, else None."""
+    return _gpu_module if _gpu_module is not None else _cupy()
+
+
+@contextlib.contextmanager
+def use_gpu_module(module: ModuleType) -> Any:
+    """Within the block, ``module`` is the GPU array module in CuPy's place (``get_xp("gpu")``,
+    ``is_device_array``, ``synchronize``, ``pinned_empty`` ...). The one way a test double
+    reaches the backend: nothing outside the block, and nothing outside tests, sees it."""
+    global _gpu_module
+    previous, _gpu_module = _gpu_module, module
+    try:
+        yield module
+    finally:
+        _gpu_module = previous
+
+
 def cupy_available() -> bool:
-    """True when CuPy imports and a GPU is visible."""
-    return _cupy() is not None
+    """True when CuPy imports and a GPU is visible (or a test installed a GPU module)."""
+    return _gpu() is not None
 
 
 def cupy_module() -> ModuleType:
     """The cupy module; raises a clear error where there is none."""
-    cp = _cupy()
+    cp = _gpu()
     if cp is None:
         raise RuntimeError("GPU requested but CuPy with a visible GPU is not available "
                            "(pip install 'mpipar[gpu]' on a machine with CUDA)")
@@ -70,7 +93,7 @@ def get_xp(device: str = "cpu") -> ModuleType:
         return np
     if device == "gpu":
         return cupy_module()
-    return _cupy() or np
+    return _gpu() or np
 
 
 def device_name(xp: ModuleType) -> str:
@@ -79,7 +102,7 @@ def device_name(xp: ModuleType) -> str:
 
 def is_device_array(x: Any) -> bool:
     """True for a CuPy array (memory on the GPU)."""
-    cp = _cupy()
+    cp = _gpu()
     return cp is not None and isinstance(x, cp.ndarray)
 
 
@@ -125,7 +148,7 @@ def synchronize(x_or_xp: Any = None) -> None:
     MPI reads device memory behind CUDA's back, so every transport calls this before
     handing a device buffer (or its staged host copy) to MPI.
     """
-    cp = _cupy()
+    cp = _gpu()
     if cp is None:
         return
     if x_or_xp is cp or is_device_array(x_or_xp) or x_or_xp is None:
@@ -136,7 +159,7 @@ def pinned_empty(count: int, dtype: Any) -> np.ndarray:
     """A 1-D host array in page-locked memory when CuPy is present (faster GPU copies),
     ordinary NumPy memory otherwise."""
     dt = np.dtype(dtype)
-    cp = _cupy()
+    cp = _gpu()
     if cp is None or count == 0:
         return np.empty(count, dtype=dt)
     mem = cp.cuda.alloc_pinned_memory(count * dt.itemsize)

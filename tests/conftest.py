@@ -46,10 +46,54 @@ else:
     XPS.append(pytest.param(None, id="cupy", marks=pytest.mark.skip(reason="CuPy with a GPU not available")))
 
 
+XPS.append(pytest.param("strict-cupy", id="strict-cupy"))
+
+# GPU variants that the strict CuPy double shows to be wrong today (issue 15, items 2-3), by
+# test function: each is an expected failure under the double, with its cause. ``strict``:
+# the failure is deterministic (the double's scatter-add order is seeded per test), so the
+# fix that makes the test pass must also remove its line here; the others are races between
+# threads, which fail or not by timing.
+_ADD_AT = ("embedding backward's xp.add.at is an atomic scatter-add on a GPU: its float sum "
+           "differs run to run, so a bitwise repeat fails (issue 15 item 2)")
+_MASK = ("attention's causal mask is cached for the process (functools.lru_cache) after a "
+         "host -> device copy on the first thread's stream; another thread (tp rank) reads "
+         "it with no event wait: stale data under per-thread default streams, and the wrong "
+         "device once ranks pick their own GPU (issue 15 item 2)")
+STRICT_CUPY_KNOWN: dict[str, tuple[str, bool]] = {
+    "tests/nn/test_gpt.py::test_grads_zeroed_or_accumulated": (_ADD_AT, True),
+    "tests/nn/test_gpt.py::test_state_dict_round_trip": (_ADD_AT, True),
+    "tests/parallel/test_tensor_parallel.py::test_threaded_tp_loss_and_grads": (_MASK, False),
+    "tests/parallel/test_tensor_parallel.py::test_threaded_sequence_parallel": (_MASK, False),
+}
+
+
 @pytest.fixture(params=XPS)
 def xp(request):  # type: ignore[no-untyped-def]
-    """The array module under test: numpy, and cupy where a GPU is present."""
-    return request.param
+    """The array module under test: numpy, cupy where a GPU is present, and always the
+    strict CuPy double (installed as the GPU module for the test: see ``strict_cupy``)."""
+    if request.param != "strict-cupy":
+        yield request.param
+        return
+    known = STRICT_CUPY_KNOWN.get(request.node.nodeid.split("[")[0])
+    if known is not None:
+        request.applymarker(pytest.mark.xfail(reason=known[0], strict=known[1]))
+    yield request.getfixturevalue("strict_cupy").xp
+
+
+@pytest.fixture
+def strict_cupy(request):  # type: ignore[no-untyped-def]
+    """Opt-in: the strict CuPy double (``mpipar.testing.cupy_double``) installed as the GPU
+    array module for this test, removed after it. The test gets the ``StrictCupy`` (its
+    ``xp``, ``cupyx`` and counters); ``backend.get_xp("gpu")`` returns its ``xp``. Options of
+    ``StrictCupy`` come by indirect parametrisation (``parametrize("strict_cupy",
+    [dict(per_thread_default_stream=False)], indirect=True)``)."""
+    from mpipar.testing.cupy_double import StrictCupy
+
+    # scatter-adds in random order, the same orders every run
+    double = StrictCupy(**{"seed": 0, **getattr(request, "param", {})})
+    with backend.use_gpu_module(double.xp):
+        yield double
+    assert not double.hazards, "hazards seen by the strict CuPy double:\n" + "\n".join(double.hazards)
 
 
 @pytest.fixture(scope="session")

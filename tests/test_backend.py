@@ -64,3 +64,19 @@ def test_staging_pool_reuses_buffers():
     pool.give(a)
     b = pool.take(120)  # same power-of-two class (128): the same memory comes back
     assert b.nbytes == 120 and np.shares_memory(a, b)
+
+
+def test_use_gpu_module_is_the_gpu_module_inside_the_block_only():
+    """The one hook by which a test double (the strict CuPy of mpipar.testing.cupy_double)
+    reaches the backend: inside the block it is CuPy; after it, what was there before."""
+    from mpipar.testing.cupy_double import StrictCupy
+
+    d = StrictCupy()
+    before = backend.cupy_available()
+    with backend.use_gpu_module(d.xp):
+        assert backend.get_xp("gpu") is d.xp and backend.get_xp("auto") is d.xp
+        x = backend.to_device(np.ones(3), d.xp)
+        assert backend.is_device_array(x) and backend.array_module(x) is d.xp
+    assert backend.cupy_available() == before
+    assert not backend.is_device_array(x)
+    assert backend.get_xp("auto") is not d.xp

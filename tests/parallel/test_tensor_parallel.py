@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mpipar.backend import array_module, to_host
+from mpipar.backend import array_module, synchronize, to_host
 from mpipar.nn.gpt import GPT, PRESETS, GPTConfig, param_shapes
 from mpipar.parallel.layout import LayoutError, layouts
 from mpipar.parallel.mesh import make_mesh
@@ -236,6 +236,7 @@ class ThreadGroup:
 
     def _exchange(self, rank: int, x) -> list:
         self.slots[rank] = array_module(x).array(x, copy=True)
+        synchronize(x)   # the copy done before another thread (rank) reads it, as MPI would
         self.barrier.wait()
         got = list(self.slots)
         self.barrier.wait()
