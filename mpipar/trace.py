@@ -43,7 +43,7 @@ import numpy as np
 
 TRACKS = ("main", "comm")
 # the tags of gather_timelines' messages (on the world's user transport, between steps)
-_TAG_CLOCK, _TAG_SIZE, _TAG_DATA = 30001, 30002, 30003
+_TAG_CLOCK = 30001
 
 
 @dataclass
@@ -206,22 +206,14 @@ def gather_timelines(comm: Any, rank: int, coords: tuple[int, int, int], spans: 
     """Collective over ``comm``: every rank's spans on rank 0, shifted onto rank 0's clock
     (``measure_clock_offsets``), with the clocks' offsets and bounds; None on other ranks.
 
-    Each rank sends its timeline to rank 0 as the bytes of a JSON text (point-to-point over
-    ``comm``, no pickle), so no file system is shared between ranks and only rank 0 writes."""
+    The timelines travel as JSON text over ``comm`` (``Communicator.allgather_json``, no
+    pickle), so no file system is shared between ranks and only rank 0 writes."""
     offset, rtt = measure_clock_offsets(comm)
     mine = {"rank": rank, "coords": list(coords), "offset_s": offset, "rtt_s": rtt, "dropped": dropped,
             "spans": [[s.track, s.name, s.t0 - offset, s.t1 - offset, s.args, s.cat] for s in spans]}
-    payload = json.dumps(mine).encode()
+    parts = comm.allgather_json(mine)
     if comm.rank != 0:
-        words = np.frombuffer(payload + b" " * (-len(payload) % 8), dtype=np.int64)
-        comm.send(np.array([len(payload)], dtype=np.int64), 0, _TAG_SIZE)
-        comm.send(words, 0, _TAG_DATA)
         return None
-    parts = [mine]
-    for r in range(1, comm.size):
-        n = int(comm.recv(r, _TAG_SIZE, shape=(1,), dtype="int64")[0])
-        words = comm.recv(r, _TAG_DATA, shape=((n + 7) // 8,), dtype="int64")
-        parts.append(json.loads(words.tobytes()[:n]))
     timelines = [Timeline(p["rank"], tuple(p["coords"]), [Span(*s) for s in p["spans"]])
                  for p in sorted(parts, key=lambda p: p["rank"])]
     origin = min((s.t0 for t in timelines for s in t.spans), default=0.0)

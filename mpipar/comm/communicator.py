@@ -21,6 +21,7 @@ row), and ``allgather`` concatenates rows, the inverse when given those ``counts
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
@@ -242,6 +243,21 @@ class Communicator:
         if rop is AVG:
             finalize_avg(out, self.size)
         return out.reshape((rows[self.rank],) + tuple(x.shape[1:]))
+
+    def allgather_json(self, obj: Any) -> list[Any]:
+        """Every rank's JSON-able ``obj``, in rank order, on every rank: the JSON text padded to
+        whole int64 words and all-gathered (plain bytes, never pickle)."""
+        if self.size == 1:
+            return [obj]
+        text = json.dumps(obj).encode()
+        words = np.frombuffer(text.ljust(-(-len(text) // 8) * 8 or 8), dtype=np.int64).copy()
+        sizes = self.allgather(np.array([len(text), words.size], dtype=np.int64)).reshape(-1, 2)
+        flat = self.allgather(words, counts=[int(w) for _, w in sizes])
+        out, at = [], 0
+        for n, w in sizes:
+            out.append(json.loads(flat[at:at + int(w)].tobytes()[:int(n)]))
+            at += int(w)
+        return out
 
     def allgather(self, x: Any, counts: Sequence[int] | None = None, algorithm: str | None = None,
                   **options: Any) -> Any:

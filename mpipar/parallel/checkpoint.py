@@ -34,7 +34,6 @@ A shared file system is assumed: every rank sees ``root`` at the same path.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -93,22 +92,6 @@ def tensor_table(trainer: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _share(world: Any, obj: Any) -> list[Any]:
-    """Every rank's JSON-able ``obj``, in rank order, on every rank: its JSON text padded to
-    whole int64 words (the communicator's smallest integer type), all-gathered."""
-    if world.size == 1:
-        return [obj]
-    text = json.dumps(obj).encode()
-    words = np.frombuffer(text.ljust(-(-len(text) // 8) * 8 or 8), dtype=np.int64).copy()
-    sizes = world.allgather(np.array([len(text), words.size], dtype=np.int64)).reshape(-1, 2)
-    flat = world.allgather(words, counts=[int(w) for _, w in sizes])
-    out, at = [], 0
-    for n, w in sizes:
-        out.append(json.loads(flat[at:at + int(w)].tobytes()[:int(n)]))
-        at += int(w)
-    return out
-
-
 def _first_error(results: list[Any]) -> str | None:
     return next((r["error"] for r in results if r.get("error")), None)
 
@@ -145,7 +128,7 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
             tmp = ckpt_dir.create_temp_dir(root, step)
         except (OSError, CheckpointError) as e:
             error = f"{root}: cannot create a temporary directory for step {step} ({e})"
-    tmp, error = _share(world, [tmp, error])[0]
+    tmp, error = world.allgather_json([tmp, error])[0]
     if error:
         raise CheckpointError(error)
 
@@ -160,7 +143,7 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
             mine = {"file": fname, **info, "pieces": recorded, "error": None}
         except OSError as e:
             mine["error"] = f"rank {world.rank} could not write {os.path.join(tmp, fname)} ({e})"
-    results = _share(world, mine)
+    results = world.allgather_json(mine)
     error = _first_error(results)
 
     # 4. rank 0 commits
@@ -180,7 +163,7 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
                 error = f"{root}: could not complete the checkpoint of step {step} ({e})"
         if error is not None:
             ckpt_dir.remove_path(tmp)
-    error = _share(world, error)[0]
+    error = world.allgather_json(error)[0]
     if error:
         raise CheckpointError(f"checkpoint of step {step} not written: {error}")
     return final
