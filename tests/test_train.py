@@ -14,10 +14,20 @@ import pytest
 from mpipar import train
 from mpipar.sim.plan import describe, plan
 from mpipar.sim.spec import TrainSpec
+from mpipar.testing.launch import JobResult, run_mpi
 
 # tiny preset, short context, small batch: a step takes tens of milliseconds
 FAST = ["--model", "tiny", "--block-size", "16", "--batch-size", "4", "--threads", "1",
         "--eval-batches", "1", "--eval-interval", "0", "--warmup", "2", "--lr", "3e-3"]
+
+
+def train_ranks(n: int, *argv: str) -> JobResult:
+    """``mpiexec -n n python -m mpipar.train argv`` through the suite's launcher: its MPI
+    settings for an oversubscribed machine, and the whole job killed after 120 s (a bare
+    ``subprocess.run(timeout=300)`` could outlive pytest's own 300 s timeout, which ends the
+    whole serial run uncounted)."""
+    path = os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return run_mpi(n, [sys.executable, "-m", "mpipar.train", *argv], timeout=120, env={"PYTHONPATH": path})
 
 
 def read_log(path) -> tuple[list[dict], list[dict]]:
@@ -126,20 +136,16 @@ def test_token_file_with_larger_vocabulary(tmp_path, capsys):
                     reason="no mpiexec beside the interpreter")
 def test_two_ranks_train_like_one(tmp_path):
     """Data parallel over 2 ranks trains on the same global batches as 1 process."""
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
     args = FAST + ["--steps", "3", "--dtype", "float64"]
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     assert train.main(args + ["--log", str(one)]) == 0
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    res = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "mpipar.train", *args,
-                          "--log", str(two)], capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = train_ranks(2, *args, "--log", str(two))
+    assert res.returncode == 0, res.output[-2000:]
     a, b = (np.array([e["loss"] for e in read_log(p)[0]]) for p in (one, two))
     np.testing.assert_allclose(a, b, rtol=1e-10)
     # the layout given explicitly: a batch of 4 cannot split over 3 data-parallel ranks
-    res = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "mpipar.train", *args, "--dp", "3"],
-                         capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 2 and "does not split into dp 3" in res.stderr, res.stderr[-2000:]
+    res = train_ranks(3, *args, "--dp", "3")
+    assert res.returncode == 2 and "does not split into dp 3" in res.output, res.output[-2000:]
 
 
 def test_bench_train_runs_beside_torch(capsys):
@@ -168,14 +174,11 @@ def test_checkpoints_move_between_layouts(tmp_path):
     """A checkpoint holds full tensors whatever wrote it: 2 pipeline stages save, one process
     resumes; one process saves, 2 ZeRO-2 ranks resume. Both continue the uninterrupted
     single-process run (float64, within 1e-10: the layouts sum in other orders)."""
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     common = FAST + ["--dtype", "float64", "--lr-decay-steps", "8"]
 
     def two_ranks(*argv):
-        res = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "mpipar.train", *common, *argv],
-                             capture_output=True, text=True, timeout=180, env=env)
-        assert res.returncode == 0, res.stderr[-2000:]
+        res = train_ranks(2, *common, *argv)
+        assert res.returncode == 0, res.output[-2000:]
 
     full, pp_ck, one_ck = tmp_path / "full.jsonl", tmp_path / "pp.safetensors", tmp_path / "one.npz"
     assert train.main(common + ["--steps", "8", "--log", str(full)]) == 0
@@ -193,21 +196,17 @@ def test_checkpoints_move_between_layouts(tmp_path):
 def test_plan_trains_the_planners_first_choice(tmp_path):
     """``--plan`` on 2 ranks: the layout is the planner's first choice for this machine, said
     on rank 0, and the run trains what one process trains."""
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
     args = FAST + ["--steps", "2", "--dtype", "float64"]
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     assert train.main(args + ["--log", str(one)]) == 0
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    res = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "mpipar.train", *args, "--plan",
-                          "--log", str(two)], capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = train_ranks(2, *args, "--plan", "--log", str(two))
+    assert res.returncode == 0, res.output[-2000:]
     c = train.PRESETS["tiny"].replace(block_size=16)
     base = TrainSpec(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, block_size=16,
                      vocab_size=256, global_batch=4, bucket_mb=1.0)
     first = plan(base, "local", 2, top=1)[0]
-    assert res.stdout.count(f"planned: {describe(first.spec)}") == 1, res.stdout[-2000:]
+    assert res.output.count(f"planned: {describe(first.spec)}") == 1, res.output[-2000:]
     a, b = (np.array([e["loss"] for e in read_log(p)[0]]) for p in (one, two))
     np.testing.assert_allclose(a, b, rtol=1e-10)
-    bad = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "mpipar.train", *args, "--plan",
-                          "--dp", "2"], capture_output=True, text=True, timeout=120, env=env)
-    assert bad.returncode == 2 and "--plan chooses the layout" in bad.stderr, bad.stderr[-2000:]
+    bad = train_ranks(2, *args, "--plan", "--dp", "2")
+    assert bad.returncode == 2 and "--plan chooses the layout" in bad.output, bad.output[-2000:]
