@@ -78,14 +78,27 @@ class JobResult:
 
 def run_mpi(n: int, args: Sequence[str], timeout: float, env: dict[str, str] | None = None,
             cwd: str | None = None, stream: bool = False) -> JobResult:
-    """Run ``mpiexec -n n args...``; kill the whole process group after ``timeout`` seconds.
+    """Run ``mpiexec -n n args...`` with the suite's MPI settings (``mpi_env``); see
+    ``run_command``."""
+    return run_command(mpiexec_command(n, args), timeout, mpi_env(env), cwd, stream)
 
-    stdout and stderr are merged; with ``stream`` they are also echoed as they arrive.
+
+def run_command(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None,
+                cwd: str | None = None, stream: bool = False) -> JobResult:
+    """Run ``cmd`` in a session of its own; kill its whole process group after ``timeout``
+    seconds.
+
+    stdout and stderr are merged; with ``stream`` they are also echoed as they arrive. The
+    group kill matters for launchers (a batch script, ``mpiexec``): ``subprocess.run``'s
+    timeout kills only the direct child, then waits for the pipe to close, which a grandchild
+    still holding it (the launcher under a script) can keep open for as long as it runs.
+    Hydra's proxies run in sessions of their own, but tear their ranks down once ``mpiexec``
+    is gone.
     """
-    cmd = mpiexec_command(n, args)
+    cmd = list(cmd)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=mpi_env(env), cwd=cwd, start_new_session=True)
+                            env=env, cwd=cwd, start_new_session=True)
     chunks: list[str] = []
     timed_out = False
     try:
