@@ -74,6 +74,16 @@ def is_cuda_aware() -> bool:
     return False
 
 
+def cuda_nonblocking_collectives() -> bool:
+    """Whether device pointers may go to MPI's NON-BLOCKING collectives (``MPI_Iallreduce``
+    ...): only where the user declares it, ``MPIPAR_CUDA_NONBLOCKING=1``. Open MPI v4's
+    CUDA support (smcuda, without UCX) takes device memory in point-to-point and blocking
+    collectives only ("Which MPI APIs do NOT work with CUDA-aware?", its FAQ), and no library
+    query tells the two apart; so by default ``native`` stages a device buffer through pinned
+    host memory whenever the collective will be its non-blocking form (``nonblocking_collectives``)."""
+    return os.environ.get("MPIPAR_CUDA_NONBLOCKING") == "1"
+
+
 # -- several threads, one MPI_THREAD_SERIALIZED library --------------------------------------
 # Once a background communication thread exists (comm/background.py), every MPI call takes
 # MPI_LOCK, and waiting is done by polling with the lock released between polls: a thread
@@ -128,12 +138,18 @@ def collective(comm: Any, name: str, *args: Any, **kwargs: Any) -> None:
     With the collective timeout disabled (0) and no background thread, the blocking call
     itself: MPICH's non-blocking form of a small collective costs about 7 us more (an 8-byte
     all-reduce through the Communicator, 34 -> 41 us measured), which nothing then buys."""
-    if not _concurrent and not watchdog.get_timeout():
+    if not nonblocking_collectives():
         getattr(comm, name)(*args, **kwargs)
         return
     with MPI_LOCK:
         req = getattr(comm, _NONBLOCKING[name])(*args, **kwargs)
     wait_all([req], name)
+
+
+def nonblocking_collectives() -> bool:
+    """Whether ``collective`` calls MPI's non-blocking form now: once the communication
+    thread exists, or while the collective timeout is on (the default)."""
+    return _concurrent or bool(watchdog.get_timeout())
 
 
 # MPI_<name> -> its non-blocking form, as mpi4py names them
