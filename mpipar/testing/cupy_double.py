@@ -249,9 +249,10 @@ class StrictCupy:
         if s is None or buf.seq <= s.completed:
             return
         reader = self.stream()
-        if what == "read" and (reader is s or reader.waited.get(s, 0) >= buf.seq):
-            return
-        if what == "host read" and reader is s:
+        # a kernel, or a copy to the host (queued on the reader's stream, then waited for),
+        # is ordered after the write when it runs on the writer's stream or on a stream that
+        # waited for an event recorded after the write
+        if reader is s or reader.waited.get(s, 0) >= buf.seq:
             return
         raise HazardError(
             f"{what} at {site} on {reader} of an array written at {buf.site} on {s}, "
