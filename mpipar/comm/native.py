@@ -51,15 +51,16 @@ class _Host:
             not mpi_env.nonblocking_collectives() or t.cuda_nonblocking))
         self.upcast = upcast_half and buf.dtype == np.float16
         self._pinned: list[Any] = []
+        # float16 has no MPI datatype in many libraries: reductions run in float32, and
+        # data movement sends the same 16 bits as uint16.
+        self.as_bits = buf.dtype == np.float16 and not self.upcast
         data = buf.astype(np.float32) if self.upcast else buf   # on the device when buf is
+        data = data.view(np.uint16) if self.as_bits else data
         if self.staged:
             data = backend.to_host(data, out=self._take(data.size, data.dtype))
         elif self.device:
             backend.synchronize(data)    # the producing kernels (and the cast) have run
-        # float16 has no MPI datatype in many libraries: reductions run in float32, and
-        # data movement sends the same 16 bits as uint16.
-        self.as_bits = data.dtype == np.float16
-        self.data = data.view(np.uint16) if self.as_bits else data
+        self.data = data
 
     def _take(self, count: int, dtype: Any) -> Any:
         """``count`` elements of ``dtype`` in a pinned buffer of the transport's pool."""
