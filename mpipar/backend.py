@@ -128,11 +128,18 @@ def resolve_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
-def to_host(x: Any) -> np.ndarray:
-    """A NumPy array with the contents of ``x`` (a copy when ``x`` is on the GPU)."""
+def to_host(x: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """A NumPy array with the contents of ``x`` (a copy when ``x`` is on the GPU).
+
+    ``out``: a host array of ``x``'s shape and dtype to copy into, e.g. a view of a pooled
+    page-locked buffer: one device -> host copy straight into it (CuPy's ``get(out=)``, on
+    the current stream, synchronous), not a new pageable array copied again."""
+    if out is None:
+        return x.get() if is_device_array(x) else np.asarray(x)
     if is_device_array(x):
-        return x.get()
-    return np.asarray(x)
+        return x.get(out=out)
+    out[...] = x
+    return out
 
 
 def to_device(x: Any, xp: ModuleType) -> Any:
@@ -164,6 +171,63 @@ def pinned_empty(count: int, dtype: Any) -> np.ndarray:
         return np.empty(count, dtype=dt)
     mem = cp.cuda.alloc_pinned_memory(count * dt.itemsize)
     return np.frombuffer(mem, dtype=dt, count=count)
+
+
+# ---- devices, streams and events (issue 15 item 2) -----------------------------------------
+# Which GPU a rank uses is decided where MPI is known (``comm/mpi_env.select_gpu``, from the
+# node-local rank); these are the CUDA calls it and the communication thread need. Each is
+# a no-op (or None) without a GPU module, so the CPU path pays nothing.
+
+def device_count() -> int:
+    """GPUs visible to this process (CUDA_VISIBLE_DEVICES applied by CUDA); 0 without CuPy."""
+    cp = _gpu()
+    return 0 if cp is None else int(cp.cuda.runtime.getDeviceCount())
+
+
+def current_device() -> int | None:
+    """This thread's current GPU (CUDA's device is per thread), None without CuPy."""
+    cp = _gpu()
+    return None if cp is None else int(cp.cuda.runtime.getDevice())
+
+
+def use_device(device: int | None) -> None:
+    """Make ``device`` this thread's current GPU (None: nothing to do)."""
+    cp = _gpu()
+    if cp is not None and device is not None:
+        cp.cuda.Device(device).use()
+
+
+def new_stream() -> Any:
+    """A new non-blocking CUDA stream on this thread's device (None without CuPy): work on it
+    is ordered against other streams by events only, never by the legacy default stream."""
+    cp = _gpu()
+    return None if cp is None else cp.cuda.Stream(non_blocking=True)
+
+
+def use_stream(stream: Any) -> Any:
+    """A context making ``stream`` this thread's current stream (None: no change)."""
+    return contextlib.nullcontext() if stream is None else stream
+
+
+def record_event() -> Any:
+    """An event recorded on this thread's current stream (None without CuPy): a later
+    ``wait_event`` on another stream orders that stream's work after everything queued here
+    so far."""
+    cp = _gpu()
+    if cp is None:
+        return None
+    event = cp.cuda.Event(disable_timing=True)
+    event.record(cp.cuda.get_current_stream())
+    return event
+
+
+def wait_event(event: Any) -> None:
+    """Make this thread's current stream wait, on the device, for ``event`` (no host wait;
+    None: nothing to wait for)."""
+    if event is not None:
+        cp = _gpu()
+        if cp is not None:
+            cp.cuda.get_current_stream().wait_event(event)
 
 
 # ---- CPU threads: NumPy's BLAS and mpipar's blocked elementwise chains ----------------------

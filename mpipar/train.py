@@ -66,7 +66,9 @@ import numpy as np
 from mpipar import backend, runtime, trace
 from mpipar.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError,
                         check_output_path)
-from mpipar.comm import make_communicator, set_collective_timeout, watchdog_summary
+from mpipar.comm import (GPUSelectionError, make_communicator, select_gpu, set_collective_timeout,
+                         watchdog_summary)
+from mpipar.comm.mpi_env import GPU_ENV, gpu_choice, parse_gpu_choice
 from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
 from mpipar.data import ckpt_dir
 from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_differences,
@@ -111,6 +113,14 @@ def _block_counts(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected blocks per stage as comma-separated "
                                          f"integers, such as 3,3,2") from None
+
+
+def _gpu_id(text: str) -> str | int:
+    """``--gpu-id auto|shared|N``: which GPU each rank uses (``mpi_env.choose_gpu``)."""
+    try:
+        return parse_gpu_choice(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # what --resume-override may allow to differ from the checkpoint (run_differences' groups)
@@ -182,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     p.add_argument("--seed", type=COUNT, default=0, help="initialisation and batches")
     p.add_argument("--device", default="cpu", choices=backend.DEVICES)
+    p.add_argument("--gpu-id", type=_gpu_id, default=None, metavar="auto|shared|N",
+                   help="each rank's GPU: auto, its node-local rank (more ranks on a node than "
+                        "GPUs is an error); shared, node-local rank modulo the GPUs; N, GPU N "
+                        f"(default: {GPU_ENV} or auto)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--threads", type=POSITIVE_INT, default=1,
                    help="CPU threads per rank (BLAS and elementwise chains; see backend.py)")
@@ -243,6 +257,7 @@ class Run:
     ckpt_bytes: int = 0                        # about one checkpoint's size
     notes: list = dataclasses.field(default_factory=list)      # said in the run's header
     trace_steps: tuple[int, int] | None = None     # [A, B) of --trace
+    gpu: str | int = "auto"             # --gpu-id or MPIPAR_GPU: mpi_env.select_gpu's choice
     argv: tuple[str, ...] = ()          # the command line, for the resume command a stop prints
 
 
@@ -302,6 +317,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         xp = backend.get_xp(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from e
+    gpu = _gpu_of(args, xp)
     where = f"--data {args.data}" if args.data else "the default corpus"
     try:
         tokens = load_tokens(args.data)
@@ -361,7 +377,26 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
     if args.export:
         check_output_path(args.export, "--export")
     return Run(args, config, layout, why, optimizer, xp, *samplers, resume, decay_steps,
-               identity, ckpt_bytes, notes, _trace_steps(args, resume.step if resume else 0))
+               identity, ckpt_bytes, notes, _trace_steps(args, resume.step if resume else 0),
+               gpu=gpu)
+
+
+def _gpu_of(args: argparse.Namespace, xp: Any) -> str | int:
+    """The GPU choice (``--gpu-id``, else MPIPAR_GPU, else auto), checked where it can be
+    without MPI: a device number against the GPUs this machine shows."""
+    if backend.device_name(xp) != "gpu":
+        if args.gpu_id is not None:
+            raise UsageError(f"--gpu-id {args.gpu_id}: no GPU in use (--device {args.device})")
+        return "auto"                  # MPIPAR_GPU means nothing to a CPU run
+    source = f"--gpu-id {args.gpu_id}" if args.gpu_id is not None else GPU_ENV
+    try:
+        gpu = gpu_choice(args.gpu_id)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if isinstance(gpu, int) and gpu >= backend.device_count():
+        raise UsageError(f"{source}: GPU {gpu} asked for, but this machine shows "
+                         f"{backend.device_count()} GPU(s)")
+    return gpu
 
 
 def run_identity(args: argparse.Namespace, config: GPTConfig, optimizer: OptimizerSpec,
@@ -614,6 +649,8 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
     if args.collective_timeout is not None:
         set_collective_timeout(args.collective_timeout)
     comm = make_communicator()                      # MPI starts here, after every check
+    if backend.device_name(run.xp) == "gpu":
+        select_gpu(choice=run.gpu)      # collective; before the trainer makes any array
     runner = Runner(run, comm)
     start, T, B = runner.start, config.block_size, args.batch_size
     decay_steps = run.decay_steps
@@ -726,6 +763,9 @@ def main(argv: list[str] | None = None) -> int:
         except (NonFiniteError, NonFiniteStateError) as e:   # on every rank alike, before
             runtime.print0(f"{PROG}: stopped: {e}", file=sys.stderr)   # the update or the save
             return NONFINITE_STATUS
+        except GPUSelectionError as e:     # ranks vs GPUs: raised on every rank alike
+            runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
         except CheckpointError as e:       # a refused save: raised on every rank alike
             runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
             return 1

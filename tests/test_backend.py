@@ -80,3 +80,43 @@ def test_use_gpu_module_is_the_gpu_module_inside_the_block_only():
     assert backend.cupy_available() == before
     assert not backend.is_device_array(x)
     assert backend.get_xp("auto") is not d.xp
+
+
+# ---- devices, streams, events and pinned copies (issue 15 items 2-3), on the strict double ----
+@pytest.mark.parametrize("strict_cupy", [dict(devices=3)], indirect=True)
+def test_devices_and_events_on_the_double(strict_cupy):
+    cp = strict_cupy.xp
+    assert backend.device_count() == 3 and backend.current_device() == 0
+    backend.use_device(2)
+    assert backend.current_device() == 2 and cp.zeros(2).device.id == 2
+    y = cp.ones(4) * 3                       # a kernel on this thread's stream
+    ready = backend.record_event()
+    other = backend.new_stream()
+    with backend.use_stream(other):
+        backend.wait_event(ready)            # ordered after y's kernel, on the device
+        z = y + 1
+    with backend.use_stream(other):
+        np.testing.assert_array_equal(backend.to_host(z), np.full(4, 4.0))
+
+
+def test_devices_without_a_gpu_module_are_no_ops():
+    if backend.cupy_available():
+        pytest.skip("a GPU is present here")
+    assert backend.device_count() == 0 and backend.current_device() is None
+    assert backend.record_event() is None and backend.new_stream() is None
+    backend.use_device(None)
+    backend.wait_event(None)
+    with backend.use_stream(None):
+        pass
+
+
+def test_to_host_into_a_pinned_buffer_is_one_pinned_copy(strict_cupy):
+    cp = strict_cupy.xp
+    x = cp.asarray(np.arange(10, dtype=np.float32))
+    pinned = backend.pinned_empty(40, np.uint8).view(np.float32)
+    with strict_cupy.counting() as c:
+        got = backend.to_host(x, out=pinned)
+    assert got is pinned and c.total("d2h") == c.total("d2h_pinned") == 1
+    np.testing.assert_array_equal(pinned, np.arange(10))
+    host = np.zeros(3)
+    assert backend.to_host(np.ones(3), out=host) is host and host.tolist() == [1, 1, 1]

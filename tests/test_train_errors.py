@@ -82,6 +82,9 @@ CASES = [
     (["--pp", "2", "--micro-batches", "3"], ["--batch-size:", "micro-batches 3 = 3 equal parts"]),
     (["--dp", "2", "--batch-size", "5"], ["--batch-size:", "5 sequences does not split into dp 2"]),
     (["--zero", "3"], ["argument --zero", "invalid choice"]),
+    # the GPU each rank uses (mpi_env.select_gpu)
+    (["--gpu-id", "gpu2"], ["argument --gpu-id", "'gpu2' is not a GPU choice"]),
+    (["--gpu-id", "0"], ["--gpu-id 0: no GPU in use (--device cpu)"]),
 ]
 
 
@@ -135,6 +138,26 @@ def test_in_process_errors_return_2_with_one_line(capsys, tmp_path):
         assert train.main(FAST + argv) == 2
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith("mpipar.train: error: ") and text in err[0], err
+
+
+@pytest.mark.parametrize("strict_cupy", [dict(devices=2)], indirect=True)
+def test_a_gpu_choice_is_checked_before_mpi(strict_cupy, capsys, monkeypatch):
+    """On the strict CuPy double (2 GPUs): a device number the machine lacks, by flag or by
+    MPIPAR_GPU, and a malformed MPIPAR_GPU, are one clean error naming where it came from."""
+    from mpipar import train
+
+    gpu = FAST + ["--device", "gpu"]
+    cases = [(gpu + ["--gpu-id", "2"], None, "--gpu-id 2: GPU 2 asked for, but this machine shows 2 GPU(s)"),
+             (gpu, "5", "MPIPAR_GPU: GPU 5 asked for, but this machine shows 2 GPU(s)"),
+             (gpu, "first", "MPIPAR_GPU: 'first' is not a GPU choice: expected auto, shared or a device number")]
+    for argv, env, text in cases:
+        if env is None:
+            monkeypatch.delenv("MPIPAR_GPU", raising=False)
+        else:
+            monkeypatch.setenv("MPIPAR_GPU", env)
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0] == f"mpipar.train: error: {text}", err
 
 
 def test_checkpoint_header_check_names_what_is_missing(tmp_path):

@@ -2,8 +2,11 @@
 
 These run whatever the MPI library chose (MPICH's or Open MPI's tuned collectives), on the
 same flat work buffers the from-scratch algorithms get. GPU buffers go to MPI directly only
-when the library is CUDA-aware; otherwise they are staged through host memory here, after the
-stream is synchronised (MPI cannot see queued CUDA work).
+when the library is CUDA-aware and takes device memory in the form of the call MPI will run
+(a non-blocking collective only where ``MPIPAR_CUDA_NONBLOCKING=1`` declares it: see
+``mpi_env.cuda_nonblocking_collectives``); otherwise they are staged through the transport's
+pooled pinned host buffers, one device -> pinned copy each way. Device memory handed to MPI
+directly is synchronised first (MPI cannot see queued CUDA work).
 
 float16 has no MPI reduction in most libraries (Open MPI 4.1 has none), so float16 reductions
 run in float32 and are rounded back once: never less accurate than pairwise float16 sums.
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mpipar import backend
+from mpipar.comm import mpi_env
 from mpipar.comm.algorithms import Algorithm
 from mpipar.comm.mpi_env import collective
 from mpipar.comm.ops import ReduceOp
@@ -28,38 +32,64 @@ def _mpi_op(t: MPITransport, op: ReduceOp) -> Any:
 
 
 class _Host:
-    """The host-side view of a work buffer for one native call (staged if it is on the GPU)."""
+    """The buffer one native call hands MPI: the work buffer itself, or its copy in pooled
+    pinned host memory (``t.pool``) when it is on the GPU and MPI may not take device memory
+    for this call (``staged``). float16 reductions run on a float32 copy (``upcast``).
+
+    Order matters on a GPU (issue 15 item 2): the up-cast kernel is queued FIRST and the
+    stream synchronised AFTER it, so MPI (or the staging copy) never reads a buffer a kernel
+    has not written yet. A staged buffer is copied device -> pinned once, straight into a
+    view of the pool's buffer (``backend.to_host(..., out=)``); results come back from
+    pinned memory, and every pinned buffer returns to the pool when ``back`` is done."""
 
     def __init__(self, t: MPITransport, buf: Any, upcast_half: bool = False) -> None:
-        self.buf = buf
-        self.staged = backend.is_device_array(buf) and not t.cuda_aware
+        self.t, self.buf = t, buf
+        self.device = backend.is_device_array(buf)
+        # device memory to MPI only where the library takes it for the form MPI will run:
+        # CUDA-aware, and for a non-blocking collective only where declared (mpi_env)
+        self.staged = self.device and not (t.cuda_aware and (
+            not mpi_env.nonblocking_collectives() or t.cuda_nonblocking))
         self.upcast = upcast_half and buf.dtype == np.float16
-        if backend.is_device_array(buf):
-            backend.synchronize(buf)
-        data = backend.to_host(buf) if self.staged else buf
+        self._pinned: list[Any] = []
         # float16 has no MPI datatype in many libraries: reductions run in float32, and
         # data movement sends the same 16 bits as uint16.
         self.as_bits = buf.dtype == np.float16 and not self.upcast
-        if self.upcast:
-            data = data.astype(np.float32)
-        elif self.as_bits:
-            data = data.view(np.uint16)
+        data = buf.astype(np.float32) if self.upcast else buf   # on the device when buf is
+        data = data.view(np.uint16) if self.as_bits else data
+        if self.staged:
+            data = backend.to_host(data, out=self._take(data.size, data.dtype))
+        elif self.device:
+            backend.synchronize(data)    # the producing kernels (and the cast) have run
         self.data = data
+
+    def _take(self, count: int, dtype: Any) -> Any:
+        """``count`` elements of ``dtype`` in a pinned buffer of the transport's pool."""
+        dt = np.dtype(dtype)
+        raw = self.t.pool.take(count * dt.itemsize)
+        self._pinned.append(raw)
+        return raw.view(dt)
 
     def new(self, count: int) -> Any:
         """A result buffer of ``count`` elements, in the same space as ``data``."""
+        if self.staged:
+            return self._take(count, self.data.dtype)
         xp = backend.array_module(self.data)
         return xp.empty(count, dtype=self.data.dtype)
 
     def back(self, data: Any) -> Any:
         """``data`` returned to the caller's array module and dtype."""
-        if self.upcast:
-            data = data.astype(np.float16)
-        elif self.as_bits:
+        if self.as_bits:
             data = data.view(np.float16)
         if self.staged:
-            return backend.to_device(data, backend.array_module(self.buf))
-        return data
+            host = data
+            data = backend.array_module(self.buf).empty(host.shape, dtype=host.dtype)
+            if host.size:
+                data.set(host)
+                backend.synchronize(data)   # the copy has read host: the pool may reuse it
+            for raw in self._pinned:
+                self.t.pool.give(raw)
+            self._pinned = []
+        return data.astype(np.float16) if self.upcast else data
 
 
 def allreduce(t: MPITransport, buf: Any, op: ReduceOp) -> Any:

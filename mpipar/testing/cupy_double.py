@@ -141,8 +141,9 @@ def _site() -> str:
 class Counters:
     """Events by call site: ``syncs`` (the host waits for the device), ``d2h``, ``h2d``
     (copies), ``d2h_pinned`` (those of ``d2h`` written straight into page-locked memory from
-    ``cuda.alloc_pinned_memory``: the fast staging path), ``kernels`` (operations queued).
-    Each is a ``collections.Counter``."""
+    ``cuda.alloc_pinned_memory``: the fast staging path), ``kernels`` (operations queued),
+    ``external`` (device pointers read by a library through ``__cuda_array_interface__``:
+    what reached CUDA-aware MPI). Each is a ``collections.Counter``."""
 
     def __init__(self) -> None:
         self.syncs: collections.Counter[str] = collections.Counter()
@@ -150,6 +151,7 @@ class Counters:
         self.d2h_pinned: collections.Counter[str] = collections.Counter()
         self.h2d: collections.Counter[str] = collections.Counter()
         self.kernels: collections.Counter[str] = collections.Counter()
+        self.external: collections.Counter[str] = collections.Counter()
 
     def total(self, kind: str) -> int:
         return sum(getattr(self, kind).values())
@@ -157,7 +159,8 @@ class Counters:
     def __repr__(self) -> str:
         return (f"Counters(syncs={dict(self.syncs)}, d2h={dict(self.d2h)}, "
                 f"d2h_pinned={dict(self.d2h_pinned)}, "
-                f"h2d={dict(self.h2d)}, kernels={self.total('kernels')})")
+                f"h2d={dict(self.h2d)}, kernels={self.total('kernels')}, "
+                f"external={dict(self.external)})")
 
 
 class _Buffer:
@@ -246,9 +249,10 @@ class StrictCupy:
         if s is None or buf.seq <= s.completed:
             return
         reader = self.stream()
-        if what == "read" and (reader is s or reader.waited.get(s, 0) >= buf.seq):
-            return
-        if what == "host read" and reader is s:
+        # a kernel, or a copy to the host (queued on the reader's stream, then waited for),
+        # is ordered after the write when it runs on the writer's stream or on a stream that
+        # waited for an event recorded after the write
+        if reader is s or reader.waited.get(s, 0) >= buf.seq:
             return
         raise HazardError(
             f"{what} at {site} on {reader} of an array written at {buf.site} on {s}, "
@@ -256,6 +260,7 @@ class StrictCupy:
 
     def check_external(self, buf: _Buffer, site: str) -> None:
         """A library outside CUDA's ordering (MPI) reads the device pointer now."""
+        self.count("external", site)
         s = buf.stream
         if s is not None and buf.seq > s.completed:
             msg = (f"device memory handed to a library at {site} while its write at {buf.site} "

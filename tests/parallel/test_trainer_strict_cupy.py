@@ -40,14 +40,11 @@ LEGACY = dict(per_thread_default_stream=False)
 @pytest.mark.parametrize("strict_cupy", [{}, LEGACY], ids=["per-thread-streams", "legacy-stream"],
                          indirect=True)
 def test_every_layout_on_the_double_trains_as_numpy(comm, strict_cupy):
-    """With per-thread default streams only the layouts without data parallelism: the
-    background all-reduce stages its input on the communication thread with no event after
-    the main thread's copy (issue 15 item 2: a HazardError at comm/native.py today), so those
-    run on CuPy's legacy null stream, which orders the two threads."""
+    """Both stream models, every layout: with per-thread default streams nothing but the
+    comm thread's events (comm/background.py) orders its collectives after the main thread's
+    kernels and the main thread's use of the results after them (issue 15 item 2)."""
     for dp, tp, pp in layouts(comm.size):
         if B % (dp * 2) or CONFIG.n_head % tp or pp > CONFIG.n_layer:
-            continue
-        if dp > 1 and strict_cupy.per_thread_default_stream:
             continue
         layout = Layout(dp, tp, pp, micro_batches=2)
         ref_losses, ref_sd = _train(comm, layout, np)

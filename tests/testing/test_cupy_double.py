@@ -221,6 +221,33 @@ def test_staging_without_synchronize_is_caught(d):
     assert len(errors) == 1
 
 
+def test_staging_on_a_stream_that_waited_for_the_write_is_ordered(d):
+    """The communication thread's own stream, made to wait for an event recorded after the
+    producing kernel (comm/background.py), copies the buffer to the host after it is written."""
+    cp = d.xp
+    grad = cp.ones(16) * 0.5
+    ready = cp.cuda.Event()
+    ready.record()
+    errors, got = [], []
+
+    def stage(wait):  # type: ignore[no-untyped-def]
+        s = cp.cuda.Stream(non_blocking=True)
+        if wait:
+            s.wait_event(ready)
+        try:
+            with s:
+                got.append(cp.asnumpy(grad, out=np.empty(16)))
+        except HazardError as e:
+            errors.append(e)
+
+    for wait in (False, True):
+        t = threading.Thread(target=stage, args=(wait,))
+        t.start()
+        t.join(timeout=30)
+    assert len(errors) == 1 and "host read" in str(errors[0]) and len(got) == 1
+    np.testing.assert_array_equal(got[0], np.full(16, 0.5))
+
+
 def test_device_pointer_to_mpi_before_synchronize_is_caught(d):
     """CUDA-aware MPI reads ``__cuda_array_interface__``'s pointer outside CUDA's ordering."""
     cp = d.xp

@@ -2,8 +2,11 @@
 
 * Host (NumPy) buffers go to MPI directly, as bytes.
 * CuPy buffers go to MPI directly only when the library is CUDA-aware (checked once at
-  start-up); otherwise they are staged through pinned host buffers that are reused. A
-  non-CUDA-aware MPI handed a device pointer reads it as a host address and crashes.
+  start-up); otherwise they are staged through pinned host buffers that are reused, copied
+  device -> pinned buffer directly (one copy, no pageable intermediate). A non-CUDA-aware
+  MPI handed a device pointer reads it as a host address and crashes. Non-blocking
+  point-to-point on device memory is what CUDA-aware libraries support (Open MPI v4
+  included), so the transport's Isend/Irecv take device buffers whenever ``cuda_aware``.
 * Before MPI touches device memory, or a host copy of it, the CUDA stream is synchronised:
   MPI does not know about CUDA streams, so queued kernels might still be writing the buffer.
 * A message longer than ``MAX_MESSAGE_BYTES`` is sent as several pieces with the same tag
@@ -93,7 +96,8 @@ class MPITransport:
     begin_collective = None  # a real call pays its own overhead
 
     def __init__(self, mpi_comm: Any, cuda_aware: bool | None = None, owned: bool = False,
-                 watch: watchdog.GroupWatch | None = None) -> None:
+                 watch: watchdog.GroupWatch | None = None,
+                 cuda_nonblocking: bool | None = None) -> None:
         self.MPI = import_mpi()
         self.comm = mpi_comm
         self.owned = owned  # made by split/dup: free() releases it
@@ -103,6 +107,9 @@ class MPITransport:
         self.watch: watchdog.GroupWatch = watch if watch is not None else watchdog.GroupWatch(
             self._world_ranks())
         self.cuda_aware = is_cuda_aware() if cuda_aware is None else cuda_aware
+        # device memory in MPI's non-blocking collectives too (native.py; declared only)
+        self.cuda_nonblocking = (mpi_env.cuda_nonblocking_collectives() if cuda_nonblocking is None
+                                 else cuda_nonblocking)
         self.pool = PinnedPool()
         # the algorithms' host scratch (see Transport.scratch_pool)
         self.scratch_pool: BufferPool | None = BufferPool(max_bytes=_scratch_limit())
@@ -130,10 +137,11 @@ class MPITransport:
     def isend(self, buf: Any, dest: int, tag: int = 0) -> MPIRequest:
         MPI = self.MPI
         if self._needs_staging(buf):
-            backend.synchronize(buf)
+            # one copy, device -> pooled pinned buffer, on the current stream (after the
+            # kernels that wrote buf there) and synchronous: MPI may read host when it returns
             host = self.pool.take(buf.nbytes)
             if buf.nbytes:
-                host[:] = backend.to_host(self._as_bytes(buf))
+                backend.to_host(self._as_bytes(buf), out=host)
             data, release = host, (lambda: self.pool.give(host))
         else:
             if backend.is_device_array(buf):
@@ -198,10 +206,12 @@ class MPITransport:
         sub = self.comm.Split(MPI.UNDEFINED if color is None else color, key)
         if sub == MPI.COMM_NULL:
             return None
-        return MPITransport(sub, cuda_aware=self.cuda_aware, owned=True)
+        return MPITransport(sub, cuda_aware=self.cuda_aware, owned=True,
+                            cuda_nonblocking=self.cuda_nonblocking)
 
     def dup(self) -> "MPITransport":
-        return MPITransport(self.comm.Dup(), cuda_aware=self.cuda_aware, owned=True, watch=self.watch)
+        return MPITransport(self.comm.Dup(), cuda_aware=self.cuda_aware, owned=True, watch=self.watch,
+                            cuda_nonblocking=self.cuda_nonblocking)
 
     def free(self) -> None:
         """Collective: free the MPI communicator if this transport made it (a split or a
