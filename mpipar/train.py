@@ -67,6 +67,7 @@ from mpipar import backend, runtime, trace
 from mpipar.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError,
                         check_output_path)
 from mpipar.comm import make_communicator, set_collective_timeout, watchdog_summary
+from mpipar.comm import nccl
 from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
 from mpipar.data import ckpt_dir
 from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_differences,
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-mb", type=POSITIVE, default=1.0, help="gradient bucket size in MiB")
     p.add_argument("--allreduce", default=None,
                    help="collective algorithm of the data-parallel group (native, ring, rhd, "
-                        "tree, dbtree, ps, hier, auto)")
+                        "tree, dbtree, ps, hier, auto; nccl on --device gpu)")
     p.add_argument("--plan", action="store_true",
                    help="train with the planner's first choice of layout for this machine")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
@@ -302,6 +303,14 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         xp = backend.get_xp(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from e
+    if args.allreduce == "nccl":
+        if xp is np:
+            raise UsageError(f"--allreduce nccl reduces GPU memory: it needs --device gpu "
+                             f"(the run is on --device {args.device})")
+        try:
+            backend.nccl_module()
+        except RuntimeError as e:
+            raise UsageError(f"--allreduce nccl: {e}") from e
     where = f"--data {args.data}" if args.data else "the default corpus"
     try:
         tokens = load_tokens(args.data)
@@ -614,6 +623,8 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
     if args.collective_timeout is not None:
         set_collective_timeout(args.collective_timeout)
     comm = make_communicator()                      # MPI starts here, after every check
+    if args.allreduce == "nccl":                    # NCCL: one rank per GPU (an all-gather)
+        nccl.check_one_rank_per_gpu(comm.transport)
     runner = Runner(run, comm)
     start, T, B = runner.start, config.block_size, args.batch_size
     decay_steps = run.decay_steps
@@ -726,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         except (NonFiniteError, NonFiniteStateError) as e:   # on every rank alike, before
             runtime.print0(f"{PROG}: stopped: {e}", file=sys.stderr)   # the update or the save
             return NONFINITE_STATUS
+        except nccl.SharedGPUError as e:   # found by an all-gather: on every rank alike
+            runtime.print0(f"{PROG}: error: --allreduce nccl: {e}", file=sys.stderr)
+            return 2
         except CheckpointError as e:       # a refused save: raised on every rank alike
             runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
