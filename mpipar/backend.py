@@ -264,3 +264,13 @@ def gpu_identity() -> tuple[int, str]:
     dev = cupy_module().cuda.Device()
     bus = getattr(dev, "pci_bus_id", None)     # CuPy's Device has it; a stand-in may not
     return int(dev.id), str(bus) if bus is not None else f"device {int(dev.id)}"
+
+
+def gpu_name() -> str:
+    """The current GPU's name ("NVIDIA H200"), or "" where the GPU module cannot say."""
+    cp = cupy_module()
+    props = getattr(cp.cuda.runtime, "getDeviceProperties", None)
+    if props is None:
+        return ""
+    name = props(cp.cuda.Device().id).get("name", b"")
+    return name.decode() if isinstance(name, bytes) else str(name)
