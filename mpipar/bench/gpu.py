@@ -74,10 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _median_s(fn: Callable[[], Any], xp: Any, steps: int, warmup: int) -> float:
-    """Median seconds of ``fn()``, each call bracketed by synchronising the stream (``xp``:
-    the array module, or torch.cuda)."""
-    sync = xp.synchronize if getattr(xp, "__name__", "") == "torch.cuda" else (lambda: backend.synchronize(xp))
+def _median_s(fn: Callable[[], Any], sync: Callable[[], Any], steps: int, warmup: int) -> float:
+    """Median seconds of ``fn()``, each call bracketed by ``sync()`` (the stream's
+    synchronisation: ``backend.synchronize`` for mpipar's arrays, ``torch.cuda.synchronize``)."""
     times = []
     for i in range(warmup + steps):
         sync()
@@ -106,7 +105,7 @@ def matmul_rows(xp: Any, torch: Any, n: int, steps: int, warmup: int) -> list[di
     for dtype in ("float32", "float16"):
         a = xp.ones((n, n), dtype=dtype)
         b = xp.ones((n, n), dtype=dtype)
-        s = _median_s(lambda: xp.matmul(a, b), xp, steps, warmup)
+        s = _median_s(lambda: xp.matmul(a, b), lambda: backend.synchronize(xp), steps, warmup)
         name = "tf32" if dtype == "float32" and tf32 else dtype
         rows.append({"library": "cupy", "dtype": name, "tflops": flop / s / 1e12, "seconds": s})
     rows.append({"library": "cupy", "dtype": "bfloat16", "tflops": None,
@@ -121,7 +120,7 @@ def matmul_rows(xp: Any, torch: Any, n: int, steps: int, warmup: int) -> list[di
         torch.backends.cuda.matmul.allow_tf32 = allow
         a = torch.ones((n, n), dtype=dtype, device="cuda")
         b = torch.ones((n, n), dtype=dtype, device="cuda")
-        s = _median_s(lambda: a @ b, torch.cuda, steps, warmup)
+        s = _median_s(lambda: a @ b, torch.cuda.synchronize, steps, warmup)
         rows.append({"library": "torch", "dtype": name, "tflops": flop / s / 1e12, "seconds": s})
     torch.backends.cuda.matmul.allow_tf32 = False
     return rows
@@ -157,7 +156,9 @@ def train_rows(xp: Any, torch: Any, config: GPTConfig, B: int, steps: int, warmu
     world = make_communicator(abort_on_exception=False)
     trainer = ParallelTrainer(world, config, Layout(), OPTIMIZER, seed=seed, dtype="float32", xp=xp)
     d_idx, d_tgt = xp.asarray(idx), xp.asarray(tgt)
-    rows = [row("mpipar", precision, _median_s(lambda: trainer.step(d_idx, d_tgt), xp, steps, warmup), peak)]
+    sync = lambda: backend.synchronize(xp)  # noqa: E731
+    rows = [row("mpipar", precision, _median_s(lambda: trainer.step(d_idx, d_tgt), sync, steps, warmup),
+                peak)]
     syncs: dict = {"per_step": None, "how": "not counted: CuPy's synchronising calls are C, out of "
                    "Python's reach; tests/bench/test_gpu_bench.py counts them on the strict CuPy "
                    "double"}
@@ -185,10 +186,11 @@ def train_rows(xp: Any, torch: Any, config: GPTConfig, B: int, steps: int, warmu
                 loss = model(t_idx, t_tgt)
             loss.backward()
             opt.step()
-        rows.append(row("torch eager", "float32", _median_s(torch_step, torch.cuda, steps, warmup),
+        tsync = torch.cuda.synchronize
+        rows.append(row("torch eager", "float32", _median_s(torch_step, tsync, steps, warmup),
                         _peak(gpu, "float32", peak_tflops)))
         bf16 = lambda: torch_step(torch.autocast("cuda", dtype=torch.bfloat16))  # noqa: E731
-        rows.append(row("torch eager", "bfloat16 autocast", _median_s(bf16, torch.cuda, steps, warmup),
+        rows.append(row("torch eager", "bfloat16 autocast", _median_s(bf16, tsync, steps, warmup),
                         _peak(gpu, "bfloat16", None)))
     return rows, syncs
 
@@ -210,7 +212,7 @@ def transfer_rows(xp: Any, mib: float, steps: int, warmup: int) -> list[dict]:
              ("staged: device -> pinned -> device", staged),
              ("direct: device -> device", lambda: xp.copyto(y, x))]
     return [{"copy": name, "bytes": 4 * n, "gb_per_s": 4 * n / s / 1e9, "seconds": s}
-            for name, fn in cases for s in [_median_s(fn, xp, steps, warmup)]]
+            for name, fn in cases for s in [_median_s(fn, lambda: backend.synchronize(xp), steps, warmup)]]
 
 
 def measure(args: argparse.Namespace, count_syncs: Callable[[], Any] | None = None) -> dict:

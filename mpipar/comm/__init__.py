@@ -19,4 +19,5 @@ from mpipar.comm.watchdog import set_timeout as set_collective_timeout
 
 __all__ = ["Communicator", "make_communicator", "split_counts", "CollectiveMismatchError",
            "CollectiveTimeoutError", "set_collective_timeout", "watchdog_summary",
-           "algorithm_names", "host_algorithm_names", "get_algorithm", "OPS", "OP_NAMES", "ReduceOp", "get_op"]
+           "algorithm_names", "host_algorithm_names", "get_algorithm", "OPS", "OP_NAMES",
+           "ReduceOp", "get_op"]

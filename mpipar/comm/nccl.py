@@ -15,8 +15,9 @@ kernels that wrote the buffer on that stream and before those that read the resu
 stream is never synchronised here (NCCL reads device memory inside CUDA's ordering, unlike MPI).
 
 A Communicator whose default is ``nccl`` sends host arrays (a loss, a stop flag) through
-``native``; asked for by name, ``nccl`` refuses them. NCCL's collectives take equal blocks: an uneven ``reduce_scatter`` is an all-reduce of which
-this rank keeps its block, an uneven ``allgather`` pads every block to the largest. It has no
+``native``; asked for by name, ``nccl`` refuses them. NCCL's collectives take equal blocks:
+an uneven ``reduce_scatter`` is an all-reduce of which this rank keeps its block, an uneven
+``allgather`` pads every block to the largest. It has no
 all-to-all (the Communicator then uses ``native``). ``avg`` is a sum here, divided once by the
 Communicator as for every algorithm. In the simulator (a transport with its own ``native``)
 ``nccl`` is priced as the native collectives are.

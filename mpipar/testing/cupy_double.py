@@ -968,7 +968,8 @@ def _nccl_reduce(parts: list[np.ndarray], op: int, datatype: int) -> np.ndarray:
     for v in vals[1:]:
         ufunc(acc, v, out=acc)
     if op == 4:                 # ncclAvg: the sum divided by the ranks (integers truncate)
-        acc = (acc // len(parts)) if np.issubdtype(acc.dtype, np.integer) else acc / acc.dtype.type(len(parts))
+        n = len(parts)
+        acc = acc // n if np.issubdtype(acc.dtype, np.integer) else acc / acc.dtype.type(n)
     return _f32_to_bf16(acc) if bf16 else acc
 
 
@@ -1015,7 +1016,7 @@ def _make_nccl(d: StrictCupy) -> _Namespace:
             reply = np.empty(ndev + 1, dtype=np.int64)     # status, then members by rank
             if me == self._hub:
                 rows = [np.empty(4, np.int64) for _ in range(ndev - 1)]
-                exchange([], [(r, MPI_ANY_SOURCE()) for r in rows], self._tag)
+                exchange([], [(r, _any_source()) for r in rows], self._tag)
                 table = np.stack([mine] + rows)
                 status = 0
                 if sorted(table[:, 1].tolist()) != list(range(ndev)):
@@ -1182,5 +1183,5 @@ def _make_nccl(d: StrictCupy) -> _Namespace:
     return _Namespace("cupy.cuda.nccl", names)
 
 
-def MPI_ANY_SOURCE() -> int:  # noqa: N802
+def _any_source() -> int:
     return int(mpi_env.import_mpi().ANY_SOURCE)

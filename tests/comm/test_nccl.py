@@ -9,6 +9,7 @@ import pytest
 from mpipar import backend
 from mpipar.comm import nccl
 from mpipar.comm.communicator import Communicator, split_counts
+from mpipar.comm.ops import MAX, SUM
 from mpipar.comm.transport.mpi import MPITransport
 from mpipar.testing.cupy_double import HazardError, NcclError
 
@@ -176,3 +177,30 @@ def test_no_gpu_module_means_no_nccl(monkeypatch):
     monkeypatch.setattr(backend, "_gpu", lambda: None)
     with pytest.raises(RuntimeError, match="NCCL needs CuPy with a visible GPU"):
         backend.nccl_module()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("gpu", ["strict-cupy", "cupy"])
+def test_every_function_on_one_rank_calls_nccl(gpu, request, comm):
+    """A group of one never reaches an algorithm through the Communicator, so the functions
+    are called directly here: on one GPU this is real NCCL (a one-rank NcclCommunicator)."""
+    if comm.size != 1:
+        pytest.skip("one rank: the functions called directly")
+    if gpu == "cupy":
+        if not backend.cupy_available():
+            pytest.skip("CuPy with a GPU not available")
+        xp = backend.cupy_module()
+    else:
+        xp = request.getfixturevalue("strict_cupy").xp
+    t = MPITransport(comm.p2p.comm.Dup(), owned=True)
+    try:
+        for dtype in DTYPES:
+            host = inputs(6, dtype, 0)
+            for fn, extra in ((nccl.allreduce, (SUM,)), (nccl.allreduce, (MAX,)),
+                              (nccl.reduce, (SUM, 0)), (nccl.broadcast, (0,)),
+                              (nccl.reduce_scatter, (SUM, [6])), (nccl.allgather, ([6],))):
+                got = fn(t, xp.asarray(host), *extra)
+                np.testing.assert_array_equal(got.get(), host, err_msg=f"{fn.__name__} {dtype}")
+        assert isinstance(t.cache["nccl"], backend.nccl_module().NcclCommunicator)
+    finally:
+        t.free()
