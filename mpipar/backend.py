@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import importlib
 import os
 from types import ModuleType
 from typing import Any
@@ -290,3 +291,50 @@ def fused(xp: Any, rows: int | None = None, block_rows: int | None = None) -> An
     one, or, for NumPy's run of it, block by block (``rows`` in ``block_rows`` at a time)."""
     region = getattr(xp, "region", None)
     return region(rows, block_rows) if region is not None else contextlib.nullcontext()
+
+
+# ---- NCCL (comm/nccl.py): the library, the stream, device pointers and this rank's GPU -------
+def nccl_module() -> ModuleType:
+    """CuPy's NCCL binding (``cupy.cuda.nccl``); RuntimeError saying why where there is none
+    (no GPU module, a CuPy built without NCCL, or NCCL's library missing at run time)."""
+    cp = _gpu()
+    if cp is None:
+        raise RuntimeError("NCCL needs CuPy with a visible GPU, and none is available")
+    mod = getattr(cp.cuda, "nccl", None)
+    if mod is None and cp is _cupy():
+        try:
+            mod = importlib.import_module("cupy.cuda.nccl")
+        except ImportError:
+            mod = None
+    if mod is None or not getattr(mod, "available", False):
+        raise RuntimeError("NCCL is not available: this CuPy has no cupy.cuda.nccl (install "
+                           "NCCL for its CUDA version, e.g. pip install nvidia-nccl-cu12)")
+    return mod
+
+
+def current_stream_ptr() -> int:
+    """The handle of this thread's current stream (what NCCL queues its kernels on)."""
+    return int(cupy_module().cuda.get_current_stream().ptr)
+
+
+def device_pointer(x: Any) -> int:
+    """The device address of a CuPy array's first element (``x.data.ptr``)."""
+    return int(x.data.ptr)
+
+
+def gpu_identity() -> tuple[int, str]:
+    """This thread's current GPU: its device ordinal and its PCI bus id (the same physical
+    GPU has one bus id whatever ``CUDA_VISIBLE_DEVICES`` numbers it)."""
+    dev = cupy_module().cuda.Device()
+    bus = getattr(dev, "pci_bus_id", None)     # CuPy's Device has it; a stand-in may not
+    return int(dev.id), str(bus) if bus is not None else f"device {int(dev.id)}"
+
+
+def gpu_name() -> str:
+    """The current GPU's name ("NVIDIA H200"), or "" where the GPU module cannot say."""
+    cp = cupy_module()
+    props = getattr(cp.cuda.runtime, "getDeviceProperties", None)
+    if props is None:
+        return ""
+    name = props(cp.cuda.Device().id).get("name", b"")
+    return name.decode() if isinstance(name, bytes) else str(name)

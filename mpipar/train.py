@@ -66,8 +66,8 @@ import numpy as np
 from mpipar import backend, runtime, trace
 from mpipar.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Parser, UsageError,
                         check_output_path)
-from mpipar.comm import (GPUSelectionError, make_communicator, select_gpu, set_collective_timeout,
-                         watchdog_summary)
+from mpipar.comm import (GPUSelectionError, make_communicator, nccl, select_gpu,
+                         set_collective_timeout, watchdog_summary)
 from mpipar.comm.mpi_env import GPU_ENV, gpu_choice, parse_gpu_choice
 from mpipar.data import BatchSampler, decode, load_tokens, split_train_val, vocab_size_of
 from mpipar.data import ckpt_dir
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-mb", type=POSITIVE, default=1.0, help="gradient bucket size in MiB")
     p.add_argument("--allreduce", default=None,
                    help="collective algorithm of the data-parallel group (native, ring, rhd, "
-                        "tree, dbtree, ps, hier, auto)")
+                        "tree, dbtree, ps, hier, auto; nccl on --device gpu)")
     p.add_argument("--plan", action="store_true",
                    help="train with the planner's first choice of layout for this machine")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
@@ -318,6 +318,14 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from e
     gpu = _gpu_of(args, xp)
+    if args.allreduce == "nccl":
+        if xp is np:
+            raise UsageError(f"--allreduce nccl reduces GPU memory: it needs --device gpu "
+                             f"(the run is on --device {args.device})")
+        try:
+            backend.nccl_module()
+        except RuntimeError as e:
+            raise UsageError(f"--allreduce nccl: {e}") from e
     where = f"--data {args.data}" if args.data else "the default corpus"
     try:
         tokens = load_tokens(args.data)
@@ -651,6 +659,8 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
     comm = make_communicator()                      # MPI starts here, after every check
     if backend.device_name(run.xp) == "gpu":
         select_gpu(choice=run.gpu)      # collective; before the trainer makes any array
+    if args.allreduce == "nccl":                    # NCCL: one rank per GPU (an all-gather)
+        nccl.check_one_rank_per_gpu(comm.transport)
     runner = Runner(run, comm)
     start, T, B = runner.start, config.block_size, args.batch_size
     decay_steps = run.decay_steps
@@ -765,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
             return NONFINITE_STATUS
         except GPUSelectionError as e:     # ranks vs GPUs: raised on every rank alike
             runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        except nccl.SharedGPUError as e:   # found by an all-gather: on every rank alike
+            runtime.print0(f"{PROG}: error: --allreduce nccl: {e}", file=sys.stderr)
             return 2
         except CheckpointError as e:       # a refused save: raised on every rank alike
             runtime.print0(f"{PROG}: error: {e}", file=sys.stderr)

@@ -78,6 +78,7 @@ CASES = [
     (["--pp", "2", "--stage-layers", "9,0"], ["--stage-layers:", "at least one block"]),
     (["--pp", "2", "--stage-layers", "9,0,0,0"], ["--stage-layers:", "name 4 stages, the pipeline has 2"]),
     (["--allreduce", "bogus"], ["--allreduce:", "'bogus' is not one of"]),
+    (["--allreduce", "nccl"], ["--allreduce nccl reduces GPU memory", "needs --device gpu"]),
     (["--dp", "3"], ["--dp/--tp/--pp:", "3 ranks does not match the world of 2 ranks"]),
     (["--pp", "2", "--micro-batches", "3"], ["--batch-size:", "micro-batches 3 = 3 equal parts"]),
     (["--dp", "2", "--batch-size", "5"], ["--batch-size:", "5 sequences does not split into dp 2"]),

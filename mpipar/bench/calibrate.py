@@ -74,7 +74,7 @@ import numpy as np
 from mpipar.bench import calibrate_compute
 from mpipar.bench.report import shuffled
 from mpipar.comm import make_communicator
-from mpipar.comm.algorithms import algorithm_names, get_algorithm
+from mpipar.comm.algorithms import get_algorithm, host_algorithm_names
 from mpipar.comm.algorithms.hier import node_of
 from mpipar.comm.communicator import Communicator
 from mpipar.comm.mpi_env import import_mpi, thread_level_name
@@ -235,7 +235,7 @@ def measure(t: Any, comm: Any, sizes: list[int], method: str, repeats: int, warm
 
 def _from_scratch() -> list[str]:
     """The all-reduce algorithms the simulator can run (every registered one but native)."""
-    return [a for a in algorithm_names() if a != "native" and get_algorithm(a).supports("allreduce")]
+    return [a for a in host_algorithm_names() if a != "native" and get_algorithm(a).supports("allreduce")]
 
 
 # -- turning medians into size classes -----------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.bench.report import shuffled
-from mpipar.comm import algorithm_names, get_algorithm, make_communicator, split_counts
+from mpipar.comm import get_algorithm, host_algorithm_names, make_communicator, split_counts
 from mpipar.comm.mpi_env import library_version, thread_level_name
 from mpipar.runtime import print0
 from mpipar.sim.report import format_table, parse_sizes, row
@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _algorithms(spec: str, collective: str) -> list[str]:
-    names = algorithm_names() if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    names = host_algorithm_names() if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     names = [n for n in names if n != "native" and (n == "auto" or get_algorithm(n).supports(collective))]
     return ["native"] + names
 

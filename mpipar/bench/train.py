@@ -110,7 +110,7 @@ def build_torch_gpt(config: Any, attention: str) -> Any:
 
         def forward(self, idx: Any, targets: Any) -> Any:
             T = idx.shape[1]
-            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T))
+            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))
             for blk in self.transformer.h:
                 x = blk(x)
             logits = self.lm_head(self.transformer.ln_f(x))

@@ -9,7 +9,7 @@ See ``communicator.py`` for the contract, ``algorithms/`` for the from-scratch a
 initialise MPI; ``make_communicator`` does.
 """
 
-from mpipar.comm.algorithms import algorithm_names, get_algorithm
+from mpipar.comm.algorithms import algorithm_names, get_algorithm, host_algorithm_names
 from mpipar.comm.communicator import (CollectiveMismatchError, Communicator, make_communicator,
                                       split_counts)
 from mpipar.comm.mpi_env import GPUSelectionError, select_gpu
@@ -20,4 +20,5 @@ from mpipar.comm.watchdog import set_timeout as set_collective_timeout
 
 __all__ = ["Communicator", "make_communicator", "split_counts", "CollectiveMismatchError",
            "CollectiveTimeoutError", "set_collective_timeout", "watchdog_summary",
-           "select_gpu", "GPUSelectionError", "algorithm_names", "get_algorithm", "OPS", "OP_NAMES", "ReduceOp", "get_op"]
+           "select_gpu", "GPUSelectionError", "algorithm_names", "host_algorithm_names",
+           "get_algorithm", "OPS", "OP_NAMES", "ReduceOp", "get_op"]

@@ -83,7 +83,8 @@ class Communicator:
         return f"Communicator(rank={self.rank}, size={self.size}, algorithm={self.algorithm!r})"
 
     # -- algorithm choice ------------------------------------------------------------------
-    def _resolve(self, collective: str, algorithm: str | None, nbytes: int) -> Algorithm:
+    def _resolve(self, collective: str, algorithm: str | None, nbytes: int,
+                 device: bool = True) -> Algorithm:
         name = algorithm or self.algorithm
         if name == "auto":
             # auto sits on every call's path and its answer depends only on (collective,
@@ -95,6 +96,8 @@ class Communicator:
                     collective, auto.choose(collective, nbytes, self.size, table=self.auto_table), nbytes)
             return alg
         alg = get_algorithm(name)
+        if alg.device_only and not device and algorithm is None:
+            return get_algorithm("native")  # a default of nccl: host numbers go through MPI
         if not alg.supports(collective):
             if algorithm is not None:  # asked for explicitly: say it cannot
                 raise ValueError(f"algorithm {name!r} has no {collective}; it implements "
@@ -110,7 +113,7 @@ class Communicator:
 
     def _run(self, collective: str, algorithm: str | None, nbytes: int, *args: Any,
              **call_options: Any) -> Any:
-        alg = self._resolve(collective, algorithm, nbytes)
+        alg = self._resolve(collective, algorithm, nbytes, backend.is_device_array(args[0]))
         fn = getattr(alg, collective)
         if self.transport.begin_collective is not None:
             self.transport.begin_collective(alg.name)

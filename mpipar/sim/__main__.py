@@ -45,7 +45,7 @@ from mpipar import backend
 from mpipar.cli import (POSITIVE, POSITIVE_INT, Parser, UsageError, add_model_arguments,
                         check_output_path, load_cluster, model_from_args)
 from mpipar.comm import cost_model
-from mpipar.comm.algorithms import algorithm_names
+from mpipar.comm.algorithms import host_algorithm_names
 from mpipar.comm.network import PROFILE_DIR, load_profile, profile_names
 from mpipar.parallel.layout import LayoutError
 from mpipar.sim.compare import main as compare_main
@@ -89,7 +89,7 @@ def add_collectives_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _default_algorithms(collective: str) -> list[str]:
-    names = [n for n in dict.fromkeys(list(cost_model.ALGORITHMS) + algorithm_names()) if n != "native"]
+    names = [n for n in dict.fromkeys(list(cost_model.ALGORITHMS) + host_algorithm_names()) if n != "native"]
     out = []
     for n in names:
         try:

@@ -43,16 +43,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import ctypes
 import functools
 import itertools
 import os
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from mpipar.comm import mpi_env
 
 _IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. "
              "Please use `.get()` to construct a NumPy array explicitly.")
@@ -94,7 +98,7 @@ CUPY_NAMES = frozenset(UFUNC_NAMES + FUNCTION_NAMES + CREATION_NAMES + HOST_NAME
 CUDA_NAMES = frozenset(("Device", "Stream", "ExternalStream", "Event", "get_current_stream",
                         "runtime", "alloc_pinned_memory", "PinnedMemoryPointer",
                         "PinnedMemoryPool", "set_pinned_memory_allocator", "is_available",
-                        "get_elapsed_time", "MemoryPointer", "Memory"))
+                        "get_elapsed_time", "MemoryPointer", "Memory", "nccl"))
 RUNTIME_NAMES = frozenset(("getDeviceCount", "getDevice", "setDevice", "deviceSynchronize",
                            "streamSynchronize", "CUDARuntimeError", "runtimeGetVersion",
                            "driverGetVersion", "memGetInfo"))
@@ -201,6 +205,7 @@ class StrictCupy:
         self._all_streams: list[Stream] = []
         self._pinned: list[tuple[int, int]] = []   # address ranges of pinned allocations
         self._pinned_keep: list[PinnedMemoryPointer] = []
+        self._pointers: dict[int, Any] = {}         # device address -> weakref to its array
         self._null = [Stream(self, d, null=True) for d in range(devices)]
         self.xp = _make_cupy(self)
         self.cupyx = _Namespace("cupyx", {"scatter_add": self._scatter_add})
@@ -368,6 +373,27 @@ class StrictCupy:
             return out
         return x._a.copy()
 
+    def pointer(self, x: ndarray) -> MemoryPointer:
+        """``x.data``: its address, remembered with ``x`` for the libraries that take one."""
+        ptr = int(x._a.__array_interface__["data"][0])
+        with self._lock:
+            self._pointers[ptr] = weakref.ref(x)
+        return MemoryPointer(ptr, x._buf.device)
+
+    def array_at(self, ptr: int) -> ndarray | None:
+        """The array whose ``.data.ptr`` was last taken at ``ptr`` (None: none alive)."""
+        with self._lock:
+            ref = self._pointers.get(int(ptr))
+        return ref() if ref is not None else None
+
+    def stream_at(self, ptr: int) -> Stream | None:
+        """The stream of this thread's current device whose handle is ``ptr`` (0: the
+        legacy null stream), as a library given ``stream.ptr`` finds it."""
+        if int(ptr) == 0:
+            return self._null[self.device()]
+        with self._lock:
+            return next((s for s in self._all_streams if s.ptr == int(ptr)), None)
+
     def is_pinned(self, host: np.ndarray) -> bool:
         """Whether ``host`` lies in memory from this double's ``alloc_pinned_memory``."""
         lo = host.__array_interface__["data"][0]
@@ -422,7 +448,7 @@ class _Namespace(types.ModuleType):
 class ndarray:  # noqa: N801  (CuPy's name)
     """A device array: a private NumPy array, its buffer's device and write history."""
 
-    __slots__ = ("_a", "_buf", "_d")
+    __slots__ = ("_a", "_buf", "_d", "__weakref__")
     __array_priority__ = 100
 
     @classmethod
@@ -490,6 +516,12 @@ class ndarray:  # noqa: N801  (CuPy's name)
         self._a[...] = arr
         self._d.count("h2d", site)
         self._d.write(self._buf, site)
+
+    @property
+    def data(self) -> MemoryPointer:
+        """The device address of the first element (``x.data.ptr``), as libraries such as
+        NCCL take buffers; the double remembers which array it belongs to (``cuda.nccl``)."""
+        return self._d.pointer(self)
 
     @property
     def __cuda_array_interface__(self) -> dict:
@@ -710,6 +742,11 @@ class Device:
     def synchronize(self) -> None:
         _device_sync(self._d, self.id, _site())
 
+    @property
+    def pci_bus_id(self) -> str:
+        """One bus id per device ordinal: every process of the host sees the same GPUs."""
+        return f"0000:{self.id + 1:02x}:00.0"
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Device) and other.id == self.id
 
@@ -868,7 +905,288 @@ def _make_cupy(d: StrictCupy) -> _Namespace:
         "get_current_stream": lambda device_id=None: d.stream(),
         "runtime": runtime, "alloc_pinned_memory": alloc_pinned_memory,
         "PinnedMemoryPointer": PinnedMemoryPointer, "is_available": lambda: True,
-        "get_elapsed_time": lambda a, b: 0.0})
+        "get_elapsed_time": lambda a, b: 0.0, "nccl": _make_nccl(d),
+        "MemoryPointer": MemoryPointer})
     missing = set(names) - CUPY_NAMES
     assert not missing, f"names not in CUPY_NAMES: {missing}"
     return _Namespace("cupy", {n: v for n, v in names.items() if n in CUPY_NAMES})
+
+
+# ---- cuda.nccl: NCCL over MPI host copies among the test's ranks ------------------------------
+class MemoryPointer:
+    """``cupy.cuda.MemoryPointer``: a device address (``ptr``) on a device (``device_id``)."""
+
+    def __init__(self, ptr: int, device_id: int) -> None:
+        self.ptr, self.device_id = int(ptr), int(device_id)
+
+    def __int__(self) -> int:
+        return self.ptr
+
+
+NCCL_CONSTANTS = {
+    "NCCL_SUM": 0, "NCCL_PROD": 1, "NCCL_MAX": 2, "NCCL_MIN": 3, "NCCL_AVG": 4,
+    "NCCL_INT8": 0, "NCCL_CHAR": 0, "NCCL_UINT8": 1, "NCCL_INT32": 2, "NCCL_INT": 2,
+    "NCCL_UINT32": 3, "NCCL_INT64": 4, "NCCL_UINT64": 5, "NCCL_FLOAT16": 6, "NCCL_HALF": 6,
+    "NCCL_FLOAT32": 7, "NCCL_FLOAT": 7, "NCCL_FLOAT64": 8, "NCCL_DOUBLE": 8, "NCCL_BFLOAT16": 9}
+# cupy_backends/cuda/libs/nccl.pyx: the module's names (send/recv, initAll and the async-error
+# query are left out: mpipar uses none of them, and a missing name fails loudly)
+NCCL_NAMES = frozenset(("available", "NcclError", "NcclCommunicator", "get_unique_id",
+                        "get_version", "get_build_version", "groupStart", "groupEnd")
+                       + tuple(NCCL_CONSTANTS))
+# NCCL datatype -> the NumPy dtype its bytes hold (bfloat16: its 16 bits, as uint16)
+_NCCL_DTYPES = {0: np.int8, 1: np.uint8, 2: np.int32, 3: np.uint32, 4: np.int64, 5: np.uint64,
+                6: np.float16, 7: np.float32, 8: np.float64, 9: np.uint16}
+_NCCL_STATUS = {2: ("NCCL_ERROR_SYSTEM_ERROR", "unhandled system error"),
+                4: ("NCCL_ERROR_INVALID_ARGUMENT", "invalid argument"),
+                5: ("NCCL_ERROR_INVALID_USAGE", "invalid usage")}
+_NCCL_MAGIC = b"mpipar-double-nccl\0"
+_NCCL_TAG = 29000      # COMM_WORLD tags [29000, 32000): the double's NCCL messages
+_NCCL_TAGS = 3000
+
+
+class NcclError(RuntimeError):
+    """``cupy.cuda.nccl.NcclError``: the status's name and NCCL's string for it."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        name, text = _NCCL_STATUS[status]
+        super().__init__(f"{name}: {text}")
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as a GPU's conversion does (NaN aside)."""
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _nccl_reduce(parts: list[np.ndarray], op: int, datatype: int) -> np.ndarray:
+    """The reduction of ``parts`` in rank order, in their own dtype (each step rounded, as
+    NCCL's kernels round); bfloat16 in float32, rounded once."""
+    bf16 = datatype == 9
+    vals = [_bf16_to_f32(p) if bf16 else p for p in parts]
+    ufunc = {0: np.add, 1: np.multiply, 2: np.maximum, 3: np.minimum, 4: np.add}[op]
+    acc = vals[0].copy()
+    for v in vals[1:]:
+        ufunc(acc, v, out=acc)
+    if op == 4:                 # ncclAvg: the sum divided by the ranks (integers truncate)
+        n = len(parts)
+        acc = acc // n if np.issubdtype(acc.dtype, np.integer) else acc / acc.dtype.type(n)
+    return _f32_to_bf16(acc) if bf16 else acc
+
+
+def _make_nccl(d: StrictCupy) -> _Namespace:
+    """The double's ``cuda.nccl``. A communicator's ranks are processes of the test's MPI
+    world: ``get_unique_id`` names the calling process (its world rank and a count), and the
+    ``NcclCommunicator`` of every member sends its (node, device) to that process, which
+    refuses two members on one GPU as NCCL does (``NCCL_ERROR_INVALID_USAGE`` on every
+    member), and then hosts each collective: the members' send buffers are read as host
+    copies, combined in rank order and written back. A call reads its send buffer on the
+    stream it is given: a buffer last written on another stream with no event wait is a
+    ``HazardError``, as it would be stale data on a GPU; the receive buffer is written on
+    that stream. Calls between ``groupStart`` and ``groupEnd`` run at ``groupEnd``."""
+    counter = itertools.count()
+    group: list[list[Any]] = []          # the pending calls of an open group, per depth
+
+    def world() -> Any:
+        return mpi_env.import_mpi().COMM_WORLD
+
+    def exchange(sends: list[tuple[np.ndarray, int]], recvs: list[tuple[np.ndarray, int]],
+                 tag: int) -> None:
+        MPI, comm = mpi_env.import_mpi(), world()
+        with mpi_env.MPI_LOCK:
+            reqs = ([comm.Irecv([b, MPI.BYTE], src, tag) for b, src in recvs]
+                    + [comm.Isend([b, MPI.BYTE], dst, tag) for b, dst in sends])
+        mpi_env.wait_all(reqs, "the strict double's NCCL")
+
+    def get_unique_id() -> tuple:
+        raw = _NCCL_MAGIC + np.array([world().Get_rank(), next(counter)], np.int64).tobytes()
+        return tuple(int(v) for v in np.frombuffer(raw.ljust(128, b"\0"), np.int8))
+
+    class NcclCommunicator:
+        def __init__(self, ndev: int, commId: tuple, rank: int) -> None:  # noqa: N803 (CuPy's)
+            assert len(commId) == 128
+            raw = np.array(commId, dtype=np.int64).astype(np.int8).tobytes()
+            if not raw.startswith(_NCCL_MAGIC) or not 0 <= rank < ndev:
+                raise NcclError(4)
+            self._hub, n = (int(v) for v in np.frombuffer(raw[len(_NCCL_MAGIC):][:16], np.int64))
+            self._tag = _NCCL_TAG + n % _NCCL_TAGS
+            self._ndev, self._rank, self._device = int(ndev), int(rank), d.device()
+            me = world().Get_rank()
+            node = int.from_bytes(mpi_env.import_mpi().Get_processor_name().encode()[:8], "little")
+            mine = np.array([me, rank, self._device, node], dtype=np.int64)
+            reply = np.empty(ndev + 1, dtype=np.int64)     # status, then members by rank
+            if me == self._hub:
+                rows = [np.empty(4, np.int64) for _ in range(ndev - 1)]
+                exchange([], [(r, _any_source()) for r in rows], self._tag)
+                table = np.stack([mine] + rows)
+                status = 0
+                if sorted(table[:, 1].tolist()) != list(range(ndev)):
+                    status = 4
+                elif len({(int(r[3]), int(r[2])) for r in table}) < ndev:
+                    status = 5       # "Duplicate GPU detected": two ranks on one device
+                reply[0] = status
+                reply[1:] = table[np.argsort(table[:, 1]), 0]
+                exchange([(reply, int(w)) for w in table[1:, 0]], [], self._tag)
+            else:
+                exchange([(mine, self._hub)], [(reply, self._hub)], self._tag)
+            if reply[0]:
+                raise NcclError(int(reply[0]))
+            self._members = [int(w) for w in reply[1:]]
+            self._alive = True
+
+        # -- CuPy's queries and teardown ---------------------------------------------------
+        def device_id(self) -> int:
+            return self._device
+
+        def rank_id(self) -> int:
+            return self._rank
+
+        def size(self) -> int:
+            return self._ndev
+
+        def destroy(self) -> None:
+            self._alive = False
+
+        def abort(self) -> None:
+            self._alive = False
+
+        # -- collectives -------------------------------------------------------------------
+        def allReduce(self, sendbuf: int, recvbuf: int, count: int, datatype: int, op: int,  # noqa: N802
+                      stream: int) -> None:
+            self._call("allReduce", sendbuf, count, recvbuf, count, datatype, stream,
+                       lambda parts: [_nccl_reduce(parts, op, datatype)] * self._ndev)
+
+        def reduce(self, sendbuf: int, recvbuf: int, count: int, datatype: int, op: int,
+                   root: int, stream: int) -> None:
+            self._check_root(root)
+            self._call("reduce", sendbuf, count, recvbuf, count if self._rank == root else 0,
+                       datatype, stream, lambda parts: [
+                           _nccl_reduce(parts, op, datatype) if r == root else parts[r][:0]
+                           for r in range(self._ndev)])
+
+        def broadcast(self, sendbuff: int, recvbuff: int, count: int, datatype: int, root: int,
+                      stream: int) -> None:
+            self._check_root(root)
+            self._call("broadcast", sendbuff, count, recvbuff, count, datatype, stream,
+                       lambda parts: [parts[root]] * self._ndev)
+
+        def bcast(self, buff: int, count: int, datatype: int, root: int, stream: int) -> None:
+            self.broadcast(buff, buff, count, datatype, root, stream)
+
+        def reduceScatter(self, sendbuf: int, recvbuf: int, recvcount: int, datatype: int,  # noqa: N802
+                          op: int, stream: int) -> None:
+            def blocks(parts: list[np.ndarray]) -> list[np.ndarray]:
+                total = _nccl_reduce(parts, op, datatype)
+                return [total[r * recvcount:(r + 1) * recvcount] for r in range(self._ndev)]
+            self._call("reduceScatter", sendbuf, recvcount * self._ndev, recvbuf, recvcount,
+                       datatype, stream, blocks)
+
+        def allGather(self, sendbuf: int, recvbuf: int, count: int, datatype: int,  # noqa: N802
+                      stream: int) -> None:
+            self._call("allGather", sendbuf, count, recvbuf, count * self._ndev, datatype, stream,
+                       lambda parts: [np.concatenate(parts)] * self._ndev)
+
+        # -- the model ---------------------------------------------------------------------
+        def _check_root(self, root: int) -> None:
+            if not 0 <= root < self._ndev:
+                raise NcclError(4)
+
+        def _view(self, ptr: int, count: int, datatype: int, site: str, stream: Stream,
+                  what: str) -> tuple[np.ndarray, ndarray | None]:
+            """The host view of ``count`` elements at ``ptr``, and the array they are in."""
+            dtype = np.dtype(_NCCL_DTYPES.get(int(datatype), np.void))
+            if dtype == np.void:
+                raise NcclError(4)
+            if count == 0:
+                return np.empty(0, dtype), None
+            arr = d.array_at(ptr)
+            if arr is None or arr._a.nbytes < count * dtype.itemsize:
+                raise ValueError(f"{what} at {site}: {count} elements of {dtype} at {ptr:#x} "
+                                 f"are not inside one device array (give x.data.ptr of an array "
+                                 f"of at least that size)")
+            if arr._buf.device != self._device or stream.device_id != self._device:
+                raise ValueError(f"{what} at {site}: a buffer on device {arr._buf.device} or a "
+                                 f"stream of device {stream.device_id} for an NCCL communicator "
+                                 f"of device {self._device}")
+            mem = (ctypes.c_byte * (count * dtype.itemsize)).from_address(int(ptr))
+            return np.frombuffer(mem, dtype=dtype), arr
+
+        def _call(self, name: str, send: int, n_in: int, recv: int, n_out: int, datatype: int,
+                  stream: int, combine: Any) -> None:
+            site = _site()
+            if not self._alive:
+                raise NcclError(4)
+            s = d.stream_at(stream)
+            if s is None:
+                raise ValueError(f"{name} at {site}: {stream:#x} is not a stream of this process")
+            src, src_arr = self._view(send, n_in, datatype, site, s, f"{name}'s send buffer")
+            if src_arr is not None:
+                with s:    # NCCL reads the buffer on the stream it is given
+                    d.check_read(src_arr._buf, site)
+            data = src.copy()
+            dst, dst_arr = self._view(recv, n_out, datatype, site, s, f"{name}'s receive buffer")
+            d.count("kernels", site)
+
+            def run() -> None:
+                out = self._host(data, combine)
+                dst[...] = out[:dst.size]
+                if dst_arr is not None:
+                    with s:
+                        d.write(dst_arr._buf, site)
+            if group:
+                group[-1].append(run)
+            else:
+                run()
+
+        def _host(self, data: np.ndarray, combine: Any) -> np.ndarray:
+            """Every member's ``data`` to the hub, ``combine``d there, each member's part back."""
+            me = world().Get_rank()
+            out_len = np.zeros(1, np.int64)
+            if me != self._hub:
+                size = np.array([data.size], np.int64)
+                exchange([(size, self._hub), (data, self._hub)], [(out_len, self._hub)], self._tag)
+                out = np.empty(int(out_len[0]), data.dtype)
+                exchange([], [(out, self._hub)], self._tag)
+                return out
+            ranks = {w: r for r, w in enumerate(self._members)}
+            got: dict[int, np.ndarray] = {me: data}
+            for w in self._members:
+                if w == me:
+                    continue
+                size = np.zeros(1, np.int64)
+                exchange([], [(size, w)], self._tag)
+                got[w] = np.empty(int(size[0]), data.dtype)
+                exchange([], [(got[w], w)], self._tag)
+            parts = [got[w] for w in self._members]
+            outs = combine(parts)
+            for w in self._members:
+                if w != me:
+                    o = np.ascontiguousarray(outs[ranks[w]])
+                    exchange([(np.array([o.size], np.int64), w), (o, w)], [], self._tag)
+            return np.ascontiguousarray(outs[ranks[me]])
+
+    def groupStart() -> None:  # noqa: N802  (CuPy's name)
+        group.append([])
+
+    def groupEnd() -> None:  # noqa: N802
+        calls = group.pop()
+        if not group:
+            for run in calls:
+                run()
+        else:
+            group[-1].extend(calls)
+
+    names: dict[str, Any] = dict(NCCL_CONSTANTS)
+    names.update(available=True, NcclError=NcclError, NcclCommunicator=NcclCommunicator,
+                 get_unique_id=get_unique_id, get_version=lambda: 22304,
+                 get_build_version=lambda: 22304, groupStart=groupStart, groupEnd=groupEnd)
+    assert set(names) == NCCL_NAMES
+    return _Namespace("cupy.cuda.nccl", names)
+
+
+def _any_source() -> int:
+    return int(mpi_env.import_mpi().ANY_SOURCE)

@@ -246,7 +246,7 @@ def test_calibrate_runs_and_checks(comm, tmp_path, capsys):
     import math
 
     from mpipar.bench import calibrate
-    from mpipar.comm.algorithms import algorithm_names
+    from mpipar.comm.algorithms import host_algorithm_names
 
     p = argparse.ArgumentParser()
     calibrate.add_arguments(p)
@@ -262,7 +262,7 @@ def test_calibrate_runs_and_checks(comm, tmp_path, capsys):
     assert prof.reduce_link is not None and prof.copy_link is not None and prof.post_overhead >= 0
     assert prof.oneway_link is not None and 0 < prof.oneway_link.time(4096) < 1
     assert prof.transfers_need_cpu  # the test's ranks share a node
-    assert set(prof.call_overhead) == {a for a in algorithm_names() if a != "native"}
+    assert set(prof.call_overhead) == {a for a in host_algorithm_names() if a != "native"}
     for n in (256, 4096, 16384):
         assert 0 < prof.link.time(n) < 1 and 0 < prof.reduce_time(n) < 1 and 0 < prof.copy_time(n) < 1
     rows = json.loads(check.read_text())["rows"]

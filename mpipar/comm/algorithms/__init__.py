@@ -35,12 +35,14 @@ class Algorithm:
     reduce_scatter: Optional[Callable] = None
     allgather: Optional[Callable] = None
     alltoall: Optional[Callable] = None
+    device_only: bool = False     # reduces device memory only (nccl): a group whose default it
+                                  # is sends host arrays through native instead
 
     def supports(self, collective: str) -> bool:
         return getattr(self, collective) is not None
 
     def collectives(self) -> list[str]:
-        return [f.name for f in fields(self) if f.name != "name" and getattr(self, f.name) is not None]
+        return [f.name for f in fields(self) if f.name in COLLECTIVES and getattr(self, f.name) is not None]
 
 
 # name -> module defining ALGORITHM (an Algorithm); "auto" is resolved by the Communicator.
@@ -52,13 +54,23 @@ _MODULES: dict[str, str] = {
     "ring": "mpipar.comm.algorithms.ring",
     "rhd": "mpipar.comm.algorithms.rhd",
     "hier": "mpipar.comm.algorithms.hier",
+    "nccl": "mpipar.comm.nccl",
 }
+# algorithms that reduce device memory only (a library's: NCCL), left out of what runs on host
+# arrays (benchmarks, calibration, the simulator's default list)
+_DEVICE_ONLY = frozenset({"nccl"})   # (their Algorithm says device_only)
 
 _loaded: dict[str, Algorithm] = {}
 
 
 def algorithm_names() -> list[str]:
+    """Every registered name (``auto`` apart)."""
     return list(_MODULES)
+
+
+def host_algorithm_names() -> list[str]:
+    """The names whose collectives take host (NumPy) arrays too: all but ``nccl``."""
+    return [n for n in _MODULES if n not in _DEVICE_ONLY]
 
 
 def get_algorithm(name: str) -> Algorithm:
