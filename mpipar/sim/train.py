@@ -223,7 +223,7 @@ def instrument(tr: ParallelTrainer, obs: Observer) -> None:
         for m, label in (("_allreduce_owned", "allreduce"), ("_reduce_scatter_owned", "reduce_scatter"),
                          ("allgather", "allgather")):
             obs.wrap(mesh.dp_group, m, "dp_comm", track="comm", name=f"dp {label}")
-    obs.wrap(tr.sync, "clip_grad_norm", "optimizer", name="clip")
+    obs.wrap(tr.sync, "clip", "optimizer", name="clip")
     obs.wrap(tr.sync, "step", "optimizer", name="optimizer")
 
 
