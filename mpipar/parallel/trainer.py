@@ -176,9 +176,10 @@ class ParallelTrainer:
         for chunk_losses in losses:
             loss += mean_loss(rest[:len(chunk_losses)]) / K
             rest = rest[len(chunk_losses):]
-        t_loss = rec.now()
-        loss = self._dp_mean(self.pipe.share_loss(loss))
-        times.loss_bcast += rec.now() - t_loss
+        t_loss = self.pipe.clock()
+        loss = self.pipe.share_loss(loss)
+        times.loss_bcast += self.pipe.clock() - t_loss
+        loss = self._dp_mean(loss)
         norm = self.sync.clip(sums, self.grad_clip)
         t1 = rec.now()
         # the same numbers on every rank, so every rank takes the same branch; the step named
