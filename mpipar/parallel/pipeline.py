@@ -379,7 +379,6 @@ class PipelineExecutor:
         s.sends = []
 
 
-
 def mean_loss(losses: Sequence[float]) -> float:
     """The mean of one step's micro-batch losses (host numbers, ``run``'s read), added in
     micro-batch order in float64; 0.0 for none (a stage other than the last)."""
