@@ -22,6 +22,7 @@ import functools
 import glob
 import importlib
 import os
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -161,6 +162,17 @@ def synchronize(x_or_xp: Any = None) -> None:
         return
     if x_or_xp is cp or is_device_array(x_or_xp) or x_or_xp is None:
         cp.cuda.get_current_stream().synchronize()
+
+
+def host_scalars(values: Sequence[Any]) -> list[float]:
+    """The Python floats of ``values`` (0-d arrays of one module, or numbers), in order. On
+    the GPU they are stacked and read in one device -> host copy: one synchronisation for
+    all of them, where ``float()`` of each would wait for the device once per value (what a
+    step reads, its loss and gradient norm, is a few of these)."""
+    values = list(values)
+    if any(is_device_array(v) for v in values):
+        return [float(v) for v in array_module(values[0]).stack(values).get()]
+    return [float(v) for v in values]
 
 
 def pinned_empty(count: int, dtype: Any) -> np.ndarray:

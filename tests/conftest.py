@@ -53,15 +53,11 @@ XPS.append(pytest.param("strict-cupy", id="strict-cupy"))
 # the failure is deterministic (the double's scatter-add order is seeded per test), so the
 # fix that makes the test pass must also remove its line here; the others are races between
 # threads, which fail or not by timing.
-_ADD_AT = ("embedding backward's xp.add.at is an atomic scatter-add on a GPU: its float sum "
-           "differs run to run, so a bitwise repeat fails (issue 15 item 2)")
 _MASK = ("attention's causal mask is cached for the process (functools.lru_cache) after a "
          "host -> device copy on the first thread's stream; another thread (tp rank) reads "
          "it with no event wait: stale data under per-thread default streams, and the wrong "
          "device once ranks pick their own GPU (issue 15 item 2)")
 STRICT_CUPY_KNOWN: dict[str, tuple[str, bool]] = {
-    "tests/nn/test_gpt.py::test_grads_zeroed_or_accumulated": (_ADD_AT, True),
-    "tests/nn/test_gpt.py::test_state_dict_round_trip": (_ADD_AT, True),
     "tests/parallel/test_tensor_parallel.py::test_threaded_tp_loss_and_grads": (_MASK, False),
     "tests/parallel/test_tensor_parallel.py::test_threaded_sequence_parallel": (_MASK, False),
 }

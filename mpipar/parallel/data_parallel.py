@@ -51,8 +51,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from typing import Any
 
-from mpipar import trace
-from mpipar.optim import OptimizerSpec, clip_grad_norm
+from mpipar import backend, trace
+from mpipar.optim import OptimizerSpec, norm_of, scale_to, squares
 
 
 # -- partition ---------------------------------------------------------------------------------
@@ -284,8 +284,16 @@ class BucketedSync:
     def finish(self) -> CommStats:
         return self.buckets.finish()
 
+    def squares(self) -> list[Any]:
+        return squares(self.grads, self._count)
+
+    def clip(self, sums: Sequence[float], max_norm: float) -> float:
+        norm = norm_of(sums, self._norm_groups)
+        scale_to(self.grads, norm, max_norm)
+        return norm
+
     def clip_grad_norm(self, max_norm: float) -> float:
-        return clip_grad_norm(self.grads, max_norm, self._count, self._norm_groups)
+        return self.clip(backend.host_scalars(self.squares()), max_norm)
 
 
 class DataParallelSync(BucketedSync):

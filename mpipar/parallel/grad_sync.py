@@ -8,7 +8,8 @@ asks ``make_grad_sync`` for one object and from then on only calls its methods::
     sync.begin_step()
     ... backward (accumulation steps, micro-batches); after each synchronised one:
     comm = sync.finish()
-    norm = sync.clip_grad_norm(max_norm)
+    norm = sync.clip_grad_norm(max_norm)     # or, reading squares() with the loss (trainer):
+                                             # norm = sync.clip(host_values, max_norm)
     sync.step(lr)
 
 Implementations: ``data_parallel.DataParallelSync`` (buckets all-reduced, the whole
@@ -18,7 +19,7 @@ optimiser over the shard, parameters all-gathered; stage 1 or 2).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from mpipar.optim import OptimizerSpec
@@ -54,9 +55,17 @@ class GradSync(Protocol):
         """Start what is left, wait for every reduction; ``grads`` then hold the data-parallel
         mean (or this rank's shard of it). Returns the communication's statistics."""
 
+    def squares(self) -> list[Any]:
+        """The sum of squares of each gradient this rank counts in the global norm, as 0-d
+        arrays of the gradients' module (on a GPU, device values: nothing is read)."""
+
+    def clip(self, sums: Sequence[float], max_norm: float) -> float:
+        """The global norm from ``sums`` (``squares()`` read to the host), added over the
+        groups the norm spans (the same on every rank), and clip ``grads`` to ``max_norm``
+        (0: no clipping). Returns the norm before clipping."""
+
     def clip_grad_norm(self, max_norm: float) -> float:
-        """The global norm of the whole model's gradient (the same on every rank), and clip
-        ``grads`` to ``max_norm`` (0: no clipping). Returns the norm before clipping."""
+        """``clip`` of this rank's ``squares()``, read in one device -> host copy."""
 
     def step(self, lr: float | None = None) -> CommStats:
         """Apply the optimiser (and make the parameters whole again); the statistics of any

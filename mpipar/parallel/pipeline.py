@@ -35,7 +35,15 @@ and dropped at its end. What one ``step`` does:
   the data-parallel reduction) waits for the sends and, with ``sync=True``, sums the tied
   embedding's gradient (``local.tied_names``) between the first and last stage over
   Megatron's "embedding group" (``model.tied_embedding_group``) so both copies stay equal;
-* at the end the mean loss is broadcast from the last stage to the whole pp group.
+* at the end the mean loss is broadcast from the last stage to the whole pp group
+  (``run`` is ``step`` without that: it returns the last stage's micro-batch losses as
+  device values, which the trainer reads with the gradient norm in one copy, then
+  ``share_loss``).
+
+Nothing in the executor waits for the GPU: kernels of consecutive instructions queue on the
+stream, and only a hand-off outside the stream synchronises it, inside the Communicator (a
+send or receive staged through host memory, a collective); a receive buffer is written by
+MPI or a staging copy before any kernel reads it.
 
 Hooks for overlapping the data-parallel reduction: ``pipe.on_stage_backward_done`` is a list
 of callables ``fn(stage_index, names)``; ``stage_index`` indexes ``pipe.stages``
@@ -51,8 +59,10 @@ Timing (``pipe.last``, a ``StepTimes`` of the latest step only: nothing accumula
 to step): wall time of the step on this rank, time in forward and backward compute, waiting
 on receives, on sends, in the tied all-reduce and the loss broadcast, and the rest
 ("other": bookkeeping). The measured bubble is ``1 - compute / step``; compare with
-``bubble_fraction_theory(P, M)``. With a GPU the compute is synchronised before each clock
-read so the numbers are real.
+``bubble_fraction_theory(P, M)``. On a GPU the clocks are the host's and nothing is
+synchronised for them: forward and backward are the time to queue their kernels, and the
+device time they take shows up in the next wait (a send, a receive, the loss read), so the
+per-instruction split (and the bubble) is a CPU measurement; ``step`` is real either way.
 Each forward, backward, send (the ``isend``) and receive wait is also reported to the trace
 (``mpipar.trace.recorder()``: nothing is kept unless ``--trace`` is recording), named with
 its micro-batch and virtual stage, a message with its peer and bytes.
@@ -158,7 +168,6 @@ class PipelineExecutor:
         self.last = StepTimes()
         self.xp = backend.array_module(local.param_buffer)
         self.dtype = local.param_buffer.dtype
-        self._gpu = self.xp is not np
         self._pool: dict[tuple, list] = {}
         self.tied_group = tied_embedding_group(pp_group)      # collective over the pp group
         # what each stage reports when its last backward is done, and what waits for the end
@@ -176,11 +185,25 @@ class PipelineExecutor:
         """Run one instruction list; returns the mean loss over the micro-batches on every pp
         rank. ``zero_grad``: zero the gradients first (False when accumulating, and for an
         evaluation schedule, which makes none)."""
+        losses = backend.host_scalars(self.run(instructions, micro_batches, dloss_scale,
+                                               zero_grad))
+        t0 = self.clock()
+        loss = self.share_loss(mean_loss(losses))
+        self.last.loss_bcast = self.clock() - t0
+        self.last.step += self.last.loss_bcast
+        return loss
+
+    def run(self, instructions: Sequence[Instruction], micro_batches: Sequence[tuple[Any, Any]],
+            dloss_scale: float = 1.0, zero_grad: bool = True) -> list[Any]:
+        """``step`` without reading the loss: this rank's micro-batch losses as 0-d arrays
+        of the model's module, in micro-batch order, on the last stage (empty elsewhere). On
+        a GPU nothing waits for the device here: the caller reads the losses when it reads
+        other values too (the trainer: with the gradient norm, one copy per step) and gives
+        ``mean_loss`` of them to ``share_loss``."""
         M = len(micro_batches)
         if M < 1:
             raise ValueError("need at least one micro-batch")
         instructions = list(instructions)
-        self._sync()
         t0 = self.clock()
         s = _Step(micro=[tuple(mb) for mb in micro_batches], dloss=dloss_scale / M,
                   times=StepTimes(), t0=t0,
@@ -197,10 +220,17 @@ class PipelineExecutor:
         if s.posted or s.inputs or s.dins or s.caches:
             raise RuntimeError(f"pipeline rank {self.rank}: schedule left work behind "
                                f"(receives {list(s.posted)}, caches {list(s.caches)})")
-        loss = self._broadcast_loss(s, M)
         s.times.step = self.clock() - t0
         self.last = s.times
-        return loss
+        return [s.losses[mb] for mb in range(M)] if s.losses else []
+
+    def share_loss(self, loss: float) -> float:
+        """The last stage's ``loss`` (a host number) on every pp rank: a broadcast over the
+        pp group (the other ranks' argument is ignored)."""
+        if self.P == 1:
+            return loss
+        buf = np.array([loss if self.rank == self.P - 1 else 0.0], dtype=np.float64)
+        return float(self.pp.broadcast(buf, root=self.P - 1)[0])
 
     # ---- the handlers, one per instruction type --------------------------------------------
     def _recv(self, ins: Instruction, s: _Step) -> None:
@@ -233,7 +263,6 @@ class PipelineExecutor:
             self._give(s.inputs.pop(key))                   # nothing refers to it any more
         if x is not None:
             s.outs[key] = x
-        self._sync()
         self._record(s, "forward", ins, t0)
 
     def _backward(self, ins: Backward, s: _Step) -> None:
@@ -246,7 +275,6 @@ class PipelineExecutor:
             dx = stages[k].backward(dx, caches[k])
             caches[k] = None                                 # free as we go
             if ins.sync and self.on_stage_backward_done:
-                self._sync()
                 index = self._offset[ins.chunk] + k
                 self._report(index, self._ready[index])
         if received is not None and dx is not received:
@@ -256,7 +284,6 @@ class PipelineExecutor:
             self._give(xin)                                  # its cache is gone: reuse
         if not self._is_first(ins.chunk):
             s.outs[key] = dx
-        self._sync()
         self._record(s, "backward", ins, t0)
 
     def _send(self, ins: Instruction, s: _Step) -> None:
@@ -276,7 +303,6 @@ class PipelineExecutor:
             return
         t0 = self.clock()
         if self.tied_group is not None:
-            self._sync()
             allreduce_tied_grads(self.local, self.tied_group)
         s.times.tied_reduce += self.clock() - t0
         for index, names in self._ready_at_end:
@@ -312,10 +338,6 @@ class PipelineExecutor:
 
     def _give(self, buf: Any) -> None:
         self._pool.setdefault(tuple(buf.shape), []).append(buf)
-
-    def _sync(self) -> None:
-        if self._gpu:
-            backend.synchronize(self.xp)
 
     def _record(self, s: _Step, kind: str, ins: Instruction, t0: float, buf: Any = None) -> None:
         """Charge the time since ``t0`` to the ``kind`` field of the step's StepTimes
@@ -356,16 +378,11 @@ class PipelineExecutor:
             trace.recorder().add("wait sends", t0, t1, "wait", sends=len(s.sends))
         s.sends = []
 
-    def _broadcast_loss(self, s: _Step, M: int) -> float:
-        """The mean loss over the micro-batches, from the last stage to every pp rank."""
-        t0 = self.clock()
-        buf = np.zeros(1, dtype=np.float64)
-        if self.rank == self.P - 1:
-            buf[0] = sum(float(s.losses[mb]) for mb in range(M)) / M
-        if self.P > 1:
-            buf = self.pp.broadcast(buf, root=self.P - 1)
-        s.times.loss_bcast = self.clock() - t0
-        return float(buf[0])
+
+def mean_loss(losses: Sequence[float]) -> float:
+    """The mean of one step's micro-batch losses (host numbers, ``run``'s read), added in
+    micro-batch order in float64; 0.0 for none (a stage other than the last)."""
+    return sum(losses) / len(losses) if losses else 0.0
 
 
 def split_micro_batches(idx: Any, targets: Any, M: int) -> list[tuple[Any, Any]]:

@@ -53,7 +53,7 @@ from typing import Any
 
 from mpipar.backend import array_module
 from mpipar.comm.communicator import split_counts
-from mpipar.nn import dropout, layernorm, linear
+from mpipar.nn import dropout, embedding, layernorm, linear
 from mpipar.nn.stages import RunState
 from mpipar.parallel import tp_comm
 
@@ -125,10 +125,12 @@ class TPEmbeddingStage:
         xp = array_module(dx)
         dx = self.region.shard_backward(dropout.backward(dx, drop))  # (B, T, C), replicated
         C = dx.shape[-1]
-        sel = mine.reshape(-1)                               # (B*T,)
-        # scatter-add in the single process's order (a masked subsequence keeps it)
-        xp.add.at(self.grads["transformer.wte.weight"], local.reshape(-1)[sel],
-                  dx.reshape(-1, C)[sel])                    # (v1 - v0, C)
+        # every token, other shards' as exact zeros into row 0 (no boolean-mask gather: its
+        # size is data-dependent, a host synchronisation on a GPU); the rows of this shard
+        # take their tokens in the single process's order, so the bits are the same
+        rows = xp.where(mine.reshape(-1, 1), dx.reshape(-1, C), 0)  # (B*T, C)
+        embedding.accumulate_rows(self.grads["transformer.wte.weight"], local.reshape(-1),
+                                  rows)                      # (v1 - v0, C)
         T = dx.shape[1]
         self.grads["transformer.wpe.weight"][:T] += dx.sum(axis=0)  # (T, C)
 
@@ -192,8 +194,10 @@ class TPHeadStage:
         xp = array_module(p)
         N = p.shape[0]
         dlogits = p * (float(dloss) / N)                     # (N, Vr)
-        rows = xp.nonzero(mine)[0]
-        dlogits[rows, tl[rows]] -= float(dloss) / N
+        # minus dloss/N at each target this rank holds, 0 elsewhere (no nonzero(): its size
+        # is data-dependent, a host synchronisation on a GPU); in p's dtype, as before
+        hit = xp.where(mine, float(dloss) / N, 0.0).astype(p.dtype)   # (N,)
+        dlogits[xp.arange(N), tl] -= hit
         dh = linear.backward(dlogits, lin, G["transformer.wte.weight"])  # (B, T, C) partial
         dh = self.region.copy_backward(dh)                  # (B, T, C) full
         return layernorm.backward(dh, ln, G["transformer.ln_f.weight"],

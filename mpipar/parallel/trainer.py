@@ -23,6 +23,10 @@ single-process reference and every parallel run are this code. Per step, on ever
    summed between first and last stage;
 4. the global gradient norm counts every parameter once (tensor-parallel replicas and the
    tied embedding's second copy are not counted twice) and clips like the single process;
+   each tensor's sum of squares and each micro-batch loss stay on the device until one
+   read of all of them (``backend.host_scalars``: on a GPU the step's one wait for the
+   device before the update), then the norm and the loss are added over their groups on
+   the host;
    a loss or norm that is not finite goes to the numerics policy (``parallel/numerics.py``:
    by default the run stops naming the first non-finite gradient) before any update;
 5. the GradSync applies the optimiser (ZeRO: to its shard, then all-gathers parameters).
@@ -52,7 +56,7 @@ from mpipar.parallel.mesh import Mesh, make_mesh
 from mpipar.parallel.model import (allreduce_sequence_parallel_grads, build_local_model,
                                    gather_full_state_dict, local_pieces)
 from mpipar.parallel.numerics import NonFinite, NumericsPolicy, StopOnNonFinite, locate
-from mpipar.parallel.pipeline import PipelineExecutor, StepTimes, split_micro_batches
+from mpipar.parallel.pipeline import PipelineExecutor, StepTimes, mean_loss, split_micro_batches
 from mpipar.parallel.schedules import Instruction
 
 
@@ -152,19 +156,31 @@ class ParallelTrainer:
         chunk = rows // K
         self._set_act_shape(chunk // self._plan[0].micro_batches, idx.shape[1])
         self.sync.begin_step()
-        comm, times, loss = CommStats(), StepTimes(), 0.0
+        comm, times, losses = CommStats(), StepTimes(), []
         for k, c in enumerate(self._plan):
             part = slice(k * chunk, (k + 1) * chunk)
             mbs = split_micro_batches(idx[part], targets[part], c.micro_batches)
-            loss += self.pipe.step(c.instructions, mbs, dloss_scale=1.0 / K,
-                                   zero_grad=c.zero_grad) / K
+            losses.append(self.pipe.run(c.instructions, mbs, dloss_scale=1.0 / K,
+                                        zero_grad=c.zero_grad))
             times += self.pipe.last
             if c.sync:
                 comm += self.sync.finish()
-        loss = self._dp_mean(loss)
         rec = trace.recorder()
         t0 = rec.now()
-        norm = self.sync.clip_grad_norm(self.grad_clip)
+        # the step's one device -> host read: every gradient's sum of squares and every
+        # micro-batch loss (on a GPU the host waits for the device here, once)
+        squares = self.sync.squares()
+        values = backend.host_scalars(squares + [x for chunk_losses in losses for x in chunk_losses])
+        sums, rest = values[:len(squares)], values[len(squares):]
+        loss = 0.0
+        for chunk_losses in losses:
+            loss += mean_loss(rest[:len(chunk_losses)]) / K
+            rest = rest[len(chunk_losses):]
+        t_loss = self.pipe.clock()
+        loss = self.pipe.share_loss(loss)
+        times.loss_bcast += self.pipe.clock() - t_loss
+        loss = self._dp_mean(loss)
+        norm = self.sync.clip(sums, self.grad_clip)
         t1 = rec.now()
         # the same numbers on every rank, so every rank takes the same branch; the step named
         # is the optimiser's count (a resumed run's continues the saved one)

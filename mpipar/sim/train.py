@@ -130,6 +130,11 @@ class Observer:
             outer = self._depth[track] == 0
             self._depth[track] += 1
             t0, k0 = self.clock(), self.phases[phase]
+            # the span's place is taken when the call starts, so spans that start together
+            # (a call and the first collective inside it, on a virtual clock) keep call order
+            slot = len(self.spans) if self.recording else None
+            if slot is not None:
+                self.spans.append(None)  # type: ignore[arg-type]
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -138,9 +143,9 @@ class Observer:
                 t1 = self.clock()
                 if rec is not None and fixed:   # its time, and the kernel time inside it
                     rec.append((_FIXED, phase, t1 - t0, self.phases[phase] - k0, track, label, outer))
-                if self.recording:
-                    self.spans.append(Span(track, label, t0 - self.t0, t1 - self.t0,
-                                           phase=phase if outer else ""))
+                if slot is not None:
+                    self.spans[slot] = Span(track, label, t0 - self.t0, t1 - self.t0,
+                                            phase=phase if outer else "")
                 self.phase = before
 
         setattr(obj, method, wrapped)
@@ -223,7 +228,7 @@ def instrument(tr: ParallelTrainer, obs: Observer) -> None:
         for m, label in (("_allreduce_owned", "allreduce"), ("_reduce_scatter_owned", "reduce_scatter"),
                          ("allgather", "allgather")):
             obs.wrap(mesh.dp_group, m, "dp_comm", track="comm", name=f"dp {label}")
-    obs.wrap(tr.sync, "clip_grad_norm", "optimizer", name="clip")
+    obs.wrap(tr.sync, "clip", "optimizer", name="clip")
     obs.wrap(tr.sync, "step", "optimizer", name="optimizer")
 
 
@@ -241,7 +246,7 @@ def observed_step(tr: ParallelTrainer, obs: Observer, idx: Any, targets: Any,
     for kind, mb, chunk, a, b in res.pipe.events:
         obs.spans.append(Span("main", f"{kind} mb{mb}" + (f" c{chunk}" if chunk else ""), a, b,
                               {"mb": mb, "chunk": chunk}))
-    obs.spans.sort(key=lambda s: (s.t0, s.t1))
+    obs.spans.sort(key=lambda s: s.t0)          # stable: ties keep the order calls began
     return res, end - start
 
 

@@ -31,7 +31,9 @@ The arrays hold a NumPy array privately and behave as CuPy's do where mpipar can
   updates in a fresh random order each call, so float sums round differently run to run, as
   atomics on a GPU do.
 * **counters**: host synchronisations, transfers and kernels by call site, over the whole
-  life of the double or over a region (``with double.counting() as c: ...``).
+  life of the double or over a region (``with double.counting() as c: ...``). An operation
+  whose output size the data decides (a boolean-mask index, ``nonzero``, ``unique`` ...)
+  is a synchronisation, as on CuPy.
 
 It is installed into mpipar only through ``backend.use_gpu_module`` (the ``strict_cupy``
 fixture of ``tests/conftest.py`` does that and removes it), so nothing outside a test can
@@ -95,6 +97,8 @@ HOST_NAMES = ("asarray", "array", "ascontiguousarray", "asnumpy", "get_array_mod
               "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool_", "intp",
               "complex64", "complex128", "isscalar", "ndim", "shape", "size")
 CUPY_NAMES = frozenset(UFUNC_NAMES + FUNCTION_NAMES + CREATION_NAMES + HOST_NAMES)
+# functions whose output size the data decides: each is a host synchronisation on CuPy
+DATA_DEPENDENT_NAMES = ("nonzero", "flatnonzero", "argwhere", "unique")
 CUDA_NAMES = frozenset(("Device", "Stream", "ExternalStream", "Event", "get_current_stream",
                         "runtime", "alloc_pinned_memory", "PinnedMemoryPointer",
                         "PinnedMemoryPool", "set_pinned_memory_allocator", "is_available",
@@ -339,12 +343,23 @@ class StrictCupy:
 
     def index(self, key: Any, site: str) -> Any:
         """An index as CuPy takes it: host integer arrays and lists are copied to the device
-        (counted), device arrays used as they are."""
+        (counted), device arrays used as they are; a boolean device mask is a host
+        synchronisation (``data_dependent``)."""
         if isinstance(key, tuple):
             return tuple(self.index(k, site) for k in key)
         if isinstance(key, (np.ndarray, list)):
-            return self.to_device(key, None, site)
+            key = self.to_device(key, None, site)
+        if isinstance(key, ndarray) and key.dtype == np.bool_:
+            self.data_dependent(site)
         return key
+
+    # -- outputs whose size the data decides (issue 15 item 3) ----------------------------
+    def data_dependent(self, site: str) -> None:
+        """An operation whose output size depends on the data (a boolean-mask gather or
+        assignment, ``nonzero``, ``flatnonzero``, ``argwhere``, ``unique``): CuPy reads the
+        count to the host before it can allocate the result, so the host waits for the
+        stream, as for ``float(x)``. Counted as a sync at ``site``."""
+        self.host_sync(site)
 
     def to_device(self, host: Any, dtype: Any = None, site: str = "") -> ndarray:
         if isinstance(host, ndarray):
@@ -566,7 +581,10 @@ def _method(name: str) -> Any:
     writes = name in ("fill", "put", "sort")
 
     def method(self: ndarray, *args: Any, **kwargs: Any) -> Any:
-        return self._d.kernel(np_method, (self, *args), kwargs, _site(),
+        site = _site()
+        if name in DATA_DEPENDENT_NAMES:
+            self._d.data_dependent(site)
+        return self._d.kernel(np_method, (self, *args), kwargs, site,
                               writes=(self,) if writes else ())
     method.__name__ = name
     return method
@@ -819,6 +837,17 @@ def _make_cupy(d: StrictCupy) -> _Namespace:
         return fn
 
     names["empty"], names["empty_like"] = unwritten(np.empty), unwritten(np.empty_like)
+
+    def sized_by_data(f: Any) -> Any:
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            site = _site()
+            d.data_dependent(site)
+            return d.kernel(f, args, kwargs, site)
+        fn.__name__ = f.__name__
+        return fn
+
+    for n in DATA_DEPENDENT_NAMES:
+        names[n] = sized_by_data(getattr(np, n))
     names["linalg"] = _Namespace("cupy.linalg", {"norm": _function(d, np.linalg.norm)})
     names["copyto"] = lambda dst, src, **kw: d.kernel(np.copyto, (dst, src), kw, _site(), writes=(dst,))
     for n in ("shares_memory", "may_share_memory"):

@@ -333,6 +333,45 @@ def test_embedding(xp):
     assert np.all(to_host(dwpe)[T:] == 0)
 
 
+def _accumulate_case(rng, V=9, N=200, W=5):
+    ids = rng.integers(0, V - 1, N)          # row V - 1 never hit
+    ids[:30] = 3                             # a long run of one token, and a token at the end
+    ids[-1] = 0
+    return ids, rng.standard_normal((N, W)), rng.standard_normal((V, W))
+
+
+def test_accumulate_rows_adds_in_token_order_and_repeats_bitwise(xp):
+    """The CPU's bits are add.at's (the serial reference, token order); a GPU's are another
+    order of the same sums, the same bits on every call (the double's add.at would not be)."""
+    ids, rows, start = _accumulate_case(np.random.default_rng(21))
+    ref = start.copy()
+    for i, v in enumerate(ids):              # token order, one token at a time
+        ref[v] += rows[i]
+    got = []
+    for _ in range(2):
+        target = xp.asarray(start.copy())
+        embedding.accumulate_rows(target, xp.asarray(ids), xp.asarray(rows))
+        got.append(to_host(target))
+    if xp is np:
+        np.testing.assert_array_equal(got[0], ref)
+    else:                                    # a sum of the same terms in another order
+        np.testing.assert_allclose(got[0], ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got[1], got[0])
+    np.testing.assert_array_equal(got[0][-1], start[-1])      # a row no token hit: untouched
+    empty = xp.asarray(start.copy())
+    embedding.accumulate_rows(empty, xp.asarray(ids[:0]), xp.asarray(rows[:0]))
+    np.testing.assert_array_equal(to_host(empty), start)
+
+
+def test_accumulate_rows_on_a_gpu_needs_no_host_synchronisation(strict_cupy):
+    cp = strict_cupy.xp
+    ids, rows, start = _accumulate_case(np.random.default_rng(22))
+    target, ids_d, rows_d = cp.asarray(start), cp.asarray(ids), cp.asarray(rows)
+    with strict_cupy.counting() as c:
+        embedding.accumulate_rows(target, ids_d, rows_d)
+    assert c.total("syncs") == 0 and c.total("d2h") == 0 and c.total("kernels") > 0, c
+
+
 def test_crossentropy(xp):
     rng = np.random.default_rng(14)
     V = 6

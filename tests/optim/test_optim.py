@@ -183,6 +183,21 @@ def test_clip_grad_norm_counts_what_it_is_told_and_adds_over_groups():
         clip_grad_norm(g, float("nan"))
 
 
+def test_the_norm_of_device_gradients_is_one_host_read(strict_cupy):
+    """However many tensors: one synchronising device -> host copy (their sums of squares,
+    stacked), the clip factor a number the scaling kernels take; the same maths as NumPy's,
+    so the double (NumPy underneath) gives the same bits."""
+    cp, rng = strict_cupy.xp, np.random.default_rng(3)
+    host = {f"t{i}": rng.standard_normal((i % 7 + 1, 5)) for i in range(40)}
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    with strict_cupy.counting() as c:
+        norm = clip_grad_norm(dev, 1.0)
+    assert c.total("syncs") == 1 and c.total("d2h") == 1, c
+    assert norm == clip_grad_norm(host, 1.0) and norm > 1.0
+    for k, v in host.items():
+        np.testing.assert_array_equal(dev[k].get(), v, err_msg=k)
+
+
 def test_optimizer_spec_builds_what_it_names():
     params = make_params()
     spec = OptimizerSpec("adamw", lr=2e-3, weight_decay=0.1)

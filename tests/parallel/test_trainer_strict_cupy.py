@@ -1,7 +1,7 @@
 """The trainer's GPU path under the strict CuPy double: every layout form of this world trains
 as NumPy does, and the double's counters say what one optimiser step costs in host
-synchronisations (issue 15: the count these tests will bound once the step keeps its norms on
-the device)."""
+synchronisations: at most five per optimiser step outside the Communicator, at any depth
+(issue 15 item 3)."""
 
 import numpy as np
 import pytest
@@ -57,20 +57,57 @@ def test_every_layout_on_the_double_trains_as_numpy(comm, strict_cupy):
             np.testing.assert_allclose(sd[name], ref, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+MAX_SYNCS = 5            # issue 15: host synchronisations per optimiser step, any size
+
+
+def _in_comm(site):
+    return "mpipar/comm/" in site.replace("\\", "/")
+
+
+def _step_counts(comm, double, layout, n_layer):
+    """The double's counters over one optimiser step (after a first one: pools, buffers and
+    caches warm) of a ``n_layer``-block model under ``layout``, clipped."""
+    trainer = ParallelTrainer(comm, CONFIG.replace(n_layer=n_layer), layout,
+                              OptimizerSpec("adamw", lr=LR), dtype="float32", xp=double.xp,
+                              grad_clip=1.0)
+    (x, y), mine = _batches()[0], B // layout.dp
+    lo = trainer.mesh.dp_rank * mine
+    trainer.step(x[lo:lo + mine], y[lo:lo + mine], lr=LR)
+    with double.counting() as c:
+        trainer.step(x[lo:lo + mine], y[lo:lo + mine], lr=LR)
+    return c
+
+
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("strict_cupy", [LEGACY], ids=["legacy-stream"], indirect=True)
-def test_the_double_counts_host_synchronisations_of_a_step(comm, strict_cupy):
-    layout = Layout(comm.size, 1, 1)
-    trainer = ParallelTrainer(comm, CONFIG, layout, OptimizerSpec("adamw", lr=LR), dtype="float32",
-                              xp=strict_cupy.xp, grad_clip=1.0)
-    (x, y), mine = _batches()[0], B // comm.size
-    lo = trainer.mesh.dp_rank * mine
-    trainer.step(x[lo:lo + mine], y[lo:lo + mine], lr=LR)  # warm: pools, buffers, caches
-    with strict_cupy.counting() as c:
-        trainer.step(x[lo:lo + mine], y[lo:lo + mine], lr=LR)
-    assert c.total("syncs") >= 1 and c.total("kernels") > 0
+def test_a_step_synchronises_the_host_at_most_five_times_at_any_depth(comm, strict_cupy):
+    """Every layout of this world (one process, dp, tp, pp, hybrids; ZeRO-1 where dp > 1;
+    two micro-batches and two accumulation chunks where the batch allows), at 2 and at 4
+    blocks: outside ``mpipar/comm/`` at most MAX_SYNCS host synchronisations on every rank,
+    the same number at both depths, and exactly one device -> host copy (the loss and the
+    norm). The Communicator's own syncs (it synchronises a buffer before MPI or its staging
+    copy reads it, once or twice per collective: tp's all-reduces grow with depth) are
+    printed, not bounded here: the staging path is issue 15's other part (gpucomm).
+    Legacy stream: the background all-reduce's hand-off under per-thread streams is too."""
+    seen = []
+    for dp, tp, pp in layouts(comm.size):
+        if B % (dp * 4) or CONFIG.n_head % tp or pp > 2:
+            continue
+        layout = Layout(dp, tp, pp, micro_batches=2, grad_accum=2, zero=1 if dp > 1 else 0)
+        mine = {}
+        for n_layer in (2, 4):
+            c = _step_counts(comm, strict_cupy, layout, n_layer)
+            outside = {s: n for s, n in c.syncs.items() if not _in_comm(s)}
+            d2h = {s: n for s, n in c.d2h.items() if not _in_comm(s)}
+            mine[n_layer] = sum(outside.values())
+            assert mine[n_layer] <= MAX_SYNCS, (layout, n_layer, outside)
+            assert sum(d2h.values()) == 1, (layout, n_layer, d2h)
+            inside = c.total("syncs") - mine[n_layer]
+            seen.append(f"{dp}x{tp}x{pp} L={n_layer}: {mine[n_layer]} outside comm/ "
+                        f"({', '.join(f'{s} x{n}' for s, n in sorted(outside.items()))}), "
+                        f"{inside} in comm/")
+        assert mine[2] == mine[4], (layout, mine)
+    if not seen:
+        pytest.skip(f"no layout of {comm.size} ranks fits a batch of {B} in 2 x 2 parts")
     if comm.rank == 0:
-        top = ", ".join(f"{s} x{n}" for s, n in c.syncs.most_common(6))
-        print(f"\n[strict-cupy] world {comm.size}: one step: {c.total('syncs')} host syncs, "
-              f"{c.total('d2h')} d2h ({c.total('d2h_pinned')} into pinned memory), {c.total('h2d')} h2d, {c.total('kernels')} kernels; "
-              f"syncs by site: {top}")
+        print(f"\n[strict-cupy] world {comm.size}, syncs per step on rank 0:\n  " + "\n  ".join(seen))
