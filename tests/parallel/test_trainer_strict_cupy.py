@@ -79,7 +79,8 @@ def _step_counts(comm, double, layout, n_layer):
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("strict_cupy", [LEGACY], ids=["legacy-stream"], indirect=True)
+@pytest.mark.parametrize("strict_cupy", [{}, LEGACY], ids=["per-thread-streams", "legacy-stream"],
+                         indirect=True)
 def test_a_step_synchronises_the_host_at_most_five_times_at_any_depth(comm, strict_cupy):
     """Every layout of this world (one process, dp, tp, pp, hybrids; ZeRO-1 where dp > 1;
     two micro-batches and two accumulation chunks where the batch allows), at 2 and at 4
@@ -87,8 +88,8 @@ def test_a_step_synchronises_the_host_at_most_five_times_at_any_depth(comm, stri
     the same number at both depths, and exactly one device -> host copy (the loss and the
     norm). The Communicator's own syncs (it synchronises a buffer before MPI or its staging
     copy reads it, once or twice per collective: tp's all-reduces grow with depth) are
-    printed, not bounded here: the staging path is issue 15's other part (gpucomm).
-    Legacy stream: the background all-reduce's hand-off under per-thread streams is too."""
+    printed, not bounded here: staged MPI must wait for each buffer it copies; through NCCL
+    they are bounded too (test_trainer_nccl.py)."""
     seen = []
     for dp, tp, pp in layouts(comm.size):
         if B % (dp * 4) or CONFIG.n_head % tp or pp > 2:
