@@ -47,6 +47,11 @@ from mpipar.parallel.layout import Layout
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.runtime import print0
 
+# what a step's time is read from: elapsed time, or the process's CPU time (on a machine other
+# jobs share, with 1 thread per process, the work done without the waits for a free core;
+# with more threads it also counts threads spinning while they wait for work)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
 # both sides: AdamW with these numbers (betas and eps are OptimizerSpec's defaults)
 OPTIMIZER = OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1)
 
@@ -65,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "beside torch DDP with gloo")
     p.add_argument("--torch-attention", choices=("sdpa", "manual"), default="sdpa")
     p.add_argument("--no-torch", action="store_true", help="time mpipar only")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (all its threads), "
+                        "which leaves out time spent waiting for a core on a shared machine")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -255,11 +263,12 @@ def main(args: argparse.Namespace) -> int:
                                      if torch is not None else [])
     times: dict[str, list[float]] = {name: [] for name, _ in sides}
     first_loss: dict[str, float] = {}
+    clock = CLOCKS[args.clock]
     for s, (x, y) in enumerate(batches):           # alternate sides: same load for both
         for name, fn in sides:
-            t0 = time.perf_counter()
+            t0 = clock()
             loss = fn(x, y)
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             first_loss.setdefault(name, loss)
             if s >= args.warmup:
                 times[name].append(dt)
@@ -270,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
           f"B={B} T={T} ({B * T:,} tokens/step) | float32 | threads {args.threads} "
           f"(numpy BLAS reports {backend.blas_threads()}"
           f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}) | "
-          f"median of {args.steps} steps after {args.warmup} warm-up | "
+          f"median of {args.steps} steps after {args.warmup} warm-up, {args.clock} clock | "
           f"{flops_tok / 1e6:.1f} MFLOP/token")
     _report([name for name, _ in sides], times, first_loss, B * T, flops_tok)
     return 0
@@ -331,12 +340,13 @@ def main_ranks(args: argparse.Namespace) -> int:
                                         if torch is not None else [])
     times: dict[str, list[float]] = {name: [] for name, _ in sides}
     first_loss: dict[str, float] = {}
+    clock = CLOCKS[args.clock]
     for s, (x, y) in enumerate(batches):           # alternate sides: same load for both
         for name, fn in sides:
             world.barrier()
-            t0 = time.perf_counter()
+            t0 = clock()
             loss = fn(x, y)
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             first_loss.setdefault(name, loss)
             if s >= args.warmup:
                 times[name].append(dt)
@@ -356,6 +366,7 @@ def main_ranks(args: argparse.Namespace) -> int:
            f"({B * T:,} tokens/step, {B // N} sequences per rank) | float32 | {N} ranks x "
            f"{args.threads} thread(s) (numpy BLAS reports {backend.blas_threads()}"
            f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}) | AdamW | "
-           f"median of {args.steps} steps after {args.warmup} warm-up, slowest rank per step")
+           f"median of {args.steps} steps after {args.warmup} warm-up, slowest rank per step, "
+           f"{args.clock} clock")
     _report([name for name, _ in sides], times, first_loss, B * T, flops_tok)
     return 0
