@@ -68,15 +68,17 @@ def qkv_rows(C: int, NH: int, h0: int, h1: int) -> np.ndarray:
     return np.concatenate(idx)
 
 
-# ---- causal blocks: on the CPU, work above the diagonal is skipped --------------------------
-# The T x T scores of a causal head are zero above the diagonal after the softmax. On NumPy the
-# query positions are cut into blocks of QUERY_BLOCK rows: query block [r0, r1) sees keys
-# [0, r1) only, so its score, softmax and product work covers those columns, and the key
-# block [c0, c1) of dv and dk is reached from queries [c0, T) only. With T = 256 and blocks of
-# 64 that is 10 of 16 tiles (62.5%) of every T x T operation. The probabilities are still a
-# whole (B, NH, T, T) array, zero above the blocks (so dropout, the cache and recompute see
-# what they always saw). Anything else (CuPy, the simulator's symbolic arrays) is one block
-# [0, T): the whole product, as one kernel each.
+# ---- causal blocks: on the CPU, products over the zeros above the diagonal are skipped --------
+# The probabilities of a causal head, and their gradient after the softmax backward, are zero
+# above the diagonal. On NumPy the products that take them as the left operand skip those
+# zeros: with the positions cut into blocks of QUERY_BLOCK, query block [r0, r1) of
+# ``att @ v`` (and of dq) sums over keys [0, r1) only, and key block [c0, c1) of
+# ``att^T @ dy`` (and of dk) over queries [c0, T) only: 10 of 16 tiles at T = 256 and blocks
+# of 64, for four of the six (B, NH, T, T) products of a step. The scores, d att and the two
+# softmax passes stay whole: cut the same way they were slower here (the smaller products
+# write strided tiles; the softmax becomes 4x the NumPy calls on quarter-size rows), measured
+# on the shakespeare model (docs/results/cpu-speed.md). Anything else (CuPy, the simulator's
+# symbolic arrays) is one block [0, T): the whole product, as one kernel.
 QUERY_BLOCK = 64
 
 
@@ -84,43 +86,6 @@ def causal_blocks(xp: Any, T: int) -> list[tuple[int, int]]:
     """The query blocks ``[(r0, r1), ...]`` covering ``[0, T)`` (one block off NumPy)."""
     step = T if xp is not np else QUERY_BLOCK
     return [(r0, min(r0 + step, T)) for r0 in range(0, T, step)]
-
-
-def _softmax_(att: Any, mask: Any, xp: Any) -> None:
-    """In place: att = softmax(att + mask) over the last axis, mask the causal mask, (T, T)
-    slab blocks at a time. Per query block [r0, r1) only the keys [0, r1) are computed (the
-    mask adds to the diagonal tile only); entries right of them are left as they are: the
-    caller has zeroed them (``_probabilities``), which is what softmax makes of them."""
-    B, NH, T, _ = att.shape
-    a3 = att.reshape(B * NH, T, T)              # (B*NH, T, T) view
-    blocks = causal_blocks(xp, T)
-
-    def block(s: slice) -> None:
-        for r0, r1 in blocks:
-            a = a3[s, r0:r1, :r1]                   # (n, r1-r0, r1) strided view
-            a[:, :, r0:] += mask[r0:r1, r0:r1]      # left of the diagonal tile the mask is 0
-            a -= a.max(axis=-1, keepdims=True)      # stable: the row max is on the diagonal or left
-            xp.exp(a, out=a)
-            a *= 1.0 / a.sum(axis=-1, keepdims=True)
-
-    for_each_block(xp, B * NH, T * T, block)
-
-
-def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
-    """In place: datt = att * (datt - rowsum(datt * att)); masked entries have att = 0, so
-    per query block only the keys [0, r1) are computed; right of them datt is left as it is
-    (zero: ``backward`` zeroes it)."""
-    B, NH, T, _ = att.shape
-    d3, a3 = datt.reshape(B * NH, T, T), att.reshape(B * NH, T, T)
-    blocks = causal_blocks(xp, T)
-
-    def block(s: slice) -> None:
-        for r0, r1 in blocks:
-            d, a = d3[s, r0:r1, :r1], a3[s, r0:r1, :r1]
-            d -= (d * a).sum(axis=-1, keepdims=True)  # (n, r1-r0, 1) broadcast
-            d *= a
-
-    for_each_block(xp, B * NH, T * T, block)
 
 
 def _causal_matmul(a: Any, b: Any, out: Any, xp: Any) -> None:
@@ -134,27 +99,43 @@ def _causal_matmul_t(a: Any, b: Any, out: Any, xp: Any) -> None:
     """``out = a^T @ b`` (transposing the last two axes of ``a``) for a causal ``a``: key
     block [c0, c1) of the result sums over queries [c0, T) only."""
     for c0, c1 in causal_blocks(xp, a.shape[-1]):
-        xp.matmul(a[:, :, c0:, c0:c1].transpose(0, 1, 3, 2), b[:, :, c0:, :], out=out[:, :, c0:c1, :])
+        xp.matmul(a[:, :, c0:, c0:c1].transpose(0, 1, 3, 2), b[:, :, c0:, :],
+                  out=out[:, :, c0:c1, :])
 
 
-def _causal_scores(a: Any, b: Any, out: Any, xp: Any) -> None:
-    """``out = a @ b^T`` (B, NH, T, T) for (B, NH, T, hs) ``a``, ``b``, computed in the causal
-    blocks only; the entries above them are set to 0."""
-    T = a.shape[-2]
-    for r0, r1 in causal_blocks(xp, T):
-        xp.matmul(a[:, :, r0:r1, :], b[:, :, :r1, :].transpose(0, 1, 3, 2), out=out[:, :, r0:r1, :r1])
-        if r1 < T:
-            out[:, :, r0:r1, r1:] = 0
+def _softmax_(att: Any, mask: Any, xp: Any) -> None:
+    """In place: att = softmax(att + mask) over the last axis, (T, T) slab blocks at a time."""
+    B, NH, T, _ = att.shape
+    a3 = att.reshape(B * NH, T, T)              # (B*NH, T, T) view
+    def block(s: slice) -> None:
+        a = a3[s]
+        a += mask
+        a -= a.max(axis=-1, keepdims=True)      # stable: the row max is on the diagonal or left
+        xp.exp(a, out=a)
+        a *= 1.0 / a.sum(axis=-1, keepdims=True)
+
+    for_each_block(xp, B * NH, T * T, block)
+
+
+def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
+    """In place: datt = att * (datt - rowsum(datt * att)); masked entries have att = 0."""
+    B, NH, T, _ = att.shape
+    d3, a3 = datt.reshape(B * NH, T, T), att.reshape(B * NH, T, T)
+    def block(s: slice) -> None:
+        d, a = d3[s], a3[s]
+        d -= (d * a).sum(axis=-1, keepdims=True)  # (n, T, 1) broadcast
+        d *= a
+
+    for_each_block(xp, B * NH, T * T, block)
 
 
 def _probabilities(q: Any, k: Any, p: float, rng: Any) -> tuple[Any, Any]:
     """``(att, mask)``: softmax(q k^T / sqrt(hs) + causal mask) (B, NH, T, T) and the dropout
     mask drawn from ``rng`` (None when p == 0). Forward and recompute both call this."""
     xp = array_module(q)
-    B, NH, T, hs = q.shape
+    T, hs = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(hs)                 # a Python float: keeps float32 float32
-    att = xp.empty((B, NH, T, T), dtype=q.dtype)
-    _causal_scores(q * scale, k, att, xp)       # (B, NH, T, T) scores, 0 above the blocks
+    att = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T) scores
     _softmax_(att, causal_mask(T, att.dtype, xp), xp)  # (B, NH, T, T) probabilities
     drop = dropout_op.mask(att.shape, att.dtype, p, rng) if p > 0.0 else None
     return att, drop
@@ -240,8 +221,7 @@ def backward(dout: Any, cache: tuple, dc_attn_w: Any, dc_attn_b: Any, dc_proj_w:
     dqkv = xp.empty((B, T, 3, NH, hs), dtype=qkv.dtype)  # (B, T, 3, NH, hs)
     slot = lambda i: dqkv[:, :, i].transpose(0, 2, 1, 3)  # noqa: E731  (B, NH, T, hs)
     _causal_matmul_t(att_used, dy, slot(2), xp)  # dv
-    datt = xp.empty((B, NH, T, T), dtype=qkv.dtype)
-    _causal_scores(dy, v, datt, xp)             # (B, NH, T, T) d att, 0 above the blocks
+    datt = dy @ v.transpose(0, 1, 3, 2)         # (B, NH, T, T)
     if drop is not None:
         datt = dropout_op.backward(datt, drop)
     _softmax_backward_(datt, att, xp)           # (B, NH, T, T) d scores / scale
