@@ -1,10 +1,11 @@
-"""python -m mpipar.bench train: one-process training throughput, beside PyTorch eager.
+"""python -m mpipar.bench train: training throughput beside PyTorch, one process or dp ranks.
 
 Examples::
 
     python -m mpipar.bench train --model shakespeare            # B=8, T=256, all cores
     python -m mpipar.bench train --model small --batch-size 16 --steps 10 --threads 1
     python -m mpipar.bench train --model shakespeare --torch-attention manual
+    mpiexec -n 2 python -m mpipar.bench train --ranks 2         # dp=2 beside torch DDP (gloo)
 
 Both sides train the same GPT (same config, same initial weights copied from mpipar, float32,
 the same batches from the default corpus) with AdamW, and a step is forward + backward +
@@ -16,6 +17,13 @@ The torch model is a minimal nanoGPT-style GPT written here (not imported from a
 ``--torch-attention sdpa`` (torch's fused scaled_dot_product_attention, the default and the
 stronger baseline) or ``manual`` (the same four ops as mpipar: matmul, mask, softmax, matmul).
 Without torch installed the torch column is skipped.
+
+``--ranks N`` (under ``mpiexec -n N``) compares data-parallel training instead: every rank
+runs mpipar's ``ParallelTrainer`` with the layout dp=N and, in the same process, the torch
+GPT wrapped in ``DistributedDataParallel`` over a gloo process group (rendezvous on
+127.0.0.1, a port rank 0 picked), 1 thread each by default, each on its rows of the same
+global batch with the same AdamW. Steps alternate mpipar / torch after a barrier, so both
+sides see the same machine; a step's time is the slowest rank's.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import statistics
 import time
 from typing import Any
@@ -30,9 +39,18 @@ from typing import Any
 import numpy as np
 
 from mpipar import backend
+from mpipar.comm import make_communicator
 from mpipar.data import VOCAB_SIZE, BatchSampler, load_tokens, split_train_val
-from mpipar.nn.gpt import GPT, PRESETS
+from mpipar.nn.gpt import GPT, PRESETS, flops_per_token
 from mpipar.optim import OptimizerSpec
+from mpipar.parallel.layout import Layout
+from mpipar.parallel.trainer import ParallelTrainer
+from mpipar.runtime import print0
+
+# what a step's time is read from: elapsed time, or the process's CPU time (on a machine other
+# jobs share, with 1 thread per process, the work done without the waits for a free core;
+# with more threads it also counts threads spinning while they wait for work)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 # both sides: AdamW with these numbers (betas and eps are OptimizerSpec's defaults)
 OPTIMIZER = OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1)
@@ -44,10 +62,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="T (default: the preset's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="BLAS / torch intra-op threads for both sides")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS / torch intra-op threads per process, both sides (default: all "
+                        "cores; 1 with --ranks)")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="data-parallel ranks (run under mpiexec -n RANKS): mpipar dp=RANKS "
+                        "beside torch DDP with gloo")
     p.add_argument("--torch-attention", choices=("sdpa", "manual"), default="sdpa")
     p.add_argument("--no-torch", action="store_true", help="time mpipar only")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (all its threads), "
+                        "which leaves out time spent waiting for a core on a shared machine")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -143,21 +168,71 @@ def _median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
-def main(args: argparse.Namespace) -> int:
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles (the spread reported beside a median)."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def _report(sides: list[str], times: dict[str, list[float]], first_loss: dict[str, float],
+            tokens: int, flops_tok: float) -> None:
+    """The table: per side the median, fastest and slowest step, tokens/s and GFLOP/s; then
+    mpipar/torch ratios (of medians, the median of paired steps with its quartiles, of the
+    fastest steps)."""
+    print0(f"{'implementation':<24} {'ms/step':>9} {'min':>9} {'max':>9} {'tokens/s':>10} "
+           f"{'GFLOP/s':>9} {'loss@0':>8}")
+    med = {}
+    for name in sides:
+        med[name] = _median_ms(times[name])
+        tps = tokens / (med[name] / 1e3)
+        print0(f"{name:<24} {med[name]:>9.1f} {1e3 * min(times[name]):>9.1f} "
+               f"{1e3 * max(times[name]):>9.1f} {tps:>10,.0f} {tps * flops_tok / 1e9:>9.2f} "
+               f"{first_loss[name]:>8.4f}")
+    if len(sides) == 2:
+        mname, tname = sides
+        ratio = med[tname] / med[mname]
+        # steps alternate, so each (mpipar, torch) pair saw about the same machine load: the
+        # median of per-pair ratios is the figure least disturbed by other jobs
+        pairs = [t / m for m, t in zip(times[mname], times[tname])]
+        lo, hi = _quartiles(pairs)
+        best = min(times[tname]) / min(times[mname])
+        print0(f"ratio mpipar/torch (tokens/s): {ratio:.2f}x of medians | "
+               f"{statistics.median(pairs):.2f}x median of paired steps (quartiles {lo:.2f}-"
+               f"{hi:.2f}, range {min(pairs):.2f}-{max(pairs):.2f}) | {best:.2f}x of fastest steps")
+
+
+def _import_torch(threads: int) -> Any:
+    """torch with ``threads`` intra-op threads, or None (and a line saying so) without it."""
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        print0("torch is not installed: timing mpipar only (pip install torch for the baseline)")
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def _check(args: argparse.Namespace) -> None:
     if args.model not in PRESETS:
         raise SystemExit(f"bench train: --model {args.model!r} is not one of "
                          f"{', '.join(sorted(PRESETS))}")
-    if min(args.batch_size, args.steps, args.threads) < 1 or args.warmup < 0:
-        raise SystemExit("bench train: --batch-size, --steps, --threads must be >= 1")
-    backend.set_cpu_threads(args.threads)
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch  # noqa: PLC0415
+    if args.threads is None:
+        args.threads = 1 if args.ranks > 1 else (os.cpu_count() or 1)
+    if min(args.batch_size, args.steps, args.threads, args.ranks) < 1 or args.warmup < 0:
+        raise SystemExit("bench train: --batch-size, --steps, --threads, --ranks must be >= 1")
+    if args.batch_size % args.ranks:
+        raise SystemExit(f"bench train: --batch-size {args.batch_size} does not split over "
+                         f"--ranks {args.ranks}")
 
-            torch.set_num_threads(args.threads)
-        except ImportError:
-            print("torch is not installed: timing mpipar only (pip install torch for the baseline)")
+
+def main(args: argparse.Namespace) -> int:
+    _check(args)
+    if args.ranks > 1:
+        return main_ranks(args)
+    backend.set_cpu_threads(args.threads)
+    torch = None if args.no_torch else _import_torch(args.threads)
     config = PRESETS[args.model].replace(vocab_size=VOCAB_SIZE)
     if args.block_size:
         config = config.replace(block_size=args.block_size)
@@ -188,11 +263,12 @@ def main(args: argparse.Namespace) -> int:
                                      if torch is not None else [])
     times: dict[str, list[float]] = {name: [] for name, _ in sides}
     first_loss: dict[str, float] = {}
+    clock = CLOCKS[args.clock]
     for s, (x, y) in enumerate(batches):           # alternate sides: same load for both
         for name, fn in sides:
-            t0 = time.perf_counter()
+            t0 = clock()
             loss = fn(x, y)
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             first_loss.setdefault(name, loss)
             if s >= args.warmup:
                 times[name].append(dt)
@@ -203,23 +279,94 @@ def main(args: argparse.Namespace) -> int:
           f"B={B} T={T} ({B * T:,} tokens/step) | float32 | threads {args.threads} "
           f"(numpy BLAS reports {backend.blas_threads()}"
           f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}) | "
-          f"median of {args.steps} steps after {args.warmup} warm-up | "
+          f"median of {args.steps} steps after {args.warmup} warm-up, {args.clock} clock | "
           f"{flops_tok / 1e6:.1f} MFLOP/token")
-    print(f"{'implementation':<24} {'ms/step':>9} {'min':>9} {'tokens/s':>10} "
-          f"{'GFLOP/s':>9} {'loss@0':>8}")
-    med = {}
-    for name, _ in sides:
-        med[name] = _median_ms(times[name])
-        tps = B * T / (med[name] / 1e3)
-        print(f"{name:<24} {med[name]:>9.1f} {1e3 * min(times[name]):>9.1f} {tps:>10,.0f} "
-              f"{tps * flops_tok / 1e9:>9.2f} {first_loss[name]:>8.4f}")
-    if len(sides) == 2:
-        tname = sides[1][0]
-        ratio = med[tname] / med["mpipar"]
-        # steps alternate, so each (mpipar, torch) pair saw about the same machine load: the
-        # median of per-pair ratios is the figure least disturbed by other jobs
-        paired = statistics.median(t / m for m, t in zip(times["mpipar"], times[tname]))
-        best = min(times[tname]) / min(times["mpipar"])
-        print(f"ratio mpipar/torch (tokens/s): {ratio:.2f}x of medians | {paired:.2f}x median "
-              f"of paired steps | {best:.2f}x of fastest steps")
+    _report([name for name, _ in sides], times, first_loss, B * T, flops_tok)
+    return 0
+
+
+# ---------------------------------------------------------------------------- --ranks N
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torch's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
+
+
+def main_ranks(args: argparse.Namespace) -> int:
+    """dp=N training of mpipar beside torch DDP (gloo) on the same N processes."""
+    world = make_communicator()
+    if world.size != args.ranks:
+        if world.rank == 0:
+            raise SystemExit(f"bench train: --ranks {args.ranks} runs under mpiexec with "
+                             f"{args.ranks} ranks (this job has {world.size}): mpiexec -n "
+                             f"{args.ranks} python -m mpipar.bench train --ranks {args.ranks}")
+        raise SystemExit(2)
+    backend.set_cpu_threads(args.threads)
+    torch = None if args.no_torch else _import_torch(args.threads)
+    config = PRESETS[args.model].replace(vocab_size=VOCAB_SIZE)
+    if args.block_size:
+        config = config.replace(block_size=args.block_size)
+    B, T, N = args.batch_size, config.block_size, args.ranks
+
+    trainer = ParallelTrainer(world, config, Layout(dp=N), OPTIMIZER, seed=args.seed)
+    if torch is not None:
+        import torch.distributed as dist  # noqa: PLC0415
+        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+        port = world.allgather_json(_free_port() if world.rank == 0 else None)[0]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=world.rank, world_size=N)
+        # the same initial weights: the single-process model of the same seed (every layout
+        # of mpipar starts from it)
+        tmodel, topt = torch_side(GPT(config, seed=args.seed, dtype="float32", xp=np), config,
+                                  args.torch_attention)
+        ddp = DistributedDataParallel(tmodel)
+    train, _ = split_train_val(load_tokens(None))
+    sampler = BatchSampler(train, B, T, seed=args.seed)
+    batches = [sampler.batch(s, world.rank, N) for s in range(args.warmup + args.steps)]
+
+    def mp_step(x: np.ndarray, y: np.ndarray) -> float:
+        return trainer.step(x, y).loss
+
+    def torch_step(x: np.ndarray, y: np.ndarray) -> float:
+        topt.zero_grad(set_to_none=True)
+        loss = ddp(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()                      # DDP all-reduces the gradient buckets meanwhile
+        topt.step()
+        return float(loss.detach())
+
+    sides = [(f"mpipar dp={N}", mp_step)] + ([(f"torch DDP gloo ({args.torch_attention})", torch_step)]
+                                        if torch is not None else [])
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    first_loss: dict[str, float] = {}
+    clock = CLOCKS[args.clock]
+    for s, (x, y) in enumerate(batches):           # alternate sides: same load for both
+        for name, fn in sides:
+            world.barrier()
+            t0 = clock()
+            loss = fn(x, y)
+            dt = clock() - t0
+            first_loss.setdefault(name, loss)
+            if s >= args.warmup:
+                times[name].append(dt)
+    # a step lasts as long as its slowest rank; torch's loss is this rank's rows', so its
+    # mean over ranks is the global batch's (mpipar's already is)
+    times = {k: [float(t) for t in world.allreduce(np.array(v), op="max")]
+             for k, v in times.items()}
+    first_loss = {k: float(world.allreduce(np.array([v]), op="avg")[0])
+                  for k, v in first_loss.items()}
+    if torch is not None:
+        dist.destroy_process_group()
+    trainer.close()
+
+    flops_tok = flops_per_token(config)
+    print0(f"bench train --ranks {N} | model {args.model}: {config.n_layer}L {config.n_head}H "
+           f"C={config.n_embd} T={T} V={config.vocab_size} | global B={B} T={T} "
+           f"({B * T:,} tokens/step, {B // N} sequences per rank) | float32 | {N} ranks x "
+           f"{args.threads} thread(s) (numpy BLAS reports {backend.blas_threads()}"
+           f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}) | AdamW | "
+           f"median of {args.steps} steps after {args.warmup} warm-up, slowest rank per step, "
+           f"{args.clock} clock")
+    _report([name for name, _ in sides], times, first_loss, B * T, flops_tok)
     return 0

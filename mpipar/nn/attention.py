@@ -68,6 +68,41 @@ def qkv_rows(C: int, NH: int, h0: int, h1: int) -> np.ndarray:
     return np.concatenate(idx)
 
 
+# ---- causal blocks: on the CPU, products over the zeros above the diagonal are skipped --------
+# The probabilities of a causal head, and their gradient after the softmax backward, are zero
+# above the diagonal. On NumPy the products that take them as the left operand skip those
+# zeros: with the positions cut into blocks of QUERY_BLOCK, query block [r0, r1) of
+# ``att @ v`` (and of dq) sums over keys [0, r1) only, and key block [c0, c1) of
+# ``att^T @ dy`` (and of dk) over queries [c0, T) only: 10 of 16 tiles at T = 256 and blocks
+# of 64, for four of the six (B, NH, T, T) products of a step. The scores, d att and the two
+# softmax passes stay whole: cut the same way they were slower here (the smaller products
+# write strided tiles; the softmax becomes 4x the NumPy calls on quarter-size rows), measured
+# on the shakespeare model (docs/results/cpu-speed.md). Anything else (CuPy, the simulator's
+# symbolic arrays) is one block [0, T): the whole product, as one kernel.
+QUERY_BLOCK = 64
+
+
+def causal_blocks(xp: Any, T: int) -> list[tuple[int, int]]:
+    """The query blocks ``[(r0, r1), ...]`` covering ``[0, T)`` (one block off NumPy)."""
+    step = T if xp is not np else QUERY_BLOCK
+    return [(r0, min(r0 + step, T)) for r0 in range(0, T, step)]
+
+
+def _causal_matmul(a: Any, b: Any, out: Any, xp: Any) -> None:
+    """``out = a @ b`` for a causal (B, NH, T, T) ``a`` (zero above the diagonal) and
+    (B, NH, T, hs) ``b``: query block [r0, r1) sums over keys [0, r1) only."""
+    for r0, r1 in causal_blocks(xp, a.shape[-1]):
+        xp.matmul(a[:, :, r0:r1, :r1], b[:, :, :r1, :], out=out[:, :, r0:r1, :])
+
+
+def _causal_matmul_t(a: Any, b: Any, out: Any, xp: Any) -> None:
+    """``out = a^T @ b`` (transposing the last two axes of ``a``) for a causal ``a``: key
+    block [c0, c1) of the result sums over queries [c0, T) only."""
+    for c0, c1 in causal_blocks(xp, a.shape[-1]):
+        xp.matmul(a[:, :, c0:, c0:c1].transpose(0, 1, 3, 2), b[:, :, c0:, :],
+                  out=out[:, :, c0:c1, :])
+
+
 def _softmax_(att: Any, mask: Any, xp: Any) -> None:
     """In place: att = softmax(att + mask) over the last axis, (T, T) slab blocks at a time."""
     B, NH, T, _ = att.shape
@@ -158,7 +193,7 @@ def forward(x: Any, c_attn_w: Any, c_attn_b: Any, c_proj_w: Any, c_proj_b: Any, 
     att, drop, kept = probabilities.keep(q, k, attn_dropout, rng)  # (B, NH, T, T)
     att_used = dropout_op.forward_with(att, drop)
     y = xp.empty((B, T, NH, hs), dtype=x.dtype)  # (B, T, NH, hs): heads side by side
-    xp.matmul(att_used, v, out=y.transpose(0, 2, 1, 3))  # (B, NH, T, hs) view of y
+    _causal_matmul(att_used, v, y.transpose(0, 2, 1, 3), xp)  # (B, NH, T, hs) view of y
     y = y.reshape(B, T, H)                      # (B, T, H)
     out, lin2 = linear.forward(y, c_proj_w, c_proj_b)  # (B, T, OC)
     return out, (lin1, qkv, probabilities, kept, lin2, NH)
@@ -185,11 +220,11 @@ def backward(dout: Any, cache: tuple, dc_attn_w: Any, dc_attn_b: Any, dc_proj_w:
     # the products are written straight into their slots of dqkv (no transpose copies)
     dqkv = xp.empty((B, T, 3, NH, hs), dtype=qkv.dtype)  # (B, T, 3, NH, hs)
     slot = lambda i: dqkv[:, :, i].transpose(0, 2, 1, 3)  # noqa: E731  (B, NH, T, hs)
-    xp.matmul(att_used.transpose(0, 1, 3, 2), dy, out=slot(2))  # dv
+    _causal_matmul_t(att_used, dy, slot(2), xp)  # dv
     datt = dy @ v.transpose(0, 1, 3, 2)         # (B, NH, T, T)
     if drop is not None:
         datt = dropout_op.backward(datt, drop)
     _softmax_backward_(datt, att, xp)           # (B, NH, T, T) d scores / scale
-    xp.matmul(datt, k * scale, out=slot(0))     # dq; scaling k costs less than scaling datt
-    xp.matmul(datt.transpose(0, 1, 3, 2), q * scale, out=slot(1))  # dk
+    _causal_matmul(datt, k * scale, slot(0), xp)  # dq; scaling k costs less than scaling datt
+    _causal_matmul_t(datt, q * scale, slot(1), xp)  # dk
     return linear.backward(dqkv.reshape(B, T, H3), lin1, dc_attn_w, dc_attn_b)  # (B, T, C)

@@ -20,21 +20,42 @@ from __future__ import annotations
 from typing import Any
 
 from mpipar.backend import array_module, fused
+from mpipar.nn.blocking import for_each_block
 
 EPS = 1e-5
 
+# Both directions run as chains of row-wise passes, block by block over rows
+# (``blocking.for_each_block``: in cache on the CPU, on every CPU thread; one block on a GPU),
+# writing into arrays made once per call. Each element's arithmetic is the expression in the
+# docstring above, in that order, so a row's result does not depend on the block it lies in.
+
 
 def forward(x: Any, w: Any, b: Any = None, eps: float = EPS) -> tuple[Any, tuple]:
-    with fused(array_module(x)):                # one kernel on a GPU (fused layer norm)
-        mean = x.mean(axis=-1, keepdims=True)       # (B, T, 1)
-        xc = x - mean                               # (B, T, C)
-        var = (xc * xc).mean(axis=-1, keepdims=True)  # (B, T, 1)
-        rstd = 1.0 / (var + eps) ** 0.5             # (B, T, 1)
-        xc *= rstd                                  # (B, T, C) normalised, in place
-        xc *= w
+    xp = array_module(x)
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)                           # (N, C)
+    out = xp.empty_like(x2)
+    mean = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
+    rstd = xp.empty_like(mean)
+
+    def block(s: slice) -> None:
+        xs, o, sq = x2[s], out[s], xp.empty_like(x2[s])
+        xp.mean(xs, axis=-1, keepdims=True, out=mean[s])
+        xp.subtract(xs, mean[s], out=o)             # centred
+        xp.multiply(o, o, out=sq)
+        r = rstd[s]
+        xp.mean(sq, axis=-1, keepdims=True, out=r)  # var
+        r += eps
+        r **= 0.5
+        xp.divide(1.0, r, out=r)                    # 1 / sqrt(var + eps)
+        o *= r                                      # normalised
+        o *= w
         if b is not None:
-            xc += b
-    return xc, (x, mean, rstd, w)
+            o += b
+
+    for_each_block(xp, x2.shape[0], C, block)
+    lead = x.shape[:-1] + (1,)
+    return out.reshape(x.shape), (x, mean.reshape(lead), rstd.reshape(lead), w)
 
 
 def backward(dout: Any, cache: tuple, dw: Any, db: Any = None) -> Any:
@@ -44,18 +65,28 @@ def backward(dout: Any, cache: tuple, dw: Any, db: Any = None) -> Any:
 
 def _backward(dout: Any, cache: tuple, dw: Any, db: Any) -> Any:
     x, mean, rstd, w = cache
+    xp = array_module(x)
     C = x.shape[-1]
-    n = x - mean                                # (B, T, C) recomputed to save memory
-    n *= rstd
-    lead = tuple(range(x.ndim - 1))
-    dw += (dout * n).sum(axis=lead)             # (C,)
+    x2, d2 = x.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
+    m2, r2 = mean.reshape(-1, 1), rstd.reshape(-1, 1)  # (N, 1)
+    dx = xp.empty_like(x2)
+    dwn = xp.empty_like(x2)                         # dout * n, summed over rows once at the end
+
+    def block(s: slice) -> None:
+        n, dn = xp.subtract(x2[s], m2[s]), dx[s]    # n recomputed to save memory
+        n *= r2[s]
+        xp.multiply(d2[s], n, out=dwn[s])
+        xp.multiply(d2[s], w, out=dn)               # dn
+        dn_mean = dn.mean(axis=-1, keepdims=True)   # (rows, 1)
+        dnn = xp.multiply(dn, n)
+        dnn_mean = dnn.sum(axis=-1, keepdims=True) / C  # (rows, 1)
+        dn -= dn_mean
+        n *= dnn_mean
+        dn -= n
+        dn *= r2[s]                                 # dx
+
+    for_each_block(xp, x2.shape[0], C, block)
+    dw += dwn.sum(axis=0)                           # (C,)
     if db is not None:
-        db += dout.sum(axis=lead)               # (C,)
-    dn = dout * w                               # (B, T, C)
-    dn_mean = dn.mean(axis=-1, keepdims=True)   # (B, T, 1)
-    dnn_mean = (dn * n).sum(axis=-1, keepdims=True) / C  # (B, T, 1)
-    dn -= dn_mean
-    n *= dnn_mean
-    dn -= n
-    dn *= rstd                                  # (B, T, C) = dx
-    return dn
+        db += d2.sum(axis=0)                        # (C,)
+    return dx.reshape(dout.shape)

@@ -32,9 +32,10 @@ class AdamW(Optimizer):
         super().__init__(params, lr, weight_decay, decay)
         self.b1, self.b2, self.eps = float(b1), float(b2), float(eps)
 
-    def _update(self, name: str, p: Any, g: Any, lr: float, decay: bool, buf: Any) -> None:
+    def _update(self, p: Any, g: Any, state: dict[str, Any], lr: float, decay: bool,
+                buf: Any) -> None:
         xp, b1, b2 = self.xp, self.b1, self.b2
-        m, v = self.state["exp_avg"][name], self.state["exp_avg_sq"][name]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
         t = self.step_count
         bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
         # every op writes into m, v, p or the shared scratch: no temporaries per tensor

@@ -10,6 +10,7 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.backend import fused
+from mpipar.nn.blocking import for_each_block
 
 
 def decays_by_default(name: str, p: Any) -> bool:
@@ -25,8 +26,15 @@ class Optimizer:
     """Base: keeps ``params`` (name -> array, updated in place) and per-tensor state.
 
     Subclasses name their per-tensor state buffers in ``_state_names`` and implement
-    ``_update(name, p, g, lr, decay, buf)``; ``buf`` is scratch space of ``p``'s shape, shared
-    across tensors so that an update allocates nothing.
+    ``_update(p, g, state, lr, decay, buf)`` for one tensor or a piece of it: ``state`` maps
+    each state name to the same piece of its buffer, ``buf`` is scratch space of ``p``'s shape,
+    shared across tensors so that an update allocates nothing.
+
+    An update is a chain of elementwise passes over the parameter, its gradient and state.
+    On NumPy the chain runs on blocks of the flattened tensor (``nn.blocking.for_each_block``,
+    on every CPU thread), so a block's p, g, state and scratch stay in cache from the first
+    pass to the last and memory is read and written about once per step instead of once per
+    pass; the arithmetic of every element is the same.
     """
 
     _state_names: tuple[str, ...] = ()
@@ -64,10 +72,23 @@ class Optimizer:
                 g = grads[name]
                 if g.shape != p.shape:
                     raise ValueError(f"gradient of {name} has shape {g.shape}, parameter {p.shape}")
-                buf = self._scratch[:p.size].reshape(p.shape)
-                self._update(name, p, g, lr, self.decay[name], buf)
+                self._step_tensor(name, p, g, lr, self.decay[name])
 
-    def _update(self, name: str, p: Any, g: Any, lr: float, decay: bool, buf: Any) -> None:
+    def _step_tensor(self, name: str, p: Any, g: Any, lr: float, decay: bool) -> None:
+        """One tensor's update, block by block over its elements where it is contiguous."""
+        buf = self._scratch[:p.size].reshape(p.shape)
+        state = {s: self.state[s][name] for s in self._state_names}
+        if not all(getattr(a, "flags", None) is None or a.flags.c_contiguous
+                   for a in (p, *state.values())):     # flattening would copy: whole tensor
+            self._update(p, g, state, lr, decay, buf)
+            return
+        p1, g1, b1 = p.reshape(-1), g.reshape(-1), buf.reshape(-1)
+        s1 = {k: a.reshape(-1) for k, a in state.items()}
+        for_each_block(self.xp, p.size, 1, lambda s: self._update(
+            p1[s], g1[s], {k: a[s] for k, a in s1.items()}, lr, decay, b1[s]))
+
+    def _update(self, p: Any, g: Any, state: dict[str, Any], lr: float, decay: bool,
+                buf: Any) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:

@@ -29,12 +29,13 @@ class SGD(Optimizer):
         super().__init__(params, lr, weight_decay, decay)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
-    def _update(self, name: str, p: Any, g: Any, lr: float, decay: bool, buf: Any) -> None:
+    def _update(self, p: Any, g: Any, state: dict[str, Any], lr: float, decay: bool,
+                buf: Any) -> None:
         if decay and self.weight_decay:
             self.xp.multiply(p, self.weight_decay, out=buf)
             buf += g                               # g + wd p (grads stay untouched)
             g = buf.copy()
-        b = self.state["momentum_buffer"][name]
+        b = state["momentum_buffer"]
         b *= self.momentum
         b += g                                     # b = mu b + g
         if self.nesterov:
