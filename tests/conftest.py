@@ -17,6 +17,7 @@ import pytest
 from mpipar import backend
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.runtime import wait_until_output_read
+from mpipar.testing.cuda_cpu import CompilerMissing
 
 
 def _world():
@@ -30,6 +31,10 @@ def _world():
 def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(CompilerMissing):
+        # the strict CuPy double runs kernel source with a C++ compiler; without one: a skip
+        report.outcome, report.longrepr = "skipped", (str(item.path), item.location[1] or 0,
+                                                      f"Skipped: {call.excinfo.value}")
     world = _world()
     if report.failed and world is not None and world.Get_size() > 1 and item.get_closest_marker("mpi"):
         rank, size = world.Get_rank(), world.Get_size()
@@ -55,15 +60,9 @@ XPS.append(pytest.param("strict-cupy", id="strict-cupy"))
 # threads, which fail or not by timing.
 _ADD_AT = ("embedding backward's xp.add.at is an atomic scatter-add on a GPU: its float sum "
            "differs run to run, so a bitwise repeat fails (issue 15 item 2)")
-_MASK = ("attention's causal mask is cached for the process (functools.lru_cache) after a "
-         "host -> device copy on the first thread's stream; another thread (tp rank) reads "
-         "it with no event wait: stale data under per-thread default streams, and the wrong "
-         "device once ranks pick their own GPU (issue 15 item 2)")
 STRICT_CUPY_KNOWN: dict[str, tuple[str, bool]] = {
     "tests/nn/test_gpt.py::test_grads_zeroed_or_accumulated": (_ADD_AT, True),
     "tests/nn/test_gpt.py::test_state_dict_round_trip": (_ADD_AT, True),
-    "tests/parallel/test_tensor_parallel.py::test_threaded_tp_loss_and_grads": (_MASK, False),
-    "tests/parallel/test_tensor_parallel.py::test_threaded_sequence_parallel": (_MASK, False),
 }
 
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mpipar import kernels
 from mpipar.backend import array_module, fused
 
 EPS = 1e-5
 
 
+@kernels.twin(kernels.layernorm_forward)  # a GPU: one fused kernel
 def forward(x: Any, w: Any, b: Any = None, eps: float = EPS) -> tuple[Any, tuple]:
     with fused(array_module(x)):                # one kernel on a GPU (fused layer norm)
         mean = x.mean(axis=-1, keepdims=True)       # (B, T, 1)
@@ -37,6 +39,7 @@ def forward(x: Any, w: Any, b: Any = None, eps: float = EPS) -> tuple[Any, tuple
     return xc, (x, mean, rstd, w)
 
 
+@kernels.twin(kernels.layernorm_backward)  # a GPU: two fused kernels
 def backward(dout: Any, cache: tuple, dw: Any, db: Any = None) -> Any:
     with fused(array_module(dout)):             # a GPU: one kernel for dx, one pass for dw, db
         return _backward(dout, cache, dw, db)
