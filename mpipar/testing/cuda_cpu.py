@@ -207,7 +207,9 @@ class ElementwiseKernel:
         for (raw, t, n), a in zip(params, args):
             if isinstance(a, ndarray) and a.dtype != dtype(t):
                 raise TypeError(f"kernel {self.name!r}: {n} is {a.dtype}, declared {dtype(t)}")
-        shaped = [a._a for (raw, t, n), a in zip(params, args) if isinstance(a, ndarray) and not raw]
+        # inputs broadcast; given outputs must have that shape (decide it without inputs)
+        shaped = [a._a for (raw, t, n), a in zip(self.in_params, args) if isinstance(a, ndarray) and not raw]
+        shaped = shaped or [a._a for (raw, t, n), a in zip(self.out_params, args[self.nin:]) if not raw]
         shape = np.broadcast_shapes(*[s.shape for s in shaped]) if shaped else None
         if shape is None:
             if size is None:
