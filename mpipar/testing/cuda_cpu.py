@@ -22,7 +22,8 @@ kernels use (``exp``, ``tanh``, ``sqrt``, ``rsqrt``, ``max``, ``min`` and their 
 mapped to C++; contraction into fused multiply-adds is off (``-ffp-contract=off``), so a kernel
 does NumPy's roundings where it does NumPy's operations. Compiled libraries are kept under
 ``$MPIPAR_KERNEL_CACHE`` (default: ``mpipar-kernels-<uid>`` in the temporary directory) by a hash
-of their source, written atomically, so concurrent ranks share them. Without a compiler a call
+of their source, compiled by one process while the others wait (a file lock), so concurrent
+ranks share them. Without a compiler a call
 raises ``CompilerMissing``, which the test suite reports as a skip.
 
 Every launch goes through the double's kernel bookkeeping: device checks, the stream hazard
@@ -33,6 +34,7 @@ one per launch.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import re
@@ -123,24 +125,31 @@ def build(source: str, what: str) -> ctypes.CDLL:
         d = _cache_dir()
         os.makedirs(d, exist_ok=True)
         so = os.path.join(d, f"{key}.so")
-        if not os.path.exists(so):
-            fd, tmp_src = tempfile.mkstemp(suffix=".cpp", dir=d)
-            with os.fdopen(fd, "w") as f:
-                f.write(source)
-            tmp_so = tmp_src[:-4] + ".so"
-            try:
-                r = subprocess.run([cxx, *FLAGS, "-o", tmp_so, tmp_src], capture_output=True,
-                                   text=True, timeout=120)
-                if r.returncode != 0:
-                    raise RuntimeError(f"kernel {what!r} does not compile ({cxx}):\n{r.stderr[-4000:]}")
-                os.replace(tmp_so, so)    # atomic: concurrent ranks never load half a file
-            finally:
-                for p in (tmp_src, tmp_so):
-                    if os.path.exists(p):
-                        os.unlink(p)
+        with open(so + ".lock", "w") as lock:     # one process compiles; the others wait
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(so):
+                _compile(cxx, source, so, what)
         lib = ctypes.CDLL(so)
         _libs[key] = lib
         return lib
+
+
+def _compile(cxx: str, source: str, so: str, what: str) -> None:
+    """Compile ``source`` into ``so``, atomically (a reader never loads half a file)."""
+    fd, tmp_src = tempfile.mkstemp(suffix=".cpp", dir=os.path.dirname(so))
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    tmp_so = tmp_src[:-4] + ".so"
+    try:
+        r = subprocess.run([cxx, *FLAGS, "-o", tmp_so, tmp_src], capture_output=True, text=True,
+                           timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"kernel {what!r} does not compile ({cxx}):\n{r.stderr[-4000:]}")
+        os.replace(tmp_so, so)
+    finally:
+        for p in (tmp_src, tmp_so):
+            if os.path.exists(p):
+                os.unlink(p)
 
 
 def _parse_params(spec: str) -> list[tuple[bool, str, str]]:
@@ -322,16 +331,10 @@ class RawKernel:
         self._site, self._lib = site, None
         self._d, self.code, self.name, self.options = double, code, name, tuple(options)
         self.backend = backend
-        m = re.search(r"__global__\s+void\s+" + re.escape(name) + r"\s*\(([^)]*)\)", code)
-        if m is None:
+        kernels = _signatures(code)
+        if name not in kernels:
             raise ValueError(f"no __global__ void {name}(...) in the kernel source")
-        self.params = []   # (C type as declared without __restrict__, pointer?, base type, const?)
-        for p in (s.strip() for s in m.group(1).split(",") if s.strip()):
-            decl = re.sub(r"\b__restrict__\b", "", p).strip()
-            tm = re.match(r"(.*?)([A-Za-z_]\w*)$", decl)
-            ctype = tm.group(1).strip() if tm else decl
-            base = " ".join(w for w in ctype.replace("*", " ").split() if w != "const")
-            self.params.append((ctype, "*" in ctype, base, ctype.startswith("const")))
+        self.params = kernels[name]
 
     def __call__(self, grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 0) -> None:
         d, site, ndarray = self._d, self._site(), self._d.xp.ndarray
@@ -381,28 +384,48 @@ class RawKernel:
         lib = self._lib
         P = ctypes.c_void_p * max(1, len(slots))
         u = ctypes.c_uint
-        lib._launch(P(*slots), *(u(x) for x in g), *(u(x) for x in b))
+        getattr(lib, f"_launch_{self.name}")(P(*slots), *(u(x) for x in g), *(u(x) for x in b))
         for (ctype, ptr, base, const), a in zip(self.params, args):
             if ptr and not const:
                 d.write(a._buf, site)
 
     def _source(self) -> str:
-        call = ", ".join(f"*({ctype}*)_a[{i}]" for i, (ctype, _, _, _) in enumerate(self.params))
-        return "\n".join([
-            SHIM, self.code,
-            'extern "C" void _launch(void** _a, unsigned gx, unsigned gy, unsigned gz, '
-            "unsigned bx, unsigned by, unsigned bz) {",
-            "  gridDim = {gx, gy, gz}; blockDim = {bx, by, bz};",
-            "  for (unsigned z = 0; z < gz; z++) for (unsigned y = 0; y < gy; y++) "
-            "for (unsigned x = 0; x < gx; x++) {",
-            "    blockIdx = {x, y, z};",
-            "    for (unsigned tz = 0; tz < bz; tz++) for (unsigned ty = 0; ty < by; ty++) "
-            "for (unsigned tx = 0; tx < bx; tx++) {",
-            "      threadIdx = {tx, ty, tz};",
-            f"      {self.name}({call});",
-            "    }",
-            "  }",
-            "}"])
+        """The code and a launcher ``_launch_<name>`` for each of its kernels: one library per
+        source, shared by the RawKernels made from it."""
+        parts = [SHIM, self.code]
+        for name, params in _signatures(self.code).items():
+            call = ", ".join(f"*({ctype}*)_a[{i}]" for i, (ctype, _, _, _) in enumerate(params))
+            parts += [
+                f'extern "C" void _launch_{name}(void** _a, unsigned gx, unsigned gy, '
+                "unsigned gz, unsigned bx, unsigned by, unsigned bz) {",
+                "  gridDim = {gx, gy, gz}; blockDim = {bx, by, bz};",
+                "  for (unsigned z = 0; z < gz; z++) for (unsigned y = 0; y < gy; y++) "
+                "for (unsigned x = 0; x < gx; x++) {",
+                "    blockIdx = {x, y, z};",
+                "    for (unsigned tz = 0; tz < bz; tz++) for (unsigned ty = 0; ty < by; ty++) "
+                "for (unsigned tx = 0; tx < bx; tx++) {",
+                "      threadIdx = {tx, ty, tz};",
+                f"      {name}({call});",
+                "    }",
+                "  }",
+                "}"]
+        return "\n".join(parts)
+
+
+def _signatures(code: str) -> dict[str, list[tuple[str, bool, str, bool]]]:
+    """Each ``__global__ void name(...)`` of ``code``: its parameters as (C type without
+    ``__restrict__``, pointer?, base type, const?)."""
+    out = {}
+    for m in re.finditer(r"__global__\s+void\s+([A-Za-z_]\w*)\s*\(([^)]*)\)", code):
+        params = []
+        for p in (s.strip() for s in m.group(2).split(",") if s.strip()):
+            decl = re.sub(r"\b__restrict__\b", "", p).strip()
+            tm = re.match(r"(.*?)([A-Za-z_]\w*)$", decl)
+            ctype = tm.group(1).strip() if tm else decl
+            base = " ".join(w for w in ctype.replace("*", " ").split() if w != "const")
+            params.append((ctype, "*" in ctype, base, ctype.startswith("const")))
+        out[m.group(1)] = params
+    return out
 
 
 def _dims(t: Any, what: str) -> tuple[int, int, int]:
