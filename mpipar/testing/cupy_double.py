@@ -32,6 +32,8 @@ The arrays hold a NumPy array privately and behave as CuPy's do where mpipar can
   atomics on a GPU do.
 * **counters**: host synchronisations, transfers and kernels by call site, over the whole
   life of the double or over a region (``with double.counting() as c: ...``).
+* **user kernels run**: ``ElementwiseKernel`` and ``RawKernel`` compile their CUDA C++ for the
+  CPU and run it over the arrays, stricter than CuPy about argument types (``cuda_cpu.py``).
 
 It is installed into mpipar only through ``backend.use_gpu_module`` (the ``strict_cupy``
 fixture of ``tests/conftest.py`` does that and removes it), so nothing outside a test can
