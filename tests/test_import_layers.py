@@ -43,8 +43,8 @@ import mpipar
 
 PACKAGE_DIR = Path(mpipar.__file__).resolve().parent
 
-LAYER_OF_PACKAGE = {"backend": 0, "runtime": 0, "trace": 0, "comm": 1, "nn": 2, "optim": 2,
-                    "data": 2, "parallel": 3, "sim": 4, "bench": 5, "train": 6, "testing": 6,
+LAYER_OF_PACKAGE = {"backend": 0, "runtime": 0, "trace": 0, "kernels": 0, "comm": 1, "nn": 2,
+                    "optim": 2, "data": 2, "parallel": 3, "sim": 4, "bench": 5, "train": 6, "testing": 6,
                     "cli": 6, "plan": 6, "plot": 6}
 LAYER_NAMES = {0: "backend/runtime", 1: "comm", 2: "nn/optim/data", 3: "parallel", 4: "sim",
                5: "bench", 6: "command line"}

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import weakref
 from typing import Any
 
 import numpy as np
 
+from mpipar import kernels
 from mpipar.backend import array_module
 from mpipar.nn import dropout as dropout_op
 from mpipar.nn import linear
@@ -47,14 +50,31 @@ from mpipar.nn.blocking import for_each_block
 
 
 @functools.lru_cache(maxsize=32)
-def _mask_cached(T: int, dtype: str, xp: Any) -> Any:
+def _host_mask(T: int, dtype: str) -> np.ndarray:
     m = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)  # (T, T)
-    return xp.asarray(m)
+    m.flags.writeable = False                   # shared by every thread of the process
+    return m
+
+
+_thread_masks = threading.local()               # .masks: {module: {(T, dtype): array}}
 
 
 def causal_mask(T: int, dtype: Any, xp: Any = np) -> Any:
-    """Additive causal mask (T, T): 0 on and below the diagonal, -inf above (built once per T)."""
-    return _mask_cached(int(T), np.dtype(dtype).name, xp)
+    """Additive causal mask (T, T): 0 on and below the diagonal, -inf above.
+
+    NumPy's is built once per (T, dtype) for the process, read-only. Another array module's
+    (the simulator's namespace; a GPU module, whose fused softmax needs none) is copied once
+    per thread, on that thread: a copy made on one thread's stream and device is never read
+    from another's."""
+    host = _host_mask(int(T), np.dtype(dtype).name)
+    if xp is np:
+        return host
+    masks = _thread_masks.__dict__.setdefault("masks", weakref.WeakKeyDictionary())
+    per_module = masks.setdefault(xp, {})
+    key = host.shape[0], host.dtype.name
+    if key not in per_module:
+        per_module[key] = xp.asarray(host)
+    return per_module[key]
 
 
 def qkv_rows(C: int, NH: int, h0: int, h1: int) -> np.ndarray:
@@ -117,6 +137,7 @@ def _softmax_(att: Any, mask: Any, xp: Any) -> None:
     for_each_block(xp, B * NH, T * T, block)
 
 
+@kernels.twin(kernels.softmax_backward_)   # a GPU: one fused kernel
 def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
     """In place: datt = att * (datt - rowsum(datt * att)); masked entries have att = 0."""
     B, NH, T, _ = att.shape
@@ -129,6 +150,13 @@ def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
     for_each_block(xp, B * NH, T * T, block)
 
 
+@kernels.twin(kernels.causal_softmax_)     # a GPU: one fused kernel, no mask array
+def causal_softmax_(att: Any) -> None:
+    """In place: att (B, NH, T, T) = softmax(att + causal mask) over the last axis."""
+    xp = array_module(att)
+    _softmax_(att, causal_mask(att.shape[-1], att.dtype, xp), xp)
+
+
 def _probabilities(q: Any, k: Any, p: float, rng: Any) -> tuple[Any, Any]:
     """``(att, mask)``: softmax(q k^T / sqrt(hs) + causal mask) (B, NH, T, T) and the dropout
     mask drawn from ``rng`` (None when p == 0). Forward and recompute both call this."""
@@ -136,7 +164,7 @@ def _probabilities(q: Any, k: Any, p: float, rng: Any) -> tuple[Any, Any]:
     T, hs = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(hs)                 # a Python float: keeps float32 float32
     att = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T) scores
-    _softmax_(att, causal_mask(T, att.dtype, xp), xp)  # (B, NH, T, T) probabilities
+    causal_softmax_(att)                        # (B, NH, T, T) probabilities
     drop = dropout_op.mask(att.shape, att.dtype, p, rng) if p > 0.0 else None
     return att, drop
 

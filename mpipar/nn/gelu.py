@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from mpipar import kernels
 from mpipar.backend import array_module
 from mpipar.nn.blocking import for_each_block
 
@@ -52,6 +53,7 @@ def _backward_block(dout: Any, x: Any, t: Any, dx: Any, w: Any, xp: Any) -> None
     dx *= dout
 
 
+@kernels.twin(kernels.gelu_forward)      # a GPU: one fused kernel
 def forward(x: Any) -> tuple[Any, tuple]:
     xp = array_module(x)
     x2 = x.reshape(-1, x.shape[-1])             # (N, F)
@@ -60,6 +62,7 @@ def forward(x: Any) -> tuple[Any, tuple]:
     return out.reshape(x.shape), (x2, t)
 
 
+@kernels.twin(kernels.gelu_backward)
 def backward(dout: Any, cache: tuple) -> Any:
     x2, t = cache
     xp = array_module(t)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mpipar import kernels
 from mpipar.backend import array_module, fused
 from mpipar.nn.blocking import for_each_block
 
@@ -30,6 +31,7 @@ EPS = 1e-5
 # docstring above, in that order, so a row's result does not depend on the block it lies in.
 
 
+@kernels.twin(kernels.layernorm_forward)  # a GPU: one fused kernel
 def forward(x: Any, w: Any, b: Any = None, eps: float = EPS) -> tuple[Any, tuple]:
     xp = array_module(x)
     C = x.shape[-1]
@@ -58,6 +60,7 @@ def forward(x: Any, w: Any, b: Any = None, eps: float = EPS) -> tuple[Any, tuple
     return out.reshape(x.shape), (x, mean.reshape(lead), rstd.reshape(lead), w)
 
 
+@kernels.twin(kernels.layernorm_backward)  # a GPU: two fused kernels
 def backward(dout: Any, cache: tuple, dw: Any, db: Any = None) -> Any:
     with fused(array_module(dout)):             # a GPU: one kernel for dx, one pass for dw, db
         return _backward(dout, cache, dw, db)

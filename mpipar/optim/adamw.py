@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mpipar import kernels
 from mpipar.optim.base import Optimizer, decays_by_default
 
 
@@ -32,12 +33,17 @@ class AdamW(Optimizer):
         super().__init__(params, lr, weight_decay, decay)
         self.b1, self.b2, self.eps = float(b1), float(b2), float(eps)
 
+    def bias_corrections(self) -> tuple[float, float]:
+        """``(1 - b1^t, 1 - b2^t)`` at the current step t: Adam's bias corrections."""
+        t = self.step_count
+        return 1.0 - self.b1 ** t, 1.0 - self.b2 ** t
+
+    @kernels.twin(kernels.adamw_update, arg=1)  # a GPU: one fused kernel per tensor
     def _update(self, p: Any, g: Any, state: dict[str, Any], lr: float, decay: bool,
                 buf: Any) -> None:
         xp, b1, b2 = self.xp, self.b1, self.b2
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        t = self.step_count
-        bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        bc1, bc2 = self.bias_corrections()
         # every op writes into m, v, p or the shared scratch: no temporaries per tensor
         m *= b1
         xp.multiply(g, 1.0 - b1, out=buf)

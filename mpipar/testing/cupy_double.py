@@ -34,6 +34,8 @@ The arrays hold a NumPy array privately and behave as CuPy's do where mpipar can
   life of the double or over a region (``with double.counting() as c: ...``). An operation
   whose output size the data decides (a boolean-mask index, ``nonzero``, ``unique`` ...)
   is a synchronisation, as on CuPy.
+* **user kernels run**: ``ElementwiseKernel`` and ``RawKernel`` compile their CUDA C++ for the
+  CPU and run it over the arrays, stricter than CuPy about argument types (``cuda_cpu.py``).
 
 It is installed into mpipar only through ``backend.use_gpu_module`` (the ``strict_cupy``
 fixture of ``tests/conftest.py`` does that and removes it), so nothing outside a test can
@@ -59,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from mpipar.comm import mpi_env
+from mpipar.testing import cuda_cpu
 
 _IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. "
              "Please use `.get()` to construct a NumPy array explicitly.")
@@ -118,7 +121,8 @@ NDARRAY_METHODS = ("reshape", "view", "astype", "copy", "transpose", "ravel", "f
                    "repeat", "nonzero", "sort", "argsort", "conj", "round", "diagonal",
                    "trace", "fill", "put")
 
-_SKIP_FILES = (os.path.abspath(__file__), os.path.join("mpipar", "backend.py"))
+_SKIP_FILES = (os.path.abspath(__file__), os.path.join("mpipar", "backend.py"),
+               os.path.abspath(cuda_cpu.__file__))
 
 
 class HazardError(RuntimeError):
@@ -129,7 +133,7 @@ class HazardError(RuntimeError):
 def _shown(filename: str) -> str | None:
     """How a call site in ``filename`` is named, or None for frames that are skipped (this
     module, NumPy, mpipar/backend.py: the funnel every caller's copies go through)."""
-    if (filename.endswith(_SKIP_FILES[1]) or os.path.abspath(filename) == _SKIP_FILES[0]
+    if (filename.endswith(_SKIP_FILES[1]) or os.path.abspath(filename) in _SKIP_FILES[::2]
             or os.sep + "numpy" + os.sep in filename):
         return None
     return os.path.relpath(filename)
@@ -810,8 +814,9 @@ class _Generator:
 
 
 class _Kernel:
-    """``ElementwiseKernel`` / ``RawKernel`` / ``ReductionKernel``: made as CuPy makes them;
-    the double cannot compile CUDA source, so calling one says so."""
+    """``ReductionKernel`` / ``RawModule``: made as CuPy makes them; the double does not run
+    them, so calling one says so (``ElementwiseKernel`` and ``RawKernel`` run on the CPU:
+    ``cuda_cpu.py``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args, self.kwargs = args, kwargs
@@ -891,8 +896,10 @@ def _make_cupy(d: StrictCupy) -> _Namespace:
 
     names.update(asarray=asarray, array=array, ascontiguousarray=ascontiguousarray,
                  asnumpy=asnumpy, get_array_module=get_array_module, fuse=fuse,
-                 ElementwiseKernel=_Kernel, RawKernel=_Kernel, ReductionKernel=_Kernel,
-                 RawModule=_Kernel)
+                 ReductionKernel=_Kernel, RawModule=_Kernel)
+    # user kernels: their CUDA C++ compiled for the CPU and run over the arrays (cuda_cpu.py)
+    names["ElementwiseKernel"] = functools.partial(cuda_cpu.ElementwiseKernel, d, _site)
+    names["RawKernel"] = functools.partial(cuda_cpu.RawKernel, d, _site)
     names["random"] = _Namespace("cupy.random", {
         "default_rng": lambda seed=None: _Generator(d, seed),
         "Generator": _Generator})
