@@ -252,26 +252,10 @@ def main(args: argparse.Namespace) -> int:
         opt.step(grads)
         return float(loss)
 
-    def torch_step(x: np.ndarray, y: np.ndarray) -> float:
-        topt.zero_grad(set_to_none=True)
-        loss = tmodel(torch.from_numpy(x), torch.from_numpy(y))
-        loss.backward()
-        topt.step()
-        return float(loss.detach())
-
-    sides = [("mpipar", mp_step)] + ([(f"torch eager ({args.torch_attention})", torch_step)]
+    sides = [("mpipar", mp_step)] + ([(f"torch eager ({args.torch_attention})",
+                                       _torch_step(torch, tmodel, topt))]
                                      if torch is not None else [])
-    times: dict[str, list[float]] = {name: [] for name, _ in sides}
-    first_loss: dict[str, float] = {}
-    clock = CLOCKS[args.clock]
-    for s, (x, y) in enumerate(batches):           # alternate sides: same load for both
-        for name, fn in sides:
-            t0 = clock()
-            loss = fn(x, y)
-            dt = clock() - t0
-            first_loss.setdefault(name, loss)
-            if s >= args.warmup:
-                times[name].append(dt)
+    times, first_loss = _alternate(sides, batches, args.warmup, CLOCKS[args.clock])
 
     flops_tok = model.flops_per_token()
     print(f"bench train | model {args.model}: {config.n_layer}L {config.n_head}H "
@@ -284,6 +268,36 @@ def main(args: argparse.Namespace) -> int:
     _report([name for name, _ in sides], times, first_loss, B * T, flops_tok)
     return 0
 
+
+
+def _torch_step(torch: Any, model: Any, opt: Any) -> Any:
+    """One torch training step on a batch of numpy tokens: the loss, as a float."""
+    def step(x: np.ndarray, y: np.ndarray) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step
+
+
+def _alternate(sides: list[tuple[str, Any]], batches: Any, warmup: int, clock: Any,
+               before: Any = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each batch through every side in turn (the same machine load for both), ``before()``
+    ahead of each step: the step times after ``warmup`` and each side's first loss."""
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    first_loss: dict[str, float] = {}
+    for s, (x, y) in enumerate(batches):
+        for name, fn in sides:
+            if before is not None:
+                before()
+            t0 = clock()
+            loss = fn(x, y)
+            dt = clock() - t0
+            first_loss.setdefault(name, loss)
+            if s >= warmup:
+                times[name].append(dt)
+    return times, first_loss
 
 # ---------------------------------------------------------------------------- --ranks N
 def _free_port() -> int:
@@ -329,27 +343,11 @@ def main_ranks(args: argparse.Namespace) -> int:
     def mp_step(x: np.ndarray, y: np.ndarray) -> float:
         return trainer.step(x, y).loss
 
-    def torch_step(x: np.ndarray, y: np.ndarray) -> float:
-        topt.zero_grad(set_to_none=True)
-        loss = ddp(torch.from_numpy(x), torch.from_numpy(y))
-        loss.backward()                      # DDP all-reduces the gradient buckets meanwhile
-        topt.step()
-        return float(loss.detach())
-
-    sides = [(f"mpipar dp={N}", mp_step)] + ([(f"torch DDP gloo ({args.torch_attention})", torch_step)]
-                                        if torch is not None else [])
-    times: dict[str, list[float]] = {name: [] for name, _ in sides}
-    first_loss: dict[str, float] = {}
-    clock = CLOCKS[args.clock]
-    for s, (x, y) in enumerate(batches):           # alternate sides: same load for both
-        for name, fn in sides:
-            world.barrier()
-            t0 = clock()
-            loss = fn(x, y)
-            dt = clock() - t0
-            first_loss.setdefault(name, loss)
-            if s >= args.warmup:
-                times[name].append(dt)
+    sides = [(f"mpipar dp={N}", mp_step)] + ([(f"torch DDP gloo ({args.torch_attention})",
+                                                _torch_step(torch, ddp, topt))]
+                                              if torch is not None else [])
+    # DDP all-reduces the gradient buckets during backward; a barrier starts each step alike
+    times, first_loss = _alternate(sides, batches, args.warmup, CLOCKS[args.clock], world.barrier)
     # a step lasts as long as its slowest rank; torch's loss is this rank's rows', so its
     # mean over ranks is the global batch's (mpipar's already is)
     times = {k: [float(t) for t in world.allreduce(np.array(v), op="max")]
