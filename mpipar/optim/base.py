@@ -75,11 +75,12 @@ class Optimizer:
                 self._step_tensor(name, p, g, lr, self.decay[name])
 
     def _step_tensor(self, name: str, p: Any, g: Any, lr: float, decay: bool) -> None:
-        """One tensor's update, block by block over its elements where it is contiguous."""
+        """One tensor's update, block by block over its elements where it is contiguous (on
+        NumPy: the blocks are for the CPU's caches; other modules update it whole)."""
         buf = self._scratch[:p.size].reshape(p.shape)
         state = {s: self.state[s][name] for s in self._state_names}
-        if not all(getattr(a, "flags", None) is None or a.flags.c_contiguous
-                   for a in (p, *state.values())):     # flattening would copy: whole tensor
+        if self.xp is not np or not all(getattr(a, "flags", None) is None or a.flags.c_contiguous
+                                        for a in (p, *state.values())):  # flattening would copy
             self._update(p, g, state, lr, decay, buf)
             return
         p1, g1, b1 = p.reshape(-1), g.reshape(-1), buf.reshape(-1)
