@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mpipar.testing", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,2,3,4,8", help="MPI world sizes (comma separated)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per MPI launch")
+    ap.add_argument("--timeout", type=float, default=1800,
+                    help="seconds per MPI launch (a guard against a hang that pytest's per-test "
+                         "timeout cannot end; a whole world size takes 10-15 minutes at 8 ranks here)")
     ap.add_argument("--serial-only", action="store_true")
     ap.add_argument("--mpi-only", action="store_true")
     args, pytest_args = ap.parse_known_args(argv)
