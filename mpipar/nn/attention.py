@@ -22,8 +22,8 @@ communication happens here.
 The cache keeps the input x, qkv and y, and what ``probabilities`` keeps of the softmax
 (the pre-softmax scores are never kept: softmax backward needs only its output):
 
-* ``KEEP`` (recompute "none"): the probabilities (B, NH, T, T) and, with attention dropout,
-  its mask (B, NH, T, T);
+* ``KEEP`` (recompute "none"): the probabilities and, with attention dropout, its mask
+  (B, NH, T, T) on a GPU; on the CPU the causal tiles of both only (``causal_blocks``);
 * ``RECOMPUTE`` (recompute "selective", Korthikanti et al. 2022, "Reducing Activation
   Recomputation in Large Transformer Models", section 4.3): nothing of size T x T, only the
   dropout generator's state (``dropout.snapshot``). Backward recomputes the scores and the
@@ -88,17 +88,17 @@ def qkv_rows(C: int, NH: int, h0: int, h1: int) -> np.ndarray:
     return np.concatenate(idx)
 
 
-# ---- causal blocks: on the CPU, products over the zeros above the diagonal are skipped --------
-# The probabilities of a causal head, and their gradient after the softmax backward, are zero
-# above the diagonal. On NumPy the products that take them as the left operand skip those
-# zeros: with the positions cut into blocks of QUERY_BLOCK, query block [r0, r1) of
-# ``att @ v`` (and of dq) sums over keys [0, r1) only, and key block [c0, c1) of
-# ``att^T @ dy`` (and of dk) over queries [c0, T) only: 10 of 16 tiles at T = 256 and blocks
-# of 64, for four of the six (B, NH, T, T) products of a step. The scores, d att and the two
-# softmax passes stay whole: cut the same way they were slower here (the smaller products
-# write strided tiles; the softmax becomes 4x the NumPy calls on quarter-size rows), measured
-# on the shakespeare model (docs/results/cpu-speed.md). Anything else (CuPy, the simulator's
-# symbolic arrays) is one block [0, T): the whole product, as one kernel.
+# ---- causal tiles: on the CPU, work above the diagonal is skipped -----------------------------
+# A causal head's scores, probabilities and their gradients are zero (or -inf) above the
+# diagonal. On NumPy the positions are cut into query blocks of QUERY_BLOCK, and query block
+# [r0, r1) keeps its scores over keys [0, r1) only, as its own contiguous array
+# (B, NH, r1 - r0, r1): at T = 256 and blocks of 64, 10 of the 16 tiles of 64 x 64. Every
+# T x T step of a layer works on those arrays alone: the scores, the softmax (which masks
+# only the diagonal tile), att v, and backward's d att, softmax backward and the three
+# products, so about 5/8 of the dense work and memory (torch's CPU flash attention skips the
+# same tiles). Each array is a whole matrix per head, so its products are plain GEMMs writing
+# contiguous rows. Anything else (CuPy, the simulator's symbolic arrays) is one block [0, T):
+# one square array, each step one kernel.
 QUERY_BLOCK = 64
 
 
@@ -108,65 +108,84 @@ def causal_blocks(xp: Any, T: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + step, T)) for r0 in range(0, T, step)]
 
 
-def _causal_matmul(a: Any, b: Any, out: Any, xp: Any) -> None:
-    """``out = a @ b`` for a causal (B, NH, T, T) ``a`` (zero above the diagonal) and
-    (B, NH, T, hs) ``b``: query block [r0, r1) sums over keys [0, r1) only."""
-    for r0, r1 in causal_blocks(xp, a.shape[-1]):
-        xp.matmul(a[:, :, r0:r1, :r1], b[:, :, :r1, :], out=out[:, :, r0:r1, :])
-
-
-def _causal_matmul_t(a: Any, b: Any, out: Any, xp: Any) -> None:
-    """``out = a^T @ b`` (transposing the last two axes of ``a``) for a causal ``a``: key
-    block [c0, c1) of the result sums over queries [c0, T) only."""
-    for c0, c1 in causal_blocks(xp, a.shape[-1]):
-        xp.matmul(a[:, :, c0:, c0:c1].transpose(0, 1, 3, 2), b[:, :, c0:, :],
-                  out=out[:, :, c0:c1, :])
-
-
 def _softmax_(att: Any, mask: Any, xp: Any) -> None:
-    """In place: att = softmax(att + mask) over the last axis, (T, T) slab blocks at a time."""
-    B, NH, T, _ = att.shape
-    a3 = att.reshape(B * NH, T, T)              # (B*NH, T, T) view
+    """In place: att (B, NH, n, L) = softmax(att + mask) over the last axis, where the rows
+    are the last n of L positions and ``mask`` (n, n) is added to the last n columns; cache
+    blocks of whole (n, L) slabs at a time."""
+    B, NH, n, L = att.shape
+    a3 = att.reshape(B * NH, n, L)              # (B*NH, n, L) view
     def block(s: slice) -> None:
         a = a3[s]
-        a += mask
+        a[:, :, L - n:] += mask
         a -= a.max(axis=-1, keepdims=True)      # stable: the row max is on the diagonal or left
         xp.exp(a, out=a)
         a *= 1.0 / a.sum(axis=-1, keepdims=True)
 
-    for_each_block(xp, B * NH, T * T, block)
+    for_each_block(xp, B * NH, n * L, block)
 
 
 @kernels.twin(kernels.softmax_backward_)   # a GPU: one fused kernel
 def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
-    """In place: datt = att * (datt - rowsum(datt * att)); masked entries have att = 0."""
-    B, NH, T, _ = att.shape
-    d3, a3 = datt.reshape(B * NH, T, T), att.reshape(B * NH, T, T)
+    """In place: datt = att * (datt - rowsum(datt * att)) over the last axis; masked entries
+    have att = 0."""
+    *lead, L = att.shape
+    rows = math.prod(lead)
+    d2, a2 = datt.reshape(rows, L), att.reshape(rows, L)
     def block(s: slice) -> None:
-        d, a = d3[s], a3[s]
-        d -= (d * a).sum(axis=-1, keepdims=True)  # (n, T, 1) broadcast
+        d, a = d2[s], a2[s]
+        d -= (d * a).sum(axis=-1, keepdims=True)  # (n, 1) broadcast
         d *= a
 
-    for_each_block(xp, B * NH, T * T, block)
+    for_each_block(xp, rows, L, block)
 
 
 @kernels.twin(kernels.causal_softmax_)     # a GPU: one fused kernel, no mask array
 def causal_softmax_(att: Any) -> None:
-    """In place: att (B, NH, T, T) = softmax(att + causal mask) over the last axis."""
+    """In place: att (B, NH, n, L) = softmax(att + causal mask) over the last axis, its n
+    rows being the last n of L positions (n = L: the whole square (T, T) scores; the fused
+    GPU kernel takes the square only, which is all a GPU is given)."""
     xp = array_module(att)
-    _softmax_(att, causal_mask(att.shape[-1], att.dtype, xp), xp)
+    _softmax_(att, causal_mask(att.shape[-2], att.dtype, xp), xp)
 
 
-def _probabilities(q: Any, k: Any, p: float, rng: Any) -> tuple[Any, Any]:
-    """``(att, mask)``: softmax(q k^T / sqrt(hs) + causal mask) (B, NH, T, T) and the dropout
-    mask drawn from ``rng`` (None when p == 0). Forward and recompute both call this."""
+def _tiles(a: Any, blocks: list[tuple[int, int]]) -> list[Any]:
+    """Views of a (B, NH, T, T) array over the causal tiles: [a[..., r0:r1, :r1], ...]."""
+    return [a[:, :, r0:r1, :r1] for r0, r1 in blocks]
+
+
+def _probabilities(q: Any, k: Any, p: float, rng: Any) -> tuple[list, list | None]:
+    """``(att, mask)``: per query block [r0, r1) of ``causal_blocks``, softmax(q k^T / sqrt(hs)
+    + causal mask) over keys [0, r1), (B, NH, r1 - r0, r1), and the dropout mask's view of
+    the same tile (the mask is drawn whole, (B, NH, T, T), from ``rng``, so it is the same
+    draw however the positions are cut; None when p == 0). Forward and recompute both call
+    this."""
     xp = array_module(q)
     T, hs = q.shape[-2], q.shape[-1]
+    blocks = causal_blocks(xp, T)
     scale = 1.0 / math.sqrt(hs)                 # a Python float: keeps float32 float32
-    att = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T) scores
-    causal_softmax_(att)                        # (B, NH, T, T) probabilities
-    drop = dropout_op.mask(att.shape, att.dtype, p, rng) if p > 0.0 else None
+    qs, kt = q * scale, k.transpose(0, 1, 3, 2)  # (B, NH, T, hs), (B, NH, hs, T)
+    att = []
+    for r0, r1 in blocks:
+        a = qs[:, :, r0:r1] @ kt[:, :, :, :r1]  # (B, NH, r1 - r0, r1) scores
+        causal_softmax_(a)                      # probabilities
+        att.append(a)
+    drop = None
+    if p > 0.0:
+        drop = _tiles(dropout_op.mask(q.shape[:2] + (T, T), q.dtype, p, rng), blocks)
     return att, drop
+
+
+def _dropped(att: list, drop: list | None) -> list:
+    """The probabilities after dropout, tile by tile (``att`` itself without dropout)."""
+    return att if drop is None else [dropout_op.forward_with(a, m) for a, m in zip(att, drop)]
+
+
+def _accumulate_matmul(a: Any, b: Any, out: Any, first: bool, xp: Any) -> None:
+    """``out = a @ b`` when ``first``, else ``out += a @ b`` (a product summed over tiles)."""
+    if first:
+        xp.matmul(a, b, out=out)
+    else:
+        out += a @ b
 
 
 class KeepProbabilities:
@@ -218,10 +237,11 @@ def forward(x: Any, c_attn_w: Any, c_attn_b: Any, c_proj_w: Any, c_proj_b: Any, 
     q = qkv5[:, :, 0].transpose(0, 2, 1, 3)     # (B, NH, T, hs) strided view
     k = qkv5[:, :, 1].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
     v = qkv5[:, :, 2].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
-    att, drop, kept = probabilities.keep(q, k, attn_dropout, rng)  # (B, NH, T, T)
-    att_used = dropout_op.forward_with(att, drop)
+    att, drop, kept = probabilities.keep(q, k, attn_dropout, rng)  # tiles (B, NH, n, r1)
     y = xp.empty((B, T, NH, hs), dtype=x.dtype)  # (B, T, NH, hs): heads side by side
-    _causal_matmul(att_used, v, y.transpose(0, 2, 1, 3), xp)  # (B, NH, T, hs) view of y
+    yh = y.transpose(0, 2, 1, 3)                # (B, NH, T, hs) view of y
+    for (r0, r1), a in zip(causal_blocks(xp, T), _dropped(att, drop)):
+        xp.matmul(a, v[:, :, :r1], out=yh[:, :, r0:r1])  # query block: keys [0, r1) only
     y = y.reshape(B, T, H)                      # (B, T, H)
     out, lin2 = linear.forward(y, c_proj_w, c_proj_b)  # (B, T, OC)
     return out, (lin1, qkv, probabilities, kept, lin2, NH)
@@ -242,17 +262,25 @@ def backward(dout: Any, cache: tuple, dc_attn_w: Any, dc_attn_b: Any, dc_proj_w:
     q = qkv5[:, :, 0].transpose(0, 2, 1, 3)     # (B, NH, T, hs)
     k = qkv5[:, :, 1].transpose(0, 2, 1, 3)
     v = qkv5[:, :, 2].transpose(0, 2, 1, 3)
-    att, drop = probabilities.restore(kept, q, k)  # (B, NH, T, T) and its dropout mask
-    # dropped probabilities are recomputed from att and the mask rather than cached
-    att_used = att if drop is None else dropout_op.forward_with(att, drop)
-    # the products are written straight into their slots of dqkv (no transpose copies)
+    att, drop = probabilities.restore(kept, q, k)  # tiles (B, NH, n, r1), their masks
+    att_used = _dropped(att, drop)              # recomputed from att and the mask, not cached
+    # the products are written straight into their slots of dqkv (no transpose copies); dk
+    # and dv sum over query blocks, the last (which spans every key) first, written not added
     dqkv = xp.empty((B, T, 3, NH, hs), dtype=qkv.dtype)  # (B, T, 3, NH, hs)
-    slot = lambda i: dqkv[:, :, i].transpose(0, 2, 1, 3)  # noqa: E731  (B, NH, T, hs)
-    _causal_matmul_t(att_used, dy, slot(2), xp)  # dv
-    datt = dy @ v.transpose(0, 1, 3, 2)         # (B, NH, T, T)
-    if drop is not None:
-        datt = dropout_op.backward(datt, drop)
-    _softmax_backward_(datt, att, xp)           # (B, NH, T, T) d scores / scale
-    _causal_matmul(datt, k * scale, slot(0), xp)  # dq; scaling k costs less than scaling datt
-    _causal_matmul_t(datt, q * scale, slot(1), xp)  # dk
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, NH, T, hs)
+    qs, ks = q * scale, k * scale               # scaling q, k costs less than scaling d att
+    vt = v.transpose(0, 1, 3, 2)                # (B, NH, hs, T)
+    blocks = causal_blocks(xp, T)
+    for i in reversed(range(len(blocks))):
+        r0, r1 = blocks[i]
+        first = i == len(blocks) - 1
+        dyb = dy[:, :, r0:r1]                   # (B, NH, n, hs)
+        _accumulate_matmul(att_used[i].transpose(0, 1, 3, 2), dyb, dv[:, :, :r1], first, xp)
+        datt = dyb @ vt[:, :, :, :r1]           # (B, NH, n, r1)
+        if drop is not None:
+            datt = dropout_op.backward(datt, drop[i])
+        _softmax_backward_(datt, att[i], xp)    # d scores / scale
+        xp.matmul(datt, ks[:, :, :r1], out=dq[:, :, r0:r1])
+        _accumulate_matmul(datt.transpose(0, 1, 3, 2), qs[:, :, r0:r1], dk[:, :, :r1], first,
+                           xp)
     return linear.backward(dqkv.reshape(B, T, H3), lin1, dc_attn_w, dc_attn_b)  # (B, T, C)

@@ -55,9 +55,12 @@ def test_blocked_attention_is_the_dense_maths(small_blocks, threads):
         out, cache = attention.forward(x, wa, ba, wp, None, NH)
         ref, p = dense_attention(x, wa, ba, wp, NH)
         np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
-        att = cache[3][0]                          # KEEP: the whole probabilities
+        tiles = cache[3][0]                        # KEEP: the probabilities' causal tiles
+        assert [a.shape[2:] for a in tiles] == [(8, 8), (8, 16), (5, 21)]
+        att = np.zeros((B, NH, T, T))
+        for (r0, r1), a in zip(attention.causal_blocks(np, T), tiles):
+            att[:, :, r0:r1, :r1] = a
         np.testing.assert_allclose(att, p, rtol=1e-12, atol=1e-15)
-        assert not att[:, :, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]].any()
         # backward against the dense model's finite differences of sum(out * R)
         R = np.random.default_rng(1).standard_normal(out.shape)
         g = [np.zeros_like(a) for a in (wa, ba, wp)]
@@ -90,6 +93,22 @@ def test_blocked_recompute_with_dropout_is_bitwise_keep(small_blocks):
         grads[mode] = (out, dx, *g)
     for a, b in zip(grads[attention.KEEP], grads[attention.RECOMPUTE]):
         assert np.array_equal(a, b)
+
+
+def test_tiles_with_dropout_are_the_one_block_maths(monkeypatch):
+    """With attention dropout, the tiles use the same draw of the whole mask as one square
+    block (a GPU's form): outputs and gradients agree to rounding (sums in another order)."""
+    x, wa, ba, wp = inputs()
+    R = np.random.default_rng(1).standard_normal((B, T, C))
+    runs = []
+    for block in (8, T):                           # three tiles; one square block
+        monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+        out, cache = attention.forward(x, wa, ba, wp, None, NH, 0.3, np.random.default_rng(5))
+        g = [np.zeros_like(a) for a in (wa, ba, wp)]
+        dx = attention.backward(R, cache, g[0], g[1], g[2], None)
+        runs.append((out, dx, *g))
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def _layernorm(x, w, b, d):
