@@ -22,7 +22,7 @@ import functools
 import glob
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -311,12 +311,34 @@ def set_cpu_threads(n: int) -> bool:
         raise ValueError(f"threads per rank must be at least 1, got {n}")
     _cpu_threads = int(n)
     retain_host_memory()
+    return _set_blas_threads(_cpu_threads)
+
+
+def _set_blas_threads(n: int) -> bool:
+    """NumPy's OpenBLAS on ``n`` threads; False where that cannot be set."""
     lib = _openblas()
     for name in _BLAS_SET if lib is not None else ():
         if hasattr(lib, name):
             getattr(lib, name)(int(n))
             return True
     return False
+
+
+@contextlib.contextmanager
+def one_thread_each() -> Iterator[int]:
+    """While it lasts, BLAS and the blocked chains run on their calling thread only, for work
+    the caller itself splits over threads (``nn.batch_threads``: concurrent calls into a
+    multi-threaded OpenBLAS queue for its one thread pool). Yields the threads per rank
+    that were set; restores them after."""
+    global _cpu_threads
+    n = _cpu_threads
+    _cpu_threads = 1
+    _set_blas_threads(1)
+    try:
+        yield n
+    finally:
+        _cpu_threads = n
+        _set_blas_threads(n)
 
 
 def fused(xp: Any, rows: int | None = None, block_rows: int | None = None) -> Any:

@@ -41,6 +41,7 @@ import numpy as np
 from mpipar import backend
 from mpipar.comm import make_communicator
 from mpipar.data import VOCAB_SIZE, BatchSampler, load_tokens, split_train_val
+from mpipar.nn.batch_threads import BatchThreads
 from mpipar.nn.gpt import GPT, PRESETS, flops_per_token
 from mpipar.optim import OptimizerSpec
 from mpipar.parallel.layout import Layout
@@ -247,8 +248,10 @@ def main(args: argparse.Namespace) -> int:
     sampler = BatchSampler(train, B, T, seed=args.seed)
     batches = [sampler.batch(s) for s in range(args.warmup + args.steps)]
 
+    runner = BatchThreads(model)           # more than one thread: rows split over them
+
     def mp_step(x: np.ndarray, y: np.ndarray) -> float:
-        loss, grads = model.loss_and_grads(x, y)
+        loss, grads = runner.loss_and_grads(x, y)
         opt.step(grads)
         return float(loss)
 

@@ -34,8 +34,10 @@ def row_blocks(xp: Any, rows: int, row_size: int) -> Iterator[slice]:
 _pool: tuple[int, ThreadPoolExecutor] | None = None     # (threads, the pool)
 
 
-def _workers(n: int) -> ThreadPoolExecutor:
-    """The pool of ``n`` threads, made anew when the thread count changes."""
+def workers(n: int) -> ThreadPoolExecutor:
+    """The process's pool of ``n`` threads (made anew when the thread count changes): the
+    blocked chains' and ``batch_threads``' (never both at once: inside a batch share the
+    chains run inline)."""
     global _pool
     if _pool is not None and _pool[0] != n:
         _pool[1].shutdown(wait=True)
@@ -65,6 +67,6 @@ def for_each_block(xp: Any, rows: int, row_size: int, fn: Any) -> None:
         for s in row_blocks(xp, hi - lo, row_size):
             fn(slice(lo + s.start, lo + s.stop))
 
-    pool = _workers(threads)
+    pool = workers(threads)
     for f in [pool.submit(run, lo) for lo in range(0, rows, share)]:
         f.result()

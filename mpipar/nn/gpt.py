@@ -140,15 +140,30 @@ class GPT:
         self.layout = FlatLayout(param_shapes(config).items())
         self.param_buffer = to_device(init_host(config, self.layout, seed).astype(self.dtype), xp)
         self.params = self.layout.views(self.param_buffer)
+        self._build_stages(seed + 1)                    # dropout masks: a separate stream
+
+    def _build_stages(self, dropout_seed: int) -> None:
+        """Gradients, run state and the stages over ``params``."""
+        config, xp = self.config, self.xp
         self.grads = GradStore(self.layout, self.dtype, xp)   # views of grads.buffer
-        rng = None
-        if config.dropout > 0.0:
-            rng = xp.random.default_rng(seed + 1)        # dropout masks, separate stream
+        rng = xp.random.default_rng(dropout_seed) if config.dropout > 0.0 else None
         self.state = RunState(training=True, dropout=config.dropout, rng=rng)
         self.stages: list[Any] = [EmbeddingStage(self.params, self.grads, self.state)]
         self.stages += [BlockStage(i, self.params, self.grads, config.n_head, self.state)
                         for i in range(config.n_layer)]
         self.stages.append(HeadStage(self.params, self.grads))
+
+    def replica(self, dropout_seed: int) -> "GPT":
+        """A GPT over the same parameter arrays (not copies) with gradients, caches and a
+        dropout generator (seeded ``dropout_seed``) of its own, so it can run forward and
+        backward beside this one on another thread (``nn.batch_threads``)."""
+        twin = object.__new__(GPT)
+        twin.config, twin.xp, twin.dtype, twin.layout = (self.config, self.xp, self.dtype,
+                                                         self.layout)
+        twin.param_buffer, twin.params = self.param_buffer, self.params
+        twin._build_stages(dropout_seed)
+        twin.state.training = self.state.training
+        return twin
 
     # ---- mode -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "GPT":
