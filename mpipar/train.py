@@ -77,6 +77,7 @@ from mpipar.data.corpus import VOCAB_SIZE
 from mpipar.nn.gpt import GPT, PRESETS, GPTConfig, count_parameters, flops_per_token, param_shapes
 from mpipar.optim import OPTIMIZERS, OptimizerSpec, cosine_lr
 from mpipar.parallel.checkpoint import NonFiniteStateError, refuse_nonfinite, save_sharded
+from mpipar.parallel.grad_sync import OVERLAP_CHOICES, resolve_overlap
 from mpipar.parallel.layout import Layout, LayoutError, choose_layout
 from mpipar.parallel.model import load_full_state_dict
 from mpipar.parallel.numerics import NonFiniteError
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--threads", type=POSITIVE_INT, default=1,
                    help="CPU threads per rank (BLAS and elementwise chains; see backend.py)")
+    p.add_argument("--overlap", default="auto", choices=OVERLAP_CHOICES,
+                   help="all-reduce gradient buckets during backward (auto: on a GPU, or where "
+                        "every rank has a CPU core for it beside its threads)")
     p.add_argument("--eval-interval", type=COUNT, default=d["eval_interval"],
                    help="steps between validation evaluations (0: only before and after)")
     p.add_argument("--eval-batches", type=POSITIVE_INT, default=d["eval_batches"],
@@ -486,7 +490,9 @@ class Runner:
         args, config = run.args, run.config
         self.run, self.comm = run, comm
         self.trainer = ParallelTrainer(comm, config, run.layout, run.optimizer, seed=args.seed,
-                                       dtype=args.dtype, xp=run.xp, grad_clip=args.grad_clip)
+                                       dtype=args.dtype, xp=run.xp, grad_clip=args.grad_clip,
+                                       hooks=resolve_overlap(args.overlap, comm, args.threads,
+                                                             run.xp))
         self.mesh = self.trainer.mesh
         self.start = 0
         self.saved: tuple[int, str] | None = None          # the latest sharded checkpoint

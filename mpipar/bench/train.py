@@ -44,6 +44,7 @@ from mpipar.data import VOCAB_SIZE, BatchSampler, load_tokens, split_train_val
 from mpipar.nn.batch_threads import BatchThreads
 from mpipar.nn.gpt import GPT, PRESETS, flops_per_token
 from mpipar.optim import OptimizerSpec
+from mpipar.parallel.grad_sync import OVERLAP_CHOICES, resolve_overlap
 from mpipar.parallel.layout import Layout
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.runtime import print0
@@ -70,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="data-parallel ranks (run under mpiexec -n RANKS): mpipar dp=RANKS "
                         "beside torch DDP with gloo")
     p.add_argument("--torch-attention", choices=("sdpa", "manual"), default="sdpa")
+    p.add_argument("--overlap", default="auto", choices=OVERLAP_CHOICES,
+                   help="with --ranks: mpipar all-reduces gradient buckets during backward "
+                        "(auto: where every rank has a core for it; see mpipar.train)")
     p.add_argument("--no-torch", action="store_true", help="time mpipar only")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time (all its threads), "
@@ -326,7 +330,9 @@ def main_ranks(args: argparse.Namespace) -> int:
         config = config.replace(block_size=args.block_size)
     B, T, N = args.batch_size, config.block_size, args.ranks
 
-    trainer = ParallelTrainer(world, config, Layout(dp=N), OPTIMIZER, seed=args.seed)
+    overlap = resolve_overlap(args.overlap, world, args.threads)
+    trainer = ParallelTrainer(world, config, Layout(dp=N), OPTIMIZER, seed=args.seed,
+                              hooks=overlap)
     if torch is not None:
         import torch.distributed as dist  # noqa: PLC0415
         from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
@@ -367,6 +373,7 @@ def main_ranks(args: argparse.Namespace) -> int:
            f"({B * T:,} tokens/step, {B // N} sequences per rank) | float32 | {N} ranks x "
            f"{args.threads} thread(s) (numpy BLAS reports {backend.blas_threads()}"
            f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}) | AdamW | "
+           f"mpipar overlap {'on' if overlap else 'off'} ({args.overlap}) | "
            f"median of {args.steps} steps after {args.warmup} warm-up, slowest rank per step, "
            f"{args.clock} clock")
     _report([name for name, _ in sides], times, first_loss, B * T, flops_tok)
