@@ -12,6 +12,8 @@ the same batches from the default corpus) with AdamW, and a step is forward + ba
 optimiser update. Steps alternate mpipar / torch after the warm-up, so both see the same
 machine load, and each side reports the MEDIAN step time. Achieved FLOP/s count
 ``model.flops_per_token()`` (6 N plus the attention matmuls, no recomputation) per token.
+With ``--threads`` N > 1, torch runs its ops on N intra-op threads and mpipar runs the
+batch's rows on N batch threads (``nn.batch_threads``), each with one-thread BLAS.
 
 The torch model is a minimal nanoGPT-style GPT written here (not imported from anywhere), with
 ``--torch-attention sdpa`` (torch's fused scaled_dot_product_attention, the default and the
@@ -269,7 +271,8 @@ def main(args: argparse.Namespace) -> int:
           f"C={config.n_embd} T={T} V={config.vocab_size}, {model.num_parameters():,} params | "
           f"B={B} T={T} ({B * T:,} tokens/step) | float32 | threads {args.threads} "
           f"(numpy BLAS reports {backend.blas_threads()}"
-          f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}) | "
+          f"{f', torch {torch.get_num_threads()}' if torch is not None else ''}"
+          f"{'; mpipar: batch threads, BLAS 1 each' if args.threads > 1 else ''}) | "
           f"median of {args.steps} steps after {args.warmup} warm-up, {args.clock} clock | "
           f"{flops_tok / 1e6:.1f} MFLOP/token")
     _report([name for name, _ in sides], times, first_loss, B * T, flops_tok)

@@ -65,3 +65,24 @@ def test_bad_ranks_stop_before_mpi(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench_main(["train", "--model", "tiny", "--no-torch", *argv])
     assert message in str(e.value)
+
+
+def test_threads_2_runs_batch_threads_from_the_single_process_loss(capsys):
+    """One process on 2 threads: mpipar's rows split over batch threads, the first loss
+    still the whole batch's (to float32 rounding), and the header says how it ran."""
+    from mpipar import backend
+    from mpipar.bench.__main__ import main as bench_main
+
+    try:
+        assert bench_main(["train", "--model", "tiny", "--block-size", "16", "--batch-size", "4",
+                           "--steps", "1", "--warmup", "0", "--threads", "2", "--no-torch"]) == 0
+    finally:
+        backend.set_cpu_threads(1)
+    out = capsys.readouterr().out
+    assert "threads 2" in out and "mpipar: batch threads, BLAS 1 each" in out, out
+    row = next(line.split() for line in out.splitlines() if line.startswith("mpipar "))
+    config = PRESETS["tiny"].replace(vocab_size=VOCAB_SIZE, block_size=16)
+    train, _ = split_train_val(load_tokens(None))
+    x, y = BatchSampler(train, 4, 16, seed=0).batch(0)
+    loss, _ = GPT(config, seed=0, dtype="float32").loss_and_grads(x, y)
+    assert abs(float(row[-1]) - loss) < 1e-4, (row, loss)
