@@ -1,0 +1,309 @@
+"""Gradient compression for a data-parallel group: one bucket's mean, sent small.
+
+    comp = make_compressor("topk:0.01")           # none | fp16 | int8 | topk:RATIO
+    mean = comp.allreduce_mean(dp, "bucket3", g)  # g: one flat gradient bucket (numpy/cupy)
+    comp.last_call, comp.bytes_sent               # {"index": ..., "value": ...}, cumulative
+    ckpt["residuals"] = comp.state_dict()         # {key: array}; load_state_dict to resume
+
+Every rank of the group calls ``allreduce_mean`` with the same ``key`` and a 1-D float array
+``x`` of the same size and dtype; every rank gets the same estimate of
+``(1/p) sum_ranks x`` (p the group size), in ``x``'s array module and dtype.
+
+Error feedback (Seide et al., "1-bit SGD", Interspeech 2014; Karimireddy et al., "Error
+feedback fixes SignSGD", ICML 2019). Each lossy scheme keeps, per rank and per key, a residual
+``r`` (zeros at the key's first call) and on each call
+
+    v = x + r,    c = C(v),    send c,    r <- v - D(c)
+
+with C the compressor and D its decompression; the mean returned is ``(1/p) sum_ranks D(c)``.
+Summed over calls t = 1..T on one rank, ``sum_t D(c_t) + r_T = sum_t x_t``: nothing a rank
+was given is lost, only delayed, which is what makes the biased compressors below converge.
+The identity holds to the rounding of ``v`` and ``r`` in ``x``'s dtype; what the group
+applies (p times the returned means) is ``sum_ranks D(c)`` exactly where the scheme sums
+decompressed payloads itself (int8, topk), and up to the float16 reduction's rounding for fp16
+(at most (p - 1) float16 roundings of the partial sums, 2^-11 relative each).
+
+The schemes (one class each, chosen once by ``make_compressor``):
+
+* ``none`` (``Uncompressed``): ``comm.allreduce(x, op="avg")``, no residual. Any algorithm.
+* ``fp16`` (``Float16``): ``c = float16(v / p)``, ``D(c) = p * c``; the float16 payloads are
+  summed by ``comm.allreduce(c, op="sum")`` in float16 (``native`` sums them in float32 and
+  rounds once), so the mean is the sum itself. Dividing by p before the cast keeps the sum
+  within float16's range wherever every ``|v|`` is (the rule of PyTorch's fp16 hook). Half
+  the bytes of float32; any all-reduce algorithm.
+* ``int8`` (``Int8``): a scale agreed by the group, ``s = max_ranks max|v| / 127`` (one
+  all-reduce ``max`` of one element), ``q = rint(v / s)`` in [-127, 127], ``D(q) = s * q``.
+  The int8 payloads are all-gathered (packed four to an int32 word, the Communicator having
+  no int8 type: n padded up to a multiple of 4) and each rank sums the p of them in int32,
+  in rank order: ``|sum| <= 127 p``, so no overflow below p = 2^24. The mean is
+  ``s * sum / p``. Error of one call (r = 0): each rank rounds to within ``s / 2``, so
+  ``|mean - true mean| <= s / 2 = max|x| / 254`` elementwise (plus float rounding). On the
+  wire: n (+ padding) bytes handed to the all-gather, which an all-gather turns into
+  (p - 1) n bytes leaving each rank (ring), against 2 (p - 1) / p * 4n for a float32 ring
+  all-reduce: a gain of 8 / p, none at p = 8. (A sum in int32 would be overflow-free too,
+  but 4 bytes an element: no compression of float32 at all.)
+* ``topk:RATIO`` (``TopK``): ``k = ceil(RATIO * n)`` entries of largest ``|v|``, ties at the
+  k-th magnitude broken by the lower index (deterministic on every module), sent as
+  (index, value) pairs: indices int32 (int64 when n >= 2^31), values in x's dtype, two
+  all-gathers of k elements each. Every rank scatters the p rank's pairs into a dense zero
+  vector in rank order (indices of one rank are distinct, so each rank's scatter is a plain
+  indexed add, not an atomic one), then divides by p. ``topk:1.0`` is the uncompressed mean.
+
+Bytes on the wire are COUNTED from the payloads this rank hands to the Communicator's
+collectives: the sum of ``nbytes`` of every array given to ``allreduce`` / ``allgather`` for
+the call (what ``CommStats.bytes`` counts for an uncompressed bucket), by part
+(``last_call``, e.g. ``{"scale": 4, "payload": n}`` for int8), and 0 in a group of one,
+where the Communicator sends nothing. Neither the Communicator nor its transports keep
+counters of the traffic an algorithm generates from a payload (and MPI's own collectives,
+``native``, are invisible to them), so that traffic is not counted: it is the algorithm's
+function of the payload (collectives.md, "Gradient compression (library)").
+
+Which all-reduce algorithms: fp16 and none use ``allreduce`` (every algorithm, nccl on device
+arrays included); int8 and topk need ``allgather`` (native, ring, rhd; a communicator whose
+default lacks it runs native, an explicit ``algorithm=`` that lacks it is an error) plus,
+for int8, an all-reduce of one element (any algorithm). A parameter server (``ps``) has no
+all-gather: compressed pushes to servers are not this module's.
+
+Not in this module: bf16 (it needs ml_dtypes on NumPy, a dependency decision), PowerSGD (per
+weight matrix, not per flat bucket), the trainer's ``--compress`` wiring, and saving the
+residuals in checkpoints (``state_dict`` gives them as plain arrays for that).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from mpipar import backend
+from mpipar.comm.communicator import Communicator
+
+__all__ = ["GradientCompressor", "make_compressor", "Uncompressed", "Float16", "Int8", "TopK",
+           "COMPRESSION_SCHEMES"]
+
+COMPRESSION_SCHEMES = ("none", "fp16", "int8", "topk:RATIO")
+
+INT8_MAX = 127
+
+
+@runtime_checkable
+class GradientCompressor(Protocol):
+    """The mean of one gradient bucket over a group, compressed; counters of what was sent."""
+
+    spec: str
+    bytes_sent: int           # cumulative bytes this rank handed to collectives
+    calls: int
+    last_call: dict[str, int]  # bytes by part of the latest call
+
+    def allreduce_mean(self, comm: Communicator, key: str, x: Any,
+                       algorithm: str | None = None) -> Any:
+        """The group's (compressed) mean of ``x``; the same on every rank."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The error-feedback residuals by key (copies; empty for ``none``)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the residuals by ``state`` (as ``state_dict`` gave them)."""
+
+
+def make_compressor(spec: str) -> GradientCompressor:
+    """The compressor ``spec`` names: ``none``, ``fp16``, ``int8`` or ``topk:RATIO`` with
+    RATIO a float in (0, 1]. Anything else is a ValueError that names what is wrong."""
+    if not isinstance(spec, str):
+        raise ValueError(f"compression spec must be a string, got {type(spec).__name__}")
+    name, sep, arg = spec.strip().partition(":")
+    if name == "topk":
+        if not sep or not arg.strip():
+            raise ValueError(f"compression {spec!r}: topk needs a ratio, as topk:0.01")
+        try:
+            ratio = float(arg)
+        except ValueError:
+            raise ValueError(f"compression {spec!r}: topk ratio {arg!r} is not a number") from None
+        if not (0.0 < ratio <= 1.0):  # NaN fails too
+            raise ValueError(f"topk ratio {arg.strip()} is not in (0, 1]")
+        return TopK(ratio)
+    fixed = {"none": Uncompressed, "fp16": Float16, "int8": Int8}
+    if name in fixed:
+        if sep:
+            raise ValueError(f"compression {spec!r}: {name} takes no argument")
+        return fixed[name]()
+    raise ValueError(f"unknown compression {spec!r}; choose from {', '.join(COMPRESSION_SCHEMES)}")
+
+
+def _check_bucket(x: Any) -> None:
+    if getattr(x, "ndim", None) != 1:
+        raise ValueError(f"a gradient bucket must be a 1-D array, got shape {getattr(x, 'shape', None)}")
+    if np.dtype(x.dtype).name not in backend.FLOAT_DTYPES:
+        raise TypeError(f"a gradient bucket must be float16/32/64, got {np.dtype(x.dtype).name}")
+
+
+class _Counted:
+    """Bookkeeping every scheme shares: bytes handed to collectives, by call and in all."""
+
+    spec = ""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.calls = 0
+        self.last_call: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, bytes_sent={self.bytes_sent})"
+
+    def _begin(self) -> None:
+        self.calls += 1
+        self.last_call = {}
+
+    def _handed(self, comm: Communicator, part: str, payload: Any) -> None:
+        """Count ``payload`` (an array given to one collective) as this call's ``part``."""
+        n = int(payload.nbytes) if comm.size > 1 else 0
+        self.last_call[part] = self.last_call.get(part, 0) + n
+        self.bytes_sent += n
+
+    @property
+    def last_bytes(self) -> int:
+        """Bytes this rank handed to collectives in the latest call."""
+        return sum(self.last_call.values())
+
+
+class Uncompressed(_Counted):
+    """``none``: the plain all-reduce mean; nothing kept between calls."""
+
+    spec = "none"
+
+    def allreduce_mean(self, comm: Communicator, key: str, x: Any,
+                       algorithm: str | None = None) -> Any:
+        _check_bucket(x)
+        self._begin()
+        self._handed(comm, "payload", x)
+        return comm.allreduce(x, op="avg", algorithm=algorithm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"compression 'none' keeps no residuals, got keys {sorted(state)}")
+
+
+class _ErrorFeedback(_Counted):
+    """A lossy scheme with a residual per key: ``v = x + r``, ``r <- v - D(C(v))``.
+
+    A subclass says how ``v`` travels: ``_exchange(comm, v, algorithm)`` returns (the group's
+    mean, this rank's ``D(C(v))``), both arrays of ``v``'s module and dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._residual: dict[str, Any] = {}
+
+    def allreduce_mean(self, comm: Communicator, key: str, x: Any,
+                       algorithm: str | None = None) -> Any:
+        _check_bucket(x)
+        xp = backend.array_module(x)
+        self._begin()
+        r = self._residual.get(str(key))
+        if r is not None and (r.shape != x.shape or r.dtype != x.dtype):
+            raise ValueError(f"bucket {key!r}: residual of shape {r.shape} {r.dtype} does not fit "
+                             f"a bucket of shape {x.shape} {x.dtype}")
+        v = xp.array(x, copy=True) if r is None else x + backend.to_device(r, xp)
+        mean, sent = self._exchange(comm, v, algorithm)
+        self._residual[str(key)] = xp.subtract(v, sent, out=v)
+        return mean
+
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: r.copy() for k, r in self._residual.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, r in state.items():
+            if getattr(r, "ndim", None) != 1:
+                raise ValueError(f"residual {k!r} must be a 1-D array, got shape {getattr(r, 'shape', None)}")
+        self._residual = {str(k): r.copy() for k, r in state.items()}
+
+
+class Float16(_ErrorFeedback):
+    """``fp16``: ``c = float16(v / p)`` summed by the all-reduce in float16; ``D(c) = p c``."""
+
+    spec = "fp16"
+
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
+        p = comm.size
+        c = (v / v.dtype.type(p)).astype(np.float16)
+        self._handed(comm, "payload", c)
+        mean = comm.allreduce(c, op="sum", algorithm=algorithm).astype(v.dtype)
+        return mean, c.astype(v.dtype) * v.dtype.type(p)
+
+
+class Int8(_ErrorFeedback):
+    """``int8``: one scale for the group (all-reduce max), int8 payloads all-gathered and
+    summed in int32."""
+
+    spec = "int8"
+
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
+        xp = backend.array_module(v)
+        p, n = comm.size, v.size
+        peak = xp.max(xp.abs(v)).reshape(1) if n else xp.zeros(1, dtype=v.dtype)
+        self._handed(comm, "scale", peak)
+        peak = comm.allreduce(peak, op="max", algorithm=algorithm)
+        # s = peak / 127, or 1 where every |v| is 0 (then every q is 0 and no division by 0)
+        scale = xp.where(peak > 0, peak / v.dtype.type(INT8_MAX), v.dtype.type(1))
+        q = xp.clip(xp.rint(v / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+        words = -(-n // 4)
+        packed = xp.zeros(4 * words, dtype=np.int8)
+        packed[:n] = q
+        packed = packed.view(np.int32)
+        self._handed(comm, "payload", packed)
+        gathered = comm.allgather(packed, algorithm=algorithm)
+        total = gathered.view(np.int8).reshape(p, 4 * words)[:, :n].astype(np.int32).sum(axis=0)
+        mean = (total.astype(v.dtype) * scale) / v.dtype.type(p)
+        return mean, q.astype(v.dtype) * scale
+
+
+class TopK(_ErrorFeedback):
+    """``topk:RATIO``: each rank's ``ceil(RATIO n)`` largest ``|v|`` as (index, value) pairs."""
+
+    def __init__(self, ratio: float) -> None:
+        super().__init__()
+        self.ratio = float(ratio)
+        self.spec = f"topk:{ratio:g}"
+
+    def k(self, n: int) -> int:
+        """Entries each rank sends of a bucket of n: ``ceil(ratio n)``, at most n."""
+        return min(n, math.ceil(self.ratio * n))
+
+    def select(self, v: Any) -> Any:
+        """Indices (ascending) of the k largest ``|v|``; at the k-th magnitude the lower
+        indices win, so every rank, module and run picks the same entries."""
+        xp = backend.array_module(v)
+        n = v.size
+        k = self.k(n)
+        if k == n:
+            return xp.arange(n)
+        a = xp.abs(v)
+        kth = xp.sort(a)[n - k]
+        above = xp.flatnonzero(a > kth)
+        at = xp.flatnonzero(a == kth)[:k - int(above.size)]
+        return xp.sort(xp.concatenate([above, at]))
+
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
+        xp = backend.array_module(v)
+        p, n = comm.size, v.size
+        sent = xp.zeros_like(v)
+        if n == 0:
+            return sent, sent
+        idx = self.select(v)
+        index = idx.astype(np.int32 if n < 2**31 else np.int64)
+        value = v[idx]
+        sent[idx] = value
+        self._handed(comm, "index", index)
+        self._handed(comm, "value", value)
+        all_index = comm.allgather(index, algorithm=algorithm).reshape(p, -1)
+        all_value = comm.allgather(value, algorithm=algorithm).reshape(p, -1)
+        total = xp.zeros_like(v)
+        for rank in range(p):  # rank order: the same sum on every rank
+            total[all_index[rank]] += all_value[rank]
+        return total / v.dtype.type(p), sent
