@@ -12,6 +12,7 @@ initialise MPI; ``make_communicator`` does.
 from mpipar.comm.algorithms import algorithm_names, get_algorithm, host_algorithm_names
 from mpipar.comm.communicator import (CollectiveMismatchError, Communicator, make_communicator,
                                       split_counts)
+from mpipar.comm.compress import GradientCompressor, make_compressor
 from mpipar.comm.mpi_env import GPUSelectionError, select_gpu
 from mpipar.comm.ops import OP_NAMES, OPS, ReduceOp, get_op
 from mpipar.comm.watchdog import CollectiveTimeoutError
@@ -21,4 +22,5 @@ from mpipar.comm.watchdog import set_timeout as set_collective_timeout
 __all__ = ["Communicator", "make_communicator", "split_counts", "CollectiveMismatchError",
            "CollectiveTimeoutError", "set_collective_timeout", "watchdog_summary",
            "select_gpu", "GPUSelectionError", "algorithm_names", "host_algorithm_names",
-           "get_algorithm", "OPS", "OP_NAMES", "ReduceOp", "get_op"]
+           "get_algorithm", "OPS", "OP_NAMES", "ReduceOp", "get_op", "GradientCompressor",
+           "make_compressor"]

@@ -7,7 +7,10 @@
 
 Every rank of the group calls ``allreduce_mean`` with the same ``key`` and a 1-D float array
 ``x`` of the same size and dtype; every rank gets the same estimate of
-``(1/p) sum_ranks x`` (p the group size), in ``x``'s array module and dtype.
+``(1/p) sum_ranks x`` (p the group size), in ``x``'s array module and dtype. The call is
+blocking; to overlap it with backward, queue it whole on the group's communication thread,
+``comm.background().submit(comp.allreduce_mean, comm, key, x)`` (its collectives then run on
+that thread, in call order), as ``GradBuckets`` queues ``iallreduce``.
 
 Error feedback (Seide et al., "1-bit SGD", Interspeech 2014; Karimireddy et al., "Error
 feedback fixes SignSGD", ICML 2019). Each lossy scheme keeps, per rank and per key, a residual
@@ -100,8 +103,13 @@ class GradientCompressor(Protocol):
                        algorithm: str | None = None) -> Any:
         """The group's (compressed) mean of ``x``; the same on every rank."""
 
+    @property
+    def last_bytes(self) -> int:
+        """Bytes this rank handed to collectives in the latest call."""
+
     def state_dict(self) -> dict[str, Any]:
-        """The error-feedback residuals by key (copies; empty for ``none``)."""
+        """The error-feedback residuals by key: copies, 1-D, in the buckets' array module and
+        dtype (``backend.to_host`` them for a file); empty for ``none``."""
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the residuals by ``state`` (as ``state_dict`` gave them)."""

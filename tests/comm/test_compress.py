@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from mpipar import backend
+from mpipar.comm.communicator import Communicator
 from mpipar.comm.compress import GradientCompressor, TopK, make_compressor
+from mpipar.comm.transport.mpi import MPITransport
 
 from helpers import assert_same_on_all_ranks
 
@@ -258,6 +260,40 @@ def test_a_residual_of_the_wrong_shape_is_refused(comm):
         c.allreduce_mean(comm, "b", np.ones(6))
     with pytest.raises(ValueError, match="1-D"):
         c.allreduce_mean(comm, "c", np.ones((2, 3)))
+
+
+@MPI
+@pytest.mark.parametrize("spec", ["int8", "topk:0.1"])
+def test_gather_schemes_on_a_group_whose_default_has_no_allgather(comm, spec):
+    """A tree-default group runs the all-gathers on native (the same result); tree asked for
+    explicitly cannot all-gather: the Communicator's error, on every rank alike."""
+    p2p = MPITransport(comm.p2p.comm.Dup(), owned=True)
+    tree = Communicator(p2p, p2p.dup(), algorithm="tree", name="tree")
+    try:
+        x = _x(10, comm.rank, 150)
+        want = make_compressor(spec).allreduce_mean(comm, "b", x)
+        np.testing.assert_array_equal(make_compressor(spec).allreduce_mean(tree, "b", x), want)
+        if comm.size > 1:
+            with pytest.raises(ValueError, match="algorithm 'tree' has no allgather"):
+                make_compressor(spec).allreduce_mean(comm, "b", x, algorithm="tree")
+    finally:
+        tree.free()
+
+
+@MPI
+@pytest.mark.parametrize("spec", ["none", "fp16", "int8", "topk:0.05"])
+def test_queued_on_the_communication_thread_gives_the_same_means(comm, spec):
+    """How the trainer will overlap it: the whole call queued on the group's background
+    thread, two buckets in flight, the same means and residuals as called in turn."""
+    a, b = make_compressor(spec), make_compressor(spec)
+    for t in range(2):
+        xs = [_x(11, comm.rank, 120, call=t), _x(12, comm.rank, 77, call=t)]
+        handles = [comm.background().submit(a.allreduce_mean, comm, f"b{i}", x) for i, x in enumerate(xs)]
+        got = [h.wait() for h in handles]
+        for i, x in enumerate(xs):
+            np.testing.assert_array_equal(got[i], b.allreduce_mean(comm, f"b{i}", x))
+    assert a.bytes_sent == b.bytes_sent
+    assert all(np.array_equal(r, b.state_dict()[k]) for k, r in a.state_dict().items())
 
 
 # -- the device path ---------------------------------------------------------------------------
