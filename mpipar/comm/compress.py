@@ -43,12 +43,12 @@ The schemes (one class each, chosen once by ``make_compressor``):
   ``|mean - true mean| <= s / 2 = max|x| / 254`` elementwise (plus float rounding). On the
   wire: n (+ padding) bytes handed to the all-gather, which an all-gather turns into
   (p - 1) n bytes leaving each rank (ring), against 2 (p - 1) / p * 4n for a float32 ring
-  all-reduce: a gain of 8 / p, none at p = 8. (A sum in int32 would be overflow-free too,
+  all-reduce: p / 8 of its bytes, nothing saved at p = 8. (A sum in int32 would be overflow-free too,
   but 4 bytes an element: no compression of float32 at all.)
 * ``topk:RATIO`` (``TopK``): ``k = ceil(RATIO * n)`` entries of largest ``|v|``, ties at the
   k-th magnitude broken by the lower index (deterministic on every module), sent as
   (index, value) pairs: indices int32 (int64 when n >= 2^31), values in x's dtype, two
-  all-gathers of k elements each. Every rank scatters the p rank's pairs into a dense zero
+  all-gathers of k elements each. Every rank scatters the p ranks' pairs into a dense zero
   vector in rank order (indices of one rank are distinct, so each rank's scatter is a plain
   indexed add, not an atomic one), then divides by p. ``topk:1.0`` is the uncompressed mean.
 
@@ -61,8 +61,7 @@ counters of the traffic an algorithm generates from a payload (and MPI's own col
 ``native``, are invisible to them), so that traffic is not counted: it is the algorithm's
 function of the payload (collectives.md, "Gradient compression (library)").
 
-Which all-reduce algorithms: fp16 and none use ``allreduce`` (every algorithm, nccl on device
-arrays included); int8 and topk need ``allgather`` (native, ring, rhd; a communicator whose
+Which all-reduce algorithms: fp16 and none use ``allreduce`` (every algorithm that has one); int8 and topk need ``allgather`` (native, ring, rhd; a communicator whose
 default lacks it runs native, an explicit ``algorithm=`` that lacks it is an error) plus,
 for int8, an all-reduce of one element (any algorithm). A parameter server (``ps``) has no
 all-gather: compressed pushes to servers are not this module's.
