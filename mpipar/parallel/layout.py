@@ -40,7 +40,12 @@ What fits:
 * ``schedule`` one of ``gpipe``, ``1f1b``; ``zero`` 0, 1 or 2; ``bucket_mb`` a finite
   positive number of MiB (None: one bucket); ``allreduce`` an algorithm of ``mpipar.comm``
   (None: the communicator's own), and with ``auto`` its tuned table, if there is one,
-  readable.
+  readable;
+* ``compress`` a gradient-compression spec of ``comm.compress`` (``none``, ``fp16``,
+  ``int8``, ``topk:RATIO``) for the data-parallel all-reduce: anything but ``none`` needs
+  ``zero`` 0 (ZeRO reduce-scatters its buckets, it does not all-reduce them), and ``int8``
+  and ``topk`` an ``allreduce`` algorithm with an all-gather (native, ring, rhd, nccl,
+  auto; not ps, tree, dbtree, hier).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from mpipar.comm import auto
-from mpipar.comm.algorithms import algorithm_names
+from mpipar.comm.algorithms import algorithm_names, get_algorithm
+from mpipar.comm.compress import make_compressor
 from mpipar.nn.block import RECOMPUTE
 from mpipar.parallel.partition import balanced_layers, gpt_stage_costs
 from mpipar.parallel.schedules import (Forward, Instruction, RecvActivation, SendActivation,
@@ -89,6 +95,7 @@ class Layout:
     virtual_stages: int = 1                      # model chunks per pipeline rank (> 1: interleaved)
     recompute: str = "none"                      # activation recompute: none, selective, full
     sequence_parallel: bool = False              # split what lies between tp regions along T
+    compress: str = "none"                       # dp gradient compression (comm.compress spec)
 
     @property
     def world_size(self) -> int:
@@ -162,6 +169,7 @@ class Layout:
             raise LayoutError(f"a gradient bucket of {b!r} MiB: the size must be a finite "
                               f"positive number", "bucket_mb")
         self._check_algorithm()
+        self._check_compress()
 
     def _check_virtual_stages(self) -> None:
         v = self.virtual_stages
@@ -194,6 +202,26 @@ class Layout:
             except (OSError, ValueError) as e:
                 raise LayoutError(f"the tuned table for algorithm 'auto' cannot be used: {e}",
                                   "allreduce") from e
+
+    def _check_compress(self) -> None:
+        """The spec parses (the library's own message), and its collectives are the ones
+        this layout runs: all-reduce (no ZeRO), and an all-gather for int8 and topk."""
+        try:
+            compressor = make_compressor(self.compress)
+        except ValueError as e:
+            raise LayoutError(str(e), "compress") from e
+        if compressor.spec == "none":
+            return
+        if self.zero:
+            raise LayoutError(f"gradient compression needs zero 0, got zero {self.zero} (ZeRO "
+                              f"reduce-scatters each bucket into a shard; {self.compress} "
+                              f"compresses an all-reduce's mean)", "compress")
+        name = self.allreduce
+        if compressor.spec != "fp16" and name not in (None, "auto") \
+                and not get_algorithm(name).supports("allgather"):
+            raise LayoutError(f"compression {self.compress} all-gathers each bucket's payload; "
+                              f"all-reduce algorithm {name!r} has no all-gather (choose native, "
+                              f"ring or rhd, or compression fp16)", "compress")
 
     def _check_model(self, config: Any) -> None:
         tp, pp, NH = self.tp, self.pp, config.n_head

@@ -53,6 +53,19 @@ TINY = PRESETS["tiny"]                          # 8 heads, 8 blocks, C = 64, V =
     (Layout(tp=2, sequence_parallel=1), 2, None, None, "sequence_parallel", "True or False, got 1"),
     (Layout(tp=2, sequence_parallel=True), 2, TINY.replace(block_size=9), None,
      "sequence_parallel", "tp 2: tp does not divide the block size 9"),
+    # gradient compression: the library's own words for a bad spec, then what composes
+    (Layout(compress="bogus"), 1, None, None, "compress", "unknown compression 'bogus'"),
+    (Layout(compress="topk"), 1, None, None, "compress", "topk needs a ratio"),
+    (Layout(compress="topk:2"), 1, None, None, "compress", r"topk ratio 2 is not in \(0, 1\]"),
+    (Layout(compress="int8:3"), 1, None, None, "compress", "int8 takes no argument"),
+    (Layout(compress=None), 1, None, None, "compress", "must be a string"),
+    (Layout(dp=2, zero=2, compress="int8"), 2, None, None, "compress",
+     "gradient compression needs zero 0, got zero 2"),
+    (Layout(dp=2, zero=1, compress="fp16"), 2, None, None, "compress",
+     "gradient compression needs zero 0, got zero 1"),
+    *[(Layout(dp=2, allreduce=a, compress=c), 2, None, None, "compress",
+       f"compression {c} all-gathers .* algorithm '{a}' has no all-gather")
+      for a in ("ps", "tree", "dbtree", "hier") for c in ("int8", "topk:0.01")],
 ])
 def test_what_does_not_fit_and_why(layout, world, config, batch, field, match):
     with pytest.raises(LayoutError, match=match) as e:
@@ -66,6 +79,13 @@ def test_what_fits():
            allreduce="ring", stage_layers=(5, 3)).check(8, TINY, 2 * 4 * 2 * 3)
     Layout(tp=4, pp=2, micro_batches=2, virtual_stages=2, recompute="selective",
            sequence_parallel=True).check(8, TINY, 4)
+    # compression: fp16 all-reduces (any algorithm), int8 and topk all-gather
+    for algorithm in ("native", "ring", "rhd", "tree", "dbtree", "ps", "hier", "auto", None):
+        Layout(dp=2, tp=2, allreduce=algorithm, compress="fp16").check(4, TINY, 4)
+    for algorithm in ("native", "ring", "rhd", "nccl", "auto", None):
+        for spec in ("int8", "topk:0.01", "topk:1", "none"):
+            Layout(dp=2, pp=2, allreduce=algorithm, compress=spec).check(4, TINY, 4)
+    Layout(dp=2, zero=2, compress="none").check(2)
     # the vocabulary is split unevenly: it need not divide by tp
     Layout(tp=8).check(8, TINY.replace(vocab_size=259))
     assert Layout(pp=2, stage_layers=(5, 3)).stage_ranges(TINY) == [range(0, 5), range(5, 8)]
