@@ -42,6 +42,17 @@ queued on the same worker just before and after each collective: the worker runs
 strictly in order, so the pair encloses exactly that collective); ``exposed_s`` is the time
 the main thread spent blocked waiting for them. ``exposed_s / total_s`` is the fraction of
 communication not hidden by backward.
+
+Compression (``compress``, a ``comm.compress`` spec): how a bucket's mean is made is one
+object chosen at construction, a bucket reducer. ``none`` is ``AllreduceMean``, the
+all-reduce above (``iallreduce(op="avg")``), unchanged. A lossy scheme is
+``CompressedMean``: the bucket's copy and the compressor's whole ``allreduce_mean`` (its
+scale all-reduce, all-gathers and error feedback, keyed by bucket index, so each bucket keeps
+its own residual from step to step) are queued as one job on the same background thread, in
+the same bucket order, between the same two clock reads; the bytes a bucket adds to
+``CommStats.bytes`` are the compressor's count of what that call handed to collectives
+(``last_bytes``), read once the call is done, not the bucket's uncompressed size. A group of
+one sends nothing and compresses nothing: its gradient is the mean.
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpipar import backend, trace
+from mpipar.comm.compress import GradientCompressor, make_compressor
 from mpipar.optim import OptimizerSpec, norm_of, scale_to, squares
 
 
@@ -131,7 +143,7 @@ class _InFlight:
     handle: Any
     t0: Any           # handle of a clock read queued just before the collective
     t1: Any           # ... and just after it
-    nbytes: int
+    nbytes: int | Callable[[Any], int]   # or, counted as it runs: f(handle) once waited
 
 
 class TimedCollectives:
@@ -150,10 +162,11 @@ class TimedCollectives:
         self._group = group.name
         self._inflight: list[_InFlight] = []
 
-    def start(self, begin: Callable[[], Any], nbytes: int, key: Any) -> None:
+    def start(self, begin: Callable[[], Any], nbytes: int | Callable[[Any], int], key: Any) -> None:
         """Queue ``begin()`` (which starts one collective and returns its handle) between two
         clock reads on the worker. ``begin`` copies or takes its input: the caller's buffer
-        may be reused at once."""
+        may be reused at once. ``nbytes``: the bytes it hands over, or a function of the
+        handle giving them once its wait has returned (a compressor counts as it runs)."""
         w = self._background
         t0 = w.submit(self._clock)
         handle = begin()
@@ -169,15 +182,88 @@ class TimedCollectives:
             result = f.handle.wait()
             t1 = f.t1.wait()
             tr = self._clock()
+            nbytes = f.nbytes(f.handle) if callable(f.nbytes) else f.nbytes
             stats.exposed_s += tr - tw
-            trace.recorder().add("wait", tw, tr, "wait", group=self._group, bytes=f.nbytes)
+            trace.recorder().add("wait", tw, tr, "wait", group=self._group, bytes=nbytes)
             stats.total_s += t1 - f.t0.wait()
             stats.collectives += 1
-            stats.bytes += f.nbytes
+            stats.bytes += nbytes
             yield f.key, result
 
     def __len__(self) -> int:
         return len(self._inflight)
+
+
+# -- how one bucket's mean is made ---------------------------------------------------------------
+class AllreduceMean:
+    """A bucket's mean by the group's non-blocking all-reduce (``compress="none"``)."""
+
+    compressor: GradientCompressor | None = None
+
+    def __init__(self, algorithm: str | None, options: Mapping[str, Any]) -> None:
+        self.algorithm, self.options = algorithm, dict(options)
+
+    def begin(self, group: Any, b: Bucket, x: Any) -> Any:
+        """Start the mean of ``x`` (bucket ``b``'s gradients; ``iallreduce`` copies it)."""
+        return group.iallreduce(x, op="avg", algorithm=self.algorithm, **self.options)
+
+    def nbytes(self, size: int) -> int | Callable[[Any], int]:
+        """Bytes a bucket of ``size`` bytes hands over: all of it."""
+        return size
+
+
+class _CountedJob:
+    """A compressed bucket queued on the background thread, and the bytes its call sent."""
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+        self.sent = 0
+
+    def wait(self) -> Any:
+        return self.handle.wait()
+
+
+class CompressedMean:
+    """A bucket's mean by ``compressor.allreduce_mean`` queued whole on the group's
+    background thread (its collectives run there, in bucket order), keyed by bucket index."""
+
+    def __init__(self, compressor: GradientCompressor, algorithm: str | None,
+                 options: Mapping[str, Any]) -> None:
+        if options:
+            raise ValueError(f"compression {compressor.spec} passes no per-call algorithm "
+                             f"options ({', '.join(sorted(options))}): give them to the "
+                             f"communicator instead")
+        self.compressor, self.algorithm = compressor, algorithm
+
+    def begin(self, group: Any, b: Bucket, x: Any) -> _CountedJob:
+        """Queue the compressed mean of a copy of ``x`` (bucket ``b``'s gradients)."""
+        job = _CountedJob()
+        job.handle = group.background().submit(self._mean, group, b.index, x.copy(), job)
+        return job
+
+    def _mean(self, group: Any, index: int, x: Any, job: _CountedJob) -> Any:
+        """On the background thread: the call, and its count read before the next runs."""
+        out = self.compressor.allreduce_mean(group, f"bucket{index}", x, self.algorithm)
+        job.sent = self.compressor.last_bytes
+        return out
+
+    def nbytes(self, size: int) -> int | Callable[[Any], int]:
+        """What the compressor handed to collectives for the bucket: read from its job."""
+        return _sent
+
+
+def _sent(job: _CountedJob) -> int:
+    return job.sent
+
+
+def bucket_reducer(compress: str, algorithm: str | None,
+                   options: Mapping[str, Any]) -> AllreduceMean | CompressedMean:
+    """The reducer of ``compress`` (a ``comm.compress`` spec; ValueError naming what is
+    wrong otherwise): the plain all-reduce for ``none``, else the compressor's mean."""
+    compressor = make_compressor(compress)
+    if compressor.spec == "none":
+        return AllreduceMean(algorithm, options)
+    return CompressedMean(compressor, algorithm, options)
 
 
 # -- the bucketed gradient all-reduce ----------------------------------------------------------
@@ -189,6 +275,8 @@ class GradBuckets:
     pipeline-parallel local model) works. ``algorithm`` is passed to every all-reduce (None:
     the group's default, e.g. as set per group by ``make_mesh(algorithms=...)``); ``options``
     reach the algorithms that take them (``servers=`` for ps, ``ranks_per_node=`` for hier).
+    ``compress``: how each bucket's mean travels (module docstring, Compression; ``none``:
+    the plain all-reduce).
 
     Per step: ``mark_ready(names)`` any number of times, then ``finish()``. Names may be
     marked in any order and more than once; a step with no marks at all is fine (finish()
@@ -196,7 +284,7 @@ class GradBuckets:
     """
 
     def __init__(self, grad_buffer: Any, layout: Any, dp_group: Any, bucket_mb: float | None = 1.0,
-                 algorithm: str | None = None, **options: Any) -> None:
+                 algorithm: str | None = None, compress: str = "none", **options: Any) -> None:
         if grad_buffer.ndim != 1 or grad_buffer.shape[0] != layout.numel:
             raise ValueError(f"grad_buffer must be 1-D of length {layout.numel}, got {grad_buffer.shape}")
         self.grad_buffer = grad_buffer
@@ -206,6 +294,7 @@ class GradBuckets:
         self.algorithm = algorithm
         self.options = options
         self.bucket_mb = bucket_mb
+        self.reducer = bucket_reducer(compress, algorithm, options)
         self.buckets = partition_buckets(layout, grad_buffer.itemsize, bucket_mb)
         self._bucket_of = {name: b.index for b in self.buckets for name in b.names}
         self.totals = CommStats()      # every finish() since construction
@@ -235,7 +324,7 @@ class GradBuckets:
         if self.group.size == 1:        # the mean over one rank is the gradient itself
             self._store_single(b)
             return
-        self._timed.start(lambda: self._start(b), b.numel * self.itemsize, b)
+        self._timed.start(lambda: self._start(b), self.reducer.nbytes(b.numel * self.itemsize), b)
 
     def finish(self) -> CommStats:
         """Start what is left, wait for every bucket and store the results; returns this
@@ -252,8 +341,7 @@ class GradBuckets:
 
     # -- what a bucket does (ZeRO overrides these) -----------------------------------------
     def _start(self, b: Bucket) -> Any:
-        return self.group.iallreduce(self.grad_buffer[b.start:b.end], op="avg",
-                                     algorithm=self.algorithm, **self.options)
+        return self.reducer.begin(self.group, b, self.grad_buffer[b.start:b.end])
 
     def _store(self, b: Bucket, result: Any) -> None:
         self.grad_buffer[b.start:b.end] = result
@@ -301,6 +389,7 @@ class DataParallelSync(BucketedSync):
     gradients are averaged over ``dp_group`` in buckets (``GradBuckets``) as backward makes
     them, then every rank applies the same update. A ``GradSync`` (see ``grad_sync.py``).
 
+    ``compress``: each bucket's mean compressed (``GradBuckets``; ``none``: plain).
     ``counted(name)``: whether this rank's gradient of ``name`` counts in the global norm;
     ``norm_groups``: the groups (tp, pp) over which the norm's partial sums are added. After
     the all-reduce the gradients are the same on every dp rank, so dp is not among them.
@@ -311,10 +400,10 @@ class DataParallelSync(BucketedSync):
     def __init__(self, params: Mapping[str, Any], grads: Any, layout: Any, dp_group: Any,
                  optimizer: OptimizerSpec, bucket_mb: float | None = 1.0,
                  algorithm: str | None = None, counted: Callable[[str], bool] | None = None,
-                 norm_groups: Sequence[Any] = (), **options: Any) -> None:
+                 norm_groups: Sequence[Any] = (), compress: str = "none", **options: Any) -> None:
         # grads: the model's GradStore, name -> gradient
         super().__init__(grads, GradBuckets(grads.buffer, layout, dp_group, bucket_mb, algorithm,
-                                            **options),
+                                            compress, **options),
                          [n for n in grads if counted is None or counted(n)], norm_groups)
         self.optimizer = optimizer.build(params)
         self.state_names = optimizer.state_names
