@@ -103,7 +103,7 @@ TRACE_STEPS = 3
 LAYOUT_FLAGS = {"dp": "--dp", "tp": "--tp", "pp": "--pp", "grid": "--dp/--tp/--pp",
                 "micro_batches": "--micro-batches", "grad_accum": "--grad-accum",
                 "schedule": "--schedule", "stage_layers": "--stage-layers", "zero": "--zero",
-                "bucket_mb": "--bucket-mb", "allreduce": "--allreduce",
+                "bucket_mb": "--bucket-mb", "allreduce": "--allreduce", "compress": "--compress",
                 "batch_size": "--batch-size"}
 
 
@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allreduce", default=None,
                    help="collective algorithm of the data-parallel group (native, ring, rhd, "
                         "tree, dbtree, ps, hier, auto; nccl on --device gpu)")
+    p.add_argument("--compress", default="none", metavar="SPEC",
+                   help="data-parallel gradient compression with error feedback: none, fp16, "
+                        "int8, topk:RATIO (e.g. topk:0.01); not with --zero, nor --resume "
+                        "(checkpoints do not hold its residuals yet)")
     p.add_argument("--plan", action="store_true",
                    help="train with the planner's first choice of layout for this machine")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
@@ -277,7 +281,11 @@ def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig
     if not rows:
         raise UsageError(f"--plan: no layout of {world_size} ranks fits --batch-size {args.batch_size}")
     best = rows[0]
-    layout = best.spec.layout
+    layout = best.spec.layout.replace(compress=args.compress)
+    try:
+        layout.check(world_size, config, args.batch_size)
+    except LayoutError as e:
+        raise UsageError(f"--plan chose {layout}: {LAYOUT_FLAGS[e.field]}: {e}") from e
     return layout, (f"planned: {describe(best.spec)}, predicted {best.step_time_s * 1e3:.1f} ms "
                     f"a step on this machine (python -m mpipar.plan --cluster local)")
 
@@ -287,7 +295,7 @@ def _layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tup
         return _planned_layout(args, world_size, config)
     base = Layout(micro_batches=args.micro_batches, grad_accum=args.grad_accum,
                   schedule=args.schedule, stage_layers=args.stage_layers, zero=args.zero,
-                  bucket_mb=args.bucket_mb, allreduce=args.allreduce)
+                  bucket_mb=args.bucket_mb, allreduce=args.allreduce, compress=args.compress)
     try:
         if args.dp is None and args.tp is None and args.pp is None:
             layout, why = choose_layout(world_size, config, args.batch_size, base)
@@ -349,6 +357,10 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         except ValueError as e:
             raise UsageError(f"{where}, {part} part, with --block-size {config.block_size}: "
                              f"{e}") from e
+    if args.resume and layout.compress != "none":    # before a requeued run's first leg
+        raise UsageError(f"--resume with --compress {layout.compress}: checkpoints do not hold "
+                         f"gradient-compression residuals yet: resume without --compress or "
+                         f"with --compress none")
     resume, notes = _open_resume(args)
     saved = resume.run if resume is not None else None   # None also: a file from before it was recorded
     decay_steps = args.lr_decay_steps or (saved["schedule"]["decay_steps"] if saved else args.steps)
@@ -514,7 +526,8 @@ class Runner:
         lay, m = self.run.layout, self.mesh
         return (f"{lay.world_size} rank(s) as {lay} ({self.run.why}); schedule {lay.schedule}, "
                 f"{lay.micro_batches} micro-batches, grad-accum {lay.grad_accum}, buckets "
-                f"{lay.bucket_mb:g} MiB, all-reduce {lay.allreduce or 'native'}, ZeRO {lay.zero}\n{m}")
+                f"{lay.bucket_mb:g} MiB, all-reduce {lay.allreduce or 'native'}, ZeRO {lay.zero}"
+                + (f", compression {lay.compress}" if lay.compress != "none" else "") + f"\n{m}")
 
     def step(self, step: int, lr: float) -> float:
         rec = trace.recorder()

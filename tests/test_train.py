@@ -210,3 +210,17 @@ def test_plan_trains_the_planners_first_choice(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-10)
     bad = train_ranks(2, *args, "--plan", "--dp", "2")
     assert bad.returncode == 2 and "--plan chooses the layout" in bad.output, bad.output[-2000:]
+
+
+def test_compressed_dp_trains_and_says_so(tmp_path):
+    """``--compress topk:1.0`` at dp 2 is the uncompressed run (every entry sent), through
+    the command line; ``int8`` runs and the header names it."""
+    args = FAST + ["--steps", "3", "--dtype", "float64"]
+    plain, topk = tmp_path / "plain.jsonl", tmp_path / "topk.jsonl"
+    for log, extra in ((plain, []), (topk, ["--compress", "topk:1.0"])):
+        res = train_ranks(2, *args, *extra, "--log", str(log))
+        assert res.returncode == 0, res.output[-2000:]
+    a, b = (np.array([e["loss"] for e in read_log(p)[0]]) for p in (plain, topk))
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+    res = train_ranks(2, *args, "--compress", "int8")
+    assert res.returncode == 0 and "compression int8" in res.output, res.output[-2000:]

@@ -83,6 +83,16 @@ CASES = [
     (["--pp", "2", "--micro-batches", "3"], ["--batch-size:", "micro-batches 3 = 3 equal parts"]),
     (["--dp", "2", "--batch-size", "5"], ["--batch-size:", "5 sequences does not split into dp 2"]),
     (["--zero", "3"], ["argument --zero", "invalid choice"]),
+    # gradient compression: the library's words for a bad spec, Layout.check's for what does
+    # not compose, and a resume whose checkpoint lacks the residuals
+    (["--compress", "bogus"], ["--compress:", "unknown compression 'bogus'"]),
+    (["--compress", "topk:0"], ["--compress:", "topk ratio 0 is not in (0, 1]"]),
+    (["--zero", "2", "--compress", "int8"], ["--compress:", "gradient compression needs zero 0, got zero 2"]),
+    (["--allreduce", "tree", "--compress", "topk:0.01"],
+     ["--compress:", "algorithm 'tree' has no all-gather"]),
+    (["--compress", "int8", "--resume", "ck"],
+     ["--resume with --compress int8: checkpoints do not hold gradient-compression residuals "
+      "yet: resume without --compress or with --compress none"]),
     # the GPU each rank uses (mpi_env.select_gpu)
     (["--gpu-id", "gpu2"], ["argument --gpu-id", "'gpu2' is not a GPU choice"]),
     (["--gpu-id", "0"], ["--gpu-id 0: no GPU in use (--device cpu)"]),
@@ -190,3 +200,20 @@ def test_an_unwritable_log_is_refused_before_mpi_and_training(tmp_path):
         cases.append((ro / "run.jsonl", "not writable"))
     for path, why in cases:
         assert_one_clean_error(run_train(FAST + ["--log", str(path)]), f"--log {path}", why)
+
+
+def test_compress_from_a_config_file_is_checked_as_the_flag(capsys, tmp_path):
+    """``compress = ...`` in a ``--config`` TOML file is the flag's value: a bad one is the
+    same single line (in-process: nothing reaches MPI), and the command line overrides it."""
+    from mpipar import train
+
+    config = tmp_path / "run.toml"
+    config.write_text('compress = "topk:2"\nzero = 1\n')
+    assert train.main(FAST + ["--config", str(config)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["mpipar.train: error: --compress: topk ratio 2 is not in (0, 1]"], err
+    assert train.main(FAST + ["--config", str(config), "--compress", "fp16"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["mpipar.train: error: --compress: gradient compression needs zero 0, got "
+                   "zero 1 (ZeRO reduce-scatters each bucket into a shard; fp16 compresses an "
+                   "all-reduce's mean)"], err
