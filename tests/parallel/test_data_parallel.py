@@ -219,8 +219,7 @@ def test_topk_1_trains_as_uncompressed(comm, opt):
 # lr whatever the gradient's size, so a rounding of the gradient moves the loss little (fp16:
 # 2^-11 relative) and a sparse one more (topk keeps 5% per step, the rest delayed). Measured
 # at dp 2, 3, 4, 8 (the largest of them): fp16 9.4e-6, int8 2.0e-4, topk:0.05 2.9e-3; the
-# bounds are about 5x that: tight enough that a wrong mean (a missing 1/p, a lost bucket: a
-# relative 1e-1 or more here) fails, loose enough for the summation order of other sizes.
+# bounds are about 5x that, for the summation order of other sizes and libraries.
 LOSSY = {"fp16": 5e-5, "int8": 1e-3, "topk:0.05": 1.5e-2}
 
 
