@@ -89,7 +89,7 @@ CASES = [
     (["--compress", "topk:0"], ["--compress:", "topk ratio 0 is not in (0, 1]"]),
     (["--zero", "2", "--compress", "int8"], ["--compress:", "gradient compression needs zero 0, got zero 2"]),
     (["--allreduce", "tree", "--compress", "topk:0.01"],
-     ["--compress:", "algorithm 'tree' has no all-gather"]),
+     ["--compress:", "algorithm 'tree' has no allgather"]),
     (["--compress", "int8", "--resume", "ck"],
      ["--resume with --compress int8: checkpoints do not hold gradient-compression residuals "
       "yet: resume without --compress or with --compress none"]),

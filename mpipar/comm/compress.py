@@ -94,6 +94,7 @@ class GradientCompressor(Protocol):
     """The mean of one gradient bucket over a group, compressed; counters of what was sent."""
 
     spec: str
+    collectives: tuple[str, ...]  # the Communicator collectives a call uses (an algorithm's)
     bytes_sent: int           # cumulative bytes this rank handed to collectives
     calls: int
     last_call: dict[str, int]  # bytes by part of the latest call
@@ -178,6 +179,7 @@ class Uncompressed(_Counted):
     """``none``: the plain all-reduce mean; nothing kept between calls."""
 
     spec = "none"
+    collectives = ("allreduce",)
 
     def allreduce_mean(self, comm: Communicator, key: str, x: Any,
                        algorithm: str | None = None) -> Any:
@@ -235,6 +237,7 @@ class Float16(_ErrorFeedback):
     """``fp16``: ``c = float16(v / p)`` summed by the all-reduce in float16; ``D(c) = p c``."""
 
     spec = "fp16"
+    collectives = ("allreduce",)
 
     def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
         p = comm.size
@@ -249,6 +252,7 @@ class Int8(_ErrorFeedback):
     summed in int32."""
 
     spec = "int8"
+    collectives = ("allreduce", "allgather")
 
     def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
         xp = backend.array_module(v)
@@ -272,6 +276,8 @@ class Int8(_ErrorFeedback):
 
 class TopK(_ErrorFeedback):
     """``topk:RATIO``: each rank's ``ceil(RATIO n)`` largest ``|v|`` as (index, value) pairs."""
+
+    collectives = ("allgather",)
 
     def __init__(self, ratio: float) -> None:
         super().__init__()

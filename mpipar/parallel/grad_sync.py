@@ -100,8 +100,8 @@ class GradSync(Protocol):
 def make_grad_sync(local: Any, mesh: Any, layout: Layout, optimizer: OptimizerSpec) -> GradSync:
     """The GradSync of ``layout`` for this rank's ``local`` model (a LocalModel) on ``mesh``:
     ZeRO when ``layout.zero`` is 1 or 2, else plain data parallelism, its buckets compressed
-    as ``layout.compress`` says (``Layout.check`` refuses compression with ZeRO). The global norm counts
-    each parameter once over the tp and pp groups (``LocalModel.counts_in_norm``)."""
+    as ``layout.compress`` says (``Layout.check`` refuses compression with ZeRO). The global
+    norm counts each parameter once over the tp and pp groups (``LocalModel.counts_in_norm``)."""
     common = dict(bucket_mb=layout.bucket_mb, algorithm=layout.allreduce,
                   counted=local.counts_in_norm, norm_groups=(mesh.tp_group, mesh.pp_group))
     if layout.zero:

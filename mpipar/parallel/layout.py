@@ -204,8 +204,9 @@ class Layout:
                                   "allreduce") from e
 
     def _check_compress(self) -> None:
-        """The spec parses (the library's own message), and its collectives are the ones
-        this layout runs: all-reduce (no ZeRO), and an all-gather for int8 and topk."""
+        """The spec parses (the library's own message), the layout all-reduces (no ZeRO), and
+        an explicit ``allreduce`` algorithm has every collective the scheme uses (int8 and
+        topk all-gather)."""
         try:
             compressor = make_compressor(self.compress)
         except ValueError as e:
@@ -217,11 +218,13 @@ class Layout:
                               f"reduce-scatters each bucket into a shard; {self.compress} "
                               f"compresses an all-reduce's mean)", "compress")
         name = self.allreduce
-        if compressor.spec != "fp16" and name not in (None, "auto") \
-                and not get_algorithm(name).supports("allgather"):
-            raise LayoutError(f"compression {self.compress} all-gathers each bucket's payload; "
-                              f"all-reduce algorithm {name!r} has no all-gather (choose native, "
-                              f"ring or rhd, or compression fp16)", "compress")
+        if name in (None, "auto"):      # the group's default, or auto: native where it lacks one
+            return
+        lacks = [c for c in compressor.collectives if not get_algorithm(name).supports(c)]
+        if lacks:
+            raise LayoutError(f"compression {self.compress} uses {' and '.join(compressor.collectives)}; "
+                              f"all-reduce algorithm {name!r} has no {', '.join(lacks)} (choose "
+                              f"native, ring or rhd, or compression fp16)", "compress")
 
     def _check_model(self, config: Any) -> None:
         tp, pp, NH = self.tp, self.pp, config.n_head

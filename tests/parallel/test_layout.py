@@ -64,7 +64,7 @@ TINY = PRESETS["tiny"]                          # 8 heads, 8 blocks, C = 64, V =
     (Layout(dp=2, zero=1, compress="fp16"), 2, None, None, "compress",
      "gradient compression needs zero 0, got zero 1"),
     *[(Layout(dp=2, allreduce=a, compress=c), 2, None, None, "compress",
-       f"compression {c} all-gathers .* algorithm '{a}' has no all-gather")
+       f"compression {c} uses .*allgather; all-reduce algorithm .{a}. has no allgather")
       for a in ("ps", "tree", "dbtree", "hier") for c in ("int8", "topk:0.01")],
 ])
 def test_what_does_not_fit_and_why(layout, world, config, batch, field, match):
