@@ -23,7 +23,8 @@ The cache keeps the input x, qkv and y, and what ``probabilities`` keeps of the 
 (the pre-softmax scores are never kept: softmax backward needs only its output):
 
 * ``KEEP`` (recompute "none"): the probabilities and, with attention dropout, its mask
-  (B, NH, T, T) on a GPU; on the CPU the causal tiles of both only (``causal_blocks``);
+  (B, NH, T, T); on the CPU the probabilities' causal tiles only (``causal_blocks``), and
+  views of the mask over the same tiles (the mask itself is drawn, and so kept, whole);
 * ``RECOMPUTE`` (recompute "selective", Korthikanti et al. 2022, "Reducing Activation
   Recomputation in Large Transformer Models", section 4.3): nothing of size T x T, only the
   dropout generator's state (``dropout.snapshot``). Backward recomputes the scores and the
@@ -95,10 +96,10 @@ def qkv_rows(C: int, NH: int, h0: int, h1: int) -> np.ndarray:
 # (B, NH, r1 - r0, r1): at T = 256 and blocks of 64, 10 of the 16 tiles of 64 x 64. Every
 # T x T step of a layer works on those arrays alone: the scores, the softmax (which masks
 # only the diagonal tile), att v, and backward's d att, softmax backward and the three
-# products, so about 5/8 of the dense work and memory (torch's CPU flash attention skips the
-# same tiles). Each array is a whole matrix per head, so its products are plain GEMMs writing
-# contiguous rows. Anything else (CuPy, the simulator's symbolic arrays) is one block [0, T):
-# one square array, each step one kernel.
+# products, so about 5/8 of the dense work and of the probabilities' memory (torch's CPU
+# flash attention skips the same tiles). Each array is a whole matrix per head, so its
+# products are plain GEMMs writing contiguous rows. Anything else (CuPy, the simulator's
+# symbolic arrays) is one block [0, T): one square array, each step one kernel.
 QUERY_BLOCK = 64
 
 
