@@ -357,7 +357,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         except ValueError as e:
             raise UsageError(f"{where}, {part} part, with --block-size {config.block_size}: "
                              f"{e}") from e
-    if args.resume and layout.compress != "none":    # before a requeued run's first leg
+    if args.resume and layout.compressed:    # before a requeued run's first leg
         raise UsageError(f"--resume with --compress {layout.compress}: checkpoints do not hold "
                          f"gradient-compression residuals yet: resume without --compress or "
                          f"with --compress none")
@@ -527,7 +527,7 @@ class Runner:
         return (f"{lay.world_size} rank(s) as {lay} ({self.run.why}); schedule {lay.schedule}, "
                 f"{lay.micro_batches} micro-batches, grad-accum {lay.grad_accum}, buckets "
                 f"{lay.bucket_mb:g} MiB, all-reduce {lay.allreduce or 'native'}, ZeRO {lay.zero}"
-                + (f", compression {lay.compress}" if lay.compress != "none" else "") + f"\n{m}")
+                + (f", compression {lay.compress}" if lay.compressed else "") + f"\n{m}")
 
     def step(self, step: int, lr: float) -> float:
         rec = trace.recorder()

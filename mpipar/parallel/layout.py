@@ -98,6 +98,12 @@ class Layout:
     compress: str = "none"                       # dp gradient compression (comm.compress spec)
 
     @property
+    def compressed(self) -> bool:
+        """Whether the data-parallel all-reduce is compressed: ``compress`` names a scheme
+        other than ``none`` (as ``comm.compress`` parses it; the spec must parse)."""
+        return make_compressor(self.compress).spec != "none"
+
+    @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp
 

@@ -149,3 +149,11 @@ def test_choose_layout_says_why_nothing_fits():
 def test_layouts_of_a_world():
     assert len(layouts(8)) == 10 and (2, 2, 2) in layouts(8)
     assert all(d * t * p == 12 for d, t, p in layouts(12))
+
+
+@pytest.mark.parametrize("spec, compressed", [("none", False), (" none ", False), ("fp16", True),
+                                              ("int8", True), ("topk:0.01", True)])
+def test_compressed_reads_the_spec_as_the_library_parses_it(spec, compressed):
+    """One answer to "is the dp all-reduce compressed" (the trainer's resume refusal and its
+    header ask it): the library's parse, so a spec with spaces means what it parses to."""
+    assert Layout(compress=spec).compressed is compressed
