@@ -192,22 +192,27 @@ def test_a_second_signal_ends_a_rank_blocked_inside_mpi():
             "c.Recv(np.zeros(1), source=0) if c.rank == 1 else time.sleep(120)")
     proc = subprocess.Popen(mpiexec_command(2, [sys.executable, "-c", code]), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=mpi_env(), start_new_session=True)
+    lines: list[str] = []       # read by a thread, so that a launcher that never starts the
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)                 # ranks fails here, not at pytest's 300 s
+    reader.start()
     try:
-        pid = None
-        for line in proc.stdout:
-            if line.startswith("ready 1 "):
-                pid = int(line.split()[2])
-                break
-        assert pid is not None
+        deadline, pid = time.monotonic() + 60, None
+        while pid is None and time.monotonic() < deadline and proc.poll() is None:
+            pid = next((int(l.split()[2]) for l in list(lines) if l.startswith("ready 1 ")), None)
+            time.sleep(0.05)
+        assert pid is not None, f"rank 1 never said it was ready in 60 s: {''.join(lines)!r}"
         time.sleep(0.5)                                    # inside MPI_Recv by now
         os.kill(pid, signal.SIGTERM)
         time.sleep(3)
         os.kill(pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            proc.wait()
+        reader.join(timeout=10)
+    out = "".join(lines)
     assert proc.returncode == 143, out
     assert "rank 1: second stop signal (SIGTERM after SIGTERM): exiting at once with status 143" in out
 
