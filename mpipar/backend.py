@@ -157,8 +157,8 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
     """``a @ b`` (into ``out`` when given). 16-bit inputs on NumPy are multiplied in float32
     and the product rounded once to their dtype: NumPy has no BLAS for float16 or bfloat16
     (a 256 x 256 float16 product took 119 ms here, its float32 product of the up-cast copies
-    2 ms), and 16-bit inputs with float32 accumulation is what GPU tensor cores do. CuPy's
-    float16 product is cuBLAS's (float32 accumulation). Every other dtype: ``a @ b`` itself."""
+    2 ms), and 16-bit inputs with float32 accumulation is what GPU tensor cores do. Any other
+    array module (CuPy: cuBLAS's float16 GEMM) and every other dtype: ``a @ b`` itself."""
     xp = array_module(a)
     if xp is np and a.dtype.name in HALF_DTYPES:
         f32 = np.float32

@@ -122,11 +122,16 @@ class DynamicLossScaler(NoLossScaling):
         """Restore ``state_dict()``; a checkpoint without a scale (an fp32 or bf16 run's)
         leaves the initial one."""
         if "loss_scale" in sd:
-            scale = float(np.asarray(sd["loss_scale"]))
+            scale = _number(sd["loss_scale"])
             if not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"the checkpoint's loss scale {scale} is not a finite number > 0")
             self.scale = scale
-            self.good_steps = int(np.asarray(sd.get("loss_scale_good_steps", 0)))
+            self.good_steps = int(_number(sd.get("loss_scale_good_steps", 0)))
+
+
+def _number(x: Any) -> float:
+    """A saved scalar: a number, or a one-element array (as a checkpoint file holds it)."""
+    return float(np.asarray(x).reshape(-1)[0])
 
 
 # ---- fp32 master weights ----------------------------------------------------------------------
@@ -247,10 +252,12 @@ class Precision:
         return backend.resolve_dtype(COMPUTE_DTYPE[self.name])
 
     def check_device(self, xp: Any) -> None:
-        """bf16 needs ml_dtypes' bfloat16, a NumPy dtype: CuPy has no bfloat16 arrays."""
+        """bf16 is ml_dtypes' bfloat16, a NumPy dtype: CuPy up to 13 has no bfloat16 arrays
+        (cupy/cupy#9494 adds them, after mpipar's GPU path and fused kernels were written for
+        float16/32/64), so a GPU run is refused."""
         if self.name == "bf16" and xp is not np:
             raise ValueError("precision bf16 runs on the CPU only: CuPy has no bfloat16 dtype "
-                             "(use fp16 on a GPU)")
+                             "mpipar's GPU path can use (use fp16 on a GPU)")
 
     def loss_scaler(self, policy: Any) -> NoLossScaling:
         """fp16: the dynamic loss scale; otherwise none. ``policy``: the numerics policy for

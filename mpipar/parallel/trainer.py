@@ -273,10 +273,10 @@ class ParallelTrainer:
         for s, tensors in self.sync.state_tensors().items():
             for name, full in gather_full_state_dict(self.local, self.mesh, tensors=tensors).items():
                 out[f"{s}.{name}"] = full
-        # fp16's loss scale and its clean-step count, as 0-d arrays of the state's dtype
-        # (exact: a power of two and an integer below 2^24)
+        # fp16's loss scale and its clean-step count, as one-element arrays of the state's
+        # dtype (exact: a power of two and an integer below 2^24)
         dt = backend.compute_dtype(self.local.dtype)
-        out.update({k: np.array(v, dtype=dt) for k, v in self.scaler.state_dict().items()})
+        out.update({k: np.array([v], dtype=dt) for k, v in self.scaler.state_dict().items()})
         return out
 
     def load_full_optimizer_state(self, sd: dict[str, Any]) -> None:

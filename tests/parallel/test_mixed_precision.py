@@ -16,6 +16,7 @@
   again after ``growth_interval`` clean steps.
 * The loss scale and its counter survive a checkpoint: a resumed run is the straight run.
 * ``memory_report`` per kind equals ``sim/memory.estimate`` for the same precision and layout.
+* bf16 and fp16 training reach fp32's validation loss within 3% after the same steps.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpipar.nn.gpt import PRESETS
-from mpipar.optim import OptimizerSpec
+from mpipar.data import BatchSampler, load_tokens, split_train_val
+from mpipar.nn.gpt import PRESETS, GPTConfig
+from mpipar.optim import OptimizerSpec, cosine_lr
 from mpipar.parallel.layout import Layout, layouts
 from mpipar.parallel.model import load_full_state_dict
 from mpipar.parallel.trainer import ParallelTrainer
@@ -90,6 +92,8 @@ def _cases(size):
                 dict(dp=2, zero=2, micro_batches=2), dict(dp=2, grad_accum=2)]
     if size == 4:
         out += [dict(dp=2, tp=2), dict(dp=2, pp=2, zero=1)]
+    if size == 8:
+        out += [dict(dp=2, tp=2, pp=2, micro_batches=2)]
     return [c for c in out if B % (c.get("dp", 1) * c.get("grad_accum", 1)) == 0]
 
 
@@ -156,7 +160,7 @@ def test_an_fp16_overflow_skips_the_step_and_halves_the_scale(comm):
         assert all(np.array_equal(optim_after[k], optim_before[k])
                    for k in optim_before if not k.startswith("loss_scale")), case
         assert all(np.array_equal(model_after[k], model_before[k]) for k in model_before), case
-        assert optim_after["loss_scale"] == scale / 2
+        assert list(optim_after["loss_scale"]) == [scale / 2]
         assert not any(r.skipped for r in run(t, batches[2:4]))
         assert t.scaler.scale == scale, case          # grown back after 2 clean steps
         t.close()
@@ -220,3 +224,52 @@ def test_memory_report_equals_the_memory_model(comm, precision):
             assert (est.params, est.grads, est.optimizer) == \
                 (rep["params"], rep["grads"], rep["optimizer_state"]), (dp, tp, pp, zero)
             t.close()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_16_bit_training_reaches_fp32s_validation_loss(comm):
+    """A one-block GPT on the default corpus, 40 AdamW steps of 16 x 32 bytes (the loss falls
+    from ln 256 = 5.55 to about 3.1, so 3% of it, 0.09, is a small fraction of what training
+    moved): bf16 and fp16 end within 3% of fp32's validation loss. Measured here: all three
+    3.098 +- 0.0003. (The default model, at the benchmark's length: python -m mpipar.bench
+    precision.)"""
+    if comm.size > 2:
+        pytest.skip("40 steps of three runs at 1 and 2 ranks; more ranks on this machine's 2 "
+                    "cores take minutes for the same check")
+    config = GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=4, n_embd=64)
+    train_tokens, val_tokens = split_train_val(load_tokens(None))
+    train = BatchSampler(train_tokens, 16, 32, seed=0, stream=0)
+    val = BatchSampler(val_tokens, 16, 32, seed=0, stream=1)
+    steps, lr = 40, 3e-3
+    final = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        t = ParallelTrainer(comm, config, Layout(dp=comm.size),
+                            OptimizerSpec("adamw", lr=lr, weight_decay=0.1),
+                            precision=precision, grad_clip=1.0)
+        d, r = t.mesh.dp, t.mesh.dp_rank
+        for s in range(steps):
+            x, y = train.batch(s, r, d)
+            assert not t.step(x, y, lr=cosine_lr(s, lr, lr / 10, 10, steps)).skipped
+        final[precision] = float(np.mean([t.evaluate(*val.batch(k, r, d)) for k in range(4)]))
+        t.close()
+    assert final["fp32"] < 3.5, final                 # it trained
+    for precision in ("bf16", "fp16"):
+        assert final[precision] == pytest.approx(final["fp32"], rel=0.03), final
+
+
+@pytest.mark.mpi(min_size=1)
+def test_fp16_on_the_strict_cupy_double_trains_as_numpy(comm, strict_cupy):
+    """The GPU path of fp16 (the fused kernels step aside for 16-bit arrays: the bodies
+    compute in float32; the masters' AdamW is the fused kernel) under the strict CuPy
+    double: NumPy's losses within 1e-3 (the double's float16 products are NumPy's float16
+    matmul, not float32 products rounded once), no skipped step; bf16 is refused there."""
+    layout = Layout(dp=comm.size) if B % comm.size == 0 else Layout(dp=1, pp=comm.size)
+    if layout.pp > CONFIG.n_layer:
+        pytest.skip("no layout of this world fits the tiny model")
+    want = [r.loss for r in run(make(comm, "fp16", layout), _batches())]
+    t = make(comm, "fp16", layout, xp=strict_cupy.xp)
+    results = run(t, _batches())
+    assert not any(r.skipped for r in results)
+    assert [r.loss for r in results] == pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="precision bf16 runs on the CPU only"):
+        make(comm, "bf16", layout, xp=strict_cupy.xp)
