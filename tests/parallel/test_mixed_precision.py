@@ -32,12 +32,12 @@ from mpipar.parallel.model import load_full_state_dict
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.sim import memory
 from mpipar.sim.spec import TrainSpec
+from test_nonfinite import TARGET, poison_on       # an inf in TARGET's gradient on one rank
 
 CONFIG = PRESETS["tiny"].replace(block_size=8)
 B, T, STEPS, LR = 12, 8, 3, 1e-2
 EPS = {"bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
 LOSS_TOL = 1e-3
-TARGET = "transformer.h.6.attn.c_attn.weight"      # on the last stage when pp > 1
 
 
 def _batches(steps=STEPS):
@@ -117,22 +117,6 @@ def test_every_layout_equals_the_single_process_mixed_run(comm, precision):
                             if case.get("zero") == 2 else 1)      # ZeRO-2: every micro-batch
                 assert sum(r.comm.bytes for r in results) == STEPS * per_step * wire * numel, case
             t.close()
-
-
-def poison_on(trainer, world_rank, at_step):
-    """Set TARGET's gradient to inf on ``world_rank`` during step ``at_step`` (0-based),
-    before the GradSync sees it (tests/parallel/test_nonfinite.py's injection)."""
-    calls = [trainer.step]
-
-    def counted_step(*args, **kwargs):
-        calls.append(None)
-        return calls[0](*args, **kwargs)
-
-    def hook(stage, names):
-        if len(calls) - 2 == at_step and trainer.mesh.world.rank == world_rank and TARGET in names:
-            trainer.local.grads[TARGET][...] = np.inf
-    trainer.step = counted_step
-    trainer.pipe.on_stage_backward_done.insert(0, hook)
 
 
 def _state(t):
