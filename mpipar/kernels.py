@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mpipar.backend import array_module
+from mpipar.backend import array_module, is_half
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -245,7 +245,7 @@ def of(xp: Any) -> Kernels | None:
 def twin(fused: Callable[..., Any], arg: int = 0) -> Callable[[F], F]:
     """Decorator of a NumPy body: calls go to ``fused`` (same arguments, defaults filled in,
     same result) when the array module of positional argument ``arg`` has fused kernels
-    (``of``), to the body otherwise. The two stay reachable as ``.numpy_body`` and ``.fused``
+    (``of``) and the argument is not 16-bit, to the body otherwise. The two stay reachable as ``.numpy_body`` and ``.fused``
     (the tests compare them)."""
     def deco(body: F) -> F:
         sig = inspect.signature(body)
@@ -253,7 +253,9 @@ def twin(fused: Callable[..., Any], arg: int = 0) -> Callable[[F], F]:
         @functools.wraps(body)
         def call(*args: Any, **kwargs: Any) -> Any:
             x = args[arg]
-            if type(x) is np.ndarray or of(array_module(x)) is None:
+            # the kernels are float32/float64: a 16-bit array runs the body, which computes
+            # in float32 (nn.blocking.for_each_block_of) and stores 16 bits
+            if type(x) is np.ndarray or of(array_module(x)) is None or is_half(x.dtype):
                 return body(*args, **kwargs)
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()

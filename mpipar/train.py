@@ -75,8 +75,9 @@ from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_dif
                                     save_training_checkpoint, training_meta)
 from mpipar.data.corpus import VOCAB_SIZE
 from mpipar.nn.gpt import GPT, PRESETS, GPTConfig, count_parameters, flops_per_token, param_shapes
-from mpipar.optim import OPTIMIZERS, OptimizerSpec, cosine_lr
+from mpipar.optim import OPTIMIZERS, PRECISIONS, OptimizerSpec, Precision, cosine_lr
 from mpipar.parallel.checkpoint import NonFiniteStateError, refuse_nonfinite, save_sharded
+from mpipar.parallel.data_parallel import REDUCE_DTYPES
 from mpipar.parallel.grad_sync import OVERLAP_CHOICES, resolve_overlap
 from mpipar.parallel.layout import Layout, LayoutError, choose_layout
 from mpipar.parallel.model import load_full_state_dict
@@ -202,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPUs is an error); shared, node-local rank modulo the GPUs; N, GPU N "
                         f"(default: {GPU_ENV} or auto)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="bf16/fp16: 16-bit parameters, activations and gradients, float32 "
+                        "master weights and optimiser state; fp16 with dynamic loss scaling "
+                        "(as python -m mpipar.sim train --precision)")
+    p.add_argument("--grad-reduce-dtype", default="grad", choices=tuple(REDUCE_DTYPES),
+                   help="the data-parallel gradients on the wire: in their own dtype (grad: "
+                        "16-bit under --precision bf16/fp16) or cast to fp32")
     p.add_argument("--threads", type=POSITIVE_INT, default=1,
                    help="CPU threads per rank (BLAS and elementwise chains; see backend.py)")
     p.add_argument("--overlap", default="auto", choices=OVERLAP_CHOICES,
@@ -330,6 +338,17 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from e
     gpu = _gpu_of(args, xp)
+    precision = Precision(args.precision)
+    try:
+        precision.model_dtype(args.dtype)
+        precision.check_device(xp)
+    except ValueError as e:
+        raise UsageError(f"--precision {args.precision}: {e}") from e
+    if args.grad_reduce_dtype == "fp32" and not precision.mixed:
+        raise UsageError(f"--grad-reduce-dtype fp32 casts 16-bit gradients for the reduction: "
+                         f"it needs --precision bf16 or fp16 (the run is {args.precision}, "
+                         f"its gradients {args.dtype})")
+    state_names = precision.state_names(optimizer)
     if args.allreduce == "nccl":
         if xp is np:
             raise UsageError(f"--allreduce nccl reduces GPU memory: it needs --device gpu "
@@ -368,7 +387,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
     if resume is not None:
         try:
             resume.check(dataclasses.asdict(config), args.optimizer, param_shapes(config),
-                         optimizer.state_names)
+                         state_names)
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from e
         differ = run_differences(saved, identity, args.resume_override) if saved else {}
@@ -384,7 +403,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
                       f" (its learning-rate horizon: cosine to step {decay_steps})"))
     itemsize = 8 if args.dtype == "float64" else 4
     ckpt_bytes = ckpt_dir.estimate_bytes(sum(math.prod(v) for v in param_shapes(config).values()),
-                                         itemsize, len(optimizer.state_names), world_size)
+                                         itemsize, len(state_names), world_size)
     if args.ckpt_dir:
         free = _check_ckpt_dir(args.ckpt_dir, ckpt_bytes)
         held = ckpt_dir.step_dirs(args.ckpt_dir)
@@ -504,7 +523,9 @@ class Runner:
         self.trainer = ParallelTrainer(comm, config, run.layout, run.optimizer, seed=args.seed,
                                        dtype=args.dtype, xp=run.xp, grad_clip=args.grad_clip,
                                        hooks=resolve_overlap(args.overlap, comm, args.threads,
-                                                             run.xp))
+                                                             run.xp),
+                                       precision=args.precision,
+                                       grad_reduce_dtype=args.grad_reduce_dtype)
         self.mesh = self.trainer.mesh
         self.start = 0
         self.saved: tuple[int, str] | None = None          # the latest sharded checkpoint
@@ -690,7 +711,8 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
         f"  layout: {runner.describe()}\n"
         f"  global batch {B} x {T} = {B * T:,} tokens/step | grad-accum {args.grad_accum} x "
         f"micro-batches {args.micro_batches}\n"
-        f"  device {backend.device_name(run.xp)} | dtype {args.dtype} | BLAS threads per rank "
+        f"  device {backend.device_name(run.xp)} | dtype {args.dtype} | precision "
+        f"{args.precision} | BLAS threads per rank "
         f"{backend.blas_threads() or args.threads} | {args.optimizer} lr {args.lr:g} -> "
         f"{args.min_lr:g} (warm-up {args.warmup}, cosine to step {decay_steps}) | steps "
         f"{start} -> {args.steps}\n"

@@ -303,3 +303,23 @@ def test_a_file_from_before_sharded_checkpoints_still_resumes(tmp_path, capsys):
     assert train.main(common + ["--steps", "6", "--resume", str(old), "--log", str(res)]) == 0
     assert f"resuming from {old} at step 3\n" in capsys.readouterr().out
     assert losses(res) == losses(full)[3:]
+
+
+def test_fp16_two_leg_run_keeps_its_loss_scale(tmp_path, capsys):
+    """--precision fp16: the sharded checkpoint's manifest and the exported file hold the loss
+    scale and its clean-step count (4 clean steps at step 4), the parameters as float32, and
+    both resume to the straight run's losses to the bit."""
+    d, export, straight, leg2, leg3 = (tmp_path / n for n in ("ck", "e.npz", "s.jsonl",
+                                                              "2.jsonl", "3.jsonl"))
+    mp = FAST + ["--precision", "fp16", "--lr-decay-steps", "8"]
+    assert train.main(mp + ["--steps", "8", "--log", str(straight)]) == 0
+    assert train.main(mp + ["--steps", "4", "--ckpt-dir", str(d), "--export", str(export)]) == 0
+    manifest = json.load(open(d / "step-4" / "manifest.json"))
+    assert manifest["optim_scalars"] == {"loss_scale": 65536.0, "loss_scale_good_steps": 4}
+    assert {t["dtype"] for t in manifest["tensors"].values()} == {"float32"}
+    assert any(k.startswith("optim.master.") for k in manifest["tensors"])
+    ck = load_training_checkpoint(str(export))
+    assert list(ck.optim["loss_scale"]) == [65536.0] and list(ck.optim["loss_scale_good_steps"]) == [4]
+    assert train.main(mp + ["--steps", "8", "--resume", str(d), "--log", str(leg2)]) == 0
+    assert train.main(mp + ["--steps", "8", "--resume", str(export), "--log", str(leg3)]) == 0
+    assert losses(leg2) == losses(straight)[4:] == losses(leg3)

@@ -93,6 +93,14 @@ CASES = [
     (["--compress", "int8", "--resume", "ck"],
      ["--resume with --compress int8: checkpoints do not hold gradient-compression residuals "
       "yet: resume without --compress or with --compress none"]),
+    # mixed precision: float32 masters only, and fp32 reduction of 16-bit gradients only
+    (["--precision", "bf32"], ["argument --precision", "invalid choice"]),
+    (["--precision", "bf16", "--dtype", "float64"],
+     ["--precision bf16: precision bf16 keeps float32 master weights; dtype float64 is for "
+      "precision fp32 only"]),
+    (["--precision", "fp16", "--dtype", "float64"], ["--precision fp16:", "dtype float64"]),
+    (["--grad-reduce-dtype", "fp32"], ["--grad-reduce-dtype fp32", "needs --precision bf16 or fp16"]),
+    (["--grad-reduce-dtype", "fp8"], ["argument --grad-reduce-dtype", "invalid choice"]),
     # the GPU each rank uses (mpi_env.select_gpu)
     (["--gpu-id", "gpu2"], ["argument --gpu-id", "'gpu2' is not a GPU choice"]),
     (["--gpu-id", "0"], ["--gpu-id 0: no GPU in use (--device cpu)"]),

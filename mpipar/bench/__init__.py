@@ -12,5 +12,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("mpipar.bench.calibrate", "measure alpha/beta/gamma of this machine and save a network profile"),
     "train": ("mpipar.bench.train", "single-process training throughput, beside PyTorch eager when installed"),
     "parallel": ("mpipar.bench.parallel", "step time, overlap, bubble and memory per parallel layout"),
+    "precision": ("mpipar.bench.precision", "fp32 beside bf16 and fp16 mixed precision: bytes, step time, memory, loss"),
     "gpu": ("mpipar.bench.gpu", "one GPU: matmul TFLOP/s, GPT-2 small tokens/s and MFU beside torch, transfers, host syncs"),
 }

@@ -8,8 +8,9 @@ when the library is CUDA-aware and takes device memory in the form of the call M
 pooled pinned host buffers, one device -> pinned copy each way. Device memory handed to MPI
 directly is synchronised first (MPI cannot see queued CUDA work).
 
-float16 has no MPI reduction in most libraries (Open MPI 4.1 has none), so float16 reductions
-run in float32 and are rounded back once: never less accurate than pairwise float16 sums.
+float16 has no MPI reduction in most libraries (Open MPI 4.1 has none) and bfloat16 (ml_dtypes')
+none in any, so 16-bit reductions run in float32 and are rounded back once: never less
+accurate than pairwise 16-bit sums.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ class _Host:
         # CUDA-aware, and for a non-blocking collective only where declared (mpi_env)
         self.staged = self.device and not (t.cuda_aware and (
             not mpi_env.nonblocking_collectives() or t.cuda_nonblocking))
-        self.upcast = upcast_half and buf.dtype == np.float16
+        half = backend.is_half(buf.dtype)
+        self.upcast = upcast_half and half
         self._pinned: list[Any] = []
         # float16 has no MPI datatype in many libraries: reductions run in float32, and
         # data movement sends the same 16 bits as uint16.
-        self.as_bits = buf.dtype == np.float16 and not self.upcast
+        self.as_bits = half and not self.upcast
         data = buf.astype(np.float32) if self.upcast else buf   # on the device when buf is
         data = data.view(np.uint16) if self.as_bits else data
         if self.staged:
@@ -79,7 +81,7 @@ class _Host:
     def back(self, data: Any) -> Any:
         """``data`` returned to the caller's array module and dtype."""
         if self.as_bits:
-            data = data.view(np.float16)
+            data = data.view(self.buf.dtype)
         if self.staged:
             host = data
             data = backend.array_module(self.buf).empty(host.shape, dtype=host.dtype)
@@ -89,7 +91,7 @@ class _Host:
             for raw in self._pinned:
                 self.t.pool.give(raw)
             self._pinned = []
-        return data.astype(np.float16) if self.upcast else data
+        return data.astype(self.buf.dtype) if self.upcast else data
 
 
 def allreduce(t: MPITransport, buf: Any, op: ReduceOp) -> Any:

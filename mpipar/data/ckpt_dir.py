@@ -303,9 +303,9 @@ class _Reader:
 
 class ShardedCheckpoint:
     """A step directory opened for resuming: ``model`` (nanoGPT name -> full tensor) and
-    ``optim`` ("step", "<state>.<name>" -> full tensor) are mappings that assemble a tensor
-    from its pieces when asked for it, reading only the files that hold them. ``close()``
-    when done."""
+    ``optim`` ("step", "<state>.<name>" -> full tensor, and the manifest's ``optim_scalars``:
+    fp16's loss scale and its counter) are mappings that assemble a tensor from its pieces
+    when asked for it, reading only the files that hold them. ``close()`` when done."""
 
     def __init__(self, path: str, manifest: dict[str, Any]) -> None:
         self.path, self.manifest = path, manifest
@@ -316,7 +316,8 @@ class ShardedCheckpoint:
                 self._pieces.setdefault(piece["tensor"], []).append((fname, piece))
         self._readers: dict[str, _Reader] = {}
         self.model = _Tensors(self, "model.", {})
-        self.optim = _Tensors(self, "optim.", {"step": int(manifest["optim_step"])})
+        self.optim = _Tensors(self, "optim.", {"step": int(manifest["optim_step"]),
+                                               **manifest.get("optim_scalars", {})})
 
     @property
     def step(self) -> int:

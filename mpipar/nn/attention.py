@@ -19,6 +19,10 @@ and ``c_proj_b=None``; its ``out`` is a partial sum that the caller all-reduces 
 adding the bias, and its ``dx`` is a partial gradient that the caller all-reduces. No
 communication happens here.
 
+Mixed precision (16-bit x and weights): every product is ``backend.matmul`` (16-bit inputs,
+float32 accumulation, rounded once), the softmax and its backward run block by block in
+float32 (``blocking.for_each_block_of``), and what is kept is 16-bit.
+
 The cache keeps the input x, qkv and y, and what ``probabilities`` keeps of the softmax
 (the pre-softmax scores are never kept: softmax backward needs only its output):
 
@@ -44,10 +48,10 @@ from typing import Any
 import numpy as np
 
 from mpipar import kernels
-from mpipar.backend import array_module
+from mpipar.backend import array_module, matmul
 from mpipar.nn import dropout as dropout_op
 from mpipar.nn import linear
-from mpipar.nn.blocking import for_each_block
+from mpipar.nn.blocking import for_each_block_of
 
 
 @functools.lru_cache(maxsize=32)
@@ -115,14 +119,13 @@ def _softmax_(att: Any, mask: Any, xp: Any) -> None:
     blocks of whole (n, L) slabs at a time."""
     B, NH, n, L = att.shape
     a3 = att.reshape(B * NH, n, L)              # (B*NH, n, L) view
-    def block(s: slice) -> None:
-        a = a3[s]
+    def block(a: Any) -> None:
         a[:, :, L - n:] += mask
         a -= a.max(axis=-1, keepdims=True)      # stable: the row max is on the diagonal or left
         xp.exp(a, out=a)
         a *= 1.0 / a.sum(axis=-1, keepdims=True)
 
-    for_each_block(xp, B * NH, n * L, block)
+    for_each_block_of(xp, (a3,), (0,), block)   # 16-bit: each block in float32
 
 
 @kernels.twin(kernels.softmax_backward_)   # a GPU: one fused kernel
@@ -132,12 +135,11 @@ def _softmax_backward_(datt: Any, att: Any, xp: Any) -> None:
     *lead, L = att.shape
     rows = math.prod(lead)
     d2, a2 = datt.reshape(rows, L), att.reshape(rows, L)
-    def block(s: slice) -> None:
-        d, a = d2[s], a2[s]
+    def block(d: Any, a: Any) -> None:
         d -= (d * a).sum(axis=-1, keepdims=True)  # (n, 1) broadcast
         d *= a
 
-    for_each_block(xp, rows, L, block)
+    for_each_block_of(xp, (d2, a2), (0,), block)
 
 
 @kernels.twin(kernels.causal_softmax_)     # a GPU: one fused kernel, no mask array
@@ -167,7 +169,7 @@ def _probabilities(q: Any, k: Any, p: float, rng: Any) -> tuple[list, list | Non
     qs, kt = q * scale, k.transpose(0, 1, 3, 2)  # (B, NH, T, hs), (B, NH, hs, T)
     att = []
     for r0, r1 in blocks:
-        a = qs[:, :, r0:r1] @ kt[:, :, :, :r1]  # (B, NH, r1 - r0, r1) scores
+        a = matmul(qs[:, :, r0:r1], kt[:, :, :, :r1])  # (B, NH, r1 - r0, r1) scores
         causal_softmax_(a)                      # probabilities
         att.append(a)
     drop = None
@@ -184,9 +186,9 @@ def _dropped(att: list, drop: list | None) -> list:
 def _accumulate_matmul(a: Any, b: Any, out: Any, first: bool, xp: Any) -> None:
     """``out = a @ b`` when ``first``, else ``out += a @ b`` (a product summed over tiles)."""
     if first:
-        xp.matmul(a, b, out=out)
+        matmul(a, b, out=out)
     else:
-        out += a @ b
+        out += matmul(a, b)
 
 
 class KeepProbabilities:
@@ -242,7 +244,7 @@ def forward(x: Any, c_attn_w: Any, c_attn_b: Any, c_proj_w: Any, c_proj_b: Any, 
     y = xp.empty((B, T, NH, hs), dtype=x.dtype)  # (B, T, NH, hs): heads side by side
     yh = y.transpose(0, 2, 1, 3)                # (B, NH, T, hs) view of y
     for (r0, r1), a in zip(causal_blocks(xp, T), _dropped(att, drop)):
-        xp.matmul(a, v[:, :, :r1], out=yh[:, :, r0:r1])  # query block: keys [0, r1) only
+        matmul(a, v[:, :, :r1], out=yh[:, :, r0:r1])  # query block: keys [0, r1) only
     y = y.reshape(B, T, H)                      # (B, T, H)
     out, lin2 = linear.forward(y, c_proj_w, c_proj_b)  # (B, T, OC)
     return out, (lin1, qkv, probabilities, kept, lin2, NH)
@@ -277,11 +279,11 @@ def backward(dout: Any, cache: tuple, dc_attn_w: Any, dc_attn_b: Any, dc_proj_w:
         first = i == len(blocks) - 1
         dyb = dy[:, :, r0:r1]                   # (B, NH, n, hs)
         _accumulate_matmul(att_used[i].transpose(0, 1, 3, 2), dyb, dv[:, :, :r1], first, xp)
-        datt = dyb @ vt[:, :, :, :r1]           # (B, NH, n, r1)
+        datt = matmul(dyb, vt[:, :, :, :r1])    # (B, NH, n, r1)
         if drop is not None:
             datt = dropout_op.backward(datt, drop[i])
         _softmax_backward_(datt, att[i], xp)    # d scores / scale
-        xp.matmul(datt, ks[:, :, :r1], out=dq[:, :, r0:r1])
+        matmul(datt, ks[:, :, :r1], out=dq[:, :, r0:r1])
         _accumulate_matmul(datt.transpose(0, 1, 3, 2), qs[:, :, r0:r1], dk[:, :, :r1], first,
                            xp)
     return linear.backward(dqkv.reshape(B, T, H3), lin1, dc_attn_w, dc_attn_b)  # (B, T, C)

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from mpipar.backend import compute_dtype
 from mpipar.nn import attention, dropout, layernorm, mlp
 
 PARAM_NAMES = (
@@ -134,7 +135,8 @@ def _add_bias(x: Any, b: Any) -> None:
 def _bias_grad(dout: Any, db: Any) -> None:
     """db += the sum of dout over positions: ``linear.backward``'s bias term."""
     if db is not None:
-        db += dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # (C,)
+        d2 = dout.reshape(-1, dout.shape[-1])
+        db += d2.sum(axis=0, dtype=compute_dtype(d2.dtype))  # (C,), 16-bit: summed in fp32
 
 
 def forward(x: Any, p: dict[str, Any], NH: int, dropout_p: float = 0.0, rng: Any = None,

@@ -9,21 +9,24 @@ Math (logits: (N, V) with N = B*T, targets: (N,))::
 
 The cache holds the probabilities p (N, V) and the targets. ``forward`` overwrites the
 logits it is given with p (saves a (N, V) array); pass a copy if you still need them.
+16-bit logits (mixed precision): the softmax and the loss are computed in float32 (the
+loss is a float32 number) and p is stored rounded to the logits' dtype.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mpipar.backend import array_module
+from mpipar.backend import array_module, as_compute
 
 
 def forward(logits: Any, targets: Any) -> tuple[Any, tuple]:
-    """Returns ``(loss, cache)``; loss is a 0-d array of the logits' dtype."""
+    """Returns ``(loss, cache)``; loss is a 0-d array of the logits' compute dtype."""
     xp = array_module(logits)
     V = logits.shape[-1]
-    z = logits.reshape(-1, V)                   # (N, V) view, becomes p in place
+    p = logits.reshape(-1, V)                   # (N, V) view, becomes p in place
     t = targets.reshape(-1)                     # (N,)
+    z = as_compute(p)                           # (N, V), float32 for 16-bit logits
     N = z.shape[0]
     z -= z.max(axis=-1, keepdims=True)          # (N, V) shifted logits
     zt = z[xp.arange(N), t]                     # (N,) shifted target logits
@@ -31,7 +34,9 @@ def forward(logits: Any, targets: Any) -> tuple[Any, tuple]:
     s = z.sum(axis=-1, keepdims=True)           # (N, 1)
     loss = (xp.log(s[:, 0]) - zt).mean()        # ()
     z *= 1.0 / s                                # (N, V) probabilities
-    return loss, (z, t)
+    if z is not p:
+        p[...] = z                              # rounded to 16 bits
+    return loss, (p, t)
 
 
 def backward(dloss: Any, cache: tuple) -> Any:

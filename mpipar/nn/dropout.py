@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from mpipar.backend import compute_dtype
+
 
 def forward(x: Any, p: float, rng: Any) -> tuple[Any, Any]:
     """``(out, mask)``; with ``p == 0`` returns ``(x, None)`` untouched."""
@@ -33,7 +35,8 @@ def mask(shape: tuple, dtype: Any, p: float, rng: Any) -> Any:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if rng is None:
         raise ValueError("dropout with p > 0 needs an rng")
-    m = (rng.random(shape, dtype=dtype) >= p).astype(dtype)  # (..,) 0/1
+    # drawn in the compute dtype (float32 for the 16-bit floats, which generators lack)
+    m = (rng.random(shape, dtype=compute_dtype(dtype)) >= p).astype(dtype)  # (..,) 0/1
     m *= 1.0 / (1.0 - float(p))
     return m
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpipar.backend import array_module, is_device_array
+from mpipar.backend import array_module, compute_dtype, is_device_array
 
 
 def forward(idx: Any, wte: Any, wpe: Any) -> tuple[Any, tuple]:
@@ -33,7 +33,7 @@ def backward(dout: Any, cache: tuple, dwte: Any, dwpe: Any) -> None:
     (idx,) = cache
     B, T, C = dout.shape
     accumulate_rows(dwte, idx.reshape(-1), dout.reshape(-1, C))  # (V, C) scatter-add
-    dwpe[:T] += dout.sum(axis=0)                # (T, C)
+    dwpe[:T] += dout.sum(axis=0, dtype=compute_dtype(dout.dtype))  # (T, C), 16-bit: in fp32
 
 
 def accumulate_rows(target: Any, ids: Any, rows: Any) -> None:

@@ -11,6 +11,8 @@ Math (x: (B, T, C), per position, eps = 1e-5 as in GPT-2)::
     dn   = dout * w
     dx   = rstd * (dn - mean(dn) - n * mean(dn * n))
 
+Under mixed precision (16-bit x) each block of rows is computed in float32 and ``out``,
+``dx`` rounded to 16 bits; ``mean`` and ``rstd`` are kept in float32 (reductions in fp32).
 The cache holds the input, ``mean`` and ``rstd`` (B, T, 1) only; ``n`` is recomputed in
 backward (one elementwise pass) instead of being stored.
 """
@@ -20,8 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from mpipar import kernels
-from mpipar.backend import array_module, fused
-from mpipar.nn.blocking import for_each_block
+from mpipar.backend import array_module, compute_dtype, fused
+from mpipar.nn.blocking import for_each_block_of
 
 EPS = 1e-5
 
@@ -37,15 +39,14 @@ def forward(x: Any, w: Any, b: Any = None, eps: float = EPS) -> tuple[Any, tuple
     C = x.shape[-1]
     x2 = x.reshape(-1, C)                           # (N, C)
     out = xp.empty_like(x2)
-    mean = xp.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
+    mean = xp.empty((x2.shape[0], 1), dtype=compute_dtype(x.dtype))  # (N, 1), float32 if 16-bit
     rstd = xp.empty_like(mean)
 
-    def block(s: slice) -> None:
-        xs, o, sq = x2[s], out[s], xp.empty_like(x2[s])
-        xp.mean(xs, axis=-1, keepdims=True, out=mean[s])
-        xp.subtract(xs, mean[s], out=o)             # centred
+    def block(xs: Any, o: Any, m: Any, r: Any) -> None:
+        sq = xp.empty_like(xs)
+        xp.mean(xs, axis=-1, keepdims=True, out=m)
+        xp.subtract(xs, m, out=o)                   # centred
         xp.multiply(o, o, out=sq)
-        r = rstd[s]
         xp.mean(sq, axis=-1, keepdims=True, out=r)  # var
         r += eps
         r **= 0.5
@@ -55,7 +56,7 @@ def forward(x: Any, w: Any, b: Any = None, eps: float = EPS) -> tuple[Any, tuple
         if b is not None:
             o += b
 
-    for_each_block(xp, x2.shape[0], C, block)
+    for_each_block_of(xp, (x2, out, mean, rstd), (1,), block)
     lead = x.shape[:-1] + (1,)
     return out.reshape(x.shape), (x, mean.reshape(lead), rstd.reshape(lead), w)
 
@@ -73,23 +74,23 @@ def _backward(dout: Any, cache: tuple, dw: Any, db: Any) -> Any:
     x2, d2 = x.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
     m2, r2 = mean.reshape(-1, 1), rstd.reshape(-1, 1)  # (N, 1)
     dx = xp.empty_like(x2)
-    dwn = xp.empty_like(x2)                         # dout * n, summed over rows once at the end
+    dwn = xp.empty(x2.shape, dtype=compute_dtype(x.dtype))  # dout * n, summed over rows at the end
 
-    def block(s: slice) -> None:
-        n, dn = xp.subtract(x2[s], m2[s]), dx[s]    # n recomputed to save memory
-        n *= r2[s]
-        xp.multiply(d2[s], n, out=dwn[s])
-        xp.multiply(d2[s], w, out=dn)               # dn
+    def block(xs: Any, ds: Any, ms: Any, rs: Any, dn: Any, dwns: Any) -> None:
+        n = xp.subtract(xs, ms)                     # n recomputed to save memory
+        n *= rs
+        xp.multiply(ds, n, out=dwns)
+        xp.multiply(ds, w, out=dn)                  # dn
         dn_mean = dn.mean(axis=-1, keepdims=True)   # (rows, 1)
         dnn = xp.multiply(dn, n)
         dnn_mean = dnn.sum(axis=-1, keepdims=True) / C  # (rows, 1)
         dn -= dn_mean
         n *= dnn_mean
         dn -= n
-        dn *= r2[s]                                 # dx
+        dn *= rs                                    # dx
 
-    for_each_block(xp, x2.shape[0], C, block)
+    for_each_block_of(xp, (x2, d2, m2, r2, dx, dwn), (4,), block)
     dw += dwn.sum(axis=0)                           # (C,)
     if db is not None:
-        db += d2.sum(axis=0)                        # (C,)
+        db += d2.sum(axis=0, dtype=dwn.dtype)       # (C,), summed in float32 if 16-bit
     return dx.reshape(dout.shape)

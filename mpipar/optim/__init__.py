@@ -14,10 +14,14 @@ its flat parameter buffer) and updates them in place from ``grads`` (same names)
 
 from mpipar.optim.adamw import AdamW
 from mpipar.optim.base import Optimizer, decays_by_default
+from mpipar.optim.mixed import (COMPUTE_DTYPE, PRECISIONS, DynamicLossScaler, MasterWeights,
+                                MasterWeightsSpec, NoLossScaling, Precision)
 from mpipar.optim.clip import clip_grad_norm, global_norm, norm_of, scale_to, squares
 from mpipar.optim.schedule import cosine_lr
 from mpipar.optim.sgd import SGD
 from mpipar.optim.spec import OPTIMIZERS, OptimizerSpec
 
 __all__ = ["AdamW", "SGD", "Optimizer", "OPTIMIZERS", "OptimizerSpec", "clip_grad_norm",
-           "global_norm", "norm_of", "scale_to", "squares", "cosine_lr", "decays_by_default"]
+           "global_norm", "norm_of", "scale_to", "squares", "cosine_lr", "decays_by_default",
+           "COMPUTE_DTYPE", "PRECISIONS", "DynamicLossScaler", "MasterWeights", "MasterWeightsSpec",
+           "NoLossScaling", "Precision"]

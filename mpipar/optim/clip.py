@@ -40,11 +40,13 @@ class SumGroup(Protocol):
 def squares(grads: Mapping[str, Any], count: Collection[str] | None = None) -> list[Any]:
     """The sum of squares of each gradient in ``count`` (None: all), in the order of
     ``grads``: one dot per tensor, each a 0-d array of the gradients' module (on a GPU a
-    device value: nothing is read here)."""
+    device value: nothing is read here). 16-bit gradients are summed in float32."""
     out = []
     for key, g in grads.items():
         if count is None or key in count:
             flat = g.reshape(-1)
+            if backend.is_half(flat.dtype):       # in float32: fp16's squares overflow at 256
+                flat = flat.astype(backend.compute_dtype(flat.dtype))
             out.append(flat @ flat)               # one BLAS dot per tensor
     return out
 

@@ -83,7 +83,7 @@ def tensor_table(trainer: Any) -> dict[str, dict[str, Any]]:
     """Every global tensor of a checkpoint of ``trainer``: key -> shape and dtype (the same
     on every rank, in the single process's order)."""
     local = trainer.local
-    dtype = local.dtype.name
+    dtype = backend.compute_dtype(local.dtype).name     # 16-bit parameters saved as float32
     out = {f"model.{n}": {"shape": list(shape), "dtype": dtype}
            for n, shape in local.full_layout.shapes.items()}
     for s in trainer.sync.state_names:
@@ -116,7 +116,8 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
     tensors = tensor_table(trainer)
     order = {k: i for i, k in enumerate(tensors)}
     pieces = owned_pieces(trainer)
-    host = [(p, np.ascontiguousarray(backend.to_host(a))) for p, a in pieces]
+    host = [(p, np.ascontiguousarray(backend.to_host(a)).astype(backend.compute_dtype(a.dtype),
+                                                                  copy=False)) for p, a in pieces]
 
     # 1. nothing non-finite is ever written: all ranks agree on the first bad tensor
     refuse_nonfinite(trainer, step)
@@ -150,8 +151,10 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
     final = os.path.join(root, f"step-{step}")
     if world.rank == 0:
         if error is None:
+            scalars = trainer.scaler.state_dict()     # fp16's loss scale; {} otherwise
             manifest = {"format": ckpt_dir.FORMAT, "version": ckpt_dir.VERSION, "step": int(step),
                         "optim_step": int(trainer.sync.step_count), "run": dict(run),
+                        **({"optim_scalars": scalars} if scalars else {}),
                         "layout": dict(layout), "tensors": tensors,
                         "files": {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"],
                                               "pieces": r["pieces"]}

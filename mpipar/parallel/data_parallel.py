@@ -53,6 +53,10 @@ the same bucket order, between the same two clock reads; the bytes a bucket adds
 ``CommStats.bytes`` are the compressor's count of what that call handed to collectives
 (``last_bytes``), read once the call is done, not the bucket's uncompressed size. A group of
 one sends nothing and compresses nothing: its gradient is the mean.
+
+The wire dtype (``reduce_dtype``, ``REDUCE_DTYPES``): a bucket travels in the gradients' own
+dtype ("grad": 16 bits under mixed precision, half the bytes of fp32), or is cast to float32
+for the collective ("fp32") and the mean rounded back into the 16-bit gradients.
 """
 
 from __future__ import annotations
@@ -62,9 +66,14 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from mpipar import backend, trace
 from mpipar.comm.compress import GradientCompressor, make_compressor
 from mpipar.optim import OptimizerSpec, norm_of, scale_to, squares
+
+# the data-parallel reduction's dtype: the gradients' own ("grad"), or float32
+REDUCE_DTYPES = {"grad": None, "fp32": "float32"}
 
 
 # -- partition ---------------------------------------------------------------------------------
@@ -284,11 +293,17 @@ class GradBuckets:
     """
 
     def __init__(self, grad_buffer: Any, layout: Any, dp_group: Any, bucket_mb: float | None = 1.0,
-                 algorithm: str | None = None, compress: str = "none", **options: Any) -> None:
+                 algorithm: str | None = None, compress: str = "none",
+                 reduce_dtype: str = "grad", **options: Any) -> None:
+        if reduce_dtype not in REDUCE_DTYPES:
+            raise ValueError(f"gradient reduce dtype {reduce_dtype!r} is not one of "
+                             f"{', '.join(REDUCE_DTYPES)}")
         if grad_buffer.ndim != 1 or grad_buffer.shape[0] != layout.numel:
             raise ValueError(f"grad_buffer must be 1-D of length {layout.numel}, got {grad_buffer.shape}")
         self.grad_buffer = grad_buffer
         self.itemsize = grad_buffer.itemsize
+        wire = REDUCE_DTYPES[reduce_dtype]
+        self.wire = np.dtype(wire) if wire is not None else grad_buffer.dtype   # on the wire
         self.layout = layout
         self.group = dp_group
         self.algorithm = algorithm
@@ -324,7 +339,8 @@ class GradBuckets:
         if self.group.size == 1:        # the mean over one rank is the gradient itself
             self._store_single(b)
             return
-        self._timed.start(lambda: self._start(b), self.reducer.nbytes(b.numel * self.itemsize), b)
+        self._timed.start(lambda: self._start(b), self.reducer.nbytes(b.numel * self.wire.itemsize),
+                          b)
 
     def finish(self) -> CommStats:
         """Start what is left, wait for every bucket and store the results; returns this
@@ -340,8 +356,12 @@ class GradBuckets:
         return stats
 
     # -- what a bucket does (ZeRO overrides these) -----------------------------------------
+    def _on_wire(self, x: Any) -> Any:
+        """``x`` in the wire dtype (itself when it is already)."""
+        return x if x.dtype == self.wire else x.astype(self.wire)
+
     def _start(self, b: Bucket) -> Any:
-        return self.reducer.begin(self.group, b, self.grad_buffer[b.start:b.end])
+        return self.reducer.begin(self.group, b, self._on_wire(self.grad_buffer[b.start:b.end]))
 
     def _store(self, b: Bucket, result: Any) -> None:
         self.grad_buffer[b.start:b.end] = result
@@ -400,10 +420,11 @@ class DataParallelSync(BucketedSync):
     def __init__(self, params: Mapping[str, Any], grads: Any, layout: Any, dp_group: Any,
                  optimizer: OptimizerSpec, bucket_mb: float | None = 1.0,
                  algorithm: str | None = None, counted: Callable[[str], bool] | None = None,
-                 norm_groups: Sequence[Any] = (), compress: str = "none", **options: Any) -> None:
+                 norm_groups: Sequence[Any] = (), compress: str = "none",
+                 reduce_dtype: str = "grad", **options: Any) -> None:
         # grads: the model's GradStore, name -> gradient
         super().__init__(grads, GradBuckets(grads.buffer, layout, dp_group, bucket_mb, algorithm,
-                                            compress, **options),
+                                            compress, reduce_dtype, **options),
                          [n for n in grads if counted is None or counted(n)], norm_groups)
         self.optimizer = optimizer.build(params)
         self.state_names = optimizer.state_names

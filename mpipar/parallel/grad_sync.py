@@ -97,18 +97,20 @@ class GradSync(Protocol):
         holds, for comparison)."""
 
 
-def make_grad_sync(local: Any, mesh: Any, layout: Layout, optimizer: OptimizerSpec) -> GradSync:
+def make_grad_sync(local: Any, mesh: Any, layout: Layout, optimizer: OptimizerSpec,
+                   reduce_dtype: str = "grad") -> GradSync:
     """The GradSync of ``layout`` for this rank's ``local`` model (a LocalModel) on ``mesh``:
     ZeRO when ``layout.zero`` is 1 or 2, else plain data parallelism, its buckets compressed
     as ``layout.compress`` says (``Layout.check`` refuses compression with ZeRO). The global
-    norm counts each parameter once over the tp and pp groups (``LocalModel.counts_in_norm``)."""
+    norm counts each parameter once over the tp and pp groups (``LocalModel.counts_in_norm``).
+    ``reduce_dtype``: the gradients' dtype on the wire (``data_parallel.REDUCE_DTYPES``)."""
     common = dict(bucket_mb=layout.bucket_mb, algorithm=layout.allreduce,
                   counted=local.counts_in_norm, norm_groups=(mesh.tp_group, mesh.pp_group))
     if layout.zero:
         return ZeroSync(local.param_buffer, local.grads, local.layout, mesh.dp_group, optimizer,
-                        stage=layout.zero, **common)
+                        stage=layout.zero, reduce_dtype=reduce_dtype, **common)
     return DataParallelSync(local.params, local.grads, local.layout, mesh.dp_group, optimizer,
-                            compress=layout.compress, **common)
+                            compress=layout.compress, reduce_dtype=reduce_dtype, **common)
 
 
 # ---- overlap: where the all-reduce of buckets during backward pays ---------------------------

@@ -357,7 +357,7 @@ def owns(local: LocalModel, name: str, every_dp_rank: bool = False) -> bool:
 def gather_full_state_dict(local: LocalModel, mesh: Any, grads: bool = False,
                            algorithm: str | None = None,
                            tensors: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """The full nanoGPT state dict (host numpy, the local dtype) on EVERY rank.
+    """The full nanoGPT state dict (host numpy, the local dtype; ``tensors``: theirs) on EVERY rank.
 
     Each element is written by exactly one rank (``owns``) into a zero buffer of the full
     layout and the buffers are summed over the world: x + 0 is exact, so the result is the
@@ -368,9 +368,11 @@ def gather_full_state_dict(local: LocalModel, mesh: Any, grads: bool = False,
     its default algorithm unless ``algorithm`` names one).
     """
     fl = local.full_layout
-    buf = np.zeros(fl.numel, dtype=local.dtype)
-    views = fl.views(buf)
     src = tensors if tensors is not None else local.grads if grads else local.params
+    # the tensors' own dtype: a mixed-precision optimiser's state is float32, its model 16-bit
+    dtype = local.dtype if tensors is None else np.dtype(next(iter(tensors.values())).dtype)
+    buf = np.zeros(fl.numel, dtype=dtype)
+    views = fl.views(buf)
     for name, spec in local.shard_spec.items():
         if owns(local, name):
             val = to_host(src[name])

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpipar.backend import array_module
+from mpipar.backend import array_module, as_compute
 from mpipar.comm.communicator import split_counts
 from mpipar.nn import dropout, embedding, layernorm, linear
 from mpipar.nn.stages import RunState
@@ -170,7 +170,8 @@ class TPHeadStage:
         if targets is None:
             return tp_comm.gather_last_axis(logits, G, self.counts), None, None  # (B, T, V)
         Vr = logits.shape[-1]
-        z = logits.reshape(-1, Vr)                           # (N, Vr), becomes p in place
+        p = logits.reshape(-1, Vr)                           # (N, Vr), becomes p in place
+        z = as_compute(p)                                    # float32 for 16-bit logits
         t = targets.reshape(-1)                              # (N,)
         N = z.shape[0]
         m = tp_comm.allreduce_max(z.max(axis=-1), G)         # (N,) global max
@@ -185,7 +186,9 @@ class TPHeadStage:
         s, zt = st[0], st[1]
         loss = (xp.log(s) - zt).mean()                       # ()
         z *= (1.0 / s)[:, None]                              # (N, Vr) probabilities
-        return None, loss, (ln, lin, z, tl, mine)
+        if z is not p:
+            p[...] = z                                       # stored rounded to 16 bits
+        return None, loss, (ln, lin, p, tl, mine)
 
     def backward(self, dloss: float, cache: tuple) -> Any:
         """dx (B, T, C) of ``dloss * loss``; accumulates into ln_f and this rank's wte rows."""

@@ -31,6 +31,12 @@ single-process reference and every parallel run are this code. Per step, on ever
    by default the run stops naming the first non-finite gradient) before any update;
 5. the GradSync applies the optimiser (ZeRO: to its shard, then all-gathers parameters).
 
+Mixed precision (``precision`` bf16 / fp16, ``optim/mixed.py``): the local model, its
+activations and gradients are 16-bit, the GradSync's optimiser keeps float32 masters. The
+loss scaler (chosen once: fp16's dynamic scale, else none) multiplies d loss by its scale S,
+the sums of squares are divided by S^2 before the norm, and it stands in front of the
+numerics policy: an fp16 gradient overflow is skipped and the scale lowered there.
+
 Evaluation runs the forward-only schedule through the same executor.
 
 Batch semantics follow Megatron: the global batch is what one optimiser step trains on;
@@ -48,7 +54,7 @@ import numpy as np
 
 from mpipar import backend, trace
 from mpipar.nn.gpt import param_shapes
-from mpipar.optim import OptimizerSpec
+from mpipar.optim import OptimizerSpec, Precision
 from mpipar.parallel.data_parallel import CommStats
 from mpipar.parallel.grad_sync import make_grad_sync
 from mpipar.parallel.layout import Layout
@@ -100,7 +106,8 @@ class ParallelTrainer:
                  optimizer: OptimizerSpec = OptimizerSpec(), *, seed: int = 0,
                  dtype: str = "float32", xp: ModuleType = np, grad_clip: float = 0.0,
                  hooks: bool = True, init: bool = True, mesh: Mesh | None = None,
-                 numerics: NumericsPolicy | None = None) -> None:
+                 numerics: NumericsPolicy | None = None, precision: str = "fp32",
+                 grad_reduce_dtype: str = "grad") -> None:
         # every check here and in make_mesh / build_local_model is local and identical on
         # every rank, so a bad layout stops all ranks before any collective
         layout.check(world.size, config)
@@ -109,6 +116,11 @@ class ParallelTrainer:
         self.layout, self.config, self.xp = layout, config, xp
         self.grad_clip = float(grad_clip)
         self.numerics = numerics if numerics is not None else StopOnNonFinite()
+        self.precision = Precision(precision)
+        self.precision.check_device(xp)
+        model_dtype = self.precision.model_dtype(dtype)
+        # fp16's loss scale stands in front of the numerics policy (optim/mixed.py)
+        self.scaler = self.precision.loss_scaler(self.numerics)
         self._order = list(param_shapes(config))          # nanoGPT order, for reports
         if mesh is None:
             mesh = make_mesh(world, layout.dp, layout.tp, layout.pp,
@@ -117,10 +129,12 @@ class ParallelTrainer:
             raise ValueError(f"mesh {mesh.dp} x {mesh.tp} x {mesh.pp} is not the layout's "
                              f"{layout.dp} x {layout.tp} x {layout.pp}")
         self.mesh = mesh
-        self.local = build_local_model(config, mesh, seed=seed, dtype=dtype, xp=xp, layout=layout,
-                                       init=init)
+        self.local = build_local_model(config, mesh, seed=seed, dtype=model_dtype, xp=xp,
+                                       layout=layout, init=init)
         self.pipe = PipelineExecutor(self.local, mesh.pp_group, chunks=self.local.chunks)
-        self.sync = make_grad_sync(self.local, mesh, layout, optimizer)
+        self.sync = make_grad_sync(self.local, mesh, layout,
+                                   self.precision.optimizer(optimizer, self.scaler),
+                                   reduce_dtype=grad_reduce_dtype)
         # a stage's final gradients: under sequence parallelism the layer norms' summed over
         # tp first, then handed to the GradSync
         if self.local.sequence_parallel_names:
@@ -160,7 +174,7 @@ class ParallelTrainer:
         for k, c in enumerate(self._plan):
             part = slice(k * chunk, (k + 1) * chunk)
             mbs = split_micro_batches(idx[part], targets[part], c.micro_batches)
-            losses.append(self.pipe.run(c.instructions, mbs, dloss_scale=1.0 / K,
+            losses.append(self.pipe.run(c.instructions, mbs, dloss_scale=self.scaler.scale / K,
                                         zero_grad=c.zero_grad))
             times += self.pipe.last
             if c.sync:
@@ -172,6 +186,8 @@ class ParallelTrainer:
         squares = self.sync.squares()
         values = backend.host_scalars(squares + [x for chunk_losses in losses for x in chunk_losses])
         sums, rest = values[:len(squares)], values[len(squares):]
+        if self.scaler.scale != 1.0:    # the norm of the true gradients (S a power of 2: exact)
+            sums = [x / self.scaler.scale ** 2 for x in sums]
         loss = 0.0
         for chunk_losses in losses:
             loss += mean_loss(rest[:len(chunk_losses)]) / K
@@ -187,9 +203,10 @@ class ParallelTrainer:
         if not (math.isfinite(loss) and math.isfinite(norm)):
             report = locate(self.mesh.world, self.sync.step_count, "gradient", self.sync.grads,
                             self._order, loss, norm)
-            if self.numerics.on_nonfinite(report):
+            if self.scaler.on_nonfinite(report):
                 return TrainStepResult(loss, norm, comm, CommStats(), times, skipped=True)
         param_comm = self.sync.step(lr)
+        self.scaler.on_finite()
         backend.synchronize(xp)
         rec.add("clip", t0, t1, "optimizer")
         rec.add("optimizer", t1, rec.now(), "optimizer")
@@ -241,7 +258,9 @@ class ParallelTrainer:
 
     def full_state_dict(self) -> dict[str, np.ndarray]:
         """The whole model's nanoGPT state dict, assembled from every tp/pp rank."""
-        return gather_full_state_dict(self.local, self.mesh)
+        # 16-bit parameters as float32 (exact): checkpoints hold float32 and float64 only
+        return {k: v.astype(backend.compute_dtype(v.dtype), copy=False)
+                for k, v in gather_full_state_dict(self.local, self.mesh).items()}
 
     def full_optimizer_state(self) -> dict[str, Any]:
         """The optimiser's state as one process would hold it: ``{"step": int,
@@ -254,6 +273,10 @@ class ParallelTrainer:
         for s, tensors in self.sync.state_tensors().items():
             for name, full in gather_full_state_dict(self.local, self.mesh, tensors=tensors).items():
                 out[f"{s}.{name}"] = full
+        # fp16's loss scale and its clean-step count, as one-element arrays of the state's
+        # dtype (exact: a power of two and an integer below 2^24)
+        dt = backend.compute_dtype(self.local.dtype)
+        out.update({k: np.array([v], dtype=dt) for k, v in self.scaler.state_dict().items()})
         return out
 
     def load_full_optimizer_state(self, sd: dict[str, Any]) -> None:
@@ -265,6 +288,7 @@ class ParallelTrainer:
         pieces = {s: local_pieces(self.local, sd, prefix=f"{s}.", what="the optimiser state")
                   for s in self.sync.state_names}
         self.sync.load_state_tensors(pieces, int(np.asarray(sd["step"])))
+        self.scaler.load_state_dict(sd)
 
     def close(self) -> None:
         """Collective over the world: free the groups this trainer split off it (the mesh's

@@ -82,8 +82,9 @@ class ShardedGradBuckets(GradBuckets):
 
     def __init__(self, grad_buffer: Any, layout: Any, dp_group: Any, bucket_mb: float | None = 1.0,
                  algorithm: str | None = None, reduce_every_micro_step: bool = False,
-                 store: GradStore | None = None, **options: Any) -> None:
-        super().__init__(grad_buffer, layout, dp_group, bucket_mb, algorithm, **options)
+                 store: GradStore | None = None, reduce_dtype: str = "grad", **options: Any) -> None:
+        super().__init__(grad_buffer, layout, dp_group, bucket_mb, algorithm,
+                         reduce_dtype=reduce_dtype, **options)
         self.reduce_every_micro_step = reduce_every_micro_step
         self.rs_algorithm = _algorithm_for(dp_group, algorithm, "reduce_scatter")
         D, r = dp_group.size, dp_group.rank
@@ -112,9 +113,10 @@ class ShardedGradBuckets(GradBuckets):
 
     def _start(self, b: Bucket) -> Any:
         if self.store is not None:                    # a fresh array: handed over, not copied
-            return self.group.ireduce_scatter(self.store.take(b.index), op="avg", donate=True,
-                                              algorithm=self.rs_algorithm, **self.options)
-        return self.group.ireduce_scatter(self.grad_buffer[b.start:b.end], op="avg",
+            return self.group.ireduce_scatter(self._on_wire(self.store.take(b.index)), op="avg",
+                                              donate=True, algorithm=self.rs_algorithm,
+                                              **self.options)
+        return self.group.ireduce_scatter(self._on_wire(self.grad_buffer[b.start:b.end]), op="avg",
                                           algorithm=self.rs_algorithm, **self.options)
 
     def _store(self, b: Bucket, result: Any) -> None:
@@ -148,7 +150,7 @@ class ZeroSync(BucketedSync):
                  algorithm: str | None = None, counted: Callable[[str], bool] | None = None,
                  norm_groups: Sequence[Any] = (),
                  decay: Callable[[str, Any], bool] = decays_by_default,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, reduce_dtype: str = "grad") -> None:
         if stage not in (1, 2):
             raise ValueError(f"ZeRO stage must be 1 or 2, got {stage}")
         grad_buffer = grads.buffer
@@ -160,12 +162,14 @@ class ZeroSync(BucketedSync):
         self.stage = stage
         self.every_micro_batch = stage == 2          # reduce-scatter every micro-step
         self.param_buffer, self.layout = param_buffer, layout
+        # the optimiser state's dtype: the parameters', float32 for 16-bit ones (the masters)
+        self.state_dtype = backend.compute_dtype(param_buffer.dtype)
         self.itemsize, self.full_grad_bytes = grad_buffer.itemsize, int(grad_buffer.nbytes)
         self.group = dp_group
         self.options = dict(options or {})
         buckets = ShardedGradBuckets(grad_buffer, layout, dp_group, bucket_mb, algorithm,
                                      reduce_every_micro_step=stage == 2, store=grads,
-                                     **self.options)
+                                     reduce_dtype=reduce_dtype, **self.options)
         del grad_buffer                                  # stage 2: freed now
         self.ag_algorithm = _algorithm_for(dp_group, algorithm, "allgather")
 
@@ -238,7 +242,7 @@ class ZeroSync(BucketedSync):
         the bits are the owners' (x + 0 is exact)."""
         out = {}
         for s in self.state_names:
-            flat = np.zeros(self.layout.numel, dtype=self.param_buffer.dtype)
+            flat = np.zeros(self.layout.numel, dtype=self.state_dtype)
             if self.optimizer is not None:
                 for key, piece in self.optimizer.state[s].items():
                     lo, hi = self._place[key]
@@ -284,7 +288,6 @@ class ZeroSync(BucketedSync):
         GradStore the most bucket storage held at once so far (``GradStore.peak_bytes``);
         ``grads_kept``: what outlives a step's backward (stage 1: the full buffer + the
         shard; stage 2: the shard); ``*_unsharded``: what plain data parallelism holds."""
-        item = self.itemsize
         shard = int(self.buckets.shard_grad.nbytes)
         full = self.full_grad_bytes
         store = self.buckets.store
@@ -297,7 +300,8 @@ class ZeroSync(BucketedSync):
             "grads_kept": shard if self.stage == 2 else full + shard,
             "grads_unsharded": full,
             "optimizer_state": state,
-            "optimizer_state_unsharded": len(self.state_names) * self.layout.numel * item,
+            "optimizer_state_unsharded": len(self.state_names) * self.layout.numel
+                                         * self.state_dtype.itemsize,
         }
 
     def __repr__(self) -> str:

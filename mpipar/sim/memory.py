@@ -42,9 +42,12 @@ backward accumulates (16-bit), ``optimizer`` the fp32 master copy and moments (s
 ZeRO). Megatron-LM keeps fp32 gradients (``main_grad``, accumulated and all-reduced in fp32:
 18 B with bf16) or, with fp16, 16-bit gradients plus an fp32 copy for the optimiser (20 B)
 (Megatron-LM docs, "Distributed Optimizer" table; Rajbhandari et al. 2020 count 16 B with
-fp16 gradients, as here). mpipar's mixed precision, when the trainer gets it, keeps 16-bit
-gradients: 2 B less per parameter than Megatron's bf16, and accumulation over micro-batches
-in 16 bits.
+fp16 gradients, as here). mpipar's mixed precision (``--precision``, ``optim/mixed.py``) keeps
+16-bit gradients: 2 B less per parameter than Megatron's bf16, and accumulation over
+micro-batches in 16 bits; the trainer's ``memory_report`` equals this table in every layout
+(tests/parallel/test_mixed_precision.py). Activations: layer norm keeps its mean and rstd in
+fp32 there, counted below at e bytes (4 s b elements a block: 0.2% of a block's cache at
+h = 128, the activation test's 1% bound).
 
 Activations: what each layer keeps in its cache, per micro-batch in flight
 --------------------------------------------------------------------------

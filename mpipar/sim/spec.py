@@ -35,12 +35,11 @@ from typing import Any
 
 from mpipar.nn.block import RECOMPUTE as BLOCK_RECOMPUTE
 from mpipar.nn.gpt import PRESETS, GPTConfig
+# the precisions and their activation and matmul-input dtypes: the trainer's (optim/mixed.py)
+from mpipar.optim.mixed import COMPUTE_DTYPE, PRECISIONS  # noqa: F401  (re-exported)
 from mpipar.parallel.layout import Layout
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE = tuple(BLOCK_RECOMPUTE)        # the blocks' policies (nn/block.py), by name
-# the array dtype of activations and matmul inputs under each precision
-COMPUTE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # Well-known models: (n_layer, n_embd, n_head, block_size, vocab_size). GPT-2: Radford et al.

@@ -281,8 +281,9 @@ def _rank_main(t: SimTransport, run: "SimulatedRun", times: CollectiveTimes) -> 
     obs = Observer(t.engine, t.clock)
     run.observers[t.engine.current_rank()] = obs
     xp = run.namespace(obs)
-    tr = ParallelTrainer(world, run.config, run.layout, run.optimizer, dtype=run.dtype, xp=xp,
-                         grad_clip=1.0, init=False, mesh=mesh)
+    # the trainer's own --precision: 16-bit compute, fp32 masters (run.dtype is the compute dtype)
+    tr = ParallelTrainer(world, run.config, run.layout, run.optimizer, dtype="float32", xp=xp,
+                         grad_clip=1.0, init=False, mesh=mesh, precision=run.spec.precision)
     mesh = tr.mesh
     instrument(tr, obs)
     if run.memoize:
