@@ -70,12 +70,15 @@ from mpipar.optim import OptimizerSpec, norm_of, scale_to, squares
 # -- partition ---------------------------------------------------------------------------------
 @dataclass
 class Bucket:
-    """Tensors ``names`` occupying ``[start, end)`` of the flat buffer."""
+    """Tensors ``names`` occupying ``[start, end)`` of the flat buffer; ``shapes``: theirs in
+    buffer order (ascending offset, so end to end they are the bucket's slice; ``names`` is
+    in the reverse order, backward's), what a compressor of matrices needs."""
 
     index: int
     start: int
     end: int
     names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def numel(self) -> int:
@@ -106,7 +109,8 @@ def partition_buckets(layout: Any, itemsize: int, bucket_mb: float | None) -> li
         start, end = g[-1][1][0], g[0][1][1]
         if sum(e - s for _, (s, e) in g) != end - start:  # a FlatLayout has no gaps
             raise ValueError(f"bucket {i}: tensors {[k for k, _ in g]} are not contiguous")
-        buckets.append(Bucket(i, start, end, tuple(k for k, _ in g)))
+        buckets.append(Bucket(i, start, end, tuple(k for k, _ in g),
+                              tuple(tuple(layout.shapes[k]) for k, _ in reversed(g))))
     return buckets
 
 
@@ -238,12 +242,13 @@ class CompressedMean:
     def begin(self, group: Any, b: Bucket, x: Any) -> _CountedJob:
         """Queue the compressed mean of a copy of ``x`` (bucket ``b``'s gradients)."""
         job = _CountedJob()
-        job.handle = group.background().submit(self._mean, group, b.index, x.copy(), job)
+        job.handle = group.background().submit(self._mean, group, b, x.copy(), job)
         return job
 
-    def _mean(self, group: Any, index: int, x: Any, job: _CountedJob) -> Any:
-        """On the background thread: the call, and its count read before the next runs."""
-        out = self.compressor.allreduce_mean(group, f"bucket{index}", x, self.algorithm)
+    def _mean(self, group: Any, b: Bucket, x: Any, job: _CountedJob) -> Any:
+        """On the background thread: the call (the bucket's tensor shapes with it, for
+        PowerSGD's matrices), and its count read before the next runs."""
+        out = self.compressor.allreduce_mean(group, f"bucket{b.index}", x, self.algorithm, b.shapes)
         job.sent = self.compressor.last_bytes
         return out
 
