@@ -84,15 +84,14 @@ CASES = [
     (["--dp", "2", "--batch-size", "5"], ["--batch-size:", "5 sequences does not split into dp 2"]),
     (["--zero", "3"], ["argument --zero", "invalid choice"]),
     # gradient compression: the library's words for a bad spec, Layout.check's for what does
-    # not compose, and a resume whose checkpoint lacks the residuals
+    # not compose (a resume's residuals: tests/test_train_ckpt.py)
     (["--compress", "bogus"], ["--compress:", "unknown compression 'bogus'"]),
     (["--compress", "topk:0"], ["--compress:", "topk ratio 0 is not in (0, 1]"]),
     (["--zero", "2", "--compress", "int8"], ["--compress:", "gradient compression needs zero 0, got zero 2"]),
     (["--allreduce", "tree", "--compress", "topk:0.01"],
      ["--compress:", "algorithm 'tree' has no allgather"]),
-    (["--compress", "int8", "--resume", "ck"],
-     ["--resume with --compress int8: checkpoints do not hold gradient-compression residuals "
-      "yet: resume without --compress or with --compress none"]),
+    (["--compress", "powersgd:0"], ["--compress:", "powersgd rank 0 is not >= 1"]),
+    (["--allreduce", "ps", "--compress", "bf16"], ["--compress:", "algorithm 'ps' has no allgather"]),
     # the GPU each rank uses (mpi_env.select_gpu)
     (["--gpu-id", "gpu2"], ["argument --gpu-id", "'gpu2' is not a GPU choice"]),
     (["--gpu-id", "0"], ["--gpu-id 0: no GPU in use (--device cpu)"]),

@@ -388,6 +388,28 @@ class BucketedSync:
     def clip_grad_norm(self, max_norm: float) -> float:
         return self.clip(backend.host_scalars(self.squares()), max_norm)
 
+    @property
+    def compressor(self) -> GradientCompressor | None:
+        """The buckets' compressor (None: the plain all-reduce, ZeRO included)."""
+        return self.buckets.reducer.compressor
+
+    def compression_state(self) -> dict[str, Any]:
+        """This rank's error-feedback residuals (and PowerSGD's Q's) by bucket key, 1-D
+        arrays (``GradientCompressor.state_dict``); empty without a lossy compressor. They
+        differ per dp rank: a checkpoint holds every rank's."""
+        return self.compressor.state_dict() if self.compressor is not None else {}
+
+    def load_compression_state(self, state: Mapping[str, Any]) -> None:
+        """Restore ``compression_state()`` (host arrays; moved to the device at first use)."""
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state)
+        elif state:
+            raise ValueError(f"no gradient compression here to take residuals {sorted(state)}")
+
+    def compression_bytes(self) -> int:
+        """Bytes of ``compression_state()``: what a lossy scheme keeps from step to step."""
+        return sum(int(a.nbytes) for a in self.compression_state().values())
+
 
 class DataParallelSync(BucketedSync):
     """Every rank holds the whole local model, its gradients and its optimiser state; the
@@ -446,4 +468,5 @@ class DataParallelSync(BucketedSync):
         grads = int(self.buckets.grad_buffer.nbytes)
         state = sum(int(a.nbytes) for bufs in self.optimizer.state.values() for a in bufs.values())
         return {"params": params, "grads": grads, "grads_kept": grads, "grads_unsharded": grads,
-                "optimizer_state": state, "optimizer_state_unsharded": state}
+                "optimizer_state": state, "optimizer_state_unsharded": state,
+                "compression_state": self.compression_bytes()}

@@ -298,6 +298,7 @@ class ZeroSync(BucketedSync):
             "grads_unsharded": full,
             "optimizer_state": state,
             "optimizer_state_unsharded": len(self.state_names) * self.layout.numel * item,
+            "compression_state": self.compression_bytes(),      # 0: ZeRO does not compress
         }
 
     def __repr__(self) -> str:
