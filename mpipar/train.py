@@ -283,7 +283,11 @@ def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig
                      block_size=config.block_size, vocab_size=config.vocab_size,
                      global_batch=args.batch_size, bias=config.bias, bucket_mb=args.bucket_mb,
                      allreduce=args.allreduce or "native")
-    rows = plan(base, "local", world_size, top=1)
+    try:                # compression composes only with zero 0 (Layout.check): plan among those
+        only = {"zero": (0,)} if Layout(compress=args.compress).compressed else {}
+    except ValueError:  # a bad spec: the layout check below names it
+        only = {}
+    rows = plan(base, "local", world_size, top=1, **only)
     if not rows:
         raise UsageError(f"--plan: no layout of {world_size} ranks fits --batch-size {args.batch_size}")
     best = rows[0]

@@ -294,6 +294,14 @@ def test_lossy_compression_trains_close_and_counts_its_bytes(comm, spec):
     # one residual per bucket, keyed by its index, the same keys every step
     assert sorted(k for k in compressor.state_dict() if not k.endswith(".Q")) == \
         sorted(f"bucket{b.index}" for b in buckets.buckets)
+    # memory_report's own kind: a residual the size of each bucket (the whole buffer), and
+    # PowerSGD's Q, m x min(rank, n, m) per matrix
+    kept = trainer.local.grad_buffer.nbytes
+    if spec.startswith("powersgd"):
+        rank = int(spec.split(":")[1])
+        kept += itemsize * sum(max(s[0], int(np.prod(s[1:]))) * min(rank, s[0], int(np.prod(s[1:])))
+                               for b in buckets.buckets for s in b.shapes if len(s) >= 2)
+    assert trainer.memory_report()["compression_state"] == kept
     assert_same_on_all_ranks(comm, trainer.local.param_buffer)
 
 
@@ -322,3 +330,4 @@ def test_a_group_of_one_compresses_nothing(comm):
                               dtype="float64")
     res = trainer.step(*rank_rows(0, 0, 1))
     assert res.comm.bytes == 0 and trainer.sync.buckets.reducer.compressor.calls == 0
+    assert trainer.memory_report()["compression_state"] == 0
