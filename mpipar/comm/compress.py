@@ -177,23 +177,12 @@ def make_compressor(spec: str) -> GradientCompressor:
         raise ValueError(f"compression spec must be a string, got {type(spec).__name__}")
     name, sep, arg = spec.strip().partition(":")
     if name == "powersgd":
-        if not sep or not arg.strip():
-            raise ValueError(f"compression {spec!r}: powersgd needs a rank, as powersgd:4")
-        try:
-            rank = int(arg)
-        except ValueError:
-            raise ValueError(f"compression {spec!r}: powersgd rank {arg.strip()!r} is not an "
-                             f"integer") from None
+        rank = _parameter(spec, sep, arg, int, "powersgd", "rank")
         if rank < 1:
             raise ValueError(f"powersgd rank {rank} is not >= 1")
         return PowerSGD(rank)
     if name == "topk":
-        if not sep or not arg.strip():
-            raise ValueError(f"compression {spec!r}: topk needs a ratio, as topk:0.01")
-        try:
-            ratio = float(arg)
-        except ValueError:
-            raise ValueError(f"compression {spec!r}: topk ratio {arg!r} is not a number") from None
+        ratio = _parameter(spec, sep, arg, float, "topk", "ratio")
         if not (0.0 < ratio <= 1.0):  # NaN fails too
             raise ValueError(f"topk ratio {arg.strip()} is not in (0, 1]")
         return TopK(ratio)
@@ -203,6 +192,19 @@ def make_compressor(spec: str) -> GradientCompressor:
             raise ValueError(f"compression {spec!r}: {name} takes no argument")
         return fixed[name]()
     raise ValueError(f"unknown compression {spec!r}; choose from {', '.join(COMPRESSION_SCHEMES)}")
+
+
+def _parameter(spec: str, sep: str, arg: str, kind: type, name: str, quantity: str) -> Any:
+    """The number after the colon of ``spec`` (``sep``, ``arg``: its partition) as ``kind``
+    (int or float): scheme ``name``'s ``quantity``; a ValueError saying so otherwise."""
+    if not sep or not arg.strip():
+        example = "4" if kind is int else "0.01"
+        raise ValueError(f"compression {spec!r}: {name} needs a {quantity}, as {name}:{example}")
+    try:
+        return kind(arg)
+    except ValueError:
+        raise ValueError(f"compression {spec!r}: {name} {quantity} {arg.strip()!r} is not "
+                         f"{'an integer' if kind is int else 'a number'}") from None
 
 
 def _check_bucket(x: Any, shapes: Shapes | None = None) -> None:
