@@ -25,7 +25,10 @@ same on one rank as on many. With several ranks and no layout flags the layout i
 Checkpoints (``--ckpt-dir``) are sharded: every rank writes what it owns, and any layout
 resumes from them (see docs/training.md, "Checkpoints"). A resumed run keeps the saved
 learning-rate horizon unless ``--lr-decay-steps`` is given, and refuses a changed seed,
-data, batch, dtype, optimiser or schedule unless ``--resume-override`` names it.
+data, batch, dtype, optimiser or schedule unless ``--resume-override`` names it. With a
+lossy ``--compress`` the checkpoint holds every rank's error-feedback residuals; a resume
+restores them under the same scheme, world and bucket layout, and refuses another unless
+``--resume-override compression`` (residuals start at zero).
 
 Every check of the flags, the data, the layout, a checkpoint to resume and the output files
 happens before MPI is started: bad input ends with one ``mpipar.train: error: ...`` line from
@@ -76,7 +79,8 @@ from mpipar.data.checkpoint import (CheckpointError, TrainingCheckpoint, run_dif
 from mpipar.data.corpus import VOCAB_SIZE
 from mpipar.nn.gpt import GPT, PRESETS, GPTConfig, count_parameters, flops_per_token, param_shapes
 from mpipar.optim import OPTIMIZERS, PRECISIONS, OptimizerSpec, Precision, cosine_lr
-from mpipar.parallel.checkpoint import NonFiniteStateError, refuse_nonfinite, save_sharded
+from mpipar.parallel.checkpoint import (NonFiniteStateError, compression_signature,
+                                        load_compression, refuse_nonfinite, save_sharded)
 from mpipar.parallel.data_parallel import REDUCE_DTYPES
 from mpipar.parallel.grad_sync import OVERLAP_CHOICES, resolve_overlap
 from mpipar.parallel.layout import Layout, LayoutError, choose_layout
@@ -126,7 +130,8 @@ def _gpu_id(text: str) -> str | int:
 
 
 # what --resume-override may allow to differ from the checkpoint (run_differences' groups)
-OVERRIDABLE = ("seed", "data", "batch_size", "dtype", "optimizer", "schedule", "grad_clip", "model")
+OVERRIDABLE = ("seed", "data", "batch_size", "dtype", "optimizer", "schedule", "grad_clip", "model",
+               "compression")       # not of the identity: the residuals' scheme and layout
 
 
 def _override_keys(text: str) -> frozenset[str]:
@@ -181,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tree, dbtree, ps, hier, auto; nccl on --device gpu)")
     p.add_argument("--compress", default="none", metavar="SPEC",
                    help="data-parallel gradient compression with error feedback: none, fp16, "
-                        "int8, topk:RATIO (e.g. topk:0.01); not with --zero, nor --resume "
-                        "(checkpoints do not hold its residuals yet)")
+                        "bf16, int8, topk:RATIO (e.g. topk:0.01), powersgd:RANK (e.g. "
+                        "powersgd:4); not with --zero; checkpoints hold its residuals")
     p.add_argument("--plan", action="store_true",
                    help="train with the planner's first choice of layout for this machine")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
@@ -275,6 +280,7 @@ class Run:
     trace_steps: tuple[int, int] | None = None     # [A, B) of --trace
     gpu: str | int = "auto"             # --gpu-id or MPIPAR_GPU: mpi_env.select_gpu's choice
     argv: tuple[str, ...] = ()          # the command line, for the resume command a stop prints
+    restore_compression: bool = False   # the resumed checkpoint's residuals are this run's
 
 
 def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tuple[Layout, str]:
@@ -285,7 +291,11 @@ def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig
                      block_size=config.block_size, vocab_size=config.vocab_size,
                      global_batch=args.batch_size, bias=config.bias, bucket_mb=args.bucket_mb,
                      allreduce=args.allreduce or "native")
-    rows = plan(base, "local", world_size, top=1)
+    try:                # compression composes only with zero 0 (Layout.check): plan among those
+        only = {"zero": (0,)} if Layout(compress=args.compress).compressed else {}
+    except ValueError:  # a bad spec: the layout check below names it
+        only = {}
+    rows = plan(base, "local", world_size, top=1, **only)
     if not rows:
         raise UsageError(f"--plan: no layout of {world_size} ranks fits --batch-size {args.batch_size}")
     best = rows[0]
@@ -376,14 +386,11 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         except ValueError as e:
             raise UsageError(f"{where}, {part} part, with --block-size {config.block_size}: "
                              f"{e}") from e
-    if args.resume and layout.compressed:    # before a requeued run's first leg
-        raise UsageError(f"--resume with --compress {layout.compress}: checkpoints do not hold "
-                         f"gradient-compression residuals yet: resume without --compress or "
-                         f"with --compress none")
     resume, notes = _open_resume(args)
     saved = resume.run if resume is not None else None   # None also: a file from before it was recorded
     decay_steps = args.lr_decay_steps or (saved["schedule"]["decay_steps"] if saved else args.steps)
     identity = run_identity(args, config, optimizer, decay_steps, tokens)
+    restore = False
     if resume is not None:
         try:
             resume.check(dataclasses.asdict(config), args.optimizer, param_shapes(config),
@@ -401,6 +408,9 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         notes.append(f"resuming from {resume.path} at step {resume.step}" +
                      ("" if args.lr_decay_steps or not saved else
                       f" (its learning-rate horizon: cosine to step {decay_steps})"))
+        restore = _compression_resume(args, resume, layout, world_size)
+        if layout.compressed:
+            notes.append("error-feedback residuals: " + ("restored" if restore else "from zero"))
     itemsize = 8 if args.dtype == "float64" else 4
     ckpt_bytes = ckpt_dir.estimate_bytes(sum(math.prod(v) for v in param_shapes(config).values()),
                                          itemsize, len(state_names), world_size)
@@ -421,7 +431,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         check_output_path(args.export, "--export")
     return Run(args, config, layout, why, optimizer, xp, *samplers, resume, decay_steps,
                identity, ckpt_bytes, notes, _trace_steps(args, resume.step if resume else 0),
-               gpu=gpu)
+               gpu=gpu, restore_compression=restore)
 
 
 def _gpu_of(args: argparse.Namespace, xp: Any) -> str | int:
@@ -457,6 +467,31 @@ def run_identity(args: argparse.Namespace, config: GPTConfig, optimizer: Optimiz
             "data": {"path": args.data, "tokens": int(len(tokens)),
                      "sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()},
             "batch_size": args.batch_size, "dtype": args.dtype, "grad_clip": args.grad_clip}
+
+
+def _compression_resume(args: argparse.Namespace, resume: Any, layout: Layout,
+                        world_size: int) -> bool:
+    """Whether the checkpoint's gradient-compression residuals are restored: when its
+    ``compression_signature`` is this run's (a single file holds none) and the residuals
+    are not reset. ``--resume-override compression`` resets them: they start at zero (what
+    is dropped is the gradient not yet sent, a few steps' worth), whatever the checkpoint
+    holds. Otherwise a difference is one line naming what differs."""
+    saved = resume.manifest.get("compression") if isinstance(resume, ckpt_dir.ShardedCheckpoint) else None
+    mine = compression_signature(layout, world_size)
+    if "compression" in args.resume_override:
+        return False
+    if saved == mine:
+        return saved is not None
+    if saved is None or mine is None:
+        what = (f"the checkpoint holds no gradient-compression residuals for --compress "
+                f"{layout.compress}" if saved is None else
+                f"the checkpoint holds error-feedback residuals of {saved['scheme']} that "
+                f"--compress none would drop")
+    else:
+        what = "the checkpoint's error-feedback residuals are not this run's: " + "; ".join(
+            f"its {k} {saved.get(k)} differs from this run's {mine[k]}"
+            for k in mine if saved.get(k) != mine[k])
+    raise UsageError(f"--resume: {what} (--resume-override compression starts them at zero)")
 
 
 def _open_resume(args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -535,6 +570,8 @@ class Runner:
             # files holding pieces of its own tensors, one tensor at a time
             load_full_state_dict(self.trainer.local, run.resume.model)
             self.trainer.load_full_optimizer_state(run.resume.optim)
+            if run.restore_compression:   # the same scheme, world and buckets: prepare()
+                load_compression(self.trainer, run.resume.compression)
             run.resume.close()
             self.start = run.resume.step
         if args.ckpt_dir and comm.rank == 0:

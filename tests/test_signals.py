@@ -196,3 +196,39 @@ def test_sigterm_to_mpiexec_is_forwarded_to_every_rank(tmp_path):
                          to_launcher=True)
     assert job.returncode == 0, job.stdout
     assert f"SIGTERM at step {len(step_losses(log))}: checkpoint saved" in job.stdout, job.stdout
+
+
+def test_a_compressed_run_stopped_and_resumed_is_the_straight_run(tmp_path):
+    """``--compress topk:0.1`` at dp 2: the stop's checkpoint holds each rank's
+    error-feedback residuals (they differ per rank), the printed command keeps --compress,
+    and the resumed run's losses are the uninterrupted run's, bitwise. The control: the same
+    resume with ``--resume-override compression`` (residuals from zero) differs, so the
+    residuals are what makes it equal."""
+    spec = "topk:0.1"
+    ref_log = tmp_path / "ref.jsonl"
+    ref = run_mpi(2, [sys.executable, "-m", "mpipar.train", *FAST, "--steps", str(STEPS),
+                      "--log", str(ref_log), "--compress", spec], timeout=TIMEOUT)
+    assert ref.returncode == 0, ref.output
+    ck = tmp_path / "ck"
+    job, log = interrupt(tmp_path, "run", [signal.SIGTERM], "--ckpt-dir", str(ck), "--compress", spec)
+    assert job.returncode == 0, job.stdout
+    stopped = len(step_losses(log))
+    line = next(ln for ln in job.stdout.splitlines() if "resume with:" in ln)
+    assert f"--compress {spec}" in line, line
+    manifest = json.loads((ck / f"step-{stopped}" / "manifest.json").read_text())
+    assert manifest["compression"]["scheme"] == spec and manifest["compression"]["dp"] == 2
+    ckpt = open_checkpoint(str(ck))
+    r0, r1 = (ckpt.compression[f"rank{r}.bucket0"] for r in (0, 1))
+    assert r0.shape == r1.shape and not np.array_equal(r0, r1)        # per rank, kept
+    ckpt.close()
+
+    control_log = tmp_path / "control.jsonl"
+    control = run_resume_command(line + f" --log {control_log} --ckpt-dir {tmp_path / 'ck2'} "
+                                        "--resume-override compression")
+    assert control.returncode == 0 and "residuals: from zero" in control.stdout, control.stdout
+    resumed = run_resume_command(job.stdout)
+    assert resumed.returncode == 0 and "residuals: restored" in resumed.stdout, resumed.stdout
+    got, want = step_losses(log), step_losses(ref_log)
+    assert [s for s, _ in got] == list(range(STEPS))
+    assert got == want                                                 # bitwise
+    assert step_losses(control_log) != want[stopped:]

@@ -212,6 +212,27 @@ def test_plan_trains_the_planners_first_choice(tmp_path):
     assert bad.returncode == 2 and "--plan chooses the layout" in bad.output, bad.output[-2000:]
 
 
+def test_plan_with_compression_plans_among_zero_0_layouts(tmp_path):
+    """``--plan --compress powersgd:1000`` on 2 ranks: compression needs zero 0, so the plan
+    is the planner's first choice among zero-0 layouts (its overall first here is ZeRO-1);
+    full-rank PowerSGD trains what one process trains (within 1e-10 in float64)."""
+    args = FAST + ["--steps", "2", "--dtype", "float64"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert train.main(args + ["--log", str(one)]) == 0
+    res = train_ranks(2, *args, "--plan", "--compress", "powersgd:1000", "--log", str(two))
+    assert res.returncode == 0, res.output[-2000:]
+    c = train.PRESETS["tiny"].replace(block_size=16)
+    base = TrainSpec(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, block_size=16,
+                     vocab_size=256, global_batch=4, bucket_mb=1.0)
+    first = plan(base, "local", 2, top=1, zero=(0,))[0]
+    assert first.spec.zero == 0
+    assert res.output.count(f"planned: {describe(first.spec)}") == 1, res.output[-2000:]
+    if first.spec.dp > 1:
+        assert "compression powersgd:1000" in res.output, res.output[-2000:]
+    a, b = (np.array([e["loss"] for e in read_log(p)[0]]) for p in (one, two))
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
 def test_compressed_dp_trains_and_says_so(tmp_path):
     """``--compress topk:1.0`` at dp 2 is the uncompressed run (every entry sent), through
     the command line; ``int8`` runs and the header names it."""

@@ -323,3 +323,46 @@ def test_fp16_two_leg_run_keeps_its_loss_scale(tmp_path, capsys):
     assert train.main(mp + ["--steps", "8", "--resume", str(d), "--log", str(leg2)]) == 0
     assert train.main(mp + ["--steps", "8", "--resume", str(export), "--log", str(leg3)]) == 0
     assert losses(leg2) == losses(straight)[4:] == losses(leg3)
+
+
+def test_compression_residuals_resume_only_as_saved(saved, tmp_path, capsys):
+    """A checkpoint holds no residuals for a scheme it was not saved with: a resume whose
+    scheme differs is refused with one line naming it, and ``--resume-override
+    compression`` starts the residuals at zero (said in the header)."""
+    capsys.readouterr()
+    r = ["--steps", "5", "--resume", str(saved)]
+    _refused(capsys, r + ["--compress", "topk:0.01"],
+             "the checkpoint holds no gradient-compression residuals for --compress topk:0.01",
+             "(--resume-override compression starts them at zero)")
+    assert train.main(F64 + r + ["--compress", "topk:0.01", "--resume-override", "compression"]) == 0
+    assert "error-feedback residuals: from zero" in capsys.readouterr().out
+    d = tmp_path / "ck_topk"
+    assert train.main(F64 + ["--steps", "2", "--ckpt-dir", str(d), "--compress", "topk:0.5"]) == 0
+    capsys.readouterr()
+    r = ["--steps", "3", "--resume", str(d)]
+    _refused(capsys, r + ["--compress", "int8"],
+             "residuals are not this run's: its scheme topk:0.5 differs from this run's int8")
+    _refused(capsys, r, "holds error-feedback residuals of topk:0.5 that --compress none would drop")
+    _refused(capsys, r + ["--compress", "topk:0.5", "--bucket-mb", "0.5"],
+             "its bucket_mb 1.0 differs from this run's 0.5")
+    assert train.main(F64 + r + ["--compress", "topk:0.5"]) == 0
+    assert "error-feedback residuals: restored" in capsys.readouterr().out
+
+
+def test_powersgd_resume_at_dp_2_is_bitwise_and_at_another_dp_refused(tmp_path, capsys):
+    """PowerSGD's residuals and warm-start Q's saved by both dp ranks at step 5: the resumed
+    run's losses are the uninterrupted run's, to the bit; one process resuming them is told
+    the world and dp differ."""
+    d, full, res = tmp_path / "ck", tmp_path / "full.jsonl", tmp_path / "res.jsonl"
+    lay = ["--dp", "2", "--lr-decay-steps", "8", "--compress", "powersgd:2"]
+    mpi_train(2, *F64, *lay, "--steps", "8", "--log", str(full))
+    mpi_train(2, *F64, *lay, "--steps", "5", "--ckpt-dir", str(d))
+    manifest = json.load(open(d / "step-5" / "manifest.json"))
+    held = [k for k in manifest["tensors"] if k.startswith("compress.")]
+    assert {k.split(".")[1] for k in held} == {"rank0", "rank1"} and any(k.endswith(".Q") for k in held)
+    mpi_train(2, *F64, *lay, "--steps", "8", "--resume", str(d), "--log", str(res))
+    assert steps_of(res) == [5, 6, 7]
+    assert losses(res) == losses(full)[5:]
+    capsys.readouterr()
+    _refused(capsys, ["--steps", "8", "--resume", str(d), "--compress", "powersgd:2"],
+             "its world 2 differs from this run's 1; its dp 2 differs from this run's 1")

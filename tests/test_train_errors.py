@@ -84,15 +84,12 @@ CASES = [
     (["--dp", "2", "--batch-size", "5"], ["--batch-size:", "5 sequences does not split into dp 2"]),
     (["--zero", "3"], ["argument --zero", "invalid choice"]),
     # gradient compression: the library's words for a bad spec, Layout.check's for what does
-    # not compose, and a resume whose checkpoint lacks the residuals
+    # not compose (a resume's residuals: tests/test_train_ckpt.py)
     (["--compress", "bogus"], ["--compress:", "unknown compression 'bogus'"]),
     (["--compress", "topk:0"], ["--compress:", "topk ratio 0 is not in (0, 1]"]),
     (["--zero", "2", "--compress", "int8"], ["--compress:", "gradient compression needs zero 0, got zero 2"]),
     (["--allreduce", "tree", "--compress", "topk:0.01"],
      ["--compress:", "algorithm 'tree' has no allgather"]),
-    (["--compress", "int8", "--resume", "ck"],
-     ["--resume with --compress int8: checkpoints do not hold gradient-compression residuals "
-      "yet: resume without --compress or with --compress none"]),
     # mixed precision: float32 masters only, and fp32 reduction of 16-bit gradients only
     (["--precision", "bf32"], ["argument --precision", "invalid choice"]),
     (["--precision", "bf16", "--dtype", "float64"],
@@ -101,6 +98,8 @@ CASES = [
     (["--precision", "fp16", "--dtype", "float64"], ["--precision fp16:", "dtype float64"]),
     (["--grad-reduce-dtype", "fp32"], ["--grad-reduce-dtype fp32", "needs --precision bf16 or fp16"]),
     (["--grad-reduce-dtype", "fp8"], ["argument --grad-reduce-dtype", "invalid choice"]),
+    (["--compress", "powersgd:0"], ["--compress:", "powersgd rank 0 is not >= 1"]),
+    (["--allreduce", "ps", "--compress", "bf16"], ["--compress:", "algorithm 'ps' has no allgather"]),
     # the GPU each rank uses (mpi_env.select_gpu)
     (["--gpu-id", "gpu2"], ["argument --gpu-id", "'gpu2' is not a GPU choice"]),
     (["--gpu-id", "0"], ["--gpu-id 0: no GPU in use (--device cpu)"]),

@@ -1,12 +1,15 @@
 """Gradient compression for a data-parallel group: one bucket's mean, sent small.
 
-    comp = make_compressor("topk:0.01")           # none | fp16 | int8 | topk:RATIO
-    mean = comp.allreduce_mean(dp, "bucket3", g)  # g: one flat gradient bucket (numpy/cupy)
+    comp = make_compressor("topk:0.01")    # none | fp16 | bf16 | int8 | topk:RATIO | powersgd:RANK
+    mean = comp.allreduce_mean(dp, "bucket3", g, shapes=[(64, 256), (256,)])
+                                           # g: one flat gradient bucket (numpy/cupy), the
+                                           # tensors of ``shapes`` laid end to end (C order)
     comp.last_call, comp.bytes_sent               # {"index": ..., "value": ...}, cumulative
     ckpt["residuals"] = comp.state_dict()         # {key: array}; load_state_dict to resume
 
 Every rank of the group calls ``allreduce_mean`` with the same ``key`` and a 1-D float array
-``x`` of the same size and dtype; every rank gets the same estimate of
+``x`` of the same size and dtype (and the same ``shapes``, the tensors ``x`` holds end to end;
+None: ``x`` is one vector; only PowerSGD looks at them); every rank gets the same estimate of
 ``(1/p) sum_ranks x`` (p the group size), in ``x``'s array module and dtype. The call is
 blocking; to overlap it with backward, queue it whole on the group's communication thread,
 ``comm.background().submit(comp.allreduce_mean, comm, key, x)`` (its collectives then run on
@@ -34,6 +37,22 @@ The schemes (one class each, chosen once by ``make_compressor``):
   rounds once), so the mean is the sum itself. Dividing by p before the cast keeps the sum
   within float16's range wherever every ``|v|`` is (the rule of PyTorch's fp16 hook). Half
   the bytes of float32; any all-reduce algorithm.
+* ``bf16`` (``BFloat16``): ``c = bfloat16(float32(v / p))`` (round to nearest even, through
+  float32 where ``v`` is float64), ``D(c) = p * c``. The Communicator has no bfloat16 type
+  (MPI has none), so the 16-bit patterns are all-gathered, packed two to an int32 word (n
+  padded to even), and each rank sums the p decompressed payloads in ``v``'s dtype, in rank
+  order: that sum is the mean (of v / p), the same on every rank, and where ``v`` is float64 the
+  sum of p values of 8 significant bits is exact, so the group applies ``sum_ranks D(c)``
+  exactly as for int8 (up to the rounding of p times the mean). On the wire: 2n bytes handed to the all-gather (half of float32's, as
+  fp16), which a ring all-gather turns into (p - 1) 2n bytes leaving each rank against
+  2 (p - 1) / p 4n for a float32 ring all-reduce: p / 4 of its bytes. bfloat16 keeps
+  float32's exponent range, so no division is needed for range; ``v / p`` is kept so both
+  16-bit schemes send the same quantity. On NumPy the cast is ml_dtypes' ``bfloat16``; CuPy
+  has no bfloat16 dtype, so there the same rounding is done on the float32 bit patterns
+  (``u + 0x7FFF + ((u >> 16) & 1)``, the top 16 bits kept; NaN kept a quiet NaN): bitwise
+  ml_dtypes' result (tested on the strict CuPy double). Error of one call: 2^-8 relative
+  per element (bfloat16's 8 significant bits), 16 times fp16's 2^-11, with no underflow
+  below float16's 6e-8. Needs ``allgather`` (native, ring, rhd).
 * ``int8`` (``Int8``): a scale agreed by the group, ``s = max_ranks max|v| / 127`` (one
   all-reduce ``max`` of one element), ``q = rint(v / s)`` in [-127, 127], ``D(q) = s * q``.
   The int8 payloads are all-gathered (packed four to an int32 word, the Communicator having
@@ -51,6 +70,36 @@ The schemes (one class each, chosen once by ``make_compressor``):
   all-gathers of k elements each. Every rank scatters the p ranks' pairs into a dense zero
   vector in rank order (indices of one rank are distinct, so each rank's scatter is a plain
   indexed add, not an atomic one), then divides by p. ``topk:1.0`` is the uncompressed mean.
+* ``powersgd:RANK`` (``PowerSGD``; Vogels, Karimireddy and Jaggi, "PowerSGD: Practical
+  Low-Rank Gradient Compression for Distributed Optimization", NeurIPS 2019, Algorithm 1
+  with error feedback). Per tensor of ``shapes`` with two or more dimensions, M = v's slice
+  as an n x m matrix (the first dimension by the rest; transposed where it has more rows
+  than columns, so n <= m), of rank r = min(RANK, n):
+
+      P = M Q                  (n x r; Q: m x r, this key's Q of the previous call)
+      P <- mean_ranks P        (one all-reduce: every matrix's P concatenated)
+      P^ = orth(P)             (Householder QR, the reduced Q factor, in v's dtype)
+      Q = M^T P^               (m x r)
+      Q <- mean_ranks Q        (one all-reduce: every matrix's Q concatenated)
+      D = P^ Q^T = P^ P^T mean_ranks M
+
+  and D is the matrix's mean (the same on every rank: it is made of all-reduced factors
+  only); the residual is ``v - D`` (e = M - P^ Q^T with the all-reduced Q, as PyTorch's
+  PowerSGD hook and Vogels' code keep it), so the identity above holds per rank with D(c) =
+  the returned mean; at full rank the residuals are each rank's deviation from the mean and
+  cancel over the ranks, so they change no later mean. Q starts, at a key's first call, from a normal draw of
+  ``numpy.random.default_rng([seed, crc32(key), j])`` for the key's j-th matrix, on the host
+  and then moved to the device: the same on every rank, module and run; later calls start from the
+  previous call's all-reduced Q (the warm start that makes one power iteration a step
+  enough). Tensors of one dimension (biases, layer-norm gains) are averaged uncompressed in
+  one more all-reduce (``op="avg"``; no residual). QR, not Gram-Schmidt: P may be rank
+  deficient (a gradient of b tokens has rank <= b), where Gram-Schmidt divides by ~0 and
+  Householder still gives orthonormal columns. At r = n (``RANK >= min(n, m)``, the cap) P^
+  is square orthogonal, P^ P^T = I, and D is the mean up to rounding (float64: ~1e-15
+  relative, as tested in training against ``none`` within 1e-10), whatever M's rank: the
+  reason for the orientation. On the wire: (n + m) r elements of v's dtype per matrix,
+  against n m; every all-reduce algorithm (only ``allreduce`` is used). Full rank sends more
+  than ``none`` ((n + m) n >= n m): it is for testing.
 
 Bytes on the wire are COUNTED from the payloads this rank hands to the Communicator's
 collectives: the sum of ``nbytes`` of every array given to ``allreduce`` / ``allgather`` for
@@ -61,30 +110,33 @@ counters of the traffic an algorithm generates from a payload (and MPI's own col
 ``native``, are invisible to them), so that traffic is not counted: it is the algorithm's
 function of the payload (collectives.md, "Gradient compression (library)").
 
-Which all-reduce algorithms: fp16 and none use ``allreduce`` (every algorithm that has one); int8 and topk need ``allgather`` (native, ring, rhd; a communicator whose
+Which all-reduce algorithms: fp16, powersgd and none use ``allreduce`` (every algorithm that has one); bf16, int8 and topk need ``allgather`` (native, ring, rhd; a communicator whose
 default lacks it runs native, an explicit ``algorithm=`` that lacks it is an error) plus,
 for int8, an all-reduce of one element (any algorithm). A parameter server (``ps``) has no
 all-gather: compressed pushes to servers are not this module's.
 
-Not in this module: bf16 (it needs ml_dtypes on NumPy, a dependency decision), PowerSGD (per
-weight matrix, not per flat bucket), the trainer's ``--compress`` wiring, and saving the
-residuals in checkpoints (``state_dict`` gives them as plain arrays for that).
+Not in this module: the trainer's ``--compress`` wiring (``parallel/data_parallel.py``, whose
+buckets know their tensors' shapes) and the residuals' files (``state_dict`` gives them as
+plain 1-D arrays for that: ``parallel/checkpoint.py`` writes them per rank).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Protocol, runtime_checkable
+import zlib
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from mpipar import backend
 from mpipar.comm.communicator import Communicator
 
-__all__ = ["GradientCompressor", "make_compressor", "Uncompressed", "Float16", "Int8", "TopK",
-           "COMPRESSION_SCHEMES"]
+__all__ = ["GradientCompressor", "make_compressor", "Uncompressed", "Float16", "BFloat16", "Int8",
+           "TopK", "PowerSGD", "COMPRESSION_SCHEMES"]
 
-COMPRESSION_SCHEMES = ("none", "fp16", "int8", "topk:RATIO")
+COMPRESSION_SCHEMES = ("none", "fp16", "bf16", "int8", "topk:RATIO", "powersgd:RANK")
+
+Shapes = Sequence[Sequence[int]]
 
 INT8_MAX = 127
 
@@ -100,38 +152,41 @@ class GradientCompressor(Protocol):
     last_call: dict[str, int]  # bytes by part of the latest call
 
     def allreduce_mean(self, comm: Communicator, key: str, x: Any,
-                       algorithm: str | None = None) -> Any:
-        """The group's (compressed) mean of ``x``; the same on every rank."""
+                       algorithm: str | None = None, shapes: Shapes | None = None) -> Any:
+        """The group's (compressed) mean of ``x`` (the tensors of ``shapes`` end to end;
+        None: one vector); the same on every rank."""
 
     @property
     def last_bytes(self) -> int:
         """Bytes this rank handed to collectives in the latest call."""
 
     def state_dict(self) -> dict[str, Any]:
-        """The error-feedback residuals by key: copies, 1-D, in the buckets' array module and
-        dtype (``backend.to_host`` them for a file); empty for ``none``."""
+        """The error-feedback residuals by key (and PowerSGD's Q factors, as ``KEY.Q``):
+        copies, 1-D, in the buckets' array module and dtype (``backend.to_host`` them for a
+        file); empty for ``none``."""
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the residuals by ``state`` (as ``state_dict`` gave them)."""
 
 
 def make_compressor(spec: str) -> GradientCompressor:
-    """The compressor ``spec`` names: ``none``, ``fp16``, ``int8`` or ``topk:RATIO`` with
-    RATIO a float in (0, 1]. Anything else is a ValueError that names what is wrong."""
+    """The compressor ``spec`` names: ``none``, ``fp16``, ``bf16``, ``int8``, ``topk:RATIO``
+    with RATIO a float in (0, 1], or ``powersgd:RANK`` with RANK an integer >= 1. Anything
+    else is a ValueError that names what is wrong."""
     if not isinstance(spec, str):
         raise ValueError(f"compression spec must be a string, got {type(spec).__name__}")
     name, sep, arg = spec.strip().partition(":")
+    if name == "powersgd":
+        rank = _parameter(spec, sep, arg, int, "powersgd", "rank")
+        if rank < 1:
+            raise ValueError(f"powersgd rank {rank} is not >= 1")
+        return PowerSGD(rank)
     if name == "topk":
-        if not sep or not arg.strip():
-            raise ValueError(f"compression {spec!r}: topk needs a ratio, as topk:0.01")
-        try:
-            ratio = float(arg)
-        except ValueError:
-            raise ValueError(f"compression {spec!r}: topk ratio {arg!r} is not a number") from None
+        ratio = _parameter(spec, sep, arg, float, "topk", "ratio")
         if not (0.0 < ratio <= 1.0):  # NaN fails too
             raise ValueError(f"topk ratio {arg.strip()} is not in (0, 1]")
         return TopK(ratio)
-    fixed = {"none": Uncompressed, "fp16": Float16, "int8": Int8}
+    fixed = {"none": Uncompressed, "fp16": Float16, "bf16": BFloat16, "int8": Int8}
     if name in fixed:
         if sep:
             raise ValueError(f"compression {spec!r}: {name} takes no argument")
@@ -139,11 +194,27 @@ def make_compressor(spec: str) -> GradientCompressor:
     raise ValueError(f"unknown compression {spec!r}; choose from {', '.join(COMPRESSION_SCHEMES)}")
 
 
-def _check_bucket(x: Any) -> None:
+def _parameter(spec: str, sep: str, arg: str, kind: type, name: str, quantity: str) -> Any:
+    """The number after the colon of ``spec`` (``sep``, ``arg``: its partition) as ``kind``
+    (int or float): scheme ``name``'s ``quantity``; a ValueError saying so otherwise."""
+    if not sep or not arg.strip():
+        example = "4" if kind is int else "0.01"
+        raise ValueError(f"compression {spec!r}: {name} needs a {quantity}, as {name}:{example}")
+    try:
+        return kind(arg)
+    except ValueError:
+        raise ValueError(f"compression {spec!r}: {name} {quantity} {arg.strip()!r} is not "
+                         f"{'an integer' if kind is int else 'a number'}") from None
+
+
+def _check_bucket(x: Any, shapes: Shapes | None = None) -> None:
     if getattr(x, "ndim", None) != 1:
         raise ValueError(f"a gradient bucket must be a 1-D array, got shape {getattr(x, 'shape', None)}")
     if np.dtype(x.dtype).name not in backend.FLOAT_DTYPES:
         raise TypeError(f"a gradient bucket must be float16/32/64, got {np.dtype(x.dtype).name}")
+    if shapes is not None and sum(math.prod(s) for s in shapes) != x.size:
+        raise ValueError(f"tensors of shapes {[tuple(s) for s in shapes]} hold "
+                         f"{sum(math.prod(s) for s in shapes)} elements, the bucket {x.size}")
 
 
 class _Counted:
@@ -182,8 +253,8 @@ class Uncompressed(_Counted):
     collectives = ("allreduce",)
 
     def allreduce_mean(self, comm: Communicator, key: str, x: Any,
-                       algorithm: str | None = None) -> Any:
-        _check_bucket(x)
+                       algorithm: str | None = None, shapes: Shapes | None = None) -> Any:
+        _check_bucket(x, shapes)
         self._begin()
         self._handed(comm, "payload", x)
         return comm.allreduce(x, op="avg", algorithm=algorithm)
@@ -199,16 +270,16 @@ class Uncompressed(_Counted):
 class _ErrorFeedback(_Counted):
     """A lossy scheme with a residual per key: ``v = x + r``, ``r <- v - D(C(v))``.
 
-    A subclass says how ``v`` travels: ``_exchange(comm, v, algorithm)`` returns (the group's
-    mean, this rank's ``D(C(v))``), both arrays of ``v``'s module and dtype."""
+    A subclass says how ``v`` travels: ``_exchange(comm, v, algorithm, key, shapes)`` returns
+    (the group's mean, this rank's ``D(C(v))``), both arrays of ``v``'s module and dtype."""
 
     def __init__(self) -> None:
         super().__init__()
         self._residual: dict[str, Any] = {}
 
     def allreduce_mean(self, comm: Communicator, key: str, x: Any,
-                       algorithm: str | None = None) -> Any:
-        _check_bucket(x)
+                       algorithm: str | None = None, shapes: Shapes | None = None) -> Any:
+        _check_bucket(x, shapes)
         xp = backend.array_module(x)
         self._begin()
         r = self._residual.get(str(key))
@@ -216,11 +287,12 @@ class _ErrorFeedback(_Counted):
             raise ValueError(f"bucket {key!r}: residual of shape {r.shape} {r.dtype} does not fit "
                              f"a bucket of shape {x.shape} {x.dtype}")
         v = xp.array(x, copy=True) if r is None else x + backend.to_device(r, xp)
-        mean, sent = self._exchange(comm, v, algorithm)
+        mean, sent = self._exchange(comm, v, algorithm, str(key), shapes)
         self._residual[str(key)] = xp.subtract(v, sent, out=v)
         return mean
 
-    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None, key: str,
+                  shapes: Shapes | None) -> tuple[Any, Any]:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -239,12 +311,56 @@ class Float16(_ErrorFeedback):
     spec = "fp16"
     collectives = ("allreduce",)
 
-    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None, key: str = "",
+                  shapes: Shapes | None = None) -> tuple[Any, Any]:
         p = comm.size
         c = (v / v.dtype.type(p)).astype(np.float16)
         self._handed(comm, "payload", c)
         mean = comm.allreduce(c, op="sum", algorithm=algorithm).astype(v.dtype)
         return mean, c.astype(v.dtype) * v.dtype.type(p)
+
+
+def _bf16_bits(xp: Any, a: Any) -> Any:
+    """float32 ``a`` rounded to bfloat16 (to nearest, ties to even), as uint16 bit patterns:
+    ml_dtypes' cast on NumPy; on CuPy, which has no bfloat16, the same rounding on the bits
+    (add 0x7FFF plus the lowest kept bit, keep the top 16; a NaN stays a quiet NaN)."""
+    if xp is np:
+        import ml_dtypes  # noqa: PLC0415  (a dependency only bf16 needs)
+        with np.errstate(invalid="ignore"):  # a NaN stays NaN: the numerics policy's to report
+            return a.astype(ml_dtypes.bfloat16).view(np.uint16)
+    u = a.view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet = (u >> np.uint32(16)) | np.uint32(0x0040)
+    return xp.where(xp.isnan(a), quiet, rounded).astype(np.uint16)
+
+
+def _bf16_value(xp: Any, bits: Any) -> Any:
+    """uint16 bfloat16 patterns as float32 (exact: bfloat16 is float32's top half)."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class BFloat16(_ErrorFeedback):
+    """``bf16``: ``c = bfloat16(v / p)``, the 16-bit patterns all-gathered and summed in v's
+    dtype; ``D(c) = p c``."""
+
+    spec = "bf16"
+    collectives = ("allgather",)
+
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None, key: str = "",
+                  shapes: Shapes | None = None) -> tuple[Any, Any]:
+        xp = backend.array_module(v)
+        p, n = comm.size, v.size
+        c = _bf16_bits(xp, (v / v.dtype.type(p)).astype(np.float32))
+        words = -(-n // 2)
+        packed = xp.zeros(2 * words, dtype=np.uint16)
+        packed[:n] = c
+        packed = packed.view(np.int32)   # the Communicator has no 16-bit integer type
+        self._handed(comm, "payload", packed)
+        gathered = comm.allgather(packed, algorithm=algorithm)
+        values = _bf16_value(xp, gathered.view(np.uint16).reshape(p, 2 * words)[:, :n])
+        # the payloads are v / p: their sum is the mean
+        mean = values.astype(v.dtype).sum(axis=0)
+        return mean, _bf16_value(xp, c).astype(v.dtype) * v.dtype.type(p)
 
 
 class Int8(_ErrorFeedback):
@@ -254,7 +370,8 @@ class Int8(_ErrorFeedback):
     spec = "int8"
     collectives = ("allreduce", "allgather")
 
-    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None, key: str = "",
+                  shapes: Shapes | None = None) -> tuple[Any, Any]:
         xp = backend.array_module(v)
         p, n = comm.size, v.size
         peak = xp.max(xp.abs(v)).reshape(1) if n else xp.zeros(1, dtype=v.dtype)
@@ -302,7 +419,8 @@ class TopK(_ErrorFeedback):
         at = xp.flatnonzero(a == kth)[:k - int(above.size)]
         return xp.sort(xp.concatenate([above, at]))
 
-    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None) -> tuple[Any, Any]:
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None, key: str = "",
+                  shapes: Shapes | None = None) -> tuple[Any, Any]:
         xp = backend.array_module(v)
         p, n = comm.size, v.size
         sent = xp.zeros_like(v)
@@ -320,3 +438,113 @@ class TopK(_ErrorFeedback):
         for rank in range(p):  # rank order: the same sum on every rank
             total[all_index[rank]] += all_value[rank]
         return total / v.dtype.type(p), sent
+
+
+class _Matrix:
+    """One tensor of a bucket as PowerSGD's n x m matrix (n <= m), and its rank r."""
+
+    def __init__(self, offset: int, rows: int, cols: int, rank: int) -> None:
+        self.offset, self.rows, self.cols = offset, rows, cols
+        self.transposed = rows > cols            # M = the tensor's transpose: n <= m
+        self.n, self.m = min(rows, cols), max(rows, cols)
+        self.r = min(rank, self.n)
+
+    def of(self, v: Any) -> Any:
+        """The n x m view of this tensor in the bucket ``v``."""
+        a = v[self.offset:self.offset + self.rows * self.cols].reshape(self.rows, self.cols)
+        return a.T if self.transposed else a
+
+    def put(self, out: Any, d: Any) -> None:
+        """Write the n x m ``d`` where this tensor sits in the bucket ``out``."""
+        out[self.offset:self.offset + self.rows * self.cols] = (d.T if self.transposed else d).reshape(-1)
+
+
+def _split(flat: Any, shapes: Sequence[tuple[int, int]]) -> list[Any]:
+    """``flat`` cut into consecutive matrices of ``shapes``."""
+    out, pos = [], 0
+    for a, b in shapes:
+        out.append(flat[pos:pos + a * b].reshape(a, b))
+        pos += a * b
+    return out
+
+
+class PowerSGD(_ErrorFeedback):
+    """``powersgd:RANK``: per weight matrix of the bucket, rank-r factors P and Q, each
+    all-reduced once for the whole bucket; Q warm-started; vectors averaged uncompressed."""
+
+    collectives = ("allreduce",)
+
+    def __init__(self, rank: int, seed: int = 0) -> None:
+        super().__init__()
+        self.rank, self.seed = int(rank), int(seed)
+        self.spec = f"powersgd:{self.rank}"
+        self._q: dict[str, Any] = {}   # key -> the latest all-reduced Q's, concatenated
+
+    def plan(self, shapes: Shapes) -> tuple[list[_Matrix], list[tuple[int, int]]]:
+        """(the matrices, the [start, end) of the vectors) of a bucket of tensors ``shapes``;
+        empty tensors are in neither (nothing to send)."""
+        mats, vecs, off = [], [], 0
+        for shape in shapes:
+            size = math.prod(shape)
+            if size and len(shape) >= 2:
+                mats.append(_Matrix(off, int(shape[0]), size // int(shape[0]), self.rank))
+            elif size:
+                vecs.append((off, off + size))
+            off += size
+        return mats, vecs
+
+    def _warm(self, key: str, mats: list[_Matrix], xp: Any, dtype: Any) -> Any:
+        """The Q's to start from: the previous call's, else the seeded draw (module docstring)."""
+        want = sum(mt.m * mt.r for mt in mats)
+        q = self._q.get(key)
+        if q is None:
+            tag = zlib.crc32(key.encode())
+            draws = [np.random.default_rng([self.seed, tag, j]).standard_normal(mt.m * mt.r)
+                     for j, mt in enumerate(mats)]
+            return backend.to_device(np.concatenate(draws).astype(dtype), xp)
+        if q.size != want or q.dtype != dtype:
+            raise ValueError(f"bucket {key!r}: PowerSGD Q of {q.size} {q.dtype} elements does "
+                             f"not fit its matrices' {want} {np.dtype(dtype).name}")
+        return backend.to_device(q, xp)
+
+    def _exchange(self, comm: Communicator, v: Any, algorithm: str | None, key: str = "",
+                  shapes: Shapes | None = None) -> tuple[Any, Any]:
+        xp = backend.array_module(v)
+        mats, vecs = self.plan(shapes if shapes is not None else [(v.size,)])
+        mean = xp.zeros_like(v)
+        sent = v.copy()                  # vectors go whole: nothing of them is kept back
+        if mats:
+            ms = [mt.of(v) for mt in mats]
+            qs = _split(self._warm(key, mats, xp, v.dtype), [(mt.m, mt.r) for mt in mats])
+            p = xp.concatenate([(m @ q).reshape(-1) for m, q in zip(ms, qs)])
+            self._handed(comm, "P", p)
+            p = comm.allreduce(p, op="avg", algorithm=algorithm)
+            # orthonormal columns (QR: P may be rank deficient); float16 has no LAPACK
+            work = np.float32 if v.dtype.itemsize < 4 else v.dtype
+            ph = [xp.linalg.qr(a.astype(work, copy=False))[0].astype(v.dtype, copy=False)
+                  for a in _split(p, [(mt.n, mt.r) for mt in mats])]
+            q = xp.concatenate([(m.T @ a).reshape(-1) for m, a in zip(ms, ph)])
+            self._handed(comm, "Q", q)
+            q = comm.allreduce(q, op="avg", algorithm=algorithm)
+            self._q[key] = q
+            for mt, a, b in zip(mats, ph, _split(q, [(mt.m, mt.r) for mt in mats])):
+                d = a @ b.T
+                mt.put(mean, d)
+                mt.put(sent, d)
+        if vecs:
+            flat = xp.concatenate([v[a:b] for a, b in vecs])
+            self._handed(comm, "vectors", flat)
+            flat = comm.allreduce(flat, op="avg", algorithm=algorithm)
+            pos = 0
+            for a, b in vecs:
+                mean[a:b] = flat[pos:pos + b - a]
+                pos += b - a
+        return mean, sent
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {f"{k}.Q": q.copy() for k, q in self._q.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        qs = {k[:-2]: r for k, r in state.items() if k.endswith(".Q")}
+        super().load_state_dict({k: r for k, r in state.items() if not k.endswith(".Q")})
+        self._q = {k: q.copy() for k, q in qs.items()}

@@ -14,7 +14,9 @@ The manifest (JSON; ``FORMAT``, ``VERSION``)::
     {"format": "mpipar-sharded-checkpoint", "version": 1, "step": 400, "optim_step": 400,
      "run": {the run's identity: model, optimizer, schedule, seed, data, batch_size, ...},
      "layout": {"dp": 2, "tp": 2, "pp": 1, "zero": 1, ...},       (recorded, never compared)
-     "tensors": {"model.<name>" | "optim.<state>.<name>": {"shape": [...], "dtype": "float64"}},
+     "tensors": {"model.<name>" | "optim.<state>.<name>": {"shape": [...], "dtype": "float64"},
+                 "compress.rank<R>.<bucket key>": {...}},  (a rank's error-feedback residuals)
+     "compression": {"scheme": "topk:0.01", "world": 2, "dp": 2, ...} or null (none),
      "files": {"rank-00001.safetensors": {"sha256": "...", "bytes": 123,
                "pieces": [{"key": ..., "tensor": ..., "axis": 0, "ranges": [[0, 64], ...],
                            "flat": [lo, hi], "sha256": "..."}]}}}
@@ -318,6 +320,8 @@ class ShardedCheckpoint:
         self.model = _Tensors(self, "model.", {})
         self.optim = _Tensors(self, "optim.", {"step": int(manifest["optim_step"]),
                                                **manifest.get("optim_scalars", {})})
+        # each rank's gradient-compression state, "rank<R>.<key>" (parallel/checkpoint.py)
+        self.compression = _Tensors(self, "compress.", {})
 
     @property
     def step(self) -> int:

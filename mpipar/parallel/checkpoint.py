@@ -9,7 +9,14 @@ is the canonical holder of (``model.owns``):
 * parameters from dp rank 0 of each (tp, pp) position: its tensor-parallel shards, the
   tensors replicated over tp from tp rank 0 only, the tied wte from the first stage only;
 * optimiser state the same way when it is replicated over dp (plain data parallelism), and
-  from EVERY dp rank when it is sharded (ZeRO: each rank's pieces, ``GradSync.state_pieces``).
+  from EVERY dp rank when it is sharded (ZeRO: each rank's pieces, ``GradSync.state_pieces``);
+* gradient-compression state (``--compress`` other than none: each bucket's error-feedback
+  residual, and PowerSGD's Q's) from EVERY rank, whole, as tensors of their own,
+  ``compress.rank<R>.<bucket key>`` (R the world rank): the residuals differ per dp rank
+  and belong to no global tensor. The manifest's ``compression`` (``compression_signature``,
+  None without compression) says what they depend on, so that a resume restores them only
+  under the same scheme, world and bucket layout (``mpipar.train`` refuses a resume where it
+  differs, unless ``--resume-override compression`` starts them at zero).
 
 So every element of every tensor is written exactly once, and the manifest says which slice
 of which global tensor each file holds (``ckpt_dir`` module docstring). Loading under any
@@ -41,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from mpipar import backend
+from mpipar.comm.compress import make_compressor
 from mpipar.data import ckpt_dir
 from mpipar.data.checkpoint import CheckpointError, array_sha256
 from mpipar.parallel.model import Shard, owns
@@ -55,6 +63,41 @@ def _ranges(index: np.ndarray) -> list[list[int]]:
     idx = np.asarray(index, dtype=np.int64)
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     return [[int(run[0]), int(run[-1]) + 1] for run in np.split(idx, breaks)]
+
+
+def compression_signature(layout: Any, world_size: int) -> dict[str, Any] | None:
+    """What a rank's compression state depends on: the scheme (as ``comm.compress`` parses
+    it), the world, and the layout fields the local model and its buckets are cut by; None
+    for ``none`` (no state). Equal signatures: the same keys and sizes on every rank."""
+    if not layout.compressed:
+        return None
+    return {"scheme": make_compressor(layout.compress).spec, "world": int(world_size),
+            "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
+            "virtual_stages": layout.virtual_stages,
+            "stage_layers": None if layout.stage_layers is None else list(layout.stage_layers),
+            "bucket_mb": layout.bucket_mb}
+
+
+def compression_prefix(world_rank: int) -> str:
+    """Where world rank ``world_rank``'s compression state sits among a checkpoint's
+    ``compress.`` tensors."""
+    return f"rank{world_rank}."
+
+
+def compression_pieces(trainer: Any) -> list[tuple[dict[str, Any], Any]]:
+    """(piece descriptor, array) of this rank's compression state: whole tensors of their
+    own (module docstring)."""
+    prefix = "compress." + compression_prefix(trainer.mesh.world.rank)
+    return [({"key": prefix + k, "tensor": prefix + k, "axis": None, "ranges": None,
+              "flat": None}, a) for k, a in trainer.sync.compression_state().items()]
+
+
+def load_compression(trainer: Any, tensors: Mapping[str, Any]) -> None:
+    """Give this rank's compression state from a checkpoint's ``compress.`` tensors
+    (``ShardedCheckpoint.compression``) to ``trainer``; local, reads only this rank's."""
+    prefix = compression_prefix(trainer.mesh.world.rank)
+    trainer.sync.load_compression_state({k[len(prefix):]: np.asarray(tensors[k])
+                                         for k in tensors if k.startswith(prefix)})
 
 
 def owned_pieces(trainer: Any) -> list[tuple[dict[str, Any], Any]]:
@@ -76,7 +119,7 @@ def owned_pieces(trainer: Any) -> list[tuple[dict[str, Any], Any]]:
         for name, flat, arr in held:
             if owns(local, name, every_dp_rank=not sync.state_replicated):
                 out.append((piece(f"optim.{s}.{name}", local.shard_spec[name], flat), arr))
-    return out
+    return out + compression_pieces(trainer)
 
 
 def tensor_table(trainer: Any) -> dict[str, dict[str, Any]]:
@@ -141,7 +184,10 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
             info = ckpt_dir.write_shard_file(os.path.join(tmp, fname),
                                              {p["key"]: a for p, a in host})
             recorded = [{**p, "sha256": array_sha256(a)} for p, a in host]
-            mine = {"file": fname, **info, "pieces": recorded, "error": None}
+            # this rank's own tensors (its compression state): only it knows their sizes
+            own = {p["tensor"]: {"shape": list(a.shape), "dtype": a.dtype.name}
+                   for p, a in host if p["tensor"].startswith("compress.")}
+            mine = {"file": fname, **info, "pieces": recorded, "tensors": own, "error": None}
         except OSError as e:
             mine["error"] = f"rank {world.rank} could not write {os.path.join(tmp, fname)} ({e})"
     results = world.allgather_json(mine)
@@ -152,10 +198,13 @@ def save_sharded(root: str, step: int, trainer: Any, run: Mapping[str, Any],
     if world.rank == 0:
         if error is None:
             scalars = trainer.scaler.state_dict()     # fp16's loss scale; {} otherwise
+            for r in results:
+                tensors.update(r.get("tensors", {}))
             manifest = {"format": ckpt_dir.FORMAT, "version": ckpt_dir.VERSION, "step": int(step),
                         "optim_step": int(trainer.sync.step_count), "run": dict(run),
                         **({"optim_scalars": scalars} if scalars else {}),
                         "layout": dict(layout), "tensors": tensors,
+                        "compression": compression_signature(trainer.layout, world.size),
                         "files": {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"],
                                               "pieces": r["pieces"]}
                                   for r in results if r["file"]}}

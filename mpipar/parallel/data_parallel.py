@@ -79,12 +79,15 @@ REDUCE_DTYPES = {"grad": None, "fp32": "float32"}
 # -- partition ---------------------------------------------------------------------------------
 @dataclass
 class Bucket:
-    """Tensors ``names`` occupying ``[start, end)`` of the flat buffer."""
+    """Tensors ``names`` occupying ``[start, end)`` of the flat buffer; ``shapes``: theirs in
+    buffer order (ascending offset, so end to end they are the bucket's slice; ``names`` is
+    in the reverse order, backward's), what a compressor of matrices needs."""
 
     index: int
     start: int
     end: int
     names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def numel(self) -> int:
@@ -115,7 +118,8 @@ def partition_buckets(layout: Any, itemsize: int, bucket_mb: float | None) -> li
         start, end = g[-1][1][0], g[0][1][1]
         if sum(e - s for _, (s, e) in g) != end - start:  # a FlatLayout has no gaps
             raise ValueError(f"bucket {i}: tensors {[k for k, _ in g]} are not contiguous")
-        buckets.append(Bucket(i, start, end, tuple(k for k, _ in g)))
+        buckets.append(Bucket(i, start, end, tuple(k for k, _ in g),
+                              tuple(tuple(layout.shapes[k]) for k, _ in reversed(g))))
     return buckets
 
 
@@ -247,12 +251,13 @@ class CompressedMean:
     def begin(self, group: Any, b: Bucket, x: Any) -> _CountedJob:
         """Queue the compressed mean of a copy of ``x`` (bucket ``b``'s gradients)."""
         job = _CountedJob()
-        job.handle = group.background().submit(self._mean, group, b.index, x.copy(), job)
+        job.handle = group.background().submit(self._mean, group, b, x.copy(), job)
         return job
 
-    def _mean(self, group: Any, index: int, x: Any, job: _CountedJob) -> Any:
-        """On the background thread: the call, and its count read before the next runs."""
-        out = self.compressor.allreduce_mean(group, f"bucket{index}", x, self.algorithm)
+    def _mean(self, group: Any, b: Bucket, x: Any, job: _CountedJob) -> Any:
+        """On the background thread: the call (the bucket's tensor shapes with it, for
+        PowerSGD's matrices), and its count read before the next runs."""
+        out = self.compressor.allreduce_mean(group, f"bucket{b.index}", x, self.algorithm, b.shapes)
         job.sent = self.compressor.last_bytes
         return out
 
@@ -403,6 +408,28 @@ class BucketedSync:
     def clip_grad_norm(self, max_norm: float) -> float:
         return self.clip(backend.host_scalars(self.squares()), max_norm)
 
+    @property
+    def compressor(self) -> GradientCompressor | None:
+        """The buckets' compressor (None: the plain all-reduce, ZeRO included)."""
+        return self.buckets.reducer.compressor
+
+    def compression_state(self) -> dict[str, Any]:
+        """This rank's error-feedback residuals (and PowerSGD's Q's) by bucket key, 1-D
+        arrays (``GradientCompressor.state_dict``); empty without a lossy compressor. They
+        differ per dp rank: a checkpoint holds every rank's."""
+        return self.compressor.state_dict() if self.compressor is not None else {}
+
+    def load_compression_state(self, state: Mapping[str, Any]) -> None:
+        """Restore ``compression_state()`` (host arrays; moved to the device at first use)."""
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state)
+        elif state:
+            raise ValueError(f"no gradient compression here to take residuals {sorted(state)}")
+
+    def compression_bytes(self) -> int:
+        """Bytes of ``compression_state()``: what a lossy scheme keeps from step to step."""
+        return sum(int(a.nbytes) for a in self.compression_state().values())
+
 
 class DataParallelSync(BucketedSync):
     """Every rank holds the whole local model, its gradients and its optimiser state; the
@@ -462,4 +489,5 @@ class DataParallelSync(BucketedSync):
         grads = int(self.buckets.grad_buffer.nbytes)
         state = sum(int(a.nbytes) for bufs in self.optimizer.state.values() for a in bufs.values())
         return {"params": params, "grads": grads, "grads_kept": grads, "grads_unsharded": grads,
-                "optimizer_state": state, "optimizer_state_unsharded": state}
+                "optimizer_state": state, "optimizer_state_unsharded": state,
+                "compression_state": self.compression_bytes()}

@@ -90,11 +90,20 @@ class GradSync(Protocol):
     def load_state_tensors(self, tensors: Mapping[str, Mapping[str, Any]], step: int) -> None:
         """The inverse of ``state_tensors``; local, no collective."""
 
+    def compression_state(self) -> dict[str, Any]:
+        """This rank's gradient-compression state by bucket key (error-feedback residuals,
+        PowerSGD's Q's), 1-D arrays; empty without a lossy ``compress``. Per rank, local."""
+
+    def load_compression_state(self, state: Mapping[str, Any]) -> None:
+        """The inverse of ``compression_state``; local, no collective."""
+
     def memory_report(self) -> dict[str, int]:
         """Bytes on this rank: ``params``; ``grads`` (the gradient storage held at its
         peak so far), ``grads_kept`` (what outlives a step's backward), ``grads_unsharded``;
         ``optimizer_state``, ``optimizer_state_unsharded`` (what plain data parallelism
-        holds, for comparison)."""
+        holds, for comparison); ``compression_state`` (a lossy ``--compress``'s
+        error-feedback residuals, one per bucket, and PowerSGD's Q's: kept from step to
+        step, per rank; 0 without compression)."""
 
 
 def make_grad_sync(local: Any, mesh: Any, layout: Layout, optimizer: OptimizerSpec,

@@ -42,10 +42,11 @@ What fits:
   (None: the communicator's own), and with ``auto`` its tuned table, if there is one,
   readable;
 * ``compress`` a gradient-compression spec of ``comm.compress`` (``none``, ``fp16``,
-  ``int8``, ``topk:RATIO``) for the data-parallel all-reduce: anything but ``none`` needs
-  ``zero`` 0 (ZeRO reduce-scatters its buckets, it does not all-reduce them), and ``int8``
-  and ``topk`` an ``allreduce`` algorithm with an all-gather (native, ring, rhd, nccl,
-  auto; not ps, tree, dbtree, hier).
+  ``bf16``, ``int8``, ``topk:RATIO``, ``powersgd:RANK``) for the data-parallel all-reduce:
+  anything but ``none`` needs ``zero`` 0 (ZeRO reduce-scatters its buckets, it does not
+  all-reduce them), and ``bf16``, ``int8`` and ``topk`` an ``allreduce`` algorithm with an
+  all-gather (native, ring, rhd, nccl, auto; not ps, tree, dbtree, hier); ``fp16`` and
+  ``powersgd`` only all-reduce (any algorithm).
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ class Layout:
         if lacks:
             raise LayoutError(f"compression {self.compress} uses {' and '.join(compressor.collectives)}; "
                               f"all-reduce algorithm {name!r} has no {', '.join(lacks)} (choose "
-                              f"native, ring or rhd, or compression fp16)", "compress")
+                              f"native, ring or rhd, or compression fp16 or powersgd)", "compress")
 
     def _check_model(self, config: Any) -> None:
         tp, pp, NH = self.tp, self.pp, config.n_head

@@ -302,6 +302,7 @@ class ZeroSync(BucketedSync):
             "optimizer_state": state,
             "optimizer_state_unsharded": len(self.state_names) * self.layout.numel
                                          * self.state_dtype.itemsize,
+            "compression_state": self.compression_bytes(),      # 0: ZeRO does not compress
         }
 
     def __repr__(self) -> str:

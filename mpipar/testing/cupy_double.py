@@ -853,7 +853,8 @@ def _make_cupy(d: StrictCupy) -> _Namespace:
 
     for n in DATA_DEPENDENT_NAMES:
         names[n] = sized_by_data(getattr(np, n))
-    names["linalg"] = _Namespace("cupy.linalg", {"norm": _function(d, np.linalg.norm)})
+    names["linalg"] = _Namespace("cupy.linalg", {"norm": _function(d, np.linalg.norm),
+                                                  "qr": _function(d, np.linalg.qr)})
     names["copyto"] = lambda dst, src, **kw: d.kernel(np.copyto, (dst, src), kw, _site(), writes=(dst,))
     for n in ("shares_memory", "may_share_memory"):
         names[n] = (lambda f: lambda a, b, **kw: f(a._a, b._a, **kw))(getattr(np, n))

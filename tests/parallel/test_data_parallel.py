@@ -121,6 +121,11 @@ def test_buckets_reverse_order_whole_tensors_cover_the_buffer(bucket_mb):
     assert "transformer.wte.weight" in buckets[-1].names             # tied: ready last
     if bucket_mb == 1e-4:
         assert len(buckets) == len(model.layout.names)               # one tensor each
+    for b in buckets:   # each bucket's shapes: its tensors in buffer order, end to end
+        starts = sorted(model.layout.offsets[n][0] for n in b.names)
+        assert starts[0] == b.start
+        assert b.shapes == tuple(model.layout.shapes[n] for n in reversed(b.names))
+        assert [model.layout.offsets[n][0] for n in reversed(b.names)] == starts
 
 
 # -- MPI: equals the single process ------------------------------------------------------------
@@ -196,10 +201,43 @@ def expected_bytes(spec: str, numel: int, itemsize: int, p: int) -> int:
         return 0
     if spec == "fp16":
         return 2 * numel
+    if spec == "bf16":
+        return 2 * 2 * -(-numel // 2)        # bfloat16 patterns packed two to an int32 word
     if spec == "int8":
         return itemsize + 4 * -(-numel // 4)
     k = min(numel, -(-int(float(spec.split(":")[1]) * 1e6) * numel // 1_000_000))
     return k * (4 + itemsize)
+
+
+def powersgd_bytes(rank: int, shapes, itemsize: int, p: int) -> int:
+    """PowerSGD's count for one bucket of tensors ``shapes`` (comm.compress docstring): per
+    matrix (first dimension by the rest) (n + m) min(rank, n, m) elements, vectors whole."""
+    if p == 1:
+        return 0
+    total = 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        if len(shape) >= 2:
+            n, m = shape[0], size // shape[0]
+            total += (n + m) * min(rank, n, m)
+        else:
+            total += size
+    return total * itemsize
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_full_rank_powersgd_trains_as_uncompressed(comm, opt):
+    """PowerSGD at a rank above every matrix's min(n, m) (capped there): P^ is square
+    orthogonal, so P^ P^T mean(M) = mean(M) up to rounding (the QR and two products add
+    ~1e-15 relative), whatever the gradients' rank: the single process's training within the
+    same 1e-10 as plain data parallelism, through two all-reduces of factors a bucket."""
+    trainer, losses = run_dp(comm, opt, bucket_mb=0.05, compress="powersgd:10000")
+    compressor = trainer.sync.buckets.reducer.compressor
+    assert compressor.spec == "powersgd:10000"
+    assert compressor.calls == STEPS * len(trainer.sync.buckets.buckets)
+    assert any(k.endswith(".Q") for k in compressor.state_dict())      # matrices went as factors
+    check(comm, trainer, losses, opt, "compress powersgd full rank")
 
 
 @pytest.mark.mpi(min_size=2)
@@ -218,9 +256,10 @@ def test_topk_1_trains_as_uncompressed(comm, opt):
 # gradient's effect on 2 AdamW updates, which (dividing by sqrt(v)) moves every weight by about
 # lr whatever the gradient's size, so a rounding of the gradient moves the loss little (fp16:
 # 2^-11 relative) and a sparse one more (topk keeps 5% per step, the rest delayed). Measured
-# at dp 2, 3, 4, 8 (the largest of them): fp16 9.4e-6, int8 2.0e-4, topk:0.05 2.9e-3; the
+# at dp 2, 3, 4, 8 (the largest of them): fp16 9.4e-6, int8 2.0e-4, topk:0.05 2.9e-3, bf16
+# 7.7e-4 (8 significant bits), powersgd:2 3.6e-3 (rank 2 of matrices up to 64 x 256); the
 # bounds are about 5x that, for the summation order of other sizes and libraries.
-LOSSY = {"fp16": 5e-5, "int8": 1e-3, "topk:0.05": 1.5e-2}
+LOSSY = {"fp16": 5e-5, "int8": 1e-3, "topk:0.05": 1.5e-2, "bf16": 4e-3, "powersgd:2": 1.5e-2}
 
 
 @pytest.mark.mpi(min_size=2)
@@ -232,7 +271,11 @@ def test_lossy_compression_trains_close_and_counts_its_bytes(comm, spec):
     buckets = trainer.sync.buckets
     compressor = buckets.reducer.compressor
     itemsize = trainer.local.grad_buffer.itemsize
-    per_step = sum(expected_bytes(spec, b.numel, itemsize, comm.size) for b in buckets.buckets)
+    if spec.startswith("powersgd"):
+        per_step = sum(powersgd_bytes(int(spec.split(":")[1]), b.shapes, itemsize, comm.size)
+                       for b in buckets.buckets)
+    else:
+        per_step = sum(expected_bytes(spec, b.numel, itemsize, comm.size) for b in buckets.buckets)
     losses = []
     for step in range(STEPS):
         before = compressor.bytes_sent
@@ -249,7 +292,16 @@ def test_lossy_compression_trains_close_and_counts_its_bytes(comm, spec):
           f"{plain.local.grad_buffer.nbytes:,}), max rel loss diff {rel:.1e}")
     assert rel <= LOSSY[spec], (spec, rel)
     # one residual per bucket, keyed by its index, the same keys every step
-    assert sorted(compressor.state_dict()) == sorted(f"bucket{b.index}" for b in buckets.buckets)
+    assert sorted(k for k in compressor.state_dict() if not k.endswith(".Q")) == \
+        sorted(f"bucket{b.index}" for b in buckets.buckets)
+    # memory_report's own kind: a residual the size of each bucket (the whole buffer), and
+    # PowerSGD's Q, m x min(rank, n, m) per matrix
+    kept = trainer.local.grad_buffer.nbytes
+    if spec.startswith("powersgd"):
+        rank = int(spec.split(":")[1])
+        kept += itemsize * sum(max(s[0], int(np.prod(s[1:]))) * min(rank, s[0], int(np.prod(s[1:])))
+                               for b in buckets.buckets for s in b.shapes if len(s) >= 2)
+    assert trainer.memory_report()["compression_state"] == kept
     assert_same_on_all_ranks(comm, trainer.local.param_buffer)
 
 
@@ -278,3 +330,4 @@ def test_a_group_of_one_compresses_nothing(comm):
                               dtype="float64")
     res = trainer.step(*rank_rows(0, 0, 1))
     assert res.comm.bytes == 0 and trainer.sync.buckets.reducer.compressor.calls == 0
+    assert trainer.memory_report()["compression_state"] == 0

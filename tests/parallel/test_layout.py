@@ -65,7 +65,7 @@ TINY = PRESETS["tiny"]                          # 8 heads, 8 blocks, C = 64, V =
      "gradient compression needs zero 0, got zero 1"),
     *[(Layout(dp=2, allreduce=a, compress=c), 2, None, None, "compress",
        f"compression {c} uses .*allgather; all-reduce algorithm .{a}. has no allgather")
-      for a in ("ps", "tree", "dbtree", "hier") for c in ("int8", "topk:0.01")],
+      for a in ("ps", "tree", "dbtree", "hier") for c in ("int8", "topk:0.01", "bf16")],
 ])
 def test_what_does_not_fit_and_why(layout, world, config, batch, field, match):
     with pytest.raises(LayoutError, match=match) as e:
@@ -79,11 +79,12 @@ def test_what_fits():
            allreduce="ring", stage_layers=(5, 3)).check(8, TINY, 2 * 4 * 2 * 3)
     Layout(tp=4, pp=2, micro_batches=2, virtual_stages=2, recompute="selective",
            sequence_parallel=True).check(8, TINY, 4)
-    # compression: fp16 all-reduces (any algorithm), int8 and topk all-gather
+    # compression: fp16 and powersgd all-reduce (any algorithm), bf16, int8 and topk all-gather
     for algorithm in ("native", "ring", "rhd", "tree", "dbtree", "ps", "hier", "auto", None):
-        Layout(dp=2, tp=2, allreduce=algorithm, compress="fp16").check(4, TINY, 4)
+        for spec in ("fp16", "powersgd:4"):
+            Layout(dp=2, tp=2, allreduce=algorithm, compress=spec).check(4, TINY, 4)
     for algorithm in ("native", "ring", "rhd", "nccl", "auto", None):
-        for spec in ("int8", "topk:0.01", "topk:1", "none"):
+        for spec in ("int8", "topk:0.01", "topk:1", "bf16", "none"):
             Layout(dp=2, pp=2, allreduce=algorithm, compress=spec).check(4, TINY, 4)
     Layout(dp=2, zero=2, compress="none").check(2)
     # the vocabulary is split unevenly: it need not divide by tp
