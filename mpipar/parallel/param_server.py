@@ -72,7 +72,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -221,7 +221,11 @@ def check_ps(world_size: int, servers: int, mode: str, layout: Layout,
     if layout.zero:
         raise PSConfigError(f"ZeRO stage {layout.zero} with parameter servers: the servers "
                             f"already shard the optimiser state", "zero")
-    if layout.compressed:
+    try:
+        compressed = layout.compressed
+    except ValueError as e:
+        raise PSConfigError(str(e), "compress") from None
+    if compressed:
         raise PSConfigError(f"gradient compression {layout.compress!r} with parameter "
                             f"servers: pushes are not compressed", "compress")
     workers = world_size - servers
@@ -636,6 +640,7 @@ class ParamServerTrainer:
     def _gather(self, arrays_of: Callable[[ParamServer], Any]) -> np.ndarray:
         """The full flat vector on every rank: each server writes its range of
         ``arrays_of(server)`` into zeros and the world sums (x + 0 is exact)."""
+        self.synchronize()
         buf = np.zeros(self.flat.numel, dtype=self.dtype)
         if self.server is not None:
             buf[self.server.lo:self.server.hi] = backend.to_host(arrays_of(self.server))
@@ -694,13 +699,18 @@ class ParamServerTrainer:
     def nonfinite_state(self, step: int) -> NonFinite | None:
         """The first parameter or optimiser state tensor (nanoGPT order) holding a NaN or an
         infinity, on every rank (gathered: what a checkpoint must not be written with)."""
-        for what, tensors in (("parameter", self.full_state_dict()),
-                              ("optimiser state", {k: v for k, v in self.full_optimizer_state().items()
-                                                   if k != "step"})):
-            for name, a in tensors.items():
-                if not np.all(np.isfinite(a)):
-                    return NonFinite(step, what, name, None, math.nan, math.nan)
-        return None
+        return self.gathered().nonfinite_state(step)
+
+    def gathered(self) -> "Gathered":
+        """The servers' state as one process would hold it, on every rank; what
+        ``parallel.checkpoint.save_sharded`` writes (``Gathered``). Collective."""
+        return Gathered(self.world, self.flat, self.full_state_dict(), self.full_optimizer_state(),
+                        self.state_names)
+
+    @property
+    def at_sync_point(self) -> bool:
+        """Whether every rank has met since the last step (an evaluation, a gather)."""
+        return self._synced
 
     # -- reports --------------------------------------------------------------------------------
     def staleness_summary(self) -> Staleness:
@@ -758,3 +768,35 @@ class ParamServerTrainer:
                 r.wait()
         for c in (self.p2p, self.solo, self.group):
             c.free()
+
+
+class Gathered:
+    """A parameter-server run's state as a one-process trainer's, for ``save_sharded``
+    (which asks ``mesh.world``, ``local`` and ``sync``): world rank 0 holds every tensor
+    whole and writes it (the checkpoint is one file, which any layout resumes from), the
+    other ranks hold nothing."""
+
+    def __init__(self, world: Any, flat: FlatLayout, model: dict[str, np.ndarray],
+                 optim: dict[str, Any], state_names: tuple[str, ...]) -> None:
+        owner = world.rank == 0
+        self.model, self.optim = model, optim
+        self.mesh = SimpleNamespace(world=world)
+        # model.owns: no mesh owns everything; dp rank 1 owns nothing
+        self.local = SimpleNamespace(
+            shard_spec={n: None for n in model}, params=model, full_layout=flat,
+            dtype=next(iter(model.values())).dtype,
+            mesh=None if owner else SimpleNamespace(dp_rank=1, tp_rank=0))
+        pieces = {s: [(n, None, optim[f"{s}.{n}"]) for n in model] for s in state_names}
+        self.sync = SimpleNamespace(state_names=state_names, state_replicated=True,
+                                    step_count=int(optim["step"]),
+                                    state_pieces=lambda: pieces if owner else {})
+
+    def nonfinite_state(self, step: int) -> NonFinite | None:
+        """The first tensor (parameters, then each optimiser state) holding a NaN or an
+        infinity; local (every rank holds the same gathered tensors)."""
+        for what, tensors in (("parameter", self.model),
+                              ("optimiser state", {k: v for k, v in self.optim.items() if k != "step"})):
+            for name, a in tensors.items():
+                if not np.all(np.isfinite(a)):
+                    return NonFinite(step, what, name, None, math.nan, math.nan)
+        return None
