@@ -93,6 +93,22 @@ CASES = [
     (["--compress", "int8", "--resume", "ck"],
      ["--resume with --compress int8: checkpoints do not hold gradient-compression residuals "
       "yet: resume without --compress or with --compress none"]),
+    # parameter servers (param_server.check_ps names the quantity; 2 ranks here)
+    (["--ps-servers", "2"], ["--ps-servers:", "2 parameter servers in a world of 2 ranks"]),
+    (["--ps-servers", "-1"], ["argument --ps-servers"]),
+    (["--ps-servers", "1", "--ps-mode", "bsp"], ["--ps-mode:", "'bsp' is not one of sync, async, ssp:S"]),
+    (["--ps-servers", "1", "--ps-mode", "ssp:-1"], ["--ps-mode:", "'ssp:-1' is not one of"]),
+    (["--ps-servers", "1", "--tp", "2"], ["--tp:", "tp degree 2 with parameter servers"]),
+    (["--ps-servers", "1", "--zero", "1"], ["--zero:", "ZeRO stage 1 with parameter servers"]),
+    (["--ps-servers", "1", "--compress", "fp16"], ["--compress:", "'fp16' with parameter servers"]),
+    (["--ps-servers", "1", "--slow-rank", "1"], ["--slow-rank:", "rank 1 is not a worker"]),
+    (["--ps-servers", "1", "--slow-rank", "0", "--slow-factor", "0.5"],
+     ["--slow-factor:", "slow factor 0.5 must be a finite number >= 1"]),
+    (["--slow-rank", "0"], ["--slow-rank/--slow-factor is for parameter-server training"]),
+    (["--ps-mode", "async"], ["--ps-mode is for parameter-server training: give --ps-servers K"]),
+    (["--ps-servers", "1", "--plan"], ["--plan chooses an all-reduce layout: not with --ps-servers"]),
+    (["--ps-servers", "1", "--dp", "2"], ["--dp 2: with --ps-servers 1 of 2 ranks"]),
+    (["--ps-servers", "1", "--micro-batches", "3"], ["--batch-size:", "does not split into 1 workers"]),
     # the GPU each rank uses (mpi_env.select_gpu)
     (["--gpu-id", "gpu2"], ["argument --gpu-id", "'gpu2' is not a GPU choice"]),
     (["--gpu-id", "0"], ["--gpu-id 0: no GPU in use (--device cpu)"]),
