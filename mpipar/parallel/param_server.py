@@ -747,8 +747,8 @@ class ParamServerTrainer:
     def describe(self) -> str:
         W, K = len(self.workers), len(self.servers)
         sizes = ", ".join(f"{hi - lo:,}" for lo, hi in self.ranges)
-        return (f"parameter servers: {K} (ranks {self.servers[0]}..{self.servers[-1]}), "
-                f"workers: {W} (ranks 0..{W - 1}, data-parallel), mode {self.mode}; server "
+        return (f"parameter servers: {K} ({_ranks(self.servers)}), "
+                f"workers: {W} ({_ranks(self.workers)}, data-parallel), mode {self.mode}; server "
                 f"ranges of {sizes} elements")
 
     def close(self) -> None:
@@ -800,3 +800,7 @@ class Gathered:
                 if not np.all(np.isfinite(a)):
                     return NonFinite(step, what, name, None, math.nan, math.nan)
         return None
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}..{ranks[-1]}"
