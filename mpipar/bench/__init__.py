@@ -12,5 +12,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("mpipar.bench.calibrate", "measure alpha/beta/gamma of this machine and save a network profile"),
     "train": ("mpipar.bench.train", "single-process training throughput, beside PyTorch eager when installed"),
     "parallel": ("mpipar.bench.parallel", "step time, overlap, bubble and memory per parallel layout"),
+    "ps": ("mpipar.bench.ps", "parameter-server training with a slowed worker: sync, async, ssp:S beside all-reduce (run under mpiexec)"),
     "gpu": ("mpipar.bench.gpu", "one GPU: matmul TFLOP/s, GPT-2 small tokens/s and MFU beside torch, transfers, host syncs"),
 }
