@@ -11,17 +11,15 @@ printed command resumes it bitwise.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
-import subprocess
 import sys
 
 import numpy as np
 
 from mpipar import train
-from mpipar.testing.launch import mpi_env, mpiexec_command, run_mpi
-from test_signals import FAST as SIGNAL_FAST, rank_pids, step_losses, wait_for_steps
+from mpipar.testing.launch import run_mpi
+from test_signals import FAST as SIGNAL_FAST, STEPS, interrupt, step_losses
 from test_train import FAST, read_log, train_ranks
 
 TOL = 1e-10
@@ -75,38 +73,20 @@ def test_async_with_a_slowed_worker_reports_staleness(tmp_path):
     assert all(np.isfinite(e["loss"]) for e in steps)
 
 
-def _interrupt(tmp_path, name, *argv):
-    """A 3-rank parameter-server run of 40 steps, SIGTERM to every rank after its third step
-    (as a scheduler sends it); the finished job's output and log."""
-    log = tmp_path / f"{name}.jsonl"
-    cmd = mpiexec_command(3, [sys.executable, "-m", "mpipar.train", *SIGNAL_FAST, "--steps", "40",
-                              "--log", str(log), *argv])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=mpi_env(), start_new_session=True)
-    try:
-        pids = rank_pids(proc.pid, expected=3)
-        wait_for_steps(log, 3, proc)
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    return proc.returncode, out, log
-
-
 def test_a_stop_signal_saves_the_servers_state_and_the_run_resumes_bitwise(tmp_path):
     """sync: the stop is agreed at the next step boundary; the printed command (3 ranks)
     resumes to the straight run's losses bitwise. async: agreed only at the boundary after an
     evaluation (every 5 steps here), where every rank meets."""
     straight = tmp_path / "straight.jsonl"
-    job = train_ranks(3, *SIGNAL_FAST, "--steps", "40", "--ps-servers", "1", "--log", str(straight))
+    job = train_ranks(3, *SIGNAL_FAST, "--steps", str(STEPS), "--ps-servers", "1", "--log",
+                      str(straight))
     assert job.returncode == 0, job.output
-    rc, out, log = _interrupt(tmp_path, "sync", "--ps-servers", "1", "--ckpt-dir", str(tmp_path / "ck"))
-    assert rc == 0, out
+    job, log = interrupt(tmp_path, "sync", [signal.SIGTERM], "--ps-servers", "1", "--ckpt-dir",
+                         str(tmp_path / "ck"), ranks=3)
+    out = job.stdout
+    assert job.returncode == 0, out
     stopped = len(step_losses(log))
-    assert 3 <= stopped < 40 and f"SIGTERM at step {stopped}: checkpoint saved" in out, out
+    assert 3 <= stopped < STEPS and f"SIGTERM at step {stopped}: checkpoint saved" in out, out
     line = next(ln for ln in out.splitlines() if "resume with:" in ln)
     argv = shlex.split(line.split("resume with:", 1)[1])
     assert argv[:6] == ["mpiexec", "-n", "3", "python", "-m", "mpipar.train"], argv
@@ -114,9 +94,11 @@ def test_a_stop_signal_saves_the_servers_state_and_the_run_resumes_bitwise(tmp_p
     assert resumed.returncode == 0, resumed.output
     assert step_losses(log) == step_losses(straight)
 
-    rc, out, log = _interrupt(tmp_path, "async", "--ps-servers", "1", "--ps-mode", "async",
-                              "--eval-interval", "5", "--ckpt-dir", str(tmp_path / "ck-async"))
-    assert rc == 0, out
+    job, log = interrupt(tmp_path, "async", [signal.SIGTERM], "--ps-servers", "1", "--ps-mode",
+                         "async", "--eval-interval", "5", "--ckpt-dir", str(tmp_path / "ck-async"),
+                         ranks=3)
+    out = job.stdout
+    assert job.returncode == 0, out
     stopped = len(step_losses(log))
-    assert stopped % 5 == 0 and 5 <= stopped < 40, out
+    assert stopped % 5 == 0 and 5 <= stopped < STEPS, out
     assert f"SIGTERM at step {stopped}: checkpoint saved" in out, out

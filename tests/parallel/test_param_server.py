@@ -19,45 +19,21 @@ import math
 import numpy as np
 import pytest
 
-from mpipar.nn.gpt import GPT, PRESETS
-from mpipar.optim import OptimizerSpec, clip_grad_norm
 from mpipar.parallel.layout import Layout
 from mpipar.parallel.model import load_full_state_dict
 from mpipar.parallel.param_server import (ParamServerTrainer, PSConfigError, SSPMode, Staleness,
                                           check_ps, parse_mode, ps_roles, server_ranges)
 from mpipar.parallel.trainer import ParallelTrainer
+from test_trainer import CONFIG, LR, STEPS, T, TOL, reference, spec
 
-CONFIG = PRESETS["tiny"].replace(block_size=8)
-B, T, LR = 12, 8, 0.05             # 12 rows: 1, 2, 3, 4 and 6 workers take equal shares
-TOL = 1e-10
+B = 12                     # 12 rows: 1, 2, 3, 4 and 6 workers take equal shares
 
 
-def _batches(steps, rows=B, seed=5):
-    rng = np.random.default_rng(seed)
+def _batches(steps, rows=B):
+    """test_trainer's batches (its reference trains on the first STEPS), ``steps`` of them."""
+    rng = np.random.default_rng(5)
     return [(rng.integers(0, CONFIG.vocab_size, (rows, T)),
              rng.integers(0, CONFIG.vocab_size, (rows, T))) for _ in range(steps)]
-
-
-def spec(optimizer):
-    return OptimizerSpec(optimizer, lr=LR, weight_decay=0.1)
-
-
-_REF = {}
-
-
-def reference(optimizer, grad_clip, steps):
-    key = (optimizer, grad_clip, steps)
-    if key not in _REF:
-        model = GPT(CONFIG, seed=0, dtype="float64")
-        opt = spec(optimizer).build(model.state_dict())
-        losses = []
-        for x, y in _batches(steps):
-            loss, grads = model.loss_and_grads(x, y)
-            clip_grad_norm(grads, grad_clip)
-            opt.step(grads, lr=LR)
-            losses.append(loss)
-        _REF[key] = losses, {k: v.copy() for k, v in model.state_dict().items()}
-    return _REF[key]
 
 
 def free(ps):
@@ -82,8 +58,9 @@ def relative(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
 
 
-def assert_equals_reference(ps, losses, optimizer, grad_clip, steps, what):
-    ref_losses, ref_sd = reference(optimizer, grad_clip, steps)
+def assert_equals_reference(ps, losses, optimizer, grad_clip, what):
+    """The single process's STEPS steps on the same B rows (test_trainer's reference)."""
+    ref_losses, ref_sd = reference(optimizer, grad_clip, rows=B)
     sd = ps.full_state_dict()
     if not ps.is_server:          # a worker's reported loss: the global batch's mean
         np.testing.assert_allclose(losses, ref_losses, rtol=TOL, atol=0, err_msg=what)
@@ -117,12 +94,12 @@ def test_sync_equals_single_process(comm, optimizer, grad_clip):
             if sub is None:
                 continue
             what = f"{servers} server(s) + {W} worker(s), {optimizer}, clip {grad_clip}"
-            ps, losses = run(sub, servers, "sync", steps=3, optimizer=optimizer,
+            ps, losses = run(sub, servers, "sync", steps=STEPS, optimizer=optimizer,
                              grad_clip=grad_clip)
-            assert_equals_reference(ps, losses, optimizer, grad_clip, 3, what)
+            assert_equals_reference(ps, losses, optimizer, grad_clip, what)
             st = ps.staleness_summary()
             assert st.lag and set(st.lag) == {0} and set(st.updates) == {0}, what
-            assert sum(st.lag.values()) == servers * W * 3, what
+            assert sum(st.lag.values()) == servers * W * STEPS, what
             free(ps)
     assert tried >= 1
 
@@ -131,8 +108,8 @@ def test_sync_equals_single_process(comm, optimizer, grad_clip):
 def test_sync_with_grad_accum_and_micro_batches(comm):
     sub = comm if comm.size == 3 else comm.split(color=0 if comm.rank < 3 else None, key=comm.rank)
     if sub is not None:
-        ps, losses = run(sub, 1, "sync", steps=2, layout=dict(grad_accum=2, micro_batches=3))
-        assert_equals_reference(ps, losses, "sgd", 0.0, 2, "1 + 2, grad-accum 2, M 3")
+        ps, losses = run(sub, 1, "sync", steps=STEPS, layout=dict(grad_accum=2, micro_batches=3))
+        assert_equals_reference(ps, losses, "sgd", 0.0, "1 + 2, grad-accum 2, M 3")
         free(ps)
         if sub is not comm:
             sub.free()
@@ -172,7 +149,7 @@ def test_resume_keeps_server_state(comm):
     """2 steps, gather (model + AdamW state + version), new trainers load it and take 2
     more: equal to the straight 4 steps to the bit. The gathered state also loads into an
     ordinary one-process trainer on every rank (a PS checkpoint in a normal run), which
-    after the same 4 steps equals the single process."""
+    after the same 2 more steps equals the straight run within TOL (summation order)."""
     sub = comm if comm.size == 3 else comm.split(color=0 if comm.rank < 3 else None, key=comm.rank)
     if sub is None:
         return
@@ -202,8 +179,7 @@ def test_resume_keeps_server_state(comm):
     plain.load_full_optimizer_state(optim)
     for x, y in batches[2:]:
         plain.step(x, y, lr=LR)
-    _, ref_sd = reference("adamw", 0.0, 4)
-    for name, ref in ref_sd.items():
+    for name, ref in want.items():
         assert relative(plain.full_state_dict()[name], ref) <= TOL, name
     if sub is not comm:
         sub.free()
