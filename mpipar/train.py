@@ -564,6 +564,11 @@ class Runner:
             self.load(run.resume)
             run.resume.close()
             self.start = run.resume.step
+        if run.args.ckpt_dir and comm.rank == 0:
+            removed = ckpt_dir.clean_temporaries(run.args.ckpt_dir)
+            if removed:
+                runtime.print0(f"removed what crashed saves left in {run.args.ckpt_dir}: "
+                               f"{', '.join(removed)}")
 
     def make_trainer(self, run: Run, comm: Any) -> Any:
         a = run.args
@@ -584,11 +589,6 @@ class Runner:
     def summary(self) -> dict:
         """What the run's end reports beyond the losses (collective; nothing here)."""
         return {}
-        if args.ckpt_dir and comm.rank == 0:
-            removed = ckpt_dir.clean_temporaries(args.ckpt_dir)
-            if removed:
-                runtime.print0(f"removed what crashed saves left in {args.ckpt_dir}: "
-                               f"{', '.join(removed)}")
 
     def describe(self) -> str:
         lay, m = self.run.layout, self.mesh

@@ -395,7 +395,7 @@ class ParamServer:
         self.last = (math.nan, math.nan)    # sync: the step's (norm, mean loss)
         self.loss_of = [math.nan] * W
         self.staleness = Staleness.empty()
-        self.lr_of = [0.0] * W
+        self.lr_of: list[float | None] = [None] * W
         self.bytes_in = 0
         for w in range(W):
             self._post(w)
@@ -436,7 +436,8 @@ class ParamServer:
         return progressed
 
     def _take(self, w: int) -> None:
-        step, lr, loss, _ = (float(v) for v in self.hdr[w])
+        step, rate, loss, _ = (float(v) for v in self.hdr[w])
+        lr = None if math.isnan(rate) else rate
         if int(step) != self.clock[w]:
             raise RuntimeError(f"server rank {self.world.rank}: worker {w} pushed step "
                                f"{int(step)}, expected {self.clock[w]}")
@@ -476,7 +477,7 @@ class ParamServer:
         for w in range(W):
             self._post(w)
 
-    def _update(self, grads: dict[str, Any], lr: float) -> None:
+    def _update(self, grads: dict[str, Any], lr: float | None) -> None:
         if self.optimizer is not None:
             self.optimizer.step(grads, lr=lr)
         self.version += 1
@@ -513,6 +514,9 @@ class ParamServer:
         reqs = [self.world.isend(self.params, dst, TAG_SYNC) for dst in self.workers]
         for r in reqs:
             r.wait()
+        # the workers' next gradients are computed on these parameters
+        self.sent_version = [self.version] * len(self.workers)
+        self.sent_slowest = [min(self.clock)] * len(self.workers)
 
 
 # ---- the trainer --------------------------------------------------------------------------
@@ -585,8 +589,9 @@ class ParamServerTrainer:
         t0 = time.perf_counter()
         result = self.inner.step(idx, targets, lr=lr)
         self.slow.after(time.perf_counter() - t0)
-        reply = self._push_pull(result.loss, result.grad_norm,
-                                self.inner.sync.grads.buffer, lr or 0.0)
+        # no lr (None): the optimiser's own, sent as NaN
+        reply = self._push_pull(result.loss, result.grad_norm, self.inner.sync.grads.buffer,
+                                math.nan if lr is None else float(lr))
         sync_norm, loss = reply[0][REPLY.index("norm")], reply[0][REPLY.index("loss")]
         result.loss = float(loss)
         if self.mode.averages:
