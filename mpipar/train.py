@@ -554,6 +554,7 @@ class Runner:
     """The trainer of any layout, its data and its checkpoints, for one run."""
 
     def __init__(self, run: Run, comm: Any) -> None:
+        args = run.args
         self.run, self.comm = run, comm
         self.trainer = self.make_trainer(run, comm)
         self.mesh = self.trainer.mesh
@@ -564,10 +565,10 @@ class Runner:
             self.load(run.resume)
             run.resume.close()
             self.start = run.resume.step
-        if run.args.ckpt_dir and comm.rank == 0:
-            removed = ckpt_dir.clean_temporaries(run.args.ckpt_dir)
+        if args.ckpt_dir and comm.rank == 0:
+            removed = ckpt_dir.clean_temporaries(args.ckpt_dir)
             if removed:
-                runtime.print0(f"removed what crashed saves left in {run.args.ckpt_dir}: "
+                runtime.print0(f"removed what crashed saves left in {args.ckpt_dir}: "
                                f"{', '.join(removed)}")
 
     def make_trainer(self, run: Run, comm: Any) -> Any:
