@@ -86,6 +86,7 @@ from mpipar.parallel.grad_sync import OVERLAP_CHOICES, resolve_overlap
 from mpipar.parallel.layout import Layout, LayoutError, choose_layout
 from mpipar.parallel.model import load_full_state_dict
 from mpipar.parallel.numerics import NonFiniteError
+from mpipar.parallel.param_server import MODES, ParamServerTrainer, PSConfigError, check_ps
 from mpipar.parallel.trainer import ParallelTrainer
 from mpipar.sim.plan import describe, plan
 from mpipar.sim.spec import TrainSpec
@@ -110,6 +111,12 @@ LAYOUT_FLAGS = {"dp": "--dp", "tp": "--tp", "pp": "--pp", "grid": "--dp/--tp/--p
                 "schedule": "--schedule", "stage_layers": "--stage-layers", "zero": "--zero",
                 "bucket_mb": "--bucket-mb", "allreduce": "--allreduce", "compress": "--compress",
                 "batch_size": "--batch-size"}
+
+# the flag behind each quantity of a parameter-server configuration (PSConfigError.field)
+PS_FLAGS = {"servers": "--ps-servers", "mode": "--ps-mode", "tp": "--tp", "pp": "--pp",
+            "zero": "--zero", "compress": "--compress", "slow_rank": "--slow-rank",
+            "slow_factor": "--slow-factor", "batch_size": "--batch-size",
+            "precision": "--precision"}
 
 
 def _block_counts(text: str) -> tuple[int, ...]:
@@ -188,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel gradient compression with error feedback: none, fp16, "
                         "bf16, int8, topk:RATIO (e.g. topk:0.01), powersgd:RANK (e.g. "
                         "powersgd:4); not with --zero; checkpoints hold its residuals")
+    p.add_argument("--ps-servers", type=COUNT, default=0, metavar="K",
+                   help="parameter-server training: the last K ranks serve the parameters and "
+                        "the optimiser state, the others are data-parallel workers (0: none)")
+    p.add_argument("--ps-mode", default=None, metavar="MODE",
+                   help=f"with --ps-servers: {', '.join(MODES)} (default sync; ssp:S lets a "
+                        f"worker run at most S steps ahead of the slowest)")
+    p.add_argument("--slow-rank", type=COUNT, default=None, metavar="R",
+                   help="experiments: parameter-server worker R sleeps (--slow-factor - 1) "
+                        "times its compute time each step")
+    p.add_argument("--slow-factor", type=POSITIVE, default=1.0, metavar="F",
+                   help="how many times slower --slow-rank's steps are (>= 1; default 1)")
     p.add_argument("--plan", action="store_true",
                    help="train with the planner's first choice of layout for this machine")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
@@ -281,6 +299,7 @@ class Run:
     gpu: str | int = "auto"             # --gpu-id or MPIPAR_GPU: mpi_env.select_gpu's choice
     argv: tuple[str, ...] = ()          # the command line, for the resume command a stop prints
     restore_compression: bool = False   # the resumed checkpoint's residuals are this run's
+    ps: dict | None = None              # parameter servers: ParamServerTrainer's keywords
 
 
 def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tuple[Layout, str]:
@@ -308,12 +327,50 @@ def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig
                     f"a step on this machine (python -m mpipar.plan --cluster local)")
 
 
+def _base_layout(args: argparse.Namespace) -> Layout:
+    return Layout(micro_batches=args.micro_batches, grad_accum=args.grad_accum,
+                  schedule=args.schedule, stage_layers=args.stage_layers, zero=args.zero,
+                  bucket_mb=args.bucket_mb, allreduce=args.allreduce, compress=args.compress)
+
+
+def _ps_layout(args: argparse.Namespace, world_size: int,
+               config: GPTConfig) -> tuple[Layout, str, dict | None]:
+    """The workers' layout (dp = the ranks the servers leave) and ParamServerTrainer's
+    keywords under ``--ps-servers``; (layout, why, None) without it. Refuses what does not
+    compose (``param_server.check_ps``)."""
+    slowed = args.slow_rank is not None or args.slow_factor != 1.0
+    if not args.ps_servers:
+        if args.ps_mode is not None or slowed:
+            given = "--ps-mode" if args.ps_mode is not None else "--slow-rank/--slow-factor"
+            raise UsageError(f"{given} is for parameter-server training: give --ps-servers K")
+        layout, why = _layout(args, world_size, config)
+        return layout, why, None
+    if args.plan:
+        raise UsageError("--plan chooses an all-reduce layout: not with --ps-servers")
+    K, mode = args.ps_servers, args.ps_mode or "sync"
+    base = _base_layout(args).replace(tp=args.tp or 1, pp=args.pp or 1)
+    try:
+        check_ps(world_size, K, mode, base, args.batch_size, args.slow_rank, args.slow_factor,
+                 args.precision)
+    except PSConfigError as e:
+        raise UsageError(f"{PS_FLAGS[e.field]}: {e}") from e
+    W = world_size - K
+    if args.dp is not None and args.dp != W:
+        raise UsageError(f"--dp {args.dp}: with --ps-servers {K} of {world_size} ranks the "
+                         f"workers are the other {W}; give --dp {W} or no --dp")
+    layout = base.replace(dp=W)
+    try:
+        layout.check(W, config, args.batch_size)
+    except LayoutError as e:
+        raise UsageError(f"{LAYOUT_FLAGS[e.field]}: {e}") from e
+    return layout, f"{W} worker(s) + {K} parameter server(s)", dict(
+        servers=K, mode=mode, slow_rank=args.slow_rank, slow_factor=args.slow_factor)
+
+
 def _layout(args: argparse.Namespace, world_size: int, config: GPTConfig) -> tuple[Layout, str]:
     if args.plan:
         return _planned_layout(args, world_size, config)
-    base = Layout(micro_batches=args.micro_batches, grad_accum=args.grad_accum,
-                  schedule=args.schedule, stage_layers=args.stage_layers, zero=args.zero,
-                  bucket_mb=args.bucket_mb, allreduce=args.allreduce, compress=args.compress)
+    base = _base_layout(args)
     try:
         if args.dp is None and args.tp is None and args.pp is None:
             layout, why = choose_layout(world_size, config, args.batch_size, base)
@@ -376,7 +433,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
     config = PRESETS[args.model].replace(vocab_size=vocab)
     if args.block_size is not None:
         config = config.replace(block_size=args.block_size)
-    layout, why = _layout(args, world_size, config)
+    layout, why, ps = _ps_layout(args, world_size, config)
     samplers = []
     for stream, (part, tokens_of_part) in enumerate(zip(("training", "validation"),
                                                         split_train_val(tokens))):
@@ -431,7 +488,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
         check_output_path(args.export, "--export")
     return Run(args, config, layout, why, optimizer, xp, *samplers, resume, decay_steps,
                identity, ckpt_bytes, notes, _trace_steps(args, resume.step if resume else 0),
-               gpu=gpu, restore_compression=restore)
+               gpu=gpu, restore_compression=restore, ps=ps)
 
 
 def _gpu_of(args: argparse.Namespace, xp: Any) -> str | int:
@@ -553,25 +610,14 @@ class Runner:
     """The trainer of any layout, its data and its checkpoints, for one run."""
 
     def __init__(self, run: Run, comm: Any) -> None:
-        args, config = run.args, run.config
+        args = run.args
         self.run, self.comm = run, comm
-        self.trainer = ParallelTrainer(comm, config, run.layout, run.optimizer, seed=args.seed,
-                                       dtype=args.dtype, xp=run.xp, grad_clip=args.grad_clip,
-                                       hooks=resolve_overlap(args.overlap, comm, args.threads,
-                                                             run.xp),
-                                       precision=args.precision,
-                                       grad_reduce_dtype=args.grad_reduce_dtype)
+        self.trainer = self.make_trainer(run, comm)
         self.mesh = self.trainer.mesh
         self.start = 0
         self.saved: tuple[int, str] | None = None          # the latest sharded checkpoint
         self.say: Callable[[str], None] = runtime.print0  # the loop's progress.write once it runs
         if run.resume is not None:        # checked against this model in prepare()
-            # a sharded checkpoint assembles each tensor on access: this rank reads the
-            # files holding pieces of its own tensors, one tensor at a time
-            load_full_state_dict(self.trainer.local, run.resume.model)
-            self.trainer.load_full_optimizer_state(run.resume.optim)
-            if run.restore_compression:   # the same scheme, world and buckets: prepare()
-                load_compression(self.trainer, run.resume.compression)
             run.resume.close()
             self.start = run.resume.step
         if args.ckpt_dir and comm.rank == 0:
@@ -579,6 +625,29 @@ class Runner:
             if removed:
                 runtime.print0(f"removed what crashed saves left in {args.ckpt_dir}: "
                                f"{', '.join(removed)}")
+
+    def make_trainer(self, run: Run, comm: Any) -> Any:
+        a = run.args
+        return ParallelTrainer(comm, run.config, run.layout, run.optimizer, seed=a.seed,
+                               dtype=a.dtype, xp=run.xp, grad_clip=a.grad_clip,
+                               hooks=resolve_overlap(a.overlap, comm, a.threads, run.xp),
+                               precision=a.precision, grad_reduce_dtype=a.grad_reduce_dtype)
+
+    def load(self, resume: Any) -> None:
+        """Resume: a sharded checkpoint assembles each tensor on access, so this rank reads
+        the files holding pieces of its own tensors, one tensor at a time."""
+        load_full_state_dict(self.trainer.local, resume.model)
+        self.trainer.load_full_optimizer_state(resume.optim)
+        if self.run.restore_compression:     # the same scheme, world and buckets: prepare()
+            load_compression(self.trainer, resume.compression)
+
+    def checkpointable(self) -> Any:
+        """What ``save_sharded`` writes: the trainer (each rank its own pieces)."""
+        return self.trainer
+
+    def summary(self) -> dict:
+        """What the run's end reports beyond the losses (collective; nothing here)."""
+        return {}
 
     def describe(self) -> str:
         lay, m = self.run.layout, self.mesh
@@ -627,7 +696,8 @@ class Runner:
         if self.saved is not None and self.saved[0] == step:
             return self.saved[1]
         layout = json.loads(json.dumps(dataclasses.asdict(self.run.layout), default=str))
-        path = save_sharded(a.ckpt_dir, step, self.trainer, self.run.identity, layout, a.keep)
+        path = save_sharded(a.ckpt_dir, step, self.checkpointable(), self.run.identity, layout,
+                            a.keep)
         self.say(f"checkpoint of step {step}: {path}")
         self.saved = (step, path)
         return path
@@ -649,6 +719,42 @@ class Runner:
         model = GPT(self.run.config, seed=a.seed, dtype=a.dtype, xp=self.run.xp)
         model.load_state_dict(sd)
         return model
+
+
+class PSRunner(Runner):
+    """``--ps-servers K``: the same run with a ``ParamServerTrainer``. World rank 0 is worker
+    0, so the progress line and the log are rank 0's as always (the loss: the global batch's
+    under sync, worker 0's rows' under async and SSP). A stop signal is agreed at every step
+    boundary under sync (the steps are in lock-step anyway), and under async and SSP only at
+    boundaries after an evaluation or a checkpoint (the points where every rank meets), so
+    that no step is a barrier for the workers."""
+
+    def make_trainer(self, run: Run, comm: Any) -> Any:
+        a = run.args
+        return ParamServerTrainer(comm, run.config, run.layout, run.optimizer, seed=a.seed,
+                                  dtype=a.dtype, xp=run.xp, grad_clip=a.grad_clip,
+                                  **(run.ps or {}))
+
+    def load(self, resume: Any) -> None:
+        self.trainer.load_full(resume.model, resume.optim, resume.step)
+
+    def checkpointable(self) -> Any:
+        return self.trainer.gathered()
+
+    def describe(self) -> str:
+        lay = self.run.layout
+        return (f"{self.comm.size} ranks: {self.trainer.describe()}; per worker grad-accum "
+                f"{lay.grad_accum}, {lay.micro_batches} micro-batches")
+
+    def agree_stop(self, signum: int) -> int:
+        if self.trainer.mode.averages or self.trainer.at_sync_point:
+            return super().agree_stop(signum)
+        return 0
+
+    def summary(self) -> dict:
+        st = self.trainer.staleness_summary()
+        runtime.print0(f"parameter servers, {self.trainer.mode}: {st}")
+        return {"staleness": st.summary()}
 
 
 class Tracing:
@@ -738,7 +844,7 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
         select_gpu(choice=run.gpu)      # collective; before the trainer makes any array
     if args.allreduce == "nccl":                    # NCCL: one rank per GPU (an all-gather)
         nccl.check_one_rank_per_gpu(comm.transport)
-    runner = Runner(run, comm)
+    runner = (PSRunner if run.ps else Runner)(run, comm)
     start, T, B = runner.start, config.block_size, args.batch_size
     decay_steps = run.decay_steps
     runtime.print0(
@@ -809,6 +915,9 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
     val_loss = runner.evaluate(args.eval_batches)
     record({"step": args.steps, "val_loss": val_loss})
     runner.save_checkpoint(args.steps)
+    extra = runner.summary()                      # collective
+    if extra:
+        record({"step": args.steps, **extra})
     if args.export:
         runner.save(args.export, args.steps)
         runtime.print0(f"exported {args.export}")

@@ -29,8 +29,8 @@ STEPS = 40           # long enough that a signal sent after step 3 lands mid-run
 TIMEOUT = 120
 
 
-def train_command(*argv: str) -> list[str]:
-    return mpiexec_command(2, [sys.executable, "-m", "mpipar.train", *FAST, *argv])
+def train_command(*argv: str, ranks: int = 2) -> list[str]:
+    return mpiexec_command(ranks, [sys.executable, "-m", "mpipar.train", *FAST, *argv])
 
 
 def rank_pids(launcher: int, expected: int = 2, timeout: float = 60) -> list[int]:
@@ -77,15 +77,16 @@ def wait_for_steps(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
 
 
 def interrupt(tmp_path: Path, name: str, signals: list[int], *argv: str, to_launcher: bool = False,
-              ) -> tuple[subprocess.CompletedProcess, Path]:
-    """Start a 2-rank run, and after its third step send each of ``signals`` (back to back)
-    to both rank processes (or to mpiexec); the finished job and its log."""
+              ranks: int = 2) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start a run of ``ranks`` ranks, and after its third step send each of ``signals``
+    (back to back) to every rank process (or to mpiexec); the finished job and its log."""
     log = tmp_path / f"{name}.jsonl"
-    proc = subprocess.Popen(train_command("--steps", str(STEPS), "--log", str(log), *argv),
+    proc = subprocess.Popen(train_command("--steps", str(STEPS), "--log", str(log), *argv,
+                                          ranks=ranks),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=mpi_env(), start_new_session=True)
     try:
-        pids = rank_pids(proc.pid)
+        pids = rank_pids(proc.pid, expected=ranks)
         wait_for_steps(log, 3, proc)
         for s in signals:
             for pid in [proc.pid] if to_launcher else pids:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -56,7 +56,7 @@ from mpipar import backend, trace
 from mpipar.nn.gpt import param_shapes
 from mpipar.optim import OptimizerSpec, Precision
 from mpipar.parallel.data_parallel import CommStats
-from mpipar.parallel.grad_sync import make_grad_sync
+from mpipar.parallel.grad_sync import GradSync, make_grad_sync
 from mpipar.parallel.layout import Layout
 from mpipar.parallel.mesh import Mesh, make_mesh
 from mpipar.parallel.model import (allreduce_sequence_parallel_grads, build_local_model,
@@ -100,14 +100,17 @@ class ParallelTrainer:
     give groups whose peers are mirrored, ``sim/mirror.py``); ``init=False``: parameters
     start at zero, without initialising the whole model on the host (``build_local_model``);
     ``numerics``: what a step with a non-finite loss or gradient norm does (default: stop,
-    ``NonFiniteError`` naming the first non-finite gradient, before the update)."""
+    ``NonFiniteError`` naming the first non-finite gradient, before the update);
+    ``grad_sync``: what makes the GradSync (default ``make_grad_sync``; a parameter-server
+    worker's pushes its gradients instead, ``param_server.PushGradients``)."""
 
     def __init__(self, world: Any, config: Any, layout: Layout = Layout(),
                  optimizer: OptimizerSpec = OptimizerSpec(), *, seed: int = 0,
                  dtype: str = "float32", xp: ModuleType = np, grad_clip: float = 0.0,
                  hooks: bool = True, init: bool = True, mesh: Mesh | None = None,
                  numerics: NumericsPolicy | None = None, precision: str = "fp32",
-                 grad_reduce_dtype: str = "grad") -> None:
+                 grad_reduce_dtype: str = "grad",
+                 grad_sync: Callable[..., GradSync] = make_grad_sync) -> None:
         # every check here and in make_mesh / build_local_model is local and identical on
         # every rank, so a bad layout stops all ranks before any collective
         layout.check(world.size, config)
@@ -132,9 +135,9 @@ class ParallelTrainer:
         self.local = build_local_model(config, mesh, seed=seed, dtype=model_dtype, xp=xp,
                                        layout=layout, init=init)
         self.pipe = PipelineExecutor(self.local, mesh.pp_group, chunks=self.local.chunks)
-        self.sync = make_grad_sync(self.local, mesh, layout,
-                                   self.precision.optimizer(optimizer, self.scaler),
-                                   reduce_dtype=grad_reduce_dtype)
+        self.sync = grad_sync(self.local, mesh, layout,
+                              self.precision.optimizer(optimizer, self.scaler),
+                              reduce_dtype=grad_reduce_dtype)
         # a stage's final gradients: under sequence parallelism the layer norms' summed over
         # tp first, then handed to the GradSync
         if self.local.sequence_parallel_names:
