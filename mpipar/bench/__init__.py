@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "parallel": ("mpipar.bench.parallel", "step time, overlap, bubble and memory per parallel layout"),
     "precision": ("mpipar.bench.precision", "fp32 beside bf16 and fp16 mixed precision: bytes, step time, memory, loss"),
     "ps": ("mpipar.bench.ps", "parameter-server training with a slowed worker: sync, async, ssp:S beside all-reduce (run under mpiexec)"),
+    "training-techniques": ("mpipar.bench.techniques", "precision, compression and ps in one run, each beside its baseline (run under mpiexec -n 3)"),
     "gpu": ("mpipar.bench.gpu", "one GPU: matmul TFLOP/s, GPT-2 small tokens/s and MFU beside torch, transfers, host syncs"),
     "compression": ("mpipar.bench.compression", "gradient compression schemes beside uncompressed at dp = the world: bytes, step time, residual memory, val loss (run under mpiexec)"),
 }

@@ -147,14 +147,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, comm: Any = None) -> int:
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions or precisions[0] != "fp32":
         raise SystemExit(f"--precisions {args.precisions!r}: a comma-separated list of "
                          f"{', '.join(PRECISIONS)}, fp32 first (the baseline)")
     backend.set_cpu_threads(1)
-    world = make_communicator()
+    world = comm if comm is not None else make_communicator()
     tokens = load_tokens(None)
     config = PRESETS[args.model].replace(vocab_size=vocab_size_of(tokens))
     if args.block_size:
