@@ -163,9 +163,9 @@ def test_resume_keeps_the_masters_and_the_loss_scale(comm, precision):
     """Two steps, a checkpoint's tensors (``full_state_dict``, ``full_optimizer_state``) into
     a new trainer, two more steps: the straight run's losses (to float32 rounding: the same
     arithmetic on the same numbers) and the scale it reached."""
-    layout = Layout(dp=comm.size)
-    if B % layout.dp:
-        pytest.skip("the batch does not split over this dp")
+    layout = Layout(dp=comm.size) if B % comm.size == 0 else Layout(dp=1, pp=comm.size)
+    if layout.pp > CONFIG.n_layer:
+        pytest.skip("no layout of this world fits the tiny model")
     batches = _batches(4)
     straight = _growing(make(comm, precision, layout))
     want = [r.loss for r in run(straight, batches)]
