@@ -91,7 +91,12 @@ class _Host:
             for raw in self._pinned:
                 self.t.pool.give(raw)
             self._pinned = []
-        return data.astype(self.buf.dtype) if self.upcast else data
+        if not self.upcast:
+            return data
+        # a sum beyond the 16-bit type's range rounds to inf, as a 16-bit reduction gives it;
+        # under fp16 the loss scaler expects that (it skips the step), so no warning per rank
+        with np.errstate(over="ignore"):
+            return data.astype(self.buf.dtype)
 
 
 def allreduce(t: MPITransport, buf: Any, op: ReduceOp) -> Any:
