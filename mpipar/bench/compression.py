@@ -71,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="T (default: the preset's)")
     p.add_argument("--eval-batches", type=int, default=d["eval_batches"],
                    help="validation batches for the final loss")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
+                   help="adamw (mpipar.train's default) or sgd (momentum 0.9)")
+    p.add_argument("--lr", type=float, default=d["lr"],
+                   help="peak learning rate (the cosine ends at a tenth of it)")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB")
     p.add_argument("--allreduce", default=None, help="the dp group's all-reduce algorithm")
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the median time")
@@ -95,7 +99,7 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     train_tokens, val_tokens = split_train_val(load_tokens(None))
     train = BatchSampler(train_tokens, args.batch_size, config.block_size, seed=args.seed, stream=0)
     val = BatchSampler(val_tokens, args.batch_size, config.block_size, seed=args.seed, stream=1)
-    optimizer = OptimizerSpec("adamw", lr=d["lr"], weight_decay=d["weight_decay"])
+    optimizer = OptimizerSpec(args.optimizer, lr=args.lr, weight_decay=d["weight_decay"])
     trainers = {s: ParallelTrainer(comm, config, Layout(dp=comm.size, bucket_mb=args.bucket_mb,
                                                         allreduce=args.allreduce, compress=s),
                                    optimizer, seed=args.seed, grad_clip=d["grad_clip"])
@@ -104,7 +108,7 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     sent: dict[str, list[int]] = {s: [] for s in schemes}
     dp_rank = next(iter(trainers.values())).mesh.dp_rank
     for step in range(args.steps):
-        lr = cosine_lr(step, d["lr"], d["min_lr"], d["warmup"], args.steps)
+        lr = cosine_lr(step, args.lr, args.lr * d["min_lr"] / d["lr"], d["warmup"], args.steps)
         x, y = train.batch(step, dp_rank, comm.size)
         for s, tr in trainers.items():
             comm.barrier()
@@ -157,7 +161,8 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
     config = PRESETS[args.model]
     print0(f"bench compression | dp {comm.size} | model {args.model} "
            f"(T={args.block_size or config.block_size}), global batch {args.batch_size}, "
-           f"{args.steps} steps of AdamW (mpipar.train's defaults), float32, buckets "
+           f"{args.steps} steps of {args.optimizer} lr {args.lr:g} (else mpipar.train's "
+           f"defaults), float32, buckets "
            f"{args.bucket_mb:g} MiB, all-reduce {args.allreduce or 'native'} | schemes take "
            f"their steps in turn", flush=True)
     rows = run(comm, args)
