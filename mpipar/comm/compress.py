@@ -74,11 +74,13 @@ The schemes (one class each, chosen once by ``make_compressor``):
   Low-Rank Gradient Compression for Distributed Optimization", NeurIPS 2019, Algorithm 1
   with error feedback). Per tensor of ``shapes`` with two or more dimensions, M = v's slice
   as an n x m matrix (the first dimension by the rest; transposed where it has more rows
-  than columns, so n <= m), of rank r = min(RANK, n):
+  than columns, so n <= m), of rank r = min(RANK, n); M, P and Q
+  are float32 for a 16-bit bucket (sums of m loss-scaled fp16 products overflow where the
+  gradient does not; and float16 has no LAPACK), the bucket's dtype otherwise:
 
       P = M Q                  (n x r; Q: m x r, this key's Q of the previous call)
       P <- mean_ranks P        (one all-reduce: every matrix's P concatenated)
-      P^ = orth(P)             (Householder QR, the reduced Q factor, in v's dtype)
+      P^ = orth(P)             (Householder QR, the reduced Q factor)
       Q = M^T P^               (m x r)
       Q <- mean_ranks Q        (one all-reduce: every matrix's Q concatenated)
       D = P^ Q^T = P^ P^T mean_ranks M
@@ -514,21 +516,23 @@ class PowerSGD(_ErrorFeedback):
         mean = xp.zeros_like(v)
         sent = v.copy()                  # vectors go whole: nothing of them is kept back
         if mats:
-            ms = [mt.of(v) for mt in mats]
-            qs = _split(self._warm(key, mats, xp, v.dtype), [(mt.m, mt.r) for mt in mats])
+            # the factors are float32 for a 16-bit bucket: a sum of m products of
+            # loss-scaled fp16 gradients overflows where the gradient itself does not, and
+            # float16 has no LAPACK; they are a small part of the bytes
+            work = np.float32 if v.dtype.itemsize < 4 else v.dtype
+            ms = [mt.of(v).astype(work, copy=False) for mt in mats]
+            qs = _split(self._warm(key, mats, xp, work), [(mt.m, mt.r) for mt in mats])
             p = xp.concatenate([(m @ q).reshape(-1) for m, q in zip(ms, qs)])
             self._handed(comm, "P", p)
             p = comm.allreduce(p, op="avg", algorithm=algorithm)
-            # orthonormal columns (QR: P may be rank deficient); float16 has no LAPACK
-            work = np.float32 if v.dtype.itemsize < 4 else v.dtype
-            ph = [xp.linalg.qr(a.astype(work, copy=False))[0].astype(v.dtype, copy=False)
-                  for a in _split(p, [(mt.n, mt.r) for mt in mats])]
+            # orthonormal columns (QR: P may be rank deficient)
+            ph = [xp.linalg.qr(a)[0] for a in _split(p, [(mt.n, mt.r) for mt in mats])]
             q = xp.concatenate([(m.T @ a).reshape(-1) for m, a in zip(ms, ph)])
             self._handed(comm, "Q", q)
             q = comm.allreduce(q, op="avg", algorithm=algorithm)
             self._q[key] = q
             for mt, a, b in zip(mats, ph, _split(q, [(mt.m, mt.r) for mt in mats])):
-                d = a @ b.T
+                d = a @ b.T                    # rounded to the bucket's dtype by put
                 mt.put(mean, d)
                 mt.put(sent, d)
         if vecs:

@@ -119,6 +119,27 @@ def test_every_layout_equals_the_single_process_mixed_run(comm, precision):
             t.close()
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_compressing_16_bit_gradients_equals_the_single_process_mixed_run(comm, precision):
+    """Compression composes with mixed precision: the buckets are 16-bit, and the schemes
+    that lose nothing but rounding (top-k of every entry, PowerSGD at full rank: 64 = the
+    width, the 16-bit cast of the 16-bit values) train as the single process does within the
+    layouts' tolerance, and int8 close to it (its one call loses max|g| / 254 an element)."""
+    ref_losses, start, ref_master = reference(comm, precision)
+    for spec, loss_tol, master_tol in (("topk:1.0", LOSS_TOL, 4 * EPS[precision]),
+                                       ("powersgd:64", LOSS_TOL, 4 * EPS[precision]),
+                                       (precision, LOSS_TOL, 4 * EPS[precision]),
+                                       ("int8", 1e-2, 0.1)):
+        t = make(comm, precision, Layout(dp=comm.size, compress=spec), optimizer="sgd")
+        results = run(t, _batches())
+        assert [r.loss for r in results] == pytest.approx(ref_losses, rel=loss_tol), spec
+        err = _change_error(masters(t), start, ref_master)
+        assert err < master_tol, (spec, err)
+        assert all(r.comm.bytes > 0 for r in results), spec
+        t.close()
+
+
 def _state(t):
     return {k: np.copy(v) for k, v in t.full_optimizer_state().items()}, \
            {k: np.copy(v) for k, v in t.full_state_dict().items()}
