@@ -618,6 +618,7 @@ class Runner:
         self.saved: tuple[int, str] | None = None          # the latest sharded checkpoint
         self.say: Callable[[str], None] = runtime.print0  # the loop's progress.write once it runs
         if run.resume is not None:        # checked against this model in prepare()
+            self.load(run.resume)
             run.resume.close()
             self.start = run.resume.step
         if args.ckpt_dir and comm.rank == 0:

@@ -366,3 +366,18 @@ def test_powersgd_resume_at_dp_2_is_bitwise_and_at_another_dp_refused(tmp_path, 
     capsys.readouterr()
     _refused(capsys, ["--steps", "8", "--resume", str(d), "--compress", "powersgd:2"],
              "its world 2 differs from this run's 1; its dp 2 differs from this run's 1")
+
+
+@pytest.mark.parametrize("precision,scheme", [("bf16", "powersgd:2"), ("fp16", "topk:0.1")])
+def test_a_mixed_precision_compressed_resume_at_dp_2_is_bitwise(tmp_path, precision, scheme):
+    """16-bit buckets' residuals are stored widened to float32 (as every 16-bit tensor is)
+    and rounded back exactly on resume, beside the loss scale and the fp32 masters: the
+    resumed run's losses are the uninterrupted run's, to the bit."""
+    d, full, res = tmp_path / "ck", tmp_path / "full.jsonl", tmp_path / "res.jsonl"
+    lay = ["--dp", "2", "--lr-decay-steps", "6", "--precision", precision, "--compress", scheme]
+    mpi_train(2, *FAST, *lay, "--steps", "6", "--log", str(full))
+    mpi_train(2, *FAST, *lay, "--steps", "4", "--ckpt-dir", str(d))
+    job = mpi_train(2, *FAST, *lay, "--steps", "6", "--resume", str(d), "--log", str(res))
+    assert "error-feedback residuals: restored" in job.output
+    assert steps_of(res) == [4, 5]
+    assert losses(res) == losses(full)[4:]

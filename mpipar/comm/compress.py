@@ -167,8 +167,10 @@ class GradientCompressor(Protocol):
         copies, 1-D, in the buckets' array module and dtype (``backend.to_host`` them for a
         file); empty for ``none``."""
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the residuals by ``state`` (as ``state_dict`` gave them)."""
+    def load_state_dict(self, state: Mapping[str, Any], dtype: Any = None) -> None:
+        """Replace the residuals by ``state`` (as ``state_dict`` gave them); ``dtype``: the
+        buckets' dtype, to which residuals held wider (a checkpoint stores 16-bit values as
+        float32) are rounded back, exactly or a ValueError."""
 
 
 def make_compressor(spec: str) -> GradientCompressor:
@@ -264,9 +266,21 @@ class Uncompressed(_Counted):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], dtype: Any = None) -> None:
         if state:
             raise ValueError(f"compression 'none' keeps no residuals, got keys {sorted(state)}")
+
+
+def _narrowed(key: str, r: Any, dtype: Any) -> Any:
+    """A copy of residual ``r`` in ``dtype`` (None: its own), which must hold it exactly."""
+    if dtype is None or r.dtype == dtype:
+        return r.copy()
+    out = r.astype(dtype)
+    if not bool((out.astype(r.dtype) == r).all()):
+        raise ValueError(f"residual {key!r} of dtype {r.dtype} does not round to "
+                         f"{np.dtype(dtype).name} exactly: not a {np.dtype(dtype).name} "
+                         f"bucket's residual")
+    return out
 
 
 class _ErrorFeedback(_Counted):
@@ -300,11 +314,11 @@ class _ErrorFeedback(_Counted):
     def state_dict(self) -> dict[str, Any]:
         return {k: r.copy() for k, r in self._residual.items()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], dtype: Any = None) -> None:
         for k, r in state.items():
             if getattr(r, "ndim", None) != 1:
                 raise ValueError(f"residual {k!r} must be a 1-D array, got shape {getattr(r, 'shape', None)}")
-        self._residual = {str(k): r.copy() for k, r in state.items()}
+        self._residual = {str(k): _narrowed(k, r, dtype) for k, r in state.items()}
 
 
 class Float16(_ErrorFeedback):
@@ -548,7 +562,7 @@ class PowerSGD(_ErrorFeedback):
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {f"{k}.Q": q.copy() for k, q in self._q.items()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        qs = {k[:-2]: r for k, r in state.items() if k.endswith(".Q")}
-        super().load_state_dict({k: r for k, r in state.items() if not k.endswith(".Q")})
+    def load_state_dict(self, state: Mapping[str, Any], dtype: Any = None) -> None:
+        qs = {k[:-2]: r for k, r in state.items() if k.endswith(".Q")}   # in their work dtype
+        super().load_state_dict({k: r for k, r in state.items() if not k.endswith(".Q")}, dtype)
         self._q = {k: q.copy() for k, q in qs.items()}

@@ -422,7 +422,7 @@ class BucketedSync:
     def load_compression_state(self, state: Mapping[str, Any]) -> None:
         """Restore ``compression_state()`` (host arrays; moved to the device at first use)."""
         if self.compressor is not None:
-            self.compressor.load_state_dict(state)
+            self.compressor.load_state_dict(state, dtype=self.buckets.wire)   # what it compresses
         elif state:
             raise ValueError(f"no gradient compression here to take residuals {sorted(state)}")
 

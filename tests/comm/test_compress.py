@@ -493,3 +493,16 @@ def test_device_arrays_give_the_host_result(comm, xp, spec):
         got = resumed.allreduce_mean(comm, "b", xp.asarray(x), shapes=_shapes(n))
         np.testing.assert_array_equal(backend.to_host(got),
                                       host.allreduce_mean(comm, "b", x, shapes=_shapes(n)))
+
+
+def test_a_widened_residual_is_rounded_back_exactly_or_refused():
+    """A checkpoint holds a 16-bit bucket's residual as float32: loaded with the bucket's
+    dtype it is that residual again, bit for bit; float32 values no float16 holds are not
+    a float16 bucket's residual."""
+    c = make_compressor("topk:0.5")
+    r16 = np.array([1.5, -2.25, 6e-8], dtype=np.float16)
+    c.load_state_dict({"b": r16.astype(np.float32)}, dtype=np.float16)
+    got = c.state_dict()["b"]
+    assert got.dtype == np.float16 and got.tobytes() == r16.tobytes()
+    with pytest.raises(ValueError, match="residual 'b' of dtype float32 does not round to float16 exactly"):
+        c.load_state_dict({"b": np.array([0.1], dtype=np.float32)}, dtype=np.float16)
