@@ -309,12 +309,15 @@ def _planned_layout(args: argparse.Namespace, world_size: int, config: GPTConfig
     base = TrainSpec(n_layer=config.n_layer, n_embd=config.n_embd, n_head=config.n_head,
                      block_size=config.block_size, vocab_size=config.vocab_size,
                      global_batch=args.batch_size, bias=config.bias, bucket_mb=args.bucket_mb,
-                     allreduce=args.allreduce or "native")
+                     allreduce=args.allreduce or "native", precision=args.precision)
     try:                # compression composes only with zero 0 (Layout.check): plan among those
         only = {"zero": (0,)} if Layout(compress=args.compress).compressed else {}
     except ValueError:  # a bad spec: the layout check below names it
         only = {}
-    rows = plan(base, "local", world_size, top=1, **only)
+    try:
+        rows = plan(base, "local", world_size, top=1, **only)
+    except KeyError as e:   # the profile has no compute section for --precision's dtype
+        raise UsageError(f"--plan with --precision {args.precision}: {e.args[0]}") from None
     if not rows:
         raise UsageError(f"--plan: no layout of {world_size} ranks fits --batch-size {args.batch_size}")
     best = rows[0]

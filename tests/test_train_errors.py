@@ -98,6 +98,8 @@ CASES = [
     (["--precision", "fp16", "--dtype", "float64"], ["--precision fp16:", "dtype float64"]),
     (["--grad-reduce-dtype", "fp32"], ["--grad-reduce-dtype fp32", "needs --precision bf16 or fp16"]),
     (["--grad-reduce-dtype", "fp8"], ["argument --grad-reduce-dtype", "invalid choice"]),
+    (["--plan", "--precision", "bf16"],     # the planner's times need the dtype's compute
+     ["--plan with --precision bf16:", "compute profile 'local' has no peak for bfloat16"]),
     (["--compress", "powersgd:0"], ["--compress:", "powersgd rank 0 is not >= 1"]),
     (["--allreduce", "ps", "--compress", "bf16"], ["--compress:", "algorithm 'ps' has no allgather"]),
     # parameter servers (param_server.check_ps names the quantity; 2 ranks here)
