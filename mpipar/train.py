@@ -230,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16/fp16: 16-bit parameters, activations and gradients, float32 "
                         "master weights and optimiser state; fp16 with dynamic loss scaling "
                         "(as python -m mpipar.sim train --precision)")
+    p.add_argument("--loss-scale", type=float, default=Precision.loss_scale, metavar="S",
+                   help="--precision fp16: the initial dynamic loss scale (default 2^16)")
+    p.add_argument("--loss-scale-interval", type=int, default=Precision.loss_scale_interval,
+                   metavar="N", help="--precision fp16: clean steps before the loss scale "
+                                     "doubles (default 2000)")
+    p.add_argument("--loss-scale-backoff", type=float, default=Precision.loss_scale_backoff,
+                   metavar="F", help="--precision fp16: the loss scale's factor after an "
+                                     "overflow, which skips the step (default 0.5)")
     p.add_argument("--grad-reduce-dtype", default="grad", choices=tuple(REDUCE_DTYPES),
                    help="the data-parallel gradients on the wire: in their own dtype (grad: "
                         "16-bit under --precision bf16/fp16) or cast to fp32")
@@ -408,7 +416,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from e
     gpu = _gpu_of(args, xp)
-    precision = Precision(args.precision)
+    precision = _precision(args)
     try:
         precision.model_dtype(args.dtype)
         precision.check_device(xp)
@@ -492,6 +500,26 @@ def prepare(args: argparse.Namespace, world_size: int) -> Run:
     return Run(args, config, layout, why, optimizer, xp, *samplers, resume, decay_steps,
                identity, ckpt_bytes, notes, _trace_steps(args, resume.step if resume else 0),
                gpu=gpu, restore_compression=restore, ps=ps)
+
+
+def _precision(args: argparse.Namespace) -> Precision:
+    """--precision and fp16's loss-scale flags, as the library checks them."""
+    scaling = {"loss_scale": args.loss_scale, "loss_scale_interval": args.loss_scale_interval,
+               "loss_scale_backoff": args.loss_scale_backoff}
+    try:
+        return Precision(args.precision, **scaling)
+    except ValueError as e:
+        given = [f"--{k.replace('_', '-')} {v:g}" for k, v in scaling.items()
+                 if v != getattr(Precision, k)]
+        raise UsageError(f"{', '.join(given) or '--precision ' + args.precision}: {e}") from e
+
+
+def _loss_scale_note(args: argparse.Namespace) -> str:
+    """fp16's loss scale for the run header; nothing for the other precisions."""
+    if args.precision != "fp16":
+        return ""
+    return (f" (initial loss scale {args.loss_scale:g}, x2 after "
+            f"{args.loss_scale_interval} clean steps, x{args.loss_scale_backoff:g} on overflow)")
 
 
 def _gpu_of(args: argparse.Namespace, xp: Any) -> str | int:
@@ -635,7 +663,7 @@ class Runner:
         return ParallelTrainer(comm, run.config, run.layout, run.optimizer, seed=a.seed,
                                dtype=a.dtype, xp=run.xp, grad_clip=a.grad_clip,
                                hooks=resolve_overlap(a.overlap, comm, a.threads, run.xp),
-                               precision=a.precision, grad_reduce_dtype=a.grad_reduce_dtype)
+                               precision=_precision(a), grad_reduce_dtype=a.grad_reduce_dtype)
 
     def load(self, resume: Any) -> None:
         """Resume: a sharded checkpoint assembles each tensor on access, so this rank reads
@@ -859,7 +887,7 @@ def train(run: Run, stop: runtime.StopRequest | None = None) -> dict:
         f"  global batch {B} x {T} = {B * T:,} tokens/step | grad-accum {args.grad_accum} x "
         f"micro-batches {args.micro_batches}\n"
         f"  device {backend.device_name(run.xp)} | dtype {args.dtype} | precision "
-        f"{args.precision} | BLAS threads per rank "
+        f"{args.precision}{_loss_scale_note(args)} | BLAS threads per rank "
         f"{backend.blas_threads() or args.threads} | {args.optimizer} lr {args.lr:g} -> "
         f"{args.min_lr:g} (warm-up {args.warmup}, cosine to step {decay_steps}) | steps "
         f"{start} -> {args.steps}\n"

@@ -381,3 +381,13 @@ def test_a_mixed_precision_compressed_resume_at_dp_2_is_bitwise(tmp_path, precis
     assert "error-feedback residuals: restored" in job.output
     assert steps_of(res) == [4, 5]
     assert losses(res) == losses(full)[4:]
+
+
+def test_the_loss_scale_flags_set_fp16s_dynamic_scale(tmp_path):
+    """--loss-scale 8 --loss-scale-interval 2: four clean steps double the scale twice (8 ->
+    16 -> 32), as the checkpoint's manifest records it."""
+    d = tmp_path / "ck"
+    assert train.main(FAST + ["--precision", "fp16", "--loss-scale", "8", "--loss-scale-interval",
+                              "2", "--steps", "4", "--ckpt-dir", str(d)]) == 0
+    manifest = json.load(open(d / "step-4" / "manifest.json"))
+    assert manifest["optim_scalars"] == {"loss_scale": 32.0, "loss_scale_good_steps": 0}

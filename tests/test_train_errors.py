@@ -98,6 +98,16 @@ CASES = [
     (["--precision", "fp16", "--dtype", "float64"], ["--precision fp16:", "dtype float64"]),
     (["--grad-reduce-dtype", "fp32"], ["--grad-reduce-dtype fp32", "needs --precision bf16 or fp16"]),
     (["--grad-reduce-dtype", "fp8"], ["argument --grad-reduce-dtype", "invalid choice"]),
+    # fp16's loss scale: the library's checks, named by the flags given
+    (["--precision", "fp16", "--loss-scale", "0"],
+     ["--loss-scale 0:", "the initial loss scale must be a finite number > 0, got 0"]),
+    (["--precision", "fp16", "--loss-scale-interval", "0"],
+     ["--loss-scale-interval 0:", "growth interval must be >= 1 step, got 0"]),
+    (["--precision", "fp16", "--loss-scale-backoff", "1"],
+     ["--loss-scale-backoff 1:", "backoff 1.0 in (0, 1)"]),
+    (["--precision", "bf16", "--loss-scale", "1024"],
+     ["--loss-scale 1024:", "precision bf16 has no loss scale"]),
+    (["--loss-scale", "nan"], ["--loss-scale nan:", "precision fp32 has no loss scale"]),
     (["--plan", "--precision", "bf16"],     # the planner's times need the dtype's compute
      ["--plan with --precision bf16:", "compute profile 'local' has no peak for bfloat16"]),
     (["--compress", "powersgd:0"], ["--compress:", "powersgd rank 0 is not >= 1"]),

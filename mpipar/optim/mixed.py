@@ -228,13 +228,29 @@ class MasterWeightsSpec:
 # ---- the choice, made once ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Precision:
-    """``fp32``, ``bf16`` or ``fp16`` (module docstring): what the trainer builds for it."""
+    """``fp32``, ``bf16`` or ``fp16`` (module docstring): what the trainer builds for it;
+    fp16's dynamic loss scale starts at ``loss_scale``, doubles after ``loss_scale_interval``
+    clean steps and is multiplied by ``loss_scale_backoff`` on an overflow (other precisions
+    have no loss scale, and refuse values other than these defaults)."""
 
     name: str = "fp32"
+    loss_scale: float = 2.0 ** 16
+    loss_scale_interval: int = 2000
+    loss_scale_backoff: float = 0.5
 
     def __post_init__(self) -> None:
         if self.name not in PRECISIONS:
             raise ValueError(f"precision {self.name!r} is not one of {', '.join(PRECISIONS)}")
+        given = self._scaling()
+        if self.name == "fp16":
+            DynamicLossScaler(None, **given)        # its checks: each names the quantity
+        elif given != Precision("fp16")._scaling():
+            raise ValueError(f"precision {self.name} has no loss scale (fp16's: its gradients "
+                             f"underflow without one)")
+
+    def _scaling(self) -> dict[str, Any]:
+        return {"init_scale": self.loss_scale, "growth_interval": self.loss_scale_interval,
+                "backoff": self.loss_scale_backoff}
 
     @property
     def mixed(self) -> bool:
@@ -263,7 +279,9 @@ class Precision:
     def loss_scaler(self, policy: Any) -> NoLossScaling:
         """fp16: the dynamic loss scale; otherwise none. ``policy``: the numerics policy for
         what the scale does not handle."""
-        return DynamicLossScaler(policy) if self.name == "fp16" else NoLossScaling(policy)
+        if self.name == "fp16":
+            return DynamicLossScaler(policy, **self._scaling())
+        return NoLossScaling(policy)
 
     def optimizer(self, spec: OptimizerSpec, scaler: NoLossScaling) -> Any:
         """What the GradSync builds: ``spec`` itself for fp32, else with float32 masters."""

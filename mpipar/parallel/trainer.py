@@ -108,7 +108,7 @@ class ParallelTrainer:
                  optimizer: OptimizerSpec = OptimizerSpec(), *, seed: int = 0,
                  dtype: str = "float32", xp: ModuleType = np, grad_clip: float = 0.0,
                  hooks: bool = True, init: bool = True, mesh: Mesh | None = None,
-                 numerics: NumericsPolicy | None = None, precision: str = "fp32",
+                 numerics: NumericsPolicy | None = None, precision: str | Precision = "fp32",
                  grad_reduce_dtype: str = "grad",
                  grad_sync: Callable[..., GradSync] = make_grad_sync) -> None:
         # every check here and in make_mesh / build_local_model is local and identical on
@@ -119,7 +119,7 @@ class ParallelTrainer:
         self.layout, self.config, self.xp = layout, config, xp
         self.grad_clip = float(grad_clip)
         self.numerics = numerics if numerics is not None else StopOnNonFinite()
-        self.precision = Precision(precision)
+        self.precision = precision if isinstance(precision, Precision) else Precision(precision)
         self.precision.check_device(xp)
         model_dtype = self.precision.model_dtype(dtype)
         # fp16's loss scale stands in front of the numerics policy (optim/mixed.py)
