@@ -45,7 +45,7 @@ ZeRO). Megatron-LM keeps fp32 gradients (``main_grad``, accumulated and all-redu
 fp16 gradients, as here). mpipar's mixed precision (``--precision``, ``optim/mixed.py``) keeps
 16-bit gradients: 2 B less per parameter than Megatron's bf16, and accumulation over
 micro-batches in 16 bits; the trainer's ``memory_report`` equals this table in every layout
-(tests/parallel/test_mixed_precision.py). Activations: layer norm keeps its mean and rstd in
+(tests/parallel/test_trainer_mixed_precision.py). Activations: layer norm keeps its mean and rstd in
 fp32 there, counted below at e bytes (4 s b elements a block: 0.2% of a block's cache at
 h = 128, the activation test's 1% bound).
 
