@@ -23,7 +23,10 @@ of every scheme, then step s + 1), so each sees the same machine load. Per schem
 * residual memory: ``memory_report()["compression_state"]`` on rank 0 (error-feedback
   residuals, PowerSGD's Q's);
 * quality: the validation loss after ``--steps`` steps (the mean over ``--eval-batches``
-  fixed validation batches, dropout off), and its difference from ``none``'s.
+  fixed validation batches, dropout off), and its difference from ``none``'s; and after a
+  fixed wall time: T = ``none``'s training time for the steps, and for each scheme the loss
+  of its last evaluation (after every ``--eval-every`` steps, untimed) within T of its own
+  training (``bench.report.loss_within``).
 
 The issue's goals at dp 2 (issue 16): ``topk:0.01`` within 5% of uncompressed validation loss
 at equal steps with at most 5% of the bytes; ``powersgd:4`` within 5% with at most 10%: the
@@ -41,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from mpipar import backend
+from mpipar.bench.report import eval_steps, loss_within
 from mpipar.comm import make_communicator
 from mpipar.comm.compress import make_compressor
 from mpipar.data import BatchSampler, load_tokens, split_train_val
@@ -77,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate (the cosine ends at a tenth of it)")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB")
     p.add_argument("--allreduce", default=None, help="the dp group's all-reduce algorithm")
+    p.add_argument("--eval-every", type=int, default=15,
+                   help="steps between the evaluations that give the loss after uncompressed "
+                        "training's time (0: the end only)")
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the median time")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
     p.add_argument("--seed", type=int, default=0)
@@ -107,10 +114,19 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     times: dict[str, list[float]] = {s: [] for s in schemes}
     sent: dict[str, list[int]] = {s: [] for s in schemes}
     dp_rank = next(iter(trainers.values())).mesh.dp_rank
+    evals: dict[str, dict[int, float]] = {s: {} for s in schemes}
+    at = eval_steps(args.steps, args.eval_every)
+
+    def val_loss(tr: ParallelTrainer) -> float:
+        return float(sum(tr.evaluate(*val.batch(k, dp_rank, comm.size))
+                         for k in range(args.eval_batches)) / args.eval_batches)
+
     for step in range(args.steps):
         lr = cosine_lr(step, args.lr, args.lr * d["min_lr"] / d["lr"], d["warmup"], args.steps)
         x, y = train.batch(step, dp_rank, comm.size)
         for s, tr in trainers.items():
+            if step in at:       # untimed: evaluation is not training time
+                evals[s][step] = val_loss(tr)
             comm.barrier()
             t0 = time.perf_counter()
             res = tr.step(x, y, lr=lr)
@@ -118,10 +134,13 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             times[s].append(float(comm.allreduce(np.array([elapsed]), op="max")[0]))
             sent[s].append(res.comm.bytes)
     rows = []
+    budget = sum(times["none"])           # uncompressed training's time: the fixed wall time
     for s, tr in trainers.items():
-        loss = sum(tr.evaluate(*val.batch(k, dp_rank, comm.size))
-                   for k in range(args.eval_batches)) / args.eval_batches
+        evals[s][args.steps] = loss = val_loss(tr)
+        in_budget = loss_within(times[s], evals[s], budget)
         rows.append({"scheme": s, "bytes_per_step": int(statistics.median(sent[s])),
+                     "budget_s": budget, "steps_in_budget": in_budget[0],
+                     "val_loss_in_budget": in_budget[1], "evals": evals[s],
                      "step_ms": 1e3 * statistics.median(times[s][args.skip:] or times[s]),
                      "residual_bytes": int(tr.memory_report()["compression_state"]),
                      "val_loss": float(loss)})
@@ -130,6 +149,7 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     for r in rows:
         r["bytes_fraction"] = r["bytes_per_step"] / base["bytes_per_step"] if base["bytes_per_step"] else 1.0
         r["val_loss_excess"] = r["val_loss"] / base["val_loss"] - 1.0
+        r["val_loss_in_budget_excess"] = r["val_loss_in_budget"] / base["val_loss_in_budget"] - 1.0
         goal = GOALS.get(r["scheme"])
         r["goal"] = None if goal is None else bool(r["bytes_fraction"] <= goal[0]
                                                    and r["val_loss_excess"] <= goal[1])
@@ -139,12 +159,17 @@ def run(comm: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (what docs/results/compression.md shows)."""
     out = ["| scheme | bytes/step (counted) | of none's | step ms (median) | residual MiB "
-           "| val loss | vs none | goal |", "|---|---|---|---|---|---|---|---|"]
+           "| val loss | vs none | goal | steps in T | val loss in T | vs none |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         goal = "-" if r["goal"] is None else ("met" if r["goal"] else "missed")
         out.append(f"| `{r['scheme']}` | {r['bytes_per_step']:,} | {100 * r['bytes_fraction']:.1f}% "
                    f"| {r['step_ms']:.1f} | {r['residual_bytes'] / 2**20:.2f} | {r['val_loss']:.4f} "
-                   f"| {100 * r['val_loss_excess']:+.2f}% | {goal} |")
+                   f"| {100 * r['val_loss_excess']:+.2f}% | {goal} | {r['steps_in_budget']} "
+                   f"| {r['val_loss_in_budget']:.4f} | {100 * r['val_loss_in_budget_excess']:+.2f}% |")
+    if rows:
+        out.append(f"\nT = uncompressed training's time, {rows[0]['budget_s']:.1f} s: the last "
+                   f"evaluation (every --eval-every steps) within T of a scheme's training")
     return "\n".join(out)
 
 

@@ -20,7 +20,11 @@ cosine schedule) for ``--steps`` steps, then reports, beside fp32's and as ratio
   fp32 masters), and the activations as ``bench.parallel.ActivationMeter`` measures them
   (the peak bytes the stages' caches hold during one step); "p+g+a" is parameters +
   gradients + activations + the masters (the goal's sum: master weights counted);
-* the validation loss after the steps (``--eval-batches`` batches of the validation part).
+* the validation loss after the steps (``--eval-batches`` batches of the validation part),
+  and after a fixed wall time: T = fp32's training time for the steps, and for each
+  precision the loss of its last evaluation (after every ``--eval-every`` steps, untimed)
+  within T of its own training (``bench.report.loss_within``): a slower precision has taken
+  fewer steps by then.
 
 The goals of issue 16 are printed under the table: bytes halved, p+g+a at most 0.6x fp32's,
 validation loss within 3%.
@@ -38,6 +42,7 @@ import numpy as np
 
 from mpipar import backend
 from mpipar.bench.parallel import ActivationMeter
+from mpipar.bench.report import eval_steps, loss_within
 from mpipar.comm import make_communicator
 from mpipar.data import BatchSampler, load_tokens, split_train_val, vocab_size_of
 from mpipar.nn.attention import causal_mask
@@ -66,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated, fp32 first (the baseline)")
     p.add_argument("--grad-reduce-dtype", default="grad", choices=tuple(REDUCE_DTYPES))
     p.add_argument("--eval-batches", type=int, default=DEFAULTS["eval_batches"])
+    p.add_argument("--eval-every", type=int, default=10,
+                   help="steps between the evaluations that give the loss after fp32's "
+                        "training time (0: the end only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows here (rank 0)")
 
@@ -82,7 +90,15 @@ def _train(world: Any, config: Any, precision: str, args: argparse.Namespace,
                causal_mask(config.block_size, local.param_buffer.dtype, tr.xp)]
     times, wire, skipped = [], [], 0
     meter = None
+    evals, at = {}, eval_steps(args.steps, args.eval_every)
+
+    def val_loss() -> float:
+        return float(np.mean([tr.evaluate(*val.batch(k, mesh.dp_rank, mesh.dp))
+                              for k in range(args.eval_batches)]))
+
     for s in range(args.steps):
+        if s in at:         # untimed: evaluation is not training time
+            evals[s] = val_loss()
         if s == 1:          # the second step, its buffers made: what caches hold at their peak
             meter = ActivationMeter(list(tr.pipe.stages), exclude)
         x, y = train.batch(s, mesh.dp_rank, mesh.dp)
@@ -96,8 +112,7 @@ def _train(world: Any, config: Any, precision: str, args: argparse.Namespace,
             activations, meter = int(meter.peak), None
         wire.append(r.comm.bytes)
         skipped += r.skipped
-    val_loss = float(np.mean([tr.evaluate(*val.batch(k, mesh.dp_rank, mesh.dp))
-                              for k in range(args.eval_batches)]))
+    evals[args.steps] = val_loss()
     mem = tr.memory_report()
     master = 4 * local.layout.numel if precision != "fp32" else 0   # in optimizer_state
     if world.size > 1:
@@ -113,7 +128,8 @@ def _train(world: Any, config: Any, precision: str, args: argparse.Namespace,
             "params": mem["params"], "grads": mem["grads"],
             "optimizer": mem["optimizer_state"], "master": master, "activations": activations,
             "pga": mem["params"] + mem["grads"] + activations + master,
-            "val_loss": val_loss, "skipped": int(skipped)}
+            "val_loss": evals[args.steps], "skipped": int(skipped),
+            "step_seconds": slowest, "evals": evals}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -121,7 +137,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     mib = 2 ** 20
     head = (f"{'precision':<9} {'grad bytes/step':>16} {'x':>5} {'ms/step':>8} {'x':>5} "
             f"{'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'p+g+a':>7} {'x':>5} "
-            f"{'val loss':>8} {'x':>6} {'skipped':>7}")
+            f"{'val loss':>8} {'x':>6} {'skipped':>7} {'steps@T':>7} {'loss@T':>9} {'x':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         mark = "" if r["bytes_counted"] else "*"
@@ -131,12 +147,16 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"{r['step_ms'] / base['step_ms']:>5.2f} {r['params'] / mib:>6.2f}M "
             f"{r['grads'] / mib:>6.2f}M {r['optimizer'] / mib:>6.2f}M {r['activations'] / mib:>6.2f}M "
             f"{r['pga'] / mib:>6.2f}M {r['pga'] / base['pga']:>5.2f} {r['val_loss']:>8.4f} "
-            f"{r['val_loss'] / base['val_loss']:>6.3f} {r['skipped']:>7}")
+            f"{r['val_loss'] / base['val_loss']:>6.3f} {r['skipped']:>7} "
+            f"{r['steps_in_budget']:>7} {r['val_loss_in_budget']:>9.4f} "
+            f"{r['val_loss_in_budget'] / base['val_loss_in_budget']:>6.3f}")
     if not base["bytes_counted"]:
         lines.append("* one process sends nothing: the bytes its gradient buffer would hand to "
                      "the dp reduction")
     lines.append("MiB per rank; optim = AdamW moments + fp32 masters; p+g+a = params + grads + "
                  "activations + masters")
+    lines.append(f"T = fp32's training time, {base['budget_s']:.1f} s: steps@T, loss@T = the "
+                 f"last evaluation (every --eval-every steps) within T of training")
     for r in rows[1:]:
         ok = {"bytes": r["bytes_per_step"] / base["bytes_per_step"] <= GOALS["bytes"],
               "p+g+a": r["pga"] / base["pga"] <= GOALS["p+g+a"],
@@ -166,6 +186,11 @@ def main(args: argparse.Namespace, comm: Any = None) -> int:
            f"{config.n_embd}, block {config.block_size}) | batch {args.batch_size} | "
            f"{args.steps} steps | dp {world.size} | grad reduce dtype {args.grad_reduce_dtype}")
     rows = [_train(world, config, p, args, train, val) for p in precisions]
+    budget = sum(rows[0]["step_seconds"])       # fp32's training time: the fixed wall time
+    for r in rows:
+        r["budget_s"] = budget
+        r["steps_in_budget"], r["val_loss_in_budget"] = loss_within(r.pop("step_seconds"),
+                                                                    r["evals"], budget)
     print0(_table(rows))
     if args.json and world.rank == 0:
         with open(args.json, "w") as f:

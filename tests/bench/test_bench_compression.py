@@ -55,3 +55,8 @@ def test_bench_compression_runs(comm, capsys, tmp_path):
     for lossless in ("topk:1", "powersgd:10000"):   # float32: the mean's rounding only
         assert rows[lossless]["val_loss"] == pytest.approx(rows["none"]["val_loss"], rel=1e-5)
     assert all(r["step_ms"] > 0 for r in rows.values())
+    # after uncompressed training's time: none has taken all its steps
+    assert (rows["none"]["steps_in_budget"], rows["none"]["val_loss_in_budget"]) == \
+        (3, rows["none"]["val_loss"])
+    assert all(r["val_loss_in_budget"] == r["evals"][str(r["steps_in_budget"])]
+               for r in rows.values())

@@ -16,7 +16,8 @@ def test_defaults_are_mpipar_trains():
 def test_a_short_run_reports_every_precision_against_fp32(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert bench.main(["precision", "--model", "tiny", "--block-size", "16", "--batch-size", "4",
-                       "--steps", "3", "--eval-batches", "1", "--json", str(out)]) == 0
+                       "--steps", "3", "--eval-batches", "1", "--eval-every", "1",
+                       "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "goals bf16:" in text and "goals fp16:" in text
     rows = {r["precision"]: r for r in json.load(open(out))["rows"]}
@@ -26,3 +27,9 @@ def test_a_short_run_reports_every_precision_against_fp32(tmp_path, capsys):
         assert rows[p]["params"] * 2 == rows["fp32"]["params"]
         assert rows[p]["optimizer"] == rows["fp32"]["optimizer"] * 3 // 2
         assert rows[p]["activations"] < rows["fp32"]["activations"]
+    # after fp32's training time: fp32 has taken all its steps; every evaluation is recorded
+    assert (rows["fp32"]["steps_in_budget"], rows["fp32"]["val_loss_in_budget"]) == \
+        (3, rows["fp32"]["val_loss"])
+    for r in rows.values():
+        assert sorted(map(int, r["evals"])) == [0, 1, 2, 3] and 0 <= r["steps_in_budget"] <= 3
+        assert r["val_loss_in_budget"] == r["evals"][str(r["steps_in_budget"])]
