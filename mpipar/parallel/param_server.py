@@ -80,7 +80,7 @@ import numpy as np
 from mpipar import backend
 from mpipar.nn.flat import FlatLayout
 from mpipar.nn.gpt import init_host, param_shapes
-from mpipar.optim import OptimizerSpec, decays_by_default
+from mpipar.optim import NoLossScaling, OptimizerSpec, decays_by_default
 from mpipar.optim.clip import norm_of, scale_to, squares
 from mpipar.parallel.data_parallel import CommStats
 from mpipar.parallel.layout import Layout
@@ -790,6 +790,8 @@ class Gathered:
         owner = world.rank == 0
         self.model, self.optim = model, optim
         self.mesh = SimpleNamespace(world=world)
+        # what save_sharded also asks: servers train in fp32 without compression (check_ps)
+        self.layout, self.scaler = Layout(), NoLossScaling(None)
         # model.owns: no mesh owns everything; dp rank 1 owns nothing
         self.local = SimpleNamespace(
             shard_spec={n: None for n in model}, params=model, full_layout=flat,
@@ -798,7 +800,8 @@ class Gathered:
         pieces = {s: [(n, None, optim[f"{s}.{n}"]) for n in model] for s in state_names}
         self.sync = SimpleNamespace(state_names=state_names, state_replicated=True,
                                     step_count=int(optim["step"]),
-                                    state_pieces=lambda: pieces if owner else {})
+                                    state_pieces=lambda: pieces if owner else {},
+                                    compression_state=lambda: {})   # pushes are not compressed
 
     def nonfinite_state(self, step: int) -> NonFinite | None:
         """The first tensor (parameters, then each optimiser state) holding a NaN or an
