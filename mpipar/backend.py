@@ -163,9 +163,12 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
     if xp is np and a.dtype.name in HALF_DTYPES:
         f32 = np.float32
         r = np.matmul(a.astype(f32), b.astype(f32))
-        if out is None:
-            return r.astype(a.dtype)
-        out[...] = r
+        # a product beyond float16's range rounds to inf, as on a GPU: under fp16 the loss
+        # scaler expects it (and skips the step), so no RuntimeWarning
+        with np.errstate(over="ignore"):
+            if out is None:
+                return r.astype(a.dtype)
+            out[...] = r
         return out
     if out is None:
         return a @ b
